@@ -1,0 +1,39 @@
+# Two entry points for a new user: `make train` and `make test`.
+# Both create .venv (if missing), install torch first where none is present
+# (so pip takes the 2.13.0 build instead of resolving a bare `torch`), then this project.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install train test test-kernels lint format bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+install: $(BIN)/python
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/pip install -q -e ".[dev]"
+
+train: install
+	$(BIN)/python train.py $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+# The kernel suite runs twice: through Triton's interpreter (the Triton kernel itself, on CPU)
+# and through the torch fallback. Everything else runs once.
+test: lint
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m kernel -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: install
+	$(BIN)/python -m benchmarks.bench_cross_entropy $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
