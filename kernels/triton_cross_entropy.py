@@ -1,0 +1,307 @@
+"""Triton kernels: cross-entropy loss and its gradient in one launch.
+
+Layout: logits are a 2-D (M, V) view with unit stride along V (any row stride). One program owns
+BLOCK_M whole rows. For each row it computes the log-sum-exp with an online (running max) softmax
+and, when asked, writes the gradient of the row's loss in the same launch:
+
+* ``SINGLE_TILE`` (V <= BLOCK_V): the row tile stays in registers, so the logits are read once and
+  the gradient written once -- the memory-traffic floor.
+* otherwise two sweeps over the row: the first reduces, the second re-reads the logits (usually
+  from L2) and writes the gradient.
+
+Per-row loss (w = class weights or 1, eps = label smoothing, C = V, lse = log-sum-exp):
+
+* class indices:  (1 - eps) * w_y * (lse - x_y) + eps / C * (sum_c w_c * lse - sum_c w_c x_c)
+* probabilities:  sum_c w_c t'_c (lse - x_c) with t' = (1 - eps) t + eps / C
+
+and the gradient of ``scale * loss`` with respect to x_j is ``scale * (a * p_j - b_j)`` with
+p = softmax(x), a = sum of the coefficients of lse, b_j the coefficient of x_j. ``scale`` is read
+from device memory (1 / normaliser of a mean) so that nothing on the host waits for the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr):
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0)
+    else:
+        w = tl.where(col_ok, 1.0, 0.0)
+    return w[None, :]
+
+
+@triton.jit
+def _tile_terms(
+    x, target_row, weight_ptr, cols, col_ok, mask, label_smoothing, smooth,
+    HAS_WEIGHT: tl.constexpr, SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    """This tile's share of sum_c coef_c * x_c and of sum_c coef_c (the coefficient of lse)."""
+    if SOFT_TARGET:
+        w = _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
+        t = tl.load(target_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        coef = w * ((1.0 - label_smoothing) * t + smooth)
+        # 0 * log(0) counts as 0 (its limit), also where a logit is -inf.
+        lin = tl.sum(tl.where(coef != 0.0, coef * x, 0.0), axis=1)
+        return lin, tl.sum(coef, axis=1)
+    elif HAS_SMOOTHING:
+        w = _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
+        lin = tl.sum(tl.where(w != 0.0, w * x, 0.0), axis=1) * smooth
+        return lin, tl.sum(w, axis=1) * smooth
+    else:
+        zero = tl.sum(tl.zeros_like(x), axis=1)
+        return zero, zero
+
+
+@triton.jit
+def _grad_tile(
+    x, lse, a_s, y, hard_s, valid, target_row, weight_ptr, cols, col_ok, mask, scale,
+    label_smoothing, smooth,
+    HAS_WEIGHT: tl.constexpr, SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    """scale * d loss / d x for one tile: scale * (a * softmax(x) - b)."""
+    g = a_s[:, None] * tl.exp(x - lse[:, None])
+    if SOFT_TARGET:
+        w = _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
+        t = tl.load(target_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        g -= scale * w * ((1.0 - label_smoothing) * t + smooth)
+    else:
+        # The true-class term is subtracted in float32, before the cast to the output dtype.
+        g -= tl.where(cols[None, :] == y[:, None], hard_s[:, None], 0.0)
+        if HAS_SMOOTHING:
+            g -= (scale * smooth) * _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
+        g = tl.where(valid[:, None], g, 0.0)
+    return g
+
+
+@triton.jit
+def _cross_entropy_fwd_bwd_kernel(
+    logits_ptr,
+    stride_logits,
+    grad_ptr,
+    stride_grad,
+    target_ptr,
+    stride_target,
+    weight_ptr,
+    loss_ptr,
+    scale_ptr,
+    M,
+    V,
+    ignore_index,
+    label_smoothing,
+    HAS_WEIGHT: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = tl.cast(pid, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    # int64 row offsets: M * V can exceed 2**31 elements.
+    logits_row = logits_ptr + rows * stride_logits
+    target_row = target_ptr + rows * stride_target
+    cols0 = tl.arange(0, BLOCK_V)
+    smooth = label_smoothing / V
+
+    if SOFT_TARGET:
+        valid = row_ok
+        bad = rows < 0  # never: probabilities have no index to check
+        y = rows
+        hard = tl.zeros([BLOCK_M], tl.float32)
+    else:
+        y = tl.load(target_row, mask=row_ok, other=0).to(tl.int64)
+        valid = row_ok & (y != ignore_index)
+        # Out-of-range indices are rejected on the host; if that check is switched off they give
+        # NaN here, never an out-of-bounds load.
+        y_ok = valid & (y >= 0) & (y < V)
+        bad = valid & ~y_ok
+        x_y = tl.load(logits_row + y, mask=y_ok, other=0.0).to(tl.float32)
+        if HAS_WEIGHT:
+            w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
+        else:
+            w_y = tl.where(y_ok, 1.0, 0.0)
+        hard = (1.0 - label_smoothing) * w_y
+
+    if SINGLE_TILE:
+        # The whole row fits one tile: read it once, keep it in registers for the gradient.
+        cols = cols0
+        col_ok = cols < V
+        mask = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+        x = x.to(tl.float32)
+        m = tl.max(x, axis=1)
+        # An all -inf row: keep exp() finite (exp(-inf - -inf) would be NaN).
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        s = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        lin, a = _tile_terms(
+            x, target_row, weight_ptr, cols, col_ok, mask, label_smoothing, smooth,
+            HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+        )
+    else:
+        # Sweep 1: running max m and running sum of exp(x - m) (online softmax).
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_M], tl.float32)
+        lin = tl.zeros([BLOCK_M], tl.float32)
+        a = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, V, BLOCK_V):
+            cols = start + cols0
+            col_ok = cols < V
+            mask = row_ok[:, None] & col_ok[None, :]
+            xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+            xt = xt.to(tl.float32)
+            m_new = tl.maximum(m, tl.max(xt, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xt - m_safe[:, None]), axis=1)
+            m = m_new
+            lin_t, a_t = _tile_terms(
+                xt, target_row, weight_ptr, cols, col_ok, mask, label_smoothing, smooth,
+                HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+            )
+            lin += lin_t
+            a += a_t
+
+    lse = m + tl.log(s)
+    if SOFT_TARGET:
+        loss = a * lse - lin
+    else:
+        a = tl.where(valid, a + hard, 0.0)
+        loss = tl.where(valid, a * lse - hard * x_y - lin, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_ptr + rows, loss, mask=row_ok)
+
+    if WRITE_GRAD:
+        scale = tl.load(scale_ptr)
+        grad_row = grad_ptr + rows * stride_grad
+        a_s = tl.where(bad, float("nan"), a * scale)
+        hard_s = hard * scale
+        if SINGLE_TILE:
+            g = _grad_tile(
+                x, lse, a_s, y, hard_s, valid, target_row, weight_ptr, cols, col_ok, mask, scale,
+                label_smoothing, smooth, HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+            )
+            tl.store(grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
+        else:
+            # Sweep 2: re-read the row (mostly from L2) and write the gradient.
+            for start in range(0, V, BLOCK_V):
+                cols = start + cols0
+                col_ok = cols < V
+                mask = row_ok[:, None] & col_ok[None, :]
+                xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+                g = _grad_tile(
+                    xt.to(tl.float32), lse, a_s, y, hard_s, valid, target_row, weight_ptr, cols,
+                    col_ok, mask, scale, label_smoothing, smooth,
+                    HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+                )
+                tl.store(
+                    grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask
+                )
+
+
+@triton.jit
+def _scale_rows_kernel(grad_ptr, stride_grad, factor_ptr, V, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """grad[row, :] *= factor (one scalar, or one per row); a factor of exactly 1 costs no traffic."""
+    row = tl.program_id(0)
+    if PER_ROW:
+        f = tl.load(factor_ptr + row).to(tl.float32)
+    else:
+        f = tl.load(factor_ptr).to(tl.float32)
+    if f != 1.0:
+        ptr = grad_ptr + tl.cast(row, tl.int64) * stride_grad
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            ok = cols < V
+            g = tl.load(ptr + cols, mask=ok, other=0.0).to(tl.float32)
+            tl.store(ptr + cols, (g * f).to(grad_ptr.dtype.element_ty), mask=ok)
+
+
+# Largest row tile kept in registers for the one-read path, by element size (bytes).
+_SINGLE_TILE_MAX = {1: 16384, 2: 16384, 4: 8192}
+
+
+def _launch_config(M: int, V: int, elem_size: int, interpreted: bool) -> tuple[int, int, bool, int]:
+    """(BLOCK_M, BLOCK_V, SINGLE_TILE, num_warps) from the shape."""
+    v_pow2 = triton.next_power_of_2(max(V, 1))
+    if v_pow2 <= _SINGLE_TILE_MAX.get(elem_size, 8192):
+        block_v = v_pow2
+        # Several short rows per program so that each moves enough bytes to hide latency.
+        target_elems = 1 << 14 if interpreted else 4096
+        block_m = max(1, min(triton.next_power_of_2(max(M, 1)), target_elems // block_v, 64))
+        num_warps = 4 if block_m * block_v <= 4096 else 8
+        if block_m * block_v >= 16384:
+            num_warps = 16
+        return block_m, block_v, True, num_warps
+    return 1, 8192 if not interpreted else 4096, False, 16
+
+
+def cross_entropy_fwd_bwd_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    loss_rows: torch.Tensor,
+    grad: torch.Tensor | None,
+    scale: torch.Tensor | None,
+) -> None:
+    """Launches the fused kernel. All arguments are already checked by the caller.
+
+    Args:
+        logits: (M, V), unit stride along V.
+        target: (M,) int32/int64 class indices, or (M, V) probabilities with unit stride along V.
+        weight: (V,) float32 class weights, or None.
+        ignore_index: class index whose rows contribute nothing (class-index targets only).
+        label_smoothing: in [0, 1].
+        loss_rows: (M,) float32 output, the unnormalised per-row loss.
+        grad: (M, V) output with unit stride along V (may alias ``logits``), or None for no gradient.
+        scale: () float32 device scalar multiplying the gradient; required when ``grad`` is given.
+    """
+    M, V = logits.shape
+    if M == 0:
+        return
+    interpreted = not logits.is_cuda
+    block_m, block_v, single, num_warps = _launch_config(M, V, logits.element_size(), interpreted)
+    soft = target.dim() == 2
+    write_grad = grad is not None
+    dummy = loss_rows  # any valid pointer for arguments a specialisation never reads
+    _cross_entropy_fwd_bwd_kernel[(triton.cdiv(M, block_m),)](
+        logits,
+        logits.stride(0),
+        grad if write_grad else dummy,
+        grad.stride(0) if write_grad else 0,
+        target,
+        target.stride(0),
+        weight if weight is not None else dummy,
+        loss_rows,
+        scale if write_grad else dummy,
+        M,
+        V,
+        ignore_index,
+        float(label_smoothing),
+        HAS_WEIGHT=weight is not None,
+        SOFT_TARGET=soft,
+        HAS_SMOOTHING=label_smoothing > 0.0,
+        WRITE_GRAD=write_grad,
+        SINGLE_TILE=single,
+        BLOCK_M=block_m,
+        BLOCK_V=block_v,
+        num_warps=num_warps,
+    )
+
+
+def scale_rows_triton(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """In place ``grad *= factor`` for a (M, V) gradient; factor is () or (M,); no host sync."""
+    M, V = grad.shape
+    if M == 0 or V == 0:
+        return
+    block = min(triton.next_power_of_2(V), 8192 if grad.is_cuda else 4096)
+    per_row = factor.dim() == 1
+    _scale_rows_kernel[(M,)](
+        grad, grad.stride(0), factor, V, PER_ROW=per_row, BLOCK=block, num_warps=8 if block >= 4096 else 4
+    )
