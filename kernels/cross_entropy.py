@@ -152,7 +152,9 @@ def _forward(
         scale = torch.ones((), dtype=torch.float32, device=logits.device)
     grad = None
     if need_grad:
-        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        grad = (
+            logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        )
     loss_rows = loss_and_grad_rows(
         logits, target, weight, opts.ignore_index, opts.label_smoothing, grad, scale
     )
@@ -264,11 +266,13 @@ def _check_and_flatten(
     reduction: str,
     label_smoothing: float,
 ) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...]]:
-    """Validates the arguments; returns (logits (M, C), target (M,) or (M, C), weight, out shape)."""
+    """Checks the arguments; returns (logits (M, C), target (M,)/(M, C), weight, out shape)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError("cross_entropy: input and target must be tensors")
     if reduction not in _REDUCTIONS:
-        raise ValueError(f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        raise ValueError(
+            f"cross_entropy: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+        )
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if not input.is_floating_point():
@@ -292,7 +296,9 @@ def _check_and_flatten(
         if not weight.is_floating_point():
             raise TypeError(f"cross_entropy: weight must be floating point, got {weight.dtype}")
         if weight.device != input.device:
-            raise ValueError(f"cross_entropy: weight is on {weight.device}, input on {input.device}")
+            raise ValueError(
+                f"cross_entropy: weight is on {weight.device}, input on {input.device}"
+            )
         weight = weight.to(torch.float64 if input.dtype == torch.float64 else torch.float32)
         weight = weight.contiguous()
 
@@ -322,8 +328,10 @@ def _check_and_flatten(
                 f"cross_entropy: class-index targets must be int64 or int32, got {target.dtype}"
             )
 
-    out_shape = tuple(target.shape) if not soft else tuple(input.shape[:class_dim]) + tuple(
-        input.shape[class_dim + 1 :]
+    out_shape = (
+        tuple(target.shape)
+        if not soft
+        else tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1 :])
     )
     if input.dim() == 1:
         logits = input.unsqueeze(0)
@@ -398,8 +406,6 @@ class CrossEntropyLoss(nn.Module):
     reduction="none".
     """
 
-    __constants__ = ["ignore_index", "reduction", "label_smoothing", "inplace_backward"]
-
     def __init__(
         self,
         weight: Tensor | None = None,
@@ -410,9 +416,13 @@ class CrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
-            raise ValueError(f"CrossEntropyLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+            raise ValueError(
+                f"CrossEntropyLoss: reduction must be one of {_REDUCTIONS}, got {reduction!r}"
+            )
         if not 0.0 <= label_smoothing <= 1.0:
-            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}")
+            raise ValueError(
+                f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {label_smoothing}"
+            )
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction

@@ -37,8 +37,17 @@ def _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr):
 
 @triton.jit
 def _tile_terms(
-    x, target_row, weight_ptr, cols, col_ok, mask, label_smoothing, smooth,
-    HAS_WEIGHT: tl.constexpr, SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    x,
+    target_row,
+    weight_ptr,
+    cols,
+    col_ok,
+    mask,
+    label_smoothing,
+    smooth,
+    HAS_WEIGHT: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
 ):
     """This tile's share of sum_c coef_c * x_c and of sum_c coef_c (the coefficient of lse)."""
     if SOFT_TARGET:
@@ -59,9 +68,23 @@ def _tile_terms(
 
 @triton.jit
 def _grad_tile(
-    x, lse, a_s, y, hard_s, valid, target_row, weight_ptr, cols, col_ok, mask, scale,
-    label_smoothing, smooth,
-    HAS_WEIGHT: tl.constexpr, SOFT_TARGET: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    x,
+    lse,
+    a_s,
+    y,
+    hard_s,
+    valid,
+    target_row,
+    weight_ptr,
+    cols,
+    col_ok,
+    mask,
+    scale,
+    label_smoothing,
+    smooth,
+    HAS_WEIGHT: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
 ):
     """scale * d loss / d x for one tile: scale * (a * softmax(x) - b)."""
     g = a_s[:, None] * tl.exp(x - lse[:, None])
@@ -141,8 +164,17 @@ def _cross_entropy_fwd_bwd_kernel(
         m_safe = tl.where(m == float("-inf"), 0.0, m)
         s = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
         lin, a = _tile_terms(
-            x, target_row, weight_ptr, cols, col_ok, mask, label_smoothing, smooth,
-            HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+            x,
+            target_row,
+            weight_ptr,
+            cols,
+            col_ok,
+            mask,
+            label_smoothing,
+            smooth,
+            HAS_WEIGHT,
+            SOFT_TARGET,
+            HAS_SMOOTHING,
         )
     else:
         # Sweep 1: running max m and running sum of exp(x - m) (online softmax).
@@ -161,8 +193,17 @@ def _cross_entropy_fwd_bwd_kernel(
             s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xt - m_safe[:, None]), axis=1)
             m = m_new
             lin_t, a_t = _tile_terms(
-                xt, target_row, weight_ptr, cols, col_ok, mask, label_smoothing, smooth,
-                HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+                xt,
+                target_row,
+                weight_ptr,
+                cols,
+                col_ok,
+                mask,
+                label_smoothing,
+                smooth,
+                HAS_WEIGHT,
+                SOFT_TARGET,
+                HAS_SMOOTHING,
             )
             lin += lin_t
             a += a_t
@@ -183,8 +224,23 @@ def _cross_entropy_fwd_bwd_kernel(
         hard_s = hard * scale
         if SINGLE_TILE:
             g = _grad_tile(
-                x, lse, a_s, y, hard_s, valid, target_row, weight_ptr, cols, col_ok, mask, scale,
-                label_smoothing, smooth, HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+                x,
+                lse,
+                a_s,
+                y,
+                hard_s,
+                valid,
+                target_row,
+                weight_ptr,
+                cols,
+                col_ok,
+                mask,
+                scale,
+                label_smoothing,
+                smooth,
+                HAS_WEIGHT,
+                SOFT_TARGET,
+                HAS_SMOOTHING,
             )
             tl.store(grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
@@ -195,9 +251,23 @@ def _cross_entropy_fwd_bwd_kernel(
                 mask = row_ok[:, None] & col_ok[None, :]
                 xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
                 g = _grad_tile(
-                    xt.to(tl.float32), lse, a_s, y, hard_s, valid, target_row, weight_ptr, cols,
-                    col_ok, mask, scale, label_smoothing, smooth,
-                    HAS_WEIGHT, SOFT_TARGET, HAS_SMOOTHING,
+                    xt.to(tl.float32),
+                    lse,
+                    a_s,
+                    y,
+                    hard_s,
+                    valid,
+                    target_row,
+                    weight_ptr,
+                    cols,
+                    col_ok,
+                    mask,
+                    scale,
+                    label_smoothing,
+                    smooth,
+                    HAS_WEIGHT,
+                    SOFT_TARGET,
+                    HAS_SMOOTHING,
                 )
                 tl.store(
                     grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask
@@ -205,8 +275,10 @@ def _cross_entropy_fwd_bwd_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(grad_ptr, stride_grad, factor_ptr, V, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """grad[row, :] *= factor (one scalar, or one per row); a factor of exactly 1 costs no traffic."""
+def _scale_rows_kernel(
+    grad_ptr, stride_grad, factor_ptr, V, PER_ROW: tl.constexpr, BLOCK: tl.constexpr
+):
+    """grad[row, :] *= factor (a scalar, or one per row); a factor of exactly 1 moves no data."""
     row = tl.program_id(0)
     if PER_ROW:
         f = tl.load(factor_ptr + row).to(tl.float32)
@@ -259,7 +331,7 @@ def cross_entropy_fwd_bwd_triton(
         ignore_index: class index whose rows contribute nothing (class-index targets only).
         label_smoothing: in [0, 1].
         loss_rows: (M,) float32 output, the unnormalised per-row loss.
-        grad: (M, V) output with unit stride along V (may alias ``logits``), or None for no gradient.
+        grad: (M, V) output, unit stride along V (may alias ``logits``); None: no gradient.
         scale: () float32 device scalar multiplying the gradient; required when ``grad`` is given.
     """
     M, V = logits.shape
@@ -303,5 +375,11 @@ def scale_rows_triton(grad: torch.Tensor, factor: torch.Tensor) -> None:
     block = min(triton.next_power_of_2(V), 8192 if grad.is_cuda else 4096)
     per_row = factor.dim() == 1
     _scale_rows_kernel[(M,)](
-        grad, grad.stride(0), factor, V, PER_ROW=per_row, BLOCK=block, num_warps=8 if block >= 4096 else 4
+        grad,
+        grad.stride(0),
+        factor,
+        V,
+        PER_ROW=per_row,
+        BLOCK=block,
+        num_warps=8 if block >= 4096 else 4,
     )
