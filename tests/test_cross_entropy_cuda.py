@@ -1,0 +1,128 @@
+"""The Triton kernel on a real GPU: float64 reference at LLM vocabulary sizes, memory, no host
+sync, int64 offsets, bad input. Marked ``gpu``: skipped automatically where CUDA is absent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ce_reference import DTYPES, check, make_logits, make_target
+
+import kernels
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+
+
+# Vocabulary sizes: tiny (one tile, many rows per program), the largest one-tile sizes and one
+# past them, and the LLM vocabularies the benchmarks use (two sweeps, ragged last tile).
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "V", [1, 2, 3, 1000, 8192, 8193, 16384, 16411, 32000, 50257, 128256, 256000]
+)
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+def test_cuda_matches_float64(V, dtype, kind):
+    N = 37 if V <= 50257 else 9
+    x = make_logits((N, V), dtype, device=DEV)
+    target = make_target((N, V), kind, ignore_frac=0.2 if kind == "hard" else 0.0)
+    check(x, target, reduction="none", label_smoothing=0.1, weight=torch.rand(V) + 0.5)
+    check(x, target, reduction="mean")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_k_dim_and_non_contiguous(dtype):
+    x = make_logits((4, 301, 3, 7), dtype, device=DEV)
+    check(x, make_target((4, 301, 3, 7), "hard", ignore_frac=0.2), label_smoothing=0.2)
+    y = make_logits((64, 40000), dtype, device=DEV)[::3, 7:32007]  # row stride, unit col stride
+    check(y, make_target(tuple(y.shape), "hard"), reduction="sum")
+    z = make_logits((500, 33), dtype, device=DEV).t()  # column stride != 1
+    check(z, make_target(tuple(z.shape), "soft"), reduction="none")
+
+
+def test_cuda_empty_and_single_row():
+    check(make_logits((0, 32000), torch.bfloat16, device=DEV), make_target((0, 32000), "hard"))
+    check(make_logits((1, 32000), torch.bfloat16, device=DEV), make_target((1, 32000), "hard"))
+
+
+def test_cuda_int64_offsets():
+    """N * V > 2**31 elements: row offsets must be 64-bit or the last rows read garbage."""
+    V = 128256
+    N = (2**31) // V + 8
+    free, _ = torch.cuda.mem_get_info()
+    if free < 3 * N * V * 2:
+        pytest.skip("not enough GPU memory for a > 2**31-element bf16 tensor plus its gradient")
+    x = torch.randn((N, V), device=DEV, dtype=torch.bfloat16)
+    target = torch.randint(0, V, (N,), device=DEV)
+    x.requires_grad_()
+    loss = kernels.cross_entropy(x, target, reduction="none")
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    tail = slice(N - 4, N)  # rows whose offsets exceed 2**31
+    ref = torch.nn.functional.cross_entropy(x[tail].double(), target[tail], reduction="none")
+    torch.testing.assert_close(loss[tail].double(), ref, rtol=1e-5, atol=1e-5)
+    p = torch.softmax(x[tail].double(), 1)
+    p[torch.arange(4), target[tail]] -= 1
+    assert (g[tail].double() - p).norm() <= 1e-2 * p.norm()
+
+
+def test_cuda_memory_out_of_place_vs_inplace():
+    """Peak extra memory: about 1x the logits out of place, about 0 with inplace_backward."""
+    N, V = 4096, 32000
+    target = torch.randint(0, V, (N,), device=DEV)
+    logits_bytes = N * V * 2
+    for inplace, limit in ((False, 1.1 * logits_bytes), (True, 0.1 * logits_bytes)):
+        x = make_logits((N, V), torch.bfloat16, device=DEV).requires_grad_()
+        h = x * 1.0
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss = kernels.cross_entropy(h, target, inplace_backward=inplace)
+        loss.backward(inputs=[h])
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - base
+        assert extra <= limit, (inplace, extra / logits_bytes)
+        del x, h, loss
+
+
+def test_cuda_no_host_sync_when_target_check_is_off():
+    x = make_logits((64, 32000), torch.bfloat16, device=DEV).requires_grad_()
+    target = torch.randint(0, 32000, (64,), device=DEV)
+    kernels.cross_entropy(x, target).backward()  # warm-up: compile outside the sync check
+    kernels.set_target_check(False)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for reduction in ("mean", "sum"):
+            loss = kernels.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+            loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        kernels.set_target_check(True)
+
+
+def test_cuda_bad_index_raises_and_never_reads_out_of_bounds():
+    x = make_logits((8, 1000), torch.float32, device=DEV).requires_grad_()
+    bad = torch.tensor([0, 1, 2, 3, 4, 5, 6, 5000], device=DEV)
+    with pytest.raises(IndexError, match="out of bounds"):
+        kernels.cross_entropy(x, bad)
+    kernels.set_target_check(False)
+    try:
+        loss = kernels.cross_entropy(x, bad, reduction="none")
+        torch.cuda.synchronize()  # an illegal access would surface here
+        assert torch.isnan(loss[7]) and torch.isfinite(loss[:7]).all()
+    finally:
+        kernels.set_target_check(True)
+
+
+def test_cuda_compile_inductor_fullgraph():
+    torch._dynamo.reset()
+    model = torch.nn.Linear(64, 50257, device=DEV, dtype=torch.bfloat16)
+    h = torch.randn(128, 64, device=DEV, dtype=torch.bfloat16)
+    target = torch.randint(0, 50257, (128,), device=DEV)
+
+    def step(inp):
+        return kernels.cross_entropy(model(inp), target, label_smoothing=0.1)
+
+    loss_c = torch.compile(step, fullgraph=True)(h)
+    (gc,) = torch.autograd.grad(loss_c, model.weight)
+    loss_e = step(h)
+    (ge,) = torch.autograd.grad(loss_e, model.weight)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gc.float(), ge.float(), rtol=2e-2, atol=1e-3)
