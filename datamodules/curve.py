@@ -1,0 +1,175 @@
+"""The seed's task: points in the unit square, classified against the curve ``x2 = x1**2``."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.common import check_fraction, check_positive_int, split_sizes
+
+
+def band_labels(x: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
+    """Noise-free labels of points in the unit square.
+
+    The square is cut by the ``num_classes - 1`` scaled curves ``x2 = c_k * x1**2`` with
+    ``c_k = 2 * k / num_classes`` for ``k = 1, ..., num_classes - 1``; the label of a point is the
+    number of those curves it lies strictly above::
+
+        label(x1, x2) = #{k : x2 > c_k * x1**2}    (an integer in [0, num_classes - 1])
+
+    With ``num_classes == 2`` the only curve is ``c_1 = 1``, i.e. the seed's curve
+    ``f(x1) = (x1, x1**2)``: label 1 = above the curve, label 0 = on or below it.
+
+    Args:
+        x: Points, shape ``(N, 2)``, columns ``(x1, x2)``.
+        num_classes: Number of classes ``K >= 2``.
+
+    Returns:
+        Labels, shape ``(N,)``, dtype int64.
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    x1, x2 = x[:, 0], x[:, 1]
+    scales = torch.arange(1, num_classes, dtype=x.dtype, device=x.device) * (2.0 / num_classes)
+    return (x2[:, None] > scales[None, :] * (x1 * x1)[:, None]).sum(dim=1).long()
+
+
+def band_boundaries(num_classes: int = 2) -> list[float]:
+    """Scale factors ``c_k`` of the class boundaries ``x2 = c_k * x1**2`` (see `band_labels`)."""
+    return [2.0 * k / num_classes for k in range(1, num_classes)]
+
+
+class CurveDataModule(LightningDataModule):
+    """Points ``(x1, x2)`` drawn uniformly from the unit square, labelled against ``x2 = x1**2``.
+
+    This is the seed's task made into a well-posed classification: ``x1 ~ Uniform[0, 1]`` (as
+    in the seed) and ``x2 ~ Uniform[0, 1]`` independently; the class says whether the point lies
+    above the curve ``f(x1) = (x1, x1**2)``. With ``num_classes = K > 2`` the square is split into
+    ``K`` bands by the curves ``x2 = c_k * x1**2``, ``c_k = 2k/K`` for ``k = 1..K-1``, and the label
+    is the number of those curves the point lies above (see `band_labels`). Bands are not equally
+    large; the curves with ``c_k > 1`` leave the square at ``x1 = 1/sqrt(c_k)``.
+
+    Label noise: with probability ``label_noise`` a *training* label is replaced by a class drawn
+    uniformly from the other ``K - 1`` classes (so ``label_noise`` is the expected fraction of
+    wrong training labels). Validation and test labels stay clean, so their accuracy measures
+    how well the true boundary was learned.
+
+    The data are generated once from ``seed`` (independent of the global seed) and split at random
+    into train / val / test; the same arguments always give the same tensors and splits.
+
+    Batches are ``(x, y)`` with ``x`` of shape ``(B, 2)`` float32 and ``y`` of shape ``(B,)`` int64.
+
+    Args:
+        num_samples: Total number of points (train + val + test).
+        val_fraction: Fraction of points in the validation split, in (0, 1).
+        test_fraction: Fraction of points in the test split, in [0, 1).
+        num_classes: Number of classes ``K >= 2``.
+        label_noise: Probability of replacing a training label by a wrong one, in [0, 1).
+        batch_size: Training batch size (evaluation uses the same).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the data generator and of the split.
+        pin_memory: Pin host memory of the batches (useful on GPU).
+    """
+
+    in_features: int = 2
+
+    def __init__(
+        self,
+        num_samples: int = 20_000,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.1,
+        num_classes: int = 2,
+        label_noise: float = 0.0,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("batch_size", batch_size)
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction, allow_zero=True)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not 0.0 <= label_noise < 1.0:
+            raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.sizes = split_sizes(num_samples, val_fraction, test_fraction)
+        self.save_hyperparameters()
+        self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.test_set: TensorDataset | None = None
+
+    def band_boundaries(self) -> list[float]:
+        """Scale factors ``c_k`` of the true class boundaries ``x2 = c_k * x1**2``."""
+        return band_boundaries(self.num_classes)
+
+    def generate(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Generates all splits deterministically from ``seed``.
+
+        Returns:
+            ``{"train": (x, y), "val": (x, y), "test": (x, y)}``; ``x`` of shape ``(n, 2)``,
+            ``y`` of shape ``(n,)``. Training labels include the label noise.
+        """
+        hp = self.hparams
+        gen = torch.Generator().manual_seed(hp.seed)
+        x = torch.rand(hp.num_samples, 2, generator=gen)
+        y = band_labels(x, hp.num_classes)
+        perm = torch.randperm(hp.num_samples, generator=gen)
+        n_train, n_val, _ = self.sizes
+        idx = {
+            "train": perm[:n_train],
+            "val": perm[n_train : n_train + n_val],
+            "test": perm[n_train + n_val :],
+        }
+        out = {name: (x[i], y[i]) for name, i in idx.items()}
+        if hp.label_noise > 0:
+            xt, yt = out["train"]
+            flip = torch.rand(len(yt), generator=gen) < hp.label_noise
+            shift = torch.randint(1, hp.num_classes, (len(yt),), generator=gen)
+            yt = torch.where(flip, (yt + shift) % hp.num_classes, yt)
+            out["train"] = (xt, yt)
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        """Builds the datasets (idempotent)."""
+        if self.train_set is None:
+            splits = self.generate()
+            self.train_set = TensorDataset(*splits["train"])
+            self.val_set = TensorDataset(*splits["val"])
+            self.test_set = TensorDataset(*splits["test"])
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches ``(x (B, 2), y (B,))``."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches ``(x (B, 2), y (B,))``."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches ``(x (B, 2), y (B,))``."""
+        if self.sizes[2] == 0:
+            raise ValueError("test_fraction is 0: there is no test split")
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (validation split if there is none) as ``(x, y)`` batches."""
+        return self._loader(self.test_set if self.sizes[2] else self.val_set, shuffle=False)

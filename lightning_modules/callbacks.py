@@ -1,0 +1,167 @@
+"""Callbacks of the training stack: decision-boundary picture and a per-run metrics file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import WandbLogger
+
+
+def _run_dir(trainer: Trainer, dirpath: str | None) -> Path:
+    return Path(dirpath if dirpath is not None else trainer.default_root_dir)
+
+
+class DecisionBoundaryPlot(Callback):
+    """At the end of ``fit``, draws the learned decision regions against the true curve(s).
+
+    Only acts when the data module describes a 2-D curve task (it has ``band_boundaries()``,
+    e.g. `datamodules.CurveDataModule`). The PNG is written to ``dirpath`` (default: the trainer's
+    ``default_root_dir``, i.e. the run directory) and logged to every W&B logger as a
+    ``wandb.Image`` under the key ``decision_boundary``. Rank 0 only.
+
+    Args:
+        filename: Name of the PNG file.
+        dirpath: Directory of the PNG (default: ``trainer.default_root_dir``).
+        grid_size: Resolution of the evaluation grid per axis.
+        num_points: Number of validation points drawn on top (0 = none).
+    """
+
+    def __init__(
+        self,
+        filename: str = "decision_boundary.png",
+        dirpath: str | None = None,
+        grid_size: int = 300,
+        num_points: int = 1500,
+    ) -> None:
+        self.filename = filename
+        self.dirpath = dirpath
+        self.grid_size = grid_size
+        self.num_points = num_points
+        self.path: Path | None = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dm = trainer.datamodule
+        if not trainer.is_global_zero or dm is None or not hasattr(dm, "band_boundaries"):
+            return
+        self.path = _run_dir(trainer, self.dirpath) / self.filename
+        fig = self.figure(pl_module, dm)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(self.path, dpi=120, bbox_inches="tight")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                logger.experiment.log({"decision_boundary": wandb.Image(str(self.path))})
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+    @torch.no_grad()
+    def figure(self, pl_module: LightningModule, dm: Any) -> Any:
+        """Builds the matplotlib figure (Agg backend) of ``pl_module`` on data module ``dm``."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        was_training = pl_module.training
+        pl_module.eval()
+        n = self.grid_size
+        axis = torch.linspace(0.0, 1.0, n)
+        gx, gy = torch.meshgrid(axis, axis, indexing="xy")
+        grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1).to(pl_module.device)
+        pred = pl_module(grid).argmax(dim=-1).reshape(n, n).cpu()
+        pl_module.train(was_training)
+
+        k = dm.num_classes
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        cmap = plt.get_cmap("coolwarm" if k == 2 else "viridis", k)
+        ax.imshow(
+            pred.numpy(),
+            origin="lower",
+            extent=(0, 1, 0, 1),
+            cmap=cmap,
+            vmin=-0.5,
+            vmax=k - 0.5,
+            alpha=0.35,
+            interpolation="nearest",
+        )
+        ax.contour(
+            gx.numpy(),
+            gy.numpy(),
+            pred.numpy(),
+            levels=[i + 0.5 for i in range(k - 1)],
+            colors="k",
+            linewidths=1.2,
+        )
+        x1 = torch.linspace(0, 1, 400)
+        for i, c in enumerate(dm.band_boundaries()):
+            ax.plot(
+                x1.numpy(),
+                (c * x1**2).clamp(max=1.0).numpy(),
+                "--",
+                color="tab:green",
+                lw=2,
+                label="true boundary" if i == 0 else None,
+            )
+        ax.plot([], [], "k-", lw=1.2, label="learned boundary")
+        if self.num_points and dm.val_set is not None:
+            xv, yv = dm.val_set.tensors
+            xv, yv = xv[: self.num_points], yv[: self.num_points]
+            ax.scatter(xv[:, 0], xv[:, 1], c=yv, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=4)
+        acc = pl_module.trainer.callback_metrics.get("val/acc") if pl_module._trainer else None
+        title = "learned vs true boundary x2 = x1^2" if k == 2 else f"{k} bands"
+        if acc is not None:
+            title += f" (val acc {float(acc):.4f})"
+        ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="x1", ylabel="x2", title=title)
+        ax.legend(loc="upper left", fontsize=8)
+        return fig
+
+
+class RunSummary(Callback):
+    """Writes the final metrics of each stage to ``metrics.json`` in the run directory.
+
+    On teardown of every stage (fit / validate / test / predict) it dumps the trainer's
+    ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch`` and the best
+    checkpoint. Rank 0 writes ``metrics.json``; in a distributed run every rank also writes
+    ``metrics.rank{R}.json`` so that runs can be checked for cross-rank agreement.
+
+    Args:
+        dirpath: Output directory (default: ``trainer.default_root_dir``).
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.summary: dict[str, Any] = {}
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        metrics = {}
+        for key, value in trainer.callback_metrics.items():
+            v = float(value)
+            metrics[key] = v if math.isfinite(v) else str(v)
+        ckpt = trainer.checkpoint_callback
+        summary = {
+            "stage": stage,
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "metrics": metrics,
+            "best_model_path": getattr(ckpt, "best_model_path", None) or None,
+        }
+        self.summary = summary
+        out = _run_dir(trainer, self.dirpath)
+        names = []
+        if trainer.is_global_zero:
+            names.append("metrics.json")
+        if trainer.world_size > 1:
+            names.append(f"metrics.rank{trainer.global_rank}.json")
+        for name in names:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{name}.{os.getpid()}.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
+            tmp.replace(out / name)
