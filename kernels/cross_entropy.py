@@ -26,7 +26,12 @@ from torch import Tensor, nn
 from .torch_cross_entropy import cross_entropy_fwd_bwd_torch
 
 try:  # Triton is optional: without it every call takes the torch fallback.
-    from .triton_cross_entropy import cross_entropy_fwd_bwd_triton, scale_rows_triton
+    from .triton_cross_entropy import (
+        cross_entropy_fwd_bwd_triton,
+        prologue_triton,
+        reduce_triton,
+        scale_rows_triton,
+    )
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - depends on the platform
@@ -132,6 +137,26 @@ def loss_and_grad_rows(
     return loss_rows
 
 
+def _grad_scale(logits: Tensor, target: Tensor, weight: Tensor | None, opts: _Options) -> Tensor:
+    """Checks the class indices; returns the gradient scale (1 / mean normaliser, or 1)."""
+    M, V = logits.shape
+    mean = opts.reduction == "mean"
+    if uses_triton(logits):
+        # One tiny launch computes both; the host reads back only the bad-index count.
+        scale, n_bad = prologue_triton(
+            target, weight, opts.ignore_index, M, V, mean, _CHECK_TARGETS
+        )
+        if n_bad is not None and bool(n_bad):  # the one host sync; see set_target_check
+            check_class_indices(target, V, opts.ignore_index)
+        return scale
+    check_class_indices(target, V, opts.ignore_index)
+    if not mean:
+        return torch.ones((), dtype=torch.float32, device=logits.device)
+    denom = mean_denominator(target, weight, opts.ignore_index, M)
+    # Documented deviation from torch: nothing to average (all ignored, or M == 0) gives 0.
+    return torch.where(denom > 0, 1.0 / denom, 0.0)
+
+
 def _forward(
     logits: Tensor,
     target: Tensor,
@@ -141,15 +166,7 @@ def _forward(
     inplace: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Loss (reduced as asked) and the gradient of the reduced loss, for a (M, V) view."""
-    M, V = logits.shape
-    check_class_indices(target, V, opts.ignore_index)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if opts.reduction == "mean":
-        denom = mean_denominator(target, weight, opts.ignore_index, M)
-        # Documented deviation from torch: nothing to average (all ignored, or M == 0) gives 0.
-        scale = torch.where(denom > 0, 1.0 / denom, 0.0)
-    else:
-        scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    scale = _grad_scale(logits, target, weight, opts)
     grad = None
     if need_grad:
         grad = (
@@ -159,12 +176,12 @@ def _forward(
         logits, target, weight, opts.ignore_index, opts.label_smoothing, grad, scale
     )
     if opts.reduction == "none":
-        loss = loss_rows
-    elif opts.reduction == "sum":
-        loss = loss_rows.sum()
-    else:
-        loss = loss_rows.sum() * scale.to(acc)
-    return loss, grad
+        return loss_rows, grad
+    mean = opts.reduction == "mean"
+    if uses_triton(logits):
+        return reduce_triton(loss_rows, scale, mean), grad
+    loss = loss_rows.sum()
+    return (loss * scale.to(loss.dtype) if mean else loss), grad
 
 
 def _scale_in_place(grad: Tensor, grad_output: Tensor, per_row: bool) -> None:

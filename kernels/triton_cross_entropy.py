@@ -293,6 +293,65 @@ def _scale_rows_kernel(
             tl.store(ptr + cols, (g * f).to(grad_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _prologue_kernel(
+    target_ptr,
+    stride_target,
+    weight_ptr,
+    scale_ptr,
+    bad_ptr,
+    M,
+    V,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    MEAN: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
+    CHECK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program: the gradient scale (1 / torch's mean normaliser, or 1) and the number of
+    out-of-range class indices, so that the host needs at most one tiny read."""
+    denom = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    n_bad = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+    if SOFT_TARGET:
+        denom += M
+    elif MEAN or CHECK:
+        for start in range(0, M, BLOCK):
+            rows = start + tl.arange(0, BLOCK)
+            ok = rows < M
+            y = tl.load(target_ptr + tl.cast(rows, tl.int64) * stride_target, mask=ok, other=0)
+            y = y.to(tl.int64)
+            valid = ok & (y != ignore_index)
+            y_ok = valid & (y >= 0) & (y < V)
+            n_bad += tl.sum((valid & ~y_ok).to(tl.int32), axis=0)
+            if HAS_WEIGHT:
+                w = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
+            else:
+                w = tl.where(y_ok, 1.0, 0.0)
+            denom += tl.sum(w, axis=0)
+    if MEAN:
+        # Nothing to average (all ignored, or M == 0) gives 0, not NaN: a documented deviation.
+        scale = tl.where(denom > 0.0, 1.0 / denom, 0.0)
+    else:
+        scale = denom * 0.0 + 1.0
+    tl.store(scale_ptr, scale)
+    if CHECK:
+        tl.store(bad_ptr, n_bad)
+
+
+@triton.jit
+def _reduce_kernel(loss_rows_ptr, scale_ptr, out_ptr, M, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: sum (times the mean scale) of the per-row losses, in a fixed order."""
+    acc = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, M, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        acc += tl.load(loss_rows_ptr + rows, mask=rows < M, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total * tl.load(scale_ptr)
+    tl.store(out_ptr, total)
+
+
 # Largest row tile kept in registers for the one-read path, by element size (bytes).
 _SINGLE_TILE_MAX = {1: 16384, 2: 16384, 4: 8192}
 
@@ -383,3 +442,61 @@ def scale_rows_triton(grad: torch.Tensor, factor: torch.Tensor) -> None:
         BLOCK=block,
         num_warps=8 if block >= 4096 else 4,
     )
+
+
+def prologue_triton(
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    ignore_index: int,
+    num_rows: int,
+    num_classes: int,
+    mean: bool,
+    check: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradient scale (() float32) and, if ``check``, the count of bad class indices (() int32).
+
+    Args:
+        target: (M,) class indices or (M, V) probabilities.
+        weight: (V,) float32 class weights or None.
+        ignore_index: ignored class index.
+        num_rows: M.
+        num_classes: V.
+        mean: reduction == "mean" (else the scale is 1).
+        check: count class indices outside [0, V) that are not ignore_index.
+    """
+    scale = torch.empty((), dtype=torch.float32, device=target.device)
+    soft = target.dim() == 2
+    check = check and not soft
+    bad = torch.empty((), dtype=torch.int32, device=target.device) if check else None
+    _prologue_kernel[(1,)](
+        target,
+        target.stride(0) if target.dim() else 0,
+        weight if weight is not None else scale,
+        scale,
+        bad if bad is not None else scale,
+        num_rows,
+        num_classes,
+        ignore_index,
+        HAS_WEIGHT=weight is not None,
+        MEAN=mean,
+        SOFT_TARGET=soft,
+        CHECK=check,
+        BLOCK=4096 if target.is_cuda else 1024,
+        num_warps=8,
+    )
+    return scale, bad
+
+
+def reduce_triton(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> torch.Tensor:
+    """() float32: sum of the (M,) per-row losses, times ``scale`` when ``mean``."""
+    out = torch.empty((), dtype=torch.float32, device=loss_rows.device)
+    _reduce_kernel[(1,)](
+        loss_rows,
+        scale,
+        out,
+        loss_rows.numel(),
+        MEAN=mean,
+        BLOCK=4096 if loss_rows.is_cuda else 1024,
+        num_warps=8,
+    )
+    return out
