@@ -33,6 +33,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_modules import Classifier, DecisionBoundaryPlot, RunSummary
 
@@ -123,6 +124,15 @@ class FusedCECLI(LightningCLI):
         hparams = {k: v for k, v in hparams.items() if k not in (*_LINKED, "_instantiator")}
         if hparams:
             self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """Instantiates data, model and trainer; a bad value exits with a one-paragraph error."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            msg = _clean_error(str(err))
+            sys.stderr.write(f"train.py {self.subcommand}: error: invalid configuration: {msg}\n")
+            raise SystemExit(2) from err
 
     # ------------------------------------------------------------------------------ run dir
     def _run_options(self) -> dict[str, Any]:
@@ -222,6 +232,18 @@ class FusedCECLI(LightningCLI):
         if metrics:
             lines.append("  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))
         return "\n".join(lines)
+
+
+def _clean_error(msg: str) -> str:
+    """Reduces jsonargparse's "does not validate against any Union subtype" to the real cause."""
+    if "Does not validate against any of the Union subtypes" not in msg:
+        return msg
+    causes = [
+        line.strip()[2:]
+        for line in msg.splitlines()
+        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
+    ]
+    return "; ".join(causes) or msg
 
 
 def with_default_subcommand(argv: list[str]) -> list[str]:
