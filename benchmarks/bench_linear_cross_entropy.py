@@ -1,0 +1,377 @@
+"""Linear + cross-entropy benchmark: fusedce's chunked path against eager, torch, Liger and CCE.
+
+Run as ``python -m benchmarks.bench_linear_cross_entropy`` (``--help`` for the options). One
+shape (N tokens, hidden D, vocabulary V, dtype); every provider runs forward + backward of
+``cross_entropy(input @ W.T, target)`` with gradients for the input and W:
+
+* time: CUDA ``triton.testing.do_bench`` median; CPU median of ``time.perf_counter`` repeats;
+* peak memory above the inputs: CUDA ``torch.cuda.max_memory_allocated`` around one step (it
+  includes the gradients); CPU the rise of the max RSS of a fresh subprocess over one step;
+* error vs float64 on a small shape (loss, and relative norm of both gradients).
+
+Providers: ``fusedce`` (default chunk), ``fusedce_lowmem`` (small chunk and weight-gradient
+accumulation in the weight's dtype: the memory-saving setting), ``eager`` (logits in the input
+dtype), ``eager_fp32`` (logits upcast to float32 before the loss), ``torch_chunked`` (torch's
+``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, where the installed torch has
+it), ``liger`` and ``cce`` (Liger's fused linear CE, Apple's cut-cross-entropy: only if
+importable, CUDA only).
+
+Outputs in ``--out`` (default ``benchmarks/results``): ``<stem>.md`` (table), ``<stem>.json``
+(with the card, torch/triton versions and date) and ``<stem>.png``; the default stem is
+``<cpu|cuda>-lce-<date>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels.linear_cross_entropy import planned_chunk_rows
+
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
+ALL_PROVIDERS = (
+    "fusedce",
+    "fusedce_lowmem",
+    "eager",
+    "eager_fp32",
+    "torch_chunked",
+    "liger",
+    "cce",
+)
+# The memory-saving setting: logits chunks of at most this many bytes (plus no float32 buffer).
+LOWMEM_CHUNK_BYTES = 1 << 27
+ERROR_SHAPE = (512, 128, 4096)  # (N, D, V) of the accuracy check
+MiB = 1 << 20
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# Providers: each returns the loss of (x (N, D), W (V, D), t (N,)); the caller runs backward.
+# --------------------------------------------------------------------------------------------
+
+
+def _lowmem_chunk(v: int, dtype: torch.dtype) -> int:
+    return max(1, LOWMEM_CHUNK_BYTES // (v * torch.empty((), dtype=dtype).element_size()))
+
+
+def make_provider(name: str, device: torch.device) -> Step | None:
+    """The loss function of a provider, or None where it is unavailable here."""
+    if name == "fusedce":
+        return lambda x, W, t: kernels.linear_cross_entropy(x, W, t)
+    if name == "fusedce_lowmem":
+        return lambda x, W, t: kernels.linear_cross_entropy(
+            x, W, t, chunk_size=_lowmem_chunk(W.shape[0], W.dtype), accumulation="input"
+        )
+    if name == "eager":
+        return lambda x, W, t: F.cross_entropy(F.linear(x, W), t)
+    if name == "eager_fp32":
+        return lambda x, W, t: F.cross_entropy(F.linear(x, W).float(), t)
+    if name == "torch_chunked":
+        if not hasattr(F, "linear_cross_entropy") or not hasattr(
+            torch.nn, "LinearCrossEntropyOptions"
+        ):
+            return None
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return lambda x, W, t: F.linear_cross_entropy(x, W, t, options=opts)
+    if device.type != "cuda":
+        return None
+    if name == "liger":
+        try:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        except ImportError:
+            return None
+        liger = LigerFusedLinearCrossEntropyLoss()
+        return lambda x, W, t: liger(W, x, t)
+    if name == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+        except ImportError:
+            return None
+        return lambda x, W, t: cce(x, W, t)
+    raise ValueError(f"unknown provider {name!r}")
+
+
+def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """x (n, d), W (v, d) with O(1) logits, t (n,): leaves that require grad."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    W = (torch.randn(v, d, generator=g) / d**0.5).to(device=device, dtype=dtype)
+    t = torch.randint(0, v, (n,), generator=g).to(device)
+    return x, W.requires_grad_(), t
+
+
+def run_step(fn: Step, x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> None:
+    x.grad = W.grad = None
+    fn(x, W, t).backward()
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------
+
+
+def time_ms(fn: Step, x, W, t, device: torch.device, repeats: int) -> float:
+    step = lambda: run_step(fn, x, W, t)
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(step, grad_to_none=[x, W], rep=200 * repeats))
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def cuda_peak_mib(fn: Step, x, W, t) -> float:
+    x.grad = W.grad = None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run_step(fn, x, W, t)
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / MiB
+
+
+def _maxrss_mib() -> float:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MiB
+
+
+def cpu_peak_mib(name: str, n: int, d: int, v: int, dtype_name: str) -> dict[str, float] | None:
+    """Max-RSS rise of one step in a fresh process (so providers do not share a high-water mark)."""
+    cmd = [sys.executable, "-m", "benchmarks.bench_linear_cross_entropy", "--rss-child", name]
+    cmd += ["--n", str(n), "--d", str(d), "--v", str(v), "--dtype", dtype_name]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        return None
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    device = torch.device("cpu")
+    fn = make_provider(args.rss_child, device)
+    x, W, t = make_inputs(args.n, args.d, args.v, DTYPES[args.dtype], device)
+    before = _maxrss_mib()
+    run_step(fn, x, W, t)
+    after = _maxrss_mib()
+    print(json.dumps({"rss_delta_mib": after - before, "max_rss_mib": after}))
+
+
+def errors_vs_float64(fn: Step, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
+    """Loss error and gradient relative-norm errors vs float64 on ERROR_SHAPE."""
+    n, d, v = ERROR_SHAPE
+    x, W, t = make_inputs(n, d, v, dtype, device, seed=1)
+    loss = fn(x, W, t)
+    gx, gw = torch.autograd.grad(loss, (x, W))
+    x64, W64 = (a.detach().double().requires_grad_() for a in (x, W))
+    ref = F.cross_entropy(F.linear(x64, W64), t)
+    rx, rw = torch.autograd.grad(ref, (x64, W64))
+    rel = lambda a, r: float((a.double() - r).norm() / r.norm())
+    return {
+        "loss_abs_err": abs(float(loss.detach()) - float(ref.detach())),
+        "grad_input_rel_err": rel(gx, rx),
+        "grad_weight_rel_err": rel(gw, rw),
+    }
+
+
+def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    fn = make_provider(name, device)
+    if fn is None:
+        return {"provider": name, "status": "unavailable"}
+    dtype = DTYPES[args.dtype]
+    row: dict[str, Any] = {"provider": name, "status": "ok"}
+    try:
+        row.update(errors_vs_float64(fn, dtype, device))
+        x, W, t = make_inputs(args.n, args.d, args.v, dtype, device)
+        if device.type == "cuda":
+            row["peak_mib"] = cuda_peak_mib(fn, x, W, t)
+        elif not args.no_memory:
+            rss = cpu_peak_mib(name, args.n, args.d, args.v, args.dtype)
+            if rss is not None:
+                row["peak_mib"] = rss["rss_delta_mib"]
+                row["max_rss_mib"] = rss["max_rss_mib"]
+        row["time_ms"] = time_ms(fn, x, W, t, device, args.repeats)
+    except torch.OutOfMemoryError:
+        row["status"] = "out of memory"
+    del fn
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+# --------------------------------------------------------------------------------------------
+
+
+def card_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()}-core dev machine)"
+
+
+def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "card": args.card_name or card_name(device),
+        "device": device.type,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "shape": {"n": args.n, "d": args.d, "v": args.v, "dtype": args.dtype},
+        "error_shape": dict(zip(("n", "d", "v"), ERROR_SHAPE, strict=True)),
+        "default_chunk_rows": planned_chunk_rows(args.n, args.v, DTYPES[args.dtype]),
+        "lowmem_chunk_rows": min(args.n, _lowmem_chunk(args.v, DTYPES[args.dtype])),
+        "memory_metric": (
+            "torch.cuda.max_memory_allocated above the inputs (gradients included)"
+            if device.type == "cuda"
+            else "max-RSS rise of one step in a fresh process"
+        ),
+    }
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    env = report["environment"]
+    s = env["shape"]
+    lines = [
+        f"# Linear + cross-entropy, N={s['n']} D={s['d']} V={s['v']} {s['dtype']}",
+        "",
+        f"{env['card']}; torch {env['torch']}, triton {env['triton']}; {env['date']}.",
+        f"Forward + backward (gradients for input and weight). Memory: {env['memory_metric']}.",
+        f"Errors vs float64 on N,D,V = {tuple(env['error_shape'].values())}. fusedce chunk rows: "
+        f"{env['default_chunk_rows']} (default), {env['lowmem_chunk_rows']} (lowmem).",
+        "",
+        "| provider | time (ms) | peak (MiB) | loss err | grad input err | grad weight err |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in report["results"]:
+        if r["status"] != "ok":
+            lines.append(f"| {r['provider']} | {r['status']} | | | | |")
+            continue
+        lines.append(
+            f"| {r['provider']} | {_fmt(r.get('time_ms'), '.1f')} | "
+            f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(r.get('loss_abs_err'), '.2e')} | "
+            f"{_fmt(r.get('grad_input_rel_err'), '.2e')} | "
+            f"{_fmt(r.get('grad_weight_rel_err'), '.2e')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["status"] == "ok"]
+    names = [r["provider"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "time_ms", "time (ms)"), (axes[1], "peak_mib", "peak MiB")):
+        values = [r.get(key) or 0.0 for r in rows]
+        ax.barh(names, values, color="tab:blue")
+        ax.set_xlabel(label)
+        ax.invert_yaxis()
+    s = report["environment"]["shape"]
+    fig.suptitle(
+        f"linear + CE fwd+bwd, N={s['n']} D={s['d']} V={s['v']} {s['dtype']} "
+        f"({report['environment']['card']})"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"]
+    paths[0].write_text(markdown(report))
+    paths[1].write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, paths[2])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n", type=int, default=8192, help="tokens (rows)")
+    p.add_argument("--d", type=int, default=4096, help="hidden size")
+    p.add_argument("--v", type=int, default=128256, help="vocabulary size")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument("--stem", help="output file name without suffix")
+    p.add_argument("--quick", action="store_true", help="one timed repeat (smoke run)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats (CPU)")
+    p.add_argument("--providers", default=",".join(ALL_PROVIDERS), help="comma-separated")
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--card-name", help="name of the machine in the outputs")
+    p.add_argument("--no-memory", action="store_true", help="CPU: skip the RSS subprocesses")
+    p.add_argument("--rss-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats = 1
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.rss_child:
+        rss_child(args)
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    results = []
+    for name in [p for p in args.providers.split(",") if p]:
+        row = measure(name, args, device)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"environment": environment(device, args), "results": results}
+    date = report["environment"]["date"][:10]
+    stem = args.stem or f"{device.type}-lce-{date}"
+    for path in write_outputs(report, args.out, stem):
+        print(f"wrote {path}")
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
