@@ -77,8 +77,12 @@ HOST_TIMING_BELOW_MS = 1.0
 CPU_CARD_NAME = f"CPU ({os.cpu_count()}-core dev machine, no GPU)"
 
 
-class BudgetExceeded(Exception):
-    """Raised by the SIGTERM handler so that a killed run still writes what it measured."""
+class BudgetExceeded(BaseException):
+    """Raised by the SIGTERM handler so that a killed run still writes what it measured.
+
+    A BaseException (like KeyboardInterrupt): the per-provider ``except Exception`` must not
+    swallow it.
+    """
 
 
 # ------------------------------------------------------------------------------------------
@@ -419,7 +423,7 @@ def measure_provider(
     device = inp.x.device
     loss_fn = make_loss_fn(name)
     step = make_step(loss_fn, cell.mode)
-    destructive = name in DESTRUCTIVE and cell.mode == "fwd_bwd"
+    destructive = name in DESTRUCTIVE
     x = inp.x.clone() if destructive else inp.x
     x.requires_grad_(cell.mode == "fwd_bwd")
     call = lambda: step(x, inp.t)
@@ -490,15 +494,11 @@ def run_cell(
                 rec["providers"][name] = measure_provider(
                     name, cell, inp, timing, rec["copy"]["GBps"]
                 )
-            except BudgetExceeded:
-                raise
             except Exception as exc:  # one provider failing must not stop the sweep
                 rec["providers"][name] = {"status": _error_text(exc)}
             free_memory(device)
         add_speedups(rec["providers"])
         rec["status"] = "ok"
-    except BudgetExceeded:
-        raise
     except Exception as exc:
         rec["status"] = _error_text(exc)
     finally:
@@ -780,10 +780,10 @@ class Budget:
         return time.perf_counter() - self.start
 
     def allows_next(self) -> bool:
-        """Whether the next cell (estimated as the mean cell so far) fits."""
+        """Whether the next cell (estimated as the median cell so far) fits."""
         if self.max_seconds is None:
             return True
-        guess = statistics.mean(self.durations) if self.durations else 0.0
+        guess = statistics.median(self.durations) if self.durations else 0.0
         return self.elapsed() + guess <= self.max_seconds
 
 

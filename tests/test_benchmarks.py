@@ -1,0 +1,113 @@
+"""The cross-entropy benchmark's plumbing: a --quick CPU run writes sane md, JSON and PNG files.
+
+torch.compile is left out of the subprocess run: its first CPU compile alone takes ~30 s on a
+cold cache (2 cores), and the GPU run exercises it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_cross_entropy as bench
+
+ROOT = Path(__file__).resolve().parents[1]
+PROVIDERS = ("fusedce", "fusedce_inplace", "fusedce_nocheck", "eager")
+
+
+def _run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MPLBACKEND": "Agg", "TRITON_INTERPRET": "0"}
+    cmd = [sys.executable, "-m", "benchmarks.bench_cross_entropy", "--out", str(out), *extra]
+    return subprocess.run(
+        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@pytest.mark.slow
+def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
+    proc = _run(
+        tmp_path,
+        "--quick",
+        "--device",
+        "cpu",
+        "--stem",
+        "quick",
+        "--providers",
+        ",".join(PROVIDERS),
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    md, js, png = (tmp_path / f"quick.{ext}" for ext in ("md", "json", "png"))
+    assert png.stat().st_size > 1000
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = md.read_text()
+    assert "## Summary" in text and "copy (floor)" in text and "not GPU speed" in text
+
+    report = json.loads(js.read_text())
+    env = report["env"]
+    assert env["card"].startswith("CPU") and env["torch"] and env["date"] and env["git_commit"]
+    assert report["providers"] == list(PROVIDERS)
+    assert not report["skipped"]
+    cells = report["cells"]
+    modes_dtypes = {(c["mode"], c["dtype"]) for c in cells}
+    assert modes_dtypes == {(m, d) for m in bench.MODES for d in bench.DTYPES}
+    for cell in cells:
+        assert cell["status"] == "ok", cell
+        assert cell["copy"]["ms"] > 0 and cell["copy"]["GBps"] > 0
+        expected = set(PROVIDERS) - ({"fusedce_inplace"} if cell["mode"] == "fwd" else set())
+        assert set(cell["providers"]) == expected
+        for name, res in cell["providers"].items():
+            assert res["status"] == "ok", (name, res)
+            assert res["ms"] > 0 and res["GBps"] > 0 and res["pct_copy"] > 0
+            assert math.isfinite(res["loss"])
+            # eager bf16 returns a bf16 loss (8 significant bits); the rest accumulate in fp32.
+            tol = 2e-2 if name == "eager" and cell["dtype"] == "bf16" else 1e-4
+            assert res["loss_rel_err"] < tol, (name, cell["dtype"], res["loss_rel_err"])
+            if cell["mode"] == "fwd_bwd":
+                assert res["grad_rel_err"] < (2e-2 if cell["dtype"] == "bf16" else 1e-4)
+        assert set(cell["providers"]["fusedce"]["speedup"]) == {"eager"}
+
+
+@pytest.mark.slow
+def test_time_budget_skips_cells_and_still_writes(tmp_path: Path) -> None:
+    proc = _run(
+        tmp_path, "--quick", "--device", "cpu", "--stem", "b", "--max-seconds", "0",
+        "--providers", "fusedce", "--dtypes", "fp32",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["cells"] == [] and len(report["skipped"]) == 4
+    assert "time budget" in report["skipped"][0]["reason"]
+    assert "## Skipped" in (tmp_path / "b.md").read_text()
+
+
+def test_sweep_sizes_and_order() -> None:
+    cells = bench.build_sweep(True, False, ["bf16", "fp32"], ["fwd_bwd", "fwd"])
+    first = cells[0]
+    assert (first.mode, first.dtype) == ("fwd_bwd", "bf16")
+    big = [c for c in cells if c.kind == "sweep" and c.v >= 32000]
+    assert big and all(c.logits_bytes >= 2**30 for c in big)
+    assert all(1 <= c.n <= bench.MAX_N for c in cells)
+    latency = {c.n for c in cells if c.kind == "latency"}
+    assert latency == set(bench.LATENCY_N_GPU)
+    anchors = {(c.n, c.v, c.dtype) for c in cells if c.mode == "fwd_bwd" and c.kind != "latency"}
+    assert (8192, 128256, "bf16") in anchors and (8192, 32000, "bf16") in anchors
+    # fwd_bwd cells come before forward-only ones: the budget cuts from the end.
+    modes = [c.mode for c in cells]
+    assert modes.index("fwd") > len(modes) - 1 - modes[::-1].index("fwd_bwd")
+
+
+def test_helpers() -> None:
+    assert bench.rows_for(128256, 2, 2**30) == 8192
+    assert bench.rows_for(2, 4, 2**30) == bench.MAX_N
+    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert bench.slug(bench.CPU_CARD_NAME) == "cpu"
+    budget = bench.Budget(10.0, durations=[1.0, 100.0, 2.0])
+    assert budget.allows_next()
+    assert not bench.Budget(0.0).allows_next()
+    assert bench.Budget(None).allows_next()
