@@ -59,7 +59,9 @@ class Classifier(LightningModule):
         fused_head: Compute the output layer and the loss together with
             ``kernels.linear_cross_entropy`` (never materialises the ``(B, C)`` logits for
             backward; meant for large vocabularies). Only with ``loss_impl="fused"``; with
-            ``"torch"`` the same objective is computed unfused.
+            ``"torch"`` the same objective is computed unfused. ``linear_cross_entropy`` takes
+            class indices only: soft-target batches use ``kernels.cross_entropy`` on
+            materialised logits instead.
         l1: L1 penalty coefficient (>= 0).
         l2: L2 penalty coefficient (>= 0).
         optimizer: Optimizer factory, called with the parameters (any ``torch.optim`` class).
@@ -221,12 +223,12 @@ class Classifier(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
-        if self._linear_ce is not None:
+        if self._linear_ce is not None and not y.is_floating_point():
             h = self.features(x)
             ce = self._linear_ce(
                 h,
                 self.head.weight,
-                y.float() if y.is_floating_point() else y,
+                y,
                 linear_bias=self.head.bias,
                 ignore_index=self.hparams.ignore_index,
                 label_smoothing=self.hparams.label_smoothing,
