@@ -488,6 +488,7 @@ def run_cell(
         rec["ref_loss"] = inp.ref_loss
         rec["copy"] = measure_copy(cell, inp, timing)
         for name in providers:
+            check_stop()
             if name == "fusedce_inplace" and cell.mode == "fwd":
                 continue  # identical to fusedce without a gradient
             try:
@@ -835,8 +836,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+_STOP: list[str] = []  # set by the SIGTERM handler, checked between providers and cells
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
+    _STOP.append(f"signal {signum}")
     raise BudgetExceeded(f"signal {signum}")
+
+
+def check_stop() -> None:
+    """Raises BudgetExceeded if a SIGTERM came (in case library code swallowed the first raise)."""
+    if _STOP:
+        raise BudgetExceeded(_STOP[0])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -874,6 +885,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         for i, cell in enumerate(cells):
+            check_stop()
             if not budget.allows_next():
                 report["skipped"] += [
                     {"cell": c.label(), "reason": f"time budget of {args.max_seconds:.0f} s"}

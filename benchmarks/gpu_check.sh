@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a device session (docs/BENCHMARKS.md): CUDA + kernel tests, the
+# cross-entropy benchmark (full sweep, ~5 min budget), then the linear cross-entropy benchmark.
+#
+#   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
+#   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
+#
+# Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
+# Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, <card>-<date>.{md,json,png}
+# and the linear benchmark's files (tarred into one if they would pass the limit).
+# Every step runs under `timeout`; the whole script stays under ~9 minutes. Exit status: 0 when
+# every step passed, else the number of failed steps.
+set -uo pipefail # no -e: a failing step must not stop the ones after it
+
+cd "$(dirname "$0")/.." || exit 99
+export PYTHONUNBUFFERED=1 MPLBACKEND=Agg WANDB_MODE=offline WANDB_SILENT=true
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-/tmp/fusedce_gpu_check}"
+mkdir -p "$OUT"
+DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
+PY="${PYTHON:-python3}"
+TOTAL_S="${FUSEDCE_GPU_CHECK_TOTAL_S:-530}" # whole script; the device allows 600 per command
+LCE_RESERVE_S=100                            # kept back for the linear benchmark
+LOG="$OUT/gpu_check.log"
+START=$SECONDS
+FAILED=0
+STEPS=()
+
+log() { echo "$*" | tee -a "$LOG"; }
+step() { log "" && log "=== [$((SECONDS - START)) s] $*"; }
+left() { echo $((TOTAL_S - (SECONDS - START))); }
+record() { # name, exit code
+  STEPS+=("$1: exit $2")
+  if [ "$2" -ne 0 ]; then FAILED=$((FAILED + 1)); fi
+}
+clamp() { # value, lo, hi
+  local v=$1
+  ((v < $2)) && v=$2
+  ((v > $3)) && v=$3
+  echo "$v"
+}
+
+# --- carried wheels (Liger-Kernel for the rival column, ...) ------------------------------
+if compgen -G ".whl/*.whl" >/dev/null; then
+  step "installing carried wheels: $(ls .whl)"
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl 2>&1 | tee -a "$LOG"; then
+    export PYTHONPATH="$PYTHONPATH:/tmp/site" # after the repo and the image's own packages
+  else
+    log "wheel install failed; continuing without them"
+  fi
+fi
+
+# --- environment ---------------------------------------------------------------------------
+step "environment"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem \
+    --format=csv 2>&1 || echo "nvidia-smi: not available"
+  "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as exc:
+    print("triton: not importable:", exc)
+print("CUDA device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
+try:
+    import liger_kernel  # noqa: F401
+    from importlib.metadata import version
+    print("liger_kernel", version("liger_kernel"))
+except Exception as exc:
+    print("liger_kernel: not importable:", type(exc).__name__)
+EOF
+} 2>&1 | tee -a "$LOG"
+
+# --- tests: CUDA-marked and kernel suites --------------------------------------------------
+step "tests: pytest -m 'gpu or kernel'"
+TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
+PYTEST_ARGS=(-m "gpu or kernel" -q -x -p no:cacheprovider --continue-on-collection-errors)
+if [ "$DRY" = "1" ]; then
+  PYTEST_ARGS=(-m "gpu" -q -x -p no:cacheprovider --continue-on-collection-errors)
+elif "$PY" -c "import xdist" 2>/dev/null; then
+  PYTEST_ARGS+=(-n 4 --dist loadfile)
+fi
+log "limit ${TEST_LIMIT} s: $PY -m pytest ${PYTEST_ARGS[*]} tests/"
+timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/ 2>&1 |
+  tee "$OUT/gpu_tests.log" | tail -n 25 | tee -a "$LOG"
+record "tests" $?
+
+# --- cross-entropy benchmark ---------------------------------------------------------------
+step "cross-entropy benchmark"
+CE_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S)) 60 300)
+CE_BUDGET=$((CE_LIMIT - 45)) # the last cell, the plot and a torch.compile warm-up fit in 45 s
+CE_ARGS=(--out "$OUT" --max-seconds "$CE_BUDGET")
+[ "$DRY" = "1" ] && CE_ARGS+=(--quick --device cpu --providers fusedce,fusedce_inplace,eager)
+log "limit ${CE_LIMIT} s: $PY -m benchmarks.bench_cross_entropy ${CE_ARGS[*]}"
+timeout -k 15 "$CE_LIMIT" "$PY" -m benchmarks.bench_cross_entropy "${CE_ARGS[@]}" 2>&1 |
+  tee -a "$LOG"
+record "bench_cross_entropy" $?
+
+# --- linear cross-entropy benchmark (if present) -------------------------------------------
+if [ -f benchmarks/bench_linear_cross_entropy.py ]; then
+  step "linear cross-entropy benchmark"
+  LCE_OUT=$(mktemp -d)
+  LCE_LIMIT=$(clamp $(($(left) - 5)) 20 "$LCE_RESERVE_S")
+  LCE_ARGS=(--out "$LCE_OUT")
+  [ "$DRY" = "1" ] && LCE_ARGS+=(--quick --device cpu --no-memory --n 64 --d 32 --v 500)
+  log "limit ${LCE_LIMIT} s: $PY -m benchmarks.bench_linear_cross_entropy ${LCE_ARGS[*]}"
+  timeout -k 10 "$LCE_LIMIT" "$PY" -m benchmarks.bench_linear_cross_entropy "${LCE_ARGS[@]}" 2>&1 |
+    tee -a "$LOG"
+  record "bench_linear_cross_entropy" $?
+  # At most 8 files come back: copy the linear benchmark's files if they fit, else one tarball.
+  mapfile -t lce_files < <(find "$LCE_OUT" -type f | sort)
+  have=$(find "$OUT" -type f | wc -l)
+  if ((${#lce_files[@]} > 0)); then
+    if ((have + ${#lce_files[@]} <= 8)); then
+      cp "${lce_files[@]}" "$OUT"/
+    else
+      tar -czf "$OUT/lce_results.tar.gz" -C "$LCE_OUT" . && log "linear results tarred: $OUT/lce_results.tar.gz"
+    fi
+  fi
+else
+  step "benchmarks/bench_linear_cross_entropy.py not present: skipped"
+fi
+
+# --- recap (the device tool returns the end of the output) ---------------------------------
+step "recap"
+{
+  for s in "${STEPS[@]}"; do echo "  $s"; done
+  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
+  for md in "$OUT"/*.md; do
+    [ -f "$md" ] || continue
+    echo "--- $(basename "$md")"
+    if grep -q "^## Summary" "$md"; then
+      sed -n '/^## Summary/,/^## Every provider/p' "$md" | grep -E "^\|" | cut -c1-170
+      grep -E "^Cells run" "$md"
+    else
+      grep -E "^\|" "$md" | head -n 20 | cut -c1-170
+    fi
+  done
+  echo "files in \$OUT ($(find "$OUT" -type f | wc -l), at most 8 come back):"
+  find "$OUT" -type f -printf '  %P %s bytes\n' | sort
+  echo "total $((SECONDS - START)) s; failed steps: $FAILED"
+} 2>&1 | tee -a "$LOG"
+exit "$FAILED"
