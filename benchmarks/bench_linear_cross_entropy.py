@@ -4,9 +4,11 @@ Run as ``python -m benchmarks.bench_linear_cross_entropy`` (``--help`` for the o
 shape (N tokens, hidden D, vocabulary V, dtype); every provider runs forward + backward of
 ``cross_entropy(input @ W.T, target)`` with gradients for the input and W:
 
-* time: CUDA ``triton.testing.do_bench`` median; CPU median of ``time.perf_counter`` repeats;
+* time: CUDA ``triton.testing.do_bench`` median; CPU median of ``time.perf_counter`` repeats,
+  taken round-robin over the providers (a shared machine's load hits all of them alike);
 * peak memory above the inputs: CUDA ``torch.cuda.max_memory_allocated`` around one step (it
-  includes the gradients); CPU the rise of the max RSS of a fresh subprocess over one step;
+  includes the gradients); CPU the peak-RSS rise over one step in a fresh subprocess (Linux's
+  resettable VmHWM), which includes the gradients and every temporary;
 * error vs float64 on a small shape (loss, and relative norm of both gradients).
 
 Providers: ``fusedce`` (default chunk), ``fusedce_lowmem`` (small chunk and weight-gradient
@@ -132,18 +134,11 @@ def run_step(fn: Step, x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> Non
 
 
 def time_ms(fn: Step, x, W, t, device: torch.device, repeats: int) -> float:
-    step = lambda: run_step(fn, x, W, t)
-    if device.type == "cuda":
-        import triton.testing
+    """CUDA: median of ``triton.testing.do_bench`` (warm-up, L2 flush between runs)."""
+    import triton.testing
 
-        return float(triton.testing.do_bench(step, grad_to_none=[x, W], rep=200 * repeats))
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    step = lambda: run_step(fn, x, W, t)
+    return float(triton.testing.do_bench(step, grad_to_none=[x, W], rep=200 * repeats))
 
 
 def cuda_peak_mib(fn: Step, x, W, t) -> float:
@@ -158,13 +153,28 @@ def cuda_peak_mib(fn: Step, x, W, t) -> float:
     return (torch.cuda.max_memory_allocated() - base) / MiB
 
 
-def _maxrss_mib() -> float:
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MiB
+def _proc_status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def cpu_peak_mib(name: str, n: int, d: int, v: int, dtype_name: str) -> dict[str, float] | None:
-    """Max-RSS rise of one step in a fresh process (so providers do not share a high-water mark)."""
+    """Peak-RSS rise of one step in a fresh process (providers share no high-water mark)."""
     cmd = [sys.executable, "-m", "benchmarks.bench_linear_cross_entropy", "--rss-child", name]
     cmd += ["--n", str(n), "--d", str(d), "--v", str(v), "--dtype", dtype_name]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -174,13 +184,22 @@ def cpu_peak_mib(name: str, n: int, d: int, v: int, dtype_name: str) -> dict[str
 
 
 def rss_child(args: argparse.Namespace) -> None:
+    """One step; prints its peak RSS above the RSS with the inputs built (the --rss-child mode)."""
     device = torch.device("cpu")
     fn = make_provider(args.rss_child, device)
     x, W, t = make_inputs(args.n, args.d, args.v, DTYPES[args.dtype], device)
-    before = _maxrss_mib()
-    run_step(fn, x, W, t)
-    after = _maxrss_mib()
-    print(json.dumps({"rss_delta_mib": after - before, "max_rss_mib": after}))
+    gc.collect()
+    if _reset_peak_rss():
+        before = _proc_status_mib("VmRSS")
+        run_step(fn, x, W, t)
+        after = _proc_status_mib("VmHWM")
+    else:  # no resettable peak: the lifetime max RSS (may include earlier transients)
+        scale = 1 if sys.platform == "darwin" else 1024
+        maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MiB
+        before = maxrss()
+        run_step(fn, x, W, t)
+        after = maxrss()
+    print(json.dumps({"rss_delta_mib": max(0.0, after - before), "max_rss_mib": after}))
 
 
 def errors_vs_float64(fn: Step, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
@@ -201,6 +220,7 @@ def errors_vs_float64(fn: Step, dtype: torch.dtype, device: torch.device) -> dic
 
 
 def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Errors and peak memory of one provider (timing is done round-robin in ``time_all``)."""
     fn = make_provider(name, device)
     if fn is None:
         return {"provider": name, "status": "unavailable"}
@@ -208,22 +228,51 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     row: dict[str, Any] = {"provider": name, "status": "ok"}
     try:
         row.update(errors_vs_float64(fn, dtype, device))
-        x, W, t = make_inputs(args.n, args.d, args.v, dtype, device)
         if device.type == "cuda":
+            x, W, t = make_inputs(args.n, args.d, args.v, dtype, device)
             row["peak_mib"] = cuda_peak_mib(fn, x, W, t)
+            del x, W, t
         elif not args.no_memory:
             rss = cpu_peak_mib(name, args.n, args.d, args.v, args.dtype)
             if rss is not None:
                 row["peak_mib"] = rss["rss_delta_mib"]
                 row["max_rss_mib"] = rss["max_rss_mib"]
-        row["time_ms"] = time_ms(fn, x, W, t, device, args.repeats)
     except torch.OutOfMemoryError:
         row["status"] = "out of memory"
-    del fn
+    free(device)
+    return row
+
+
+def free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return row
+
+
+def time_all(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
+    """Times every available provider. CUDA: do_bench each. CPU: round-robin repeats, so that
+    load from other processes on a shared machine spreads evenly over the providers."""
+    live = [r for r in rows if r["status"] == "ok"]
+    x, W, t = make_inputs(args.n, args.d, args.v, DTYPES[args.dtype], device)
+    fns = {r["provider"]: make_provider(r["provider"], device) for r in live}
+    if device.type == "cuda":
+        for r in live:
+            try:
+                r["time_ms"] = time_ms(fns[r["provider"]], x, W, t, device, args.repeats)
+            except torch.OutOfMemoryError:
+                r["status"] = "out of memory"
+            free(device)
+        return
+    samples: dict[str, list[float]] = {r["provider"]: [] for r in live}
+    for rep in range(args.repeats + 1):  # round 0 is the warm-up
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            run_step(fn, x, W, t)
+            if rep:
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    for r in live:
+        r["time_ms"] = statistics.median(samples[r["provider"]])
+        r["time_samples_ms"] = samples[r["provider"]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +307,7 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any
         "memory_metric": (
             "torch.cuda.max_memory_allocated above the inputs (gradients included)"
             if device.type == "cuda"
-            else "max-RSS rise of one step in a fresh process"
+            else "peak-RSS rise of one step in a fresh process (gradients included)"
         ),
     }
 
@@ -361,9 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     results = []
     for name in [p for p in args.providers.split(",") if p]:
-        row = measure(name, args, device)
-        results.append(row)
-        print(json.dumps(row), flush=True)
+        results.append(measure(name, args, device))
+        print(json.dumps(results[-1]), flush=True)
+    time_all(results, args, device)
     report = {"environment": environment(device, args), "results": results}
     date = report["environment"]["date"][:10]
     stem = args.stem or f"{device.type}-lce-{date}"
