@@ -5,6 +5,10 @@
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
 #   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
 #
+# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,ce,lce": a rerun can name fewer),
+# FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the
+# copy on the device has no .git), PYTHON (default python3).
+#
 # Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
 # Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, <card>-<date>.{md,json,png}
 # and the linear benchmark's files (tarred into one if they would pass the limit).
@@ -18,8 +22,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
+STEPS_WANTED=",${FUSEDCE_GPU_CHECK_STEPS:-tests,ce,lce},"
+FUSEDCE_GIT_COMMIT="${FUSEDCE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+export FUSEDCE_GIT_COMMIT
 PY="${PYTHON:-python3}"
-TOTAL_S="${FUSEDCE_GPU_CHECK_TOTAL_S:-530}" # whole script; the device allows 600 per command
+TOTAL_S="${FUSEDCE_GPU_CHECK_TOTAL_S:-510}" # whole script; the device allows 600 per command
 LCE_RESERVE_S=100                            # kept back for the linear benchmark
 LOG="$OUT/gpu_check.log"
 START=$SECONDS
@@ -33,6 +40,7 @@ record() { # name, exit code
   STEPS+=("$1: exit $2")
   if [ "$2" -ne 0 ]; then FAILED=$((FAILED + 1)); fi
 }
+wanted() { [[ "$STEPS_WANTED" == *",$1,"* ]]; }
 clamp() { # value, lo, hi
   local v=$1
   ((v < $2)) && v=$2
@@ -75,32 +83,36 @@ EOF
 } 2>&1 | tee -a "$LOG"
 
 # --- tests: CUDA-marked and kernel suites --------------------------------------------------
-step "tests: pytest -m 'gpu or kernel'"
-TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
-PYTEST_ARGS=(-m "gpu or kernel" -q -x -p no:cacheprovider --continue-on-collection-errors)
-if [ "$DRY" = "1" ]; then
-  PYTEST_ARGS=(-m "gpu" -q -x -p no:cacheprovider --continue-on-collection-errors)
-elif "$PY" -c "import xdist" 2>/dev/null; then
-  PYTEST_ARGS+=(-n 4 --dist loadfile)
+if wanted tests; then
+  step "tests: pytest -m 'gpu or kernel'"
+  TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
+  PYTEST_ARGS=(-m "gpu or kernel" -q -x -p no:cacheprovider --continue-on-collection-errors)
+  if [ "$DRY" = "1" ]; then
+    PYTEST_ARGS=(-m "gpu" -q -x -p no:cacheprovider --continue-on-collection-errors)
+  elif "$PY" -c "import xdist" 2>/dev/null; then
+    PYTEST_ARGS+=(-n 4 --dist loadfile)
+  fi
+  log "limit ${TEST_LIMIT} s: $PY -m pytest ${PYTEST_ARGS[*]} tests/"
+  timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/ 2>&1 |
+    tee "$OUT/gpu_tests.log" | tail -n 25 | tee -a "$LOG"
+  record "tests" $?
 fi
-log "limit ${TEST_LIMIT} s: $PY -m pytest ${PYTEST_ARGS[*]} tests/"
-timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/ 2>&1 |
-  tee "$OUT/gpu_tests.log" | tail -n 25 | tee -a "$LOG"
-record "tests" $?
 
 # --- cross-entropy benchmark ---------------------------------------------------------------
-step "cross-entropy benchmark"
-CE_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S)) 60 300)
-CE_BUDGET=$((CE_LIMIT - 45)) # the last cell, the plot and a torch.compile warm-up fit in 45 s
-CE_ARGS=(--out "$OUT" --max-seconds "$CE_BUDGET")
-[ "$DRY" = "1" ] && CE_ARGS+=(--quick --device cpu --providers fusedce,fusedce_inplace,eager)
-log "limit ${CE_LIMIT} s: $PY -m benchmarks.bench_cross_entropy ${CE_ARGS[*]}"
-timeout -k 15 "$CE_LIMIT" "$PY" -m benchmarks.bench_cross_entropy "${CE_ARGS[@]}" 2>&1 |
-  tee -a "$LOG"
-record "bench_cross_entropy" $?
+if wanted ce; then
+  step "cross-entropy benchmark"
+  CE_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S)) 60 300)
+  CE_BUDGET=$((CE_LIMIT - 45)) # the last cell, the plot and a torch.compile warm-up fit in 45 s
+  CE_ARGS=(--out "$OUT" --max-seconds "$CE_BUDGET")
+  [ "$DRY" = "1" ] && CE_ARGS+=(--quick --device cpu --providers fusedce,fusedce_inplace,eager)
+  log "limit ${CE_LIMIT} s: $PY -m benchmarks.bench_cross_entropy ${CE_ARGS[*]}"
+  timeout -k 15 "$CE_LIMIT" "$PY" -m benchmarks.bench_cross_entropy "${CE_ARGS[@]}" 2>&1 |
+    tee -a "$LOG"
+  record "bench_cross_entropy" $?
+fi
 
 # --- linear cross-entropy benchmark (if present) -------------------------------------------
-if [ -f benchmarks/bench_linear_cross_entropy.py ]; then
+if wanted lce && [ -f benchmarks/bench_linear_cross_entropy.py ]; then
   step "linear cross-entropy benchmark"
   LCE_OUT=$(mktemp -d)
   LCE_LIMIT=$(clamp $(($(left) - 5)) 20 "$LCE_RESERVE_S")
@@ -121,14 +133,14 @@ if [ -f benchmarks/bench_linear_cross_entropy.py ]; then
     fi
   fi
 else
-  step "benchmarks/bench_linear_cross_entropy.py not present: skipped"
+  step "linear cross-entropy benchmark: not asked for, or not present"
 fi
 
 # --- recap (the device tool returns the end of the output) ---------------------------------
 step "recap"
 {
   for s in "${STEPS[@]}"; do echo "  $s"; done
-  grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
+  [ -f "$OUT/gpu_tests.log" ] && grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
   for md in "$OUT"/*.md; do
     [ -f "$md" ] || continue
     echo "--- $(basename "$md")"
