@@ -302,7 +302,7 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "shape": {"n": args.n, "d": args.d, "v": args.v, "dtype": args.dtype},
         "error_shape": dict(zip(("n", "d", "v"), ERROR_SHAPE, strict=True)),
-        "default_chunk_rows": planned_chunk_rows(args.n, args.v, DTYPES[args.dtype]),
+        "default_chunk_rows": planned_chunk_rows(args.n, args.v, DTYPES[args.dtype], None, device),
         "lowmem_chunk_rows": min(args.n, _lowmem_chunk(args.v, DTYPES[args.dtype])),
         "memory_metric": (
             "torch.cuda.max_memory_allocated above the inputs (gradients included)"

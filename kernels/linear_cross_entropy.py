@@ -38,6 +38,9 @@ _ACCUMULATIONS = ("float32", "input")
 # Default budget for one chunk of logits: 256 MiB keeps the chunk small next to the weight
 # gradient of an LLM head while each GEMM stays large enough to run at full cuBLAS speed.
 CHUNK_BYTES = 1 << 28
+# On CPU: 32 MiB. The torch fallback makes a few chunk-sized float32 temporaries, and CPU GEMMs
+# already run at full speed with a few hundred rows.
+CPU_CHUNK_BYTES = 1 << 25
 # Chunk row counts are rounded down to a multiple of this (GEMM tile friendly) when possible.
 _ROW_ALIGN = 128
 
@@ -45,20 +48,26 @@ Accumulation = Literal["float32", "input"]
 
 
 def planned_chunk_rows(
-    num_rows: int, num_classes: int, dtype: torch.dtype, chunk_size: int | None = None
+    num_rows: int,
+    num_classes: int,
+    dtype: torch.dtype,
+    chunk_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> int:
     """Number of token rows per chunk, i.e. the logits buffer holds (rows, num_classes).
 
-    Default (``chunk_size=None``): ``rows = CHUNK_BYTES // (num_classes * element_size)``, the
-    most rows whose logits fit 256 MiB, rounded down to a multiple of 128 when at least 128, at
-    least 1, and at most ``num_rows``. E.g. V=128256 bf16 -> 1024 rows (250 MiB); V=32000 fp32
-    -> 2048 rows (250 MiB).
+    Default (``chunk_size=None``): ``rows = budget // (num_classes * element_size)``, the most
+    rows whose logits fit the budget (``CHUNK_BYTES`` = 256 MiB; ``CPU_CHUNK_BYTES`` = 32 MiB on
+    CPU), rounded down to a multiple of 128 when at least 128, at least 1, and at most
+    ``num_rows``. E.g. GPU: V=128256 bf16 -> 1024 rows (250 MiB), V=32000 fp32 -> 2048 rows;
+    CPU: V=32000 fp32 -> 256 rows (31 MiB).
 
     Args:
         num_rows: N, the number of token rows (0 allowed).
         num_classes: V.
         dtype: dtype of the logits (the input's dtype).
         chunk_size: explicit rows per chunk (>= 1), or None for the default above.
+        device: where the logits live; None counts as a GPU.
 
     Returns:
         Rows per chunk, in [1, max(num_rows, 1)].
@@ -67,7 +76,9 @@ def planned_chunk_rows(
         rows = chunk_size
     else:
         elem = torch.empty((), dtype=dtype).element_size()
-        rows = CHUNK_BYTES // max(num_classes * elem, 1)
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        budget = CPU_CHUNK_BYTES if on_cpu else CHUNK_BYTES
+        rows = budget // max(num_classes * elem, 1)
         if rows >= _ROW_ALIGN:
             rows -= rows % _ROW_ALIGN
     return max(1, min(rows, num_rows))
@@ -142,7 +153,11 @@ def _addmm_fp32_cuda(acc: Tensor, g: Tensor, x: Tensor, beta: float) -> None:
             torch.addmm(acc, g.t(), x, beta=beta, out_dtype=torch.float32, out=acc)
             _CUDA_OUT_DTYPE_OK = True
             return
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError):
+            if _CUDA_OUT_DTYPE_OK:  # it worked before: a real error, not a missing overload
+                raise
             _CUDA_OUT_DTYPE_OK = False
     slab = max(1, CHUNK_BYTES // max(x.shape[1] * 4, 1))  # temporary <= CHUNK_BYTES / 2
     for start in range(0, acc.shape[0], slab):
@@ -435,7 +450,7 @@ def linear_cross_entropy(
         ignore_index: class index that contributes neither loss nor gradient (None: -100).
         label_smoothing: amount in [0, 1] of uniform smoothing of the target distribution.
         chunk_size: token rows per chunk; None picks ``planned_chunk_rows`` (about 256 MiB of
-            logits). Need not divide N. Peak extra memory is about
+            logits on GPU, 32 MiB on CPU). Need not divide N. Peak extra memory is about
             ``chunk_size * V * element_size`` plus the gradients.
         accumulation: "float32" (default) accumulates the half-precision weight gradient across
             chunks in a float32 (V, D) buffer, cast once at the end: as accurate as one GEMM
@@ -479,7 +494,7 @@ def linear_cross_entropy(
     if weight is not None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         weight = weight.to(acc).contiguous()
-    rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size)
+    rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
     opts = _Opts(ignore_index, float(label_smoothing), reduction, rows, accumulation)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
