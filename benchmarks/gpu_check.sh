@@ -79,6 +79,11 @@ try:
     print("liger_kernel", version("liger_kernel"))
 except Exception as exc:
     print("liger_kernel: not importable:", type(exc).__name__)
+try:  # for docs/KERNEL_NOTES.md section 4: which Hopper Gluon pieces this triton has
+    from triton.experimental.gluon.language.nvidia import hopper
+    print("gluon hopper:", sorted(n for n in dir(hopper) if not n.startswith("_")))
+except Exception as exc:
+    print("gluon hopper: not importable:", type(exc).__name__)
 EOF
 } 2>&1 | tee -a "$LOG"
 
