@@ -272,7 +272,7 @@ def make_step(loss_fn: LossFn, mode: str) -> Callable[[torch.Tensor, torch.Tenso
 class Timing:
     """How to time: do_bench windows on CUDA, a per-call budget on CPU."""
 
-    warmup_ms: float = 25.0
+    warmup_ms: float = 10.0
     rep_ms: float = 100.0
     cpu_budget_s: float = 0.3
     cpu_min_reps: int = 3
@@ -448,7 +448,7 @@ def measure_provider(
         gbps = cell.floor_bytes / ms / 1e6
         result.update(ms=ms, GBps=gbps, pct_copy=100.0 * gbps / copy_gbps)
         if device.type == "cuda" and ms < HOST_TIMING_BELOW_MS:
-            result["host_ms"] = host_ms_per_call(call, device, per_batch_ms=20.0)
+            result["host_ms"] = host_ms_per_call(call, device, per_batch_ms=10.0)
         if name.startswith("fusedce"):
             result["backend"] = "triton" if fce.uses_triton(inp.x) else "torch fallback"
         result["status"] = "ok"
@@ -815,7 +815,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-seconds", type=float, help="time budget: skip cells that would not fit")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--card-name", help="name of the machine in the outputs")
-    p.add_argument("--warmup-ms", type=float, default=25.0, help="do_bench warm-up (CUDA)")
+    p.add_argument("--warmup-ms", type=float, default=10.0, help="do_bench warm-up (CUDA)")
     p.add_argument("--rep-ms", type=float, default=100.0, help="do_bench repetition time (CUDA)")
     p.add_argument("--cpu-budget-s", type=float, help="seconds of timed calls per provider (CPU)")
     p.add_argument(
