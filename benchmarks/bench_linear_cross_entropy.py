@@ -11,9 +11,10 @@ shape (N tokens, hidden D, vocabulary V, dtype); every provider runs forward + b
   resettable VmHWM), which includes the gradients and every temporary;
 * error vs float64 on a small shape (loss, and relative norm of both gradients).
 
-Providers: ``fusedce`` (default chunk), ``fusedce_lowmem`` (small chunk and weight-gradient
-accumulation in the weight's dtype: the memory-saving setting), ``eager`` (logits in the input
-dtype), ``eager_fp32`` (logits upcast to float32 before the loss), ``torch_chunked`` (torch's
+Providers: ``fusedce`` (default chunk), ``fusedce_lowmem`` (half the default chunk, at most 128
+MiB of logits, and weight-gradient accumulation in the weight's dtype: the memory-saving
+setting), ``eager`` (logits in the input dtype), ``eager_fp32`` (logits upcast to float32
+before the loss), ``torch_chunked`` (torch's
 ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, where the installed torch has
 it), ``liger`` and ``cce`` (Liger's fused linear CE, Apple's cut-cross-entropy: only if
 importable, CUDA only).
@@ -73,8 +74,10 @@ Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # --------------------------------------------------------------------------------------------
 
 
-def _lowmem_chunk(v: int, dtype: torch.dtype) -> int:
-    return max(1, LOWMEM_CHUNK_BYTES // (v * torch.empty((), dtype=dtype).element_size()))
+def _lowmem_chunk(n: int, v: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Half the default chunk (GPU: 128 MiB of logits), never more than LOWMEM_CHUNK_BYTES."""
+    cap = LOWMEM_CHUNK_BYTES // (v * torch.empty((), dtype=dtype).element_size())
+    return max(1, min(planned_chunk_rows(n, v, dtype, None, device) // 2, cap))
 
 
 def make_provider(name: str, device: torch.device) -> Step | None:
@@ -83,7 +86,11 @@ def make_provider(name: str, device: torch.device) -> Step | None:
         return lambda x, W, t: kernels.linear_cross_entropy(x, W, t)
     if name == "fusedce_lowmem":
         return lambda x, W, t: kernels.linear_cross_entropy(
-            x, W, t, chunk_size=_lowmem_chunk(W.shape[0], W.dtype), accumulation="input"
+            x,
+            W,
+            t,
+            chunk_size=_lowmem_chunk(*x.shape[:1], *W.shape[:1], W.dtype, device),
+            accumulation="input",
         )
     if name == "eager":
         return lambda x, W, t: F.cross_entropy(F.linear(x, W), t)
@@ -303,7 +310,7 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any
         "shape": {"n": args.n, "d": args.d, "v": args.v, "dtype": args.dtype},
         "error_shape": dict(zip(("n", "d", "v"), ERROR_SHAPE, strict=True)),
         "default_chunk_rows": planned_chunk_rows(args.n, args.v, DTYPES[args.dtype], None, device),
-        "lowmem_chunk_rows": min(args.n, _lowmem_chunk(args.v, DTYPES[args.dtype])),
+        "lowmem_chunk_rows": _lowmem_chunk(args.n, args.v, DTYPES[args.dtype], device),
         "memory_metric": (
             "torch.cuda.max_memory_allocated above the inputs (gradients included)"
             if device.type == "cuda"
