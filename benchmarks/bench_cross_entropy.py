@@ -161,7 +161,12 @@ def build_sweep(
                         if d == dtype and (n, v) not in have
                     ]
                 lat_n = LATENCY_N_GPU if on_cuda else LATENCY_N_CPU
-                group += [Cell(mode, dtype, n, LATENCY_V, "latency") for n in lat_n]
+                have = {(c.n, c.v) for c in group}
+                group += [
+                    Cell(mode, dtype, n, LATENCY_V, "latency")
+                    for n in lat_n
+                    if (n, LATENCY_V) not in have
+                ]
             cells += group
     return cells
 
