@@ -719,7 +719,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = [c for c in report["cells"] if c.get("status") == "ok" and c["kind"] != "latency"]
-    panels = sorted({(c["dtype"], c["mode"]) for c in cells}) or [("bf16", "fwd_bwd")]
+    rank = {"bf16": 0, "fp32": 1, "fwd_bwd": 0, "fwd": 1}
+    panels = sorted(
+        {(c["dtype"], c["mode"]) for c in cells}, key=lambda p: (rank[p[0]], rank[p[1]])
+    )
+    panels = panels or [("bf16", "fwd_bwd")]
     cols = min(2, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.2 * rows), squeeze=False)
