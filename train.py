@@ -12,6 +12,7 @@ Results of each run go to ``<runs root>/<run name>/`` (root: ``--run.root``, env
     checkpoints/              best and last checkpoints (ModelCheckpoint)
     wandb/                    the W&B run (offline unless W&B is configured)
     metrics.json              final metrics of the run
+    metrics.csv               all logged metrics, only with --run.wandb_mode disabled
     decision_boundary.png     learned vs true boundary (curve task, fit only)
 """
 
@@ -32,7 +33,7 @@ import yaml
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-from lightning.pytorch.loggers import Logger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_modules import Classifier, DecisionBoundaryPlot, RunSummary
@@ -59,7 +60,8 @@ class RunOptions:
         wandb_project: W&B project.
         wandb_entity: W&B entity (user or team); default: yours.
         wandb_mode: ``auto`` = offline unless W&B is configured (``WANDB_MODE`` set, or
-            ``WANDB_API_KEY`` set -> online); or force ``online``, ``offline``, ``disabled``.
+            ``WANDB_API_KEY`` set -> online); or force ``online``, ``offline``, ``disabled``
+            (``disabled``: metrics go to ``metrics.csv`` in the run directory instead).
         wandb_tags: Tags of the W&B run.
         plot: Save and log the decision-boundary picture at the end of ``fit`` (curve task).
     """
@@ -145,7 +147,8 @@ class FusedCECLI(LightningCLI):
         if trainer_cfg.get("default_root_dir"):
             return Path(trainer_cfg["default_root_dir"])
         inherited = os.environ.get(_RUN_DIR_ENV)
-        if inherited and os.environ.get(_RUN_DIR_PID_ENV) == str(os.getppid()):
+        is_worker = os.environ.get("LOCAL_RANK", "0") != "0"
+        if inherited and is_worker and os.environ.get(_RUN_DIR_PID_ENV) == str(os.getppid()):
             return Path(inherited)
         root = Path(opts.get("root") or os.environ.get("FUSEDCE_RUNS_DIR") or "runs")
         name = opts.get("name")
@@ -163,8 +166,8 @@ class FusedCECLI(LightningCLI):
         if configured is False or isinstance(configured, Logger | list):
             return configured
         mode = resolve_wandb_mode(opts.get("wandb_mode", "auto"))
-        if mode == "disabled":
-            return False
+        if mode == "disabled":  # no W&B: keep the metrics as CSV in the run directory
+            return CSVLogger(save_dir=str(run_dir), name="", version="")
         return WandbLogger(
             name=run_dir.name,
             save_dir=str(run_dir),
@@ -277,13 +280,18 @@ def main(args: list[str] | None = None) -> FusedCECLI:
         args = with_default_subcommand(list(args))
     # LightningCLI warns when both `args` and sys.argv are given; here args IS sys.argv + config.
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended.*")
-    cli = FusedCECLI(
-        Classifier,
-        LightningDataModule,
-        subclass_mode_data=True,
-        save_config_callback=ConfigToWandb,
-        args=with_default_config(args),
-    )
+    try:
+        cli = FusedCECLI(
+            Classifier,
+            LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=ConfigToWandb,
+            args=with_default_config(args),
+        )
+    finally:  # the run-dir hand-over is for this run's DDP workers only
+        if os.environ.get(_RUN_DIR_PID_ENV) == str(os.getpid()):
+            os.environ.pop(_RUN_DIR_ENV, None)
+            os.environ.pop(_RUN_DIR_PID_ENV, None)
     try:
         import wandb
 
