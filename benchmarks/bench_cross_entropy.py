@@ -834,6 +834,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads on CPU (default 1: on a busy machine, a parallel op waits for its "
         "slowest thread, which adds scheduler quanta of ~10 ms to calls)",
     )
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     for d in _csv(args.dtypes):
@@ -867,6 +868,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not on_cuda and args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
     providers, notes = available_providers(_csv(args.providers), on_cuda)
+    notes = list(args.note) + notes
     if on_cuda:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
