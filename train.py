@@ -14,6 +14,7 @@ Results of each run go to ``<runs root>/<run name>/`` (root: ``--run.root``, env
     metrics.json              final metrics of the run
     metrics.csv               all logged metrics, only with --run.wandb_mode disabled
     decision_boundary.png     learned vs true boundary (curve task, fit only)
+    predictions.pt            predicted classes and confidences (predict only)
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_modules import Classifier, DecisionBoundaryPlot, RunSummary
+from lightning_modules import Classifier, DecisionBoundaryPlot, PredictionWriter, RunSummary
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
@@ -191,6 +192,8 @@ class FusedCECLI(LightningCLI):
         extra: list[Any] = [RunSummary()]
         if self.subcommand == "fit" and opts.get("plot", True):
             extra.append(DecisionBoundaryPlot())
+        if self.subcommand == "predict":
+            extra.append(PredictionWriter())
         wants_bar = trainer_cfg.get("enable_progress_bar") is not False
         has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
         if wants_bar and not has_bar and importlib.util.find_spec("rich") is not None:
@@ -229,6 +232,8 @@ class FusedCECLI(LightningCLI):
         for cb in trainer.callbacks:
             if isinstance(cb, DecisionBoundaryPlot) and cb.path is not None:
                 lines.append(f"  plot:        {cb.path}")
+            if isinstance(cb, PredictionWriter) and cb.path is not None:
+                lines.append(f"  predictions: {cb.path}")
         lines.append(f"  metrics:     {self.run_dir / 'metrics.json'}")
         shown = ("val/acc", "val/acc_best", "val/loss", "test/acc", "test/loss")
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in shown}

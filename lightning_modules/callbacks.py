@@ -1,4 +1,4 @@
-"""Callbacks of the training stack: decision-boundary picture and a per-run metrics file."""
+"""Callbacks of the training stack: decision-boundary picture, metrics file, predictions."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 
 
@@ -165,3 +166,44 @@ class RunSummary(Callback):
             tmp = out / f".{name}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
             tmp.replace(out / name)
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Saves the outputs of ``predict`` as one ``torch.save`` file in the run directory.
+
+    The file holds ``{"preds": (N,) int64, "confidence": (N,) float32}`` (the concatenated
+    `Classifier.predict_step` outputs, in data-loader order). In a distributed run each rank
+    writes ``predictions.rank{R}.pt`` with its own shard and its ``batch_indices``.
+
+    Args:
+        dirpath: Output directory (default: ``trainer.default_root_dir``).
+        filename: File name for single-process runs.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "predictions.pt") -> None:
+        super().__init__(write_interval="epoch")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.path: Path | None = None
+
+    def write_on_epoch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        predictions: Any,
+        batch_indices: Any,
+    ) -> None:
+        """Concatenates the per-batch prediction dicts and saves them."""
+        batches = (
+            predictions[0] if predictions and isinstance(predictions[0], list) else predictions
+        )
+        out: dict[str, Any] = {}
+        if batches:
+            out = {k: torch.cat([b[k].cpu() for b in batches]) for k in batches[0]}
+        name = self.filename
+        if trainer.world_size > 1:
+            name = f"predictions.rank{trainer.global_rank}.pt"
+            out["batch_indices"] = batch_indices
+        self.path = _run_dir(trainer, self.dirpath) / name
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(out, self.path)

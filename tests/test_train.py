@@ -289,6 +289,11 @@ def test_resume_and_test_subcommand_via_cli(
     cli = train.main(["test", "--ckpt_path", str(best), *common])
     assert float(cli.trainer.callback_metrics["test/acc"]) >= 0.97
     assert json.loads((cli.run_dir / "metrics.json").read_text())["stage"] == "test"
+    cli = train.main(["validate", "--ckpt_path", str(best), *common])
+    assert float(cli.trainer.callback_metrics["val/acc"]) >= 0.97
+    cli = train.main(["predict", "--ckpt_path", str(best), *common])
+    predictions = torch.load(cli.run_dir / "predictions.pt")
+    assert predictions["preds"].shape == predictions["confidence"].shape == (2000,)  # test split
 
 
 @pytest.mark.slow
