@@ -14,10 +14,15 @@ from typing import Any
 import pytest
 import torch
 
-import train
 from datamodules import band_labels
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # train.py is a top-level script, not part of the package
+    sys.path.insert(0, str(REPO))
+import train  # noqa: E402
+
+LINEAR = str(REPO / "configs" / "linear.yaml")
+LARGE_VOCAB = str(REPO / "configs" / "large_vocab.yaml")
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -163,7 +168,7 @@ def test_best_linear_accuracy_value() -> None:
 def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path / "runs"))
     with pytest.raises(SystemExit) as exc:
-        train.main(["--config", "configs/linear.yaml", "--print_config"])
+        train.main(["--config", LINEAR, "--print_config"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
     assert "class_path: datamodules.CurveDataModule" in out
@@ -180,7 +185,7 @@ def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path
         (["--model.dropout", "1.2"], "dropout must be in [0, 1)"),
         (["--model.activation", "swish"], "model.activation"),
         (["--trainer.gradient_clip_algorithm", "foo"], "gradient_clip_algorithm"),
-        (["--config", "configs/large_vocab.yaml", "--data.temperature", "0"], "temperature"),
+        (["--config", LARGE_VOCAB, "--data.temperature", "0"], "temperature"),
     ],
 )
 def test_bad_config_clear_error_and_no_run_dir(
@@ -305,7 +310,7 @@ def test_linear_model_reaches_best_linear_boundary(monkeypatch, tmp_path: Path) 
     cli = train.main(
         [
             "--config",
-            "configs/linear.yaml",
+            LINEAR,
             "--trainer.max_epochs",
             "3",
             "--run.wandb_mode",
