@@ -225,11 +225,16 @@ class Classifier(LightningModule):
         x, y = batch
         if self._linear_ce is not None and not y.is_floating_point():
             h = self.features(x)
+            weight, bias = self.head.weight, self.head.bias
+            device_type = h.device.type
+            if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
+                dtype = torch.get_autocast_dtype(device_type)
+                h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
             ce = self._linear_ce(
                 h,
-                self.head.weight,
+                weight,
                 y,
-                linear_bias=self.head.bias,
+                linear_bias=bias,
                 ignore_index=self.hparams.ignore_index,
                 label_smoothing=self.hparams.label_smoothing,
             )

@@ -340,3 +340,32 @@ def test_fused_head_matches_unfused_training(tmp_path: Path, soft: bool) -> None
         results.append((torch.stack(rec.losses), model.state_dict()))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("soft", "fused_head"),
+    [(False, False), (True, False)] + ([(False, True)] if HAS_LINEAR_CE else []),
+)
+def test_bf16_mixed_precision_matches_torch_loss(
+    tmp_path: Path, soft: bool, fused_head: bool
+) -> None:
+    """Under autocast (bf16-mixed, as in configs/large_vocab.yaml) the fused paths train and their
+    first loss equals the torch loss on the same bf16 logits up to bf16 rounding."""
+    first = []
+    for impl in ("fused", "torch"):
+        seed_everything(3)
+        model = Classifier(
+            in_features=16,
+            num_classes=300,
+            hidden_sizes=[32],
+            loss_impl=impl,
+            fused_head=fused_head,
+        )
+        rec = RecordLosses()
+        trainer = make_trainer(
+            tmp_path, max_steps=3, callbacks=[rec], limit_val_batches=0, precision="bf16-mixed"
+        )
+        trainer.fit(model, datamodule=_teacher_dm(soft))
+        assert len(rec.losses) == 3 and all(torch.isfinite(v) for v in rec.losses)
+        first.append(rec.losses[0])
+    torch.testing.assert_close(first[0], first[1], rtol=2e-2, atol=1e-2)
