@@ -32,9 +32,10 @@ from typing import Any, Literal
 
 import yaml
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_modules import Classifier, DecisionBoundaryPlot, PredictionWriter, RunSummary
@@ -57,7 +58,8 @@ class RunOptions:
     Args:
         root: Parent directory of the run directories (default: env ``FUSEDCE_RUNS_DIR`` or
             ``runs``). Ignored if ``trainer.default_root_dir`` is set: that is the run directory.
-        name: Name of the run directory and W&B run (default: ``<timestamp>-<subcommand>-<id>``).
+        name: Name of the run directory and W&B run (default: ``<timestamp>-<subcommand>-<id>``,
+            or ``<subcommand>-job<id>`` under SLURM / torchrun so that all processes agree).
         wandb_project: W&B project.
         wandb_entity: W&B entity (user or team); default: yours.
         wandb_mode: ``auto`` = offline unless W&B is configured (``WANDB_MODE`` set, or
@@ -156,8 +158,10 @@ class FusedCECLI(LightningCLI):
         if not name:
             stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
             job = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID")
-            suffix = f"job{job}" if job and job != "none" else uuid.uuid4().hex[:6]
-            name = f"{stamp}-{self.subcommand}-{suffix}"
+            if job and job != "none":  # identical in every process of the job, on every node
+                name = f"{self.subcommand}-job{job}"
+            else:
+                name = f"{stamp}-{self.subcommand}-{uuid.uuid4().hex[:6]}"
         run_dir = (root / name).resolve()
         os.environ[_RUN_DIR_ENV] = str(run_dir)
         os.environ[_RUN_DIR_PID_ENV] = str(os.getpid())
@@ -200,9 +204,16 @@ class FusedCECLI(LightningCLI):
             from lightning.pytorch.callbacks import RichProgressBar
 
             extra.append(RichProgressBar())
+        logger = kwargs.setdefault(
+            "logger", self._make_logger(trainer_cfg.get("logger"), opts, run_dir)
+        )
+        if logger is False:  # LearningRateMonitor would fail at fit start without a logger
+            dropped = [c for c in callbacks if isinstance(c, LearningRateMonitor)]
+            callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+            if dropped:
+                rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
         kwargs.setdefault("callbacks", callbacks + extra)
         kwargs.setdefault("default_root_dir", str(run_dir))
-        kwargs.setdefault("logger", self._make_logger(trainer_cfg.get("logger"), opts, run_dir))
         trainer = super().instantiate_trainer(**kwargs)
         for cb in trainer.callbacks:
             if isinstance(cb, ModelCheckpoint) and cb.dirpath is None:

@@ -318,6 +318,7 @@ def test_linear_model_reaches_best_linear_boundary(monkeypatch, tmp_path: Path) 
             *FAST,
         ]
     )
+    assert (cli.run_dir / "metrics.csv").is_file()  # wandb_mode disabled -> CSV logger
     acc = float(cli.trainer.callback_metrics["val/acc_best"])
     bound = best_linear_accuracy()
     assert bound - 0.015 <= acc <= bound + 0.01  # val split noise: n=4000 -> sd ~0.003
@@ -351,3 +352,23 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path) -> None:
         assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 11  # 2800 / 2 ranks / 128
     assert ranks[0]["metrics"]["val/acc"] > 0.9
+
+
+def test_no_logger_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """--trainer.logger false: no W&B, the LR monitor is dropped, the run still completes."""
+    monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="LearningRateMonitor is left out"):
+        cli = train.main(
+            [
+                "--trainer.logger",
+                "false",
+                "--trainer.max_epochs",
+                "1",
+                "--data.num_samples",
+                "2000",
+                *FAST,
+            ]
+        )
+    assert cli.trainer.logger is None
+    assert not list(cli.run_dir.glob("wandb"))
+    assert json.loads((cli.run_dir / "metrics.json").read_text())["metrics"]["val/acc"] > 0.8
