@@ -204,20 +204,24 @@ class Classifier(LightningModule):
                     reg = reg + hp.l2 * w.pow(2).sum()
         return reg
 
-    def _correct(self, logits: Tensor, target: Tensor) -> tuple[Tensor, int]:
-        """Fraction of correct top-1 predictions and the number of counted rows."""
+    def _correct(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Top-1 accuracy of logits ``(B, C)``; see `_correct_preds`."""
+        return self._correct_preds(logits.argmax(dim=-1), target)
+
+    def _correct_preds(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Accuracy of classes ``preds (B,)`` against hard ``(B,)`` or soft ``(B, C)`` targets.
+
+        Returns:
+            ``(accuracy, count)``: 0-dim tensors; ``count`` = rows that count (hard targets equal
+            to ``ignore_index`` do not). No host synchronisation.
+        """
         if target.is_floating_point():
-            labels = target.argmax(dim=-1)
-            keep = None
-        else:
-            labels = target
-            keep = labels != self.hparams.ignore_index
-        correct = logits.argmax(dim=-1) == labels
-        if keep is not None:
-            correct = correct[keep]
-        n = correct.numel()
-        frac = correct.float().mean() if n else torch.zeros((), device=logits.device)
-        return frac, n
+            correct = preds == target.argmax(dim=-1)
+            count = torch.tensor(float(correct.numel()), device=preds.device)
+            return correct.float().mean(), count
+        keep = target != self.hparams.ignore_index
+        count = keep.sum().float()
+        return ((preds == target) & keep).sum().float() / count.clamp_min(1.0), count
 
     # ------------------------------------------------------------------------------ steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -238,8 +242,9 @@ class Classifier(LightningModule):
                 ignore_index=self.hparams.ignore_index,
                 label_smoothing=self.hparams.label_smoothing,
             )
-            with torch.no_grad():
-                acc, n = self._correct(self.head(h.detach()), y)
+            with torch.no_grad():  # row chunks: never all (B, C) logits at once
+                preds = torch.cat([self.head(c).argmax(-1) for c in h.detach().split(256)])
+                acc, n = self._correct_preds(preds, y)
         else:
             logits = self(x)
             with torch.no_grad():
@@ -249,7 +254,7 @@ class Classifier(LightningModule):
         bs = x.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=bs)
-        self.train_acc(acc, max(n, 1))
+        self.train_acc(acc, n)
         self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
         return loss
 
@@ -260,9 +265,8 @@ class Classifier(LightningModule):
         logits = self(x)
         ce = self.cross_entropy(logits, y)
         acc, n = self._correct(logits, y)
-        loss_m.update(ce, x.shape[0])
-        if n:
-            acc_m.update(acc, n)
+        loss_m.update(ce, n)  # weight = rows that count (ignore_index rows do not)
+        acc_m.update(acc, n)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accumulates validation loss and accuracy."""

@@ -301,7 +301,9 @@ def test_ignore_index_is_skipped_by_accuracy() -> None:
     model = Classifier(num_classes=3)
     logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
     acc, n = model._correct(logits, torch.tensor([0, -100, 1]))
-    assert n == 2 and float(acc) == 0.5
+    assert float(n) == 2 and float(acc) == 0.5
+    acc, n = model._correct(logits, torch.full((3,), -100))
+    assert float(n) == 0 and float(acc) == 0.0
 
 
 # ---------------------------------------------------------------------------------- large vocab
