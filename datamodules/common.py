@@ -1,6 +1,9 @@
-"""Validation helpers shared by the data modules."""
+"""What the data modules share: argument checks, split sizes and the data loaders."""
 
 from __future__ import annotations
+
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, TensorDataset
 
 
 def check_positive_int(name: str, value: int) -> None:
@@ -38,3 +41,46 @@ def split_sizes(
             f"test_fraction={test_fraction}: got train/val/test sizes {n_train}/{n_val}/{n_test}"
         )
     return n_train, n_val, n_test
+
+
+class SplitDataModule(LightningDataModule):
+    """Data loaders over train / val / test ``TensorDataset`` splits built by ``setup``.
+
+    Subclasses set ``self.sizes`` (train, val, test), ``self.batch_size`` and the
+    hyperparameters ``num_workers`` and ``pin_memory``, and fill ``train_set``, ``val_set`` and
+    ``test_set`` in ``setup``. Their class docstrings give the shapes of a batch.
+    """
+
+    train_set: TensorDataset | None = None
+    val_set: TensorDataset | None = None
+    test_set: TensorDataset | None = None
+
+    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() first")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches."""
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches, in a fixed order."""
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches, in a fixed order."""
+        if self.sizes[2] == 0:
+            raise ValueError("test_fraction is 0: there is no test split")
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split (the validation split if there is none)."""
+        return self._loader(self.test_set if self.sizes[2] else self.val_set, shuffle=False)

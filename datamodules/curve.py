@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from datamodules.common import check_fraction, check_positive_int, split_sizes
+from datamodules.common import SplitDataModule, check_fraction, check_positive_int, split_sizes
 
 
 def band_labels(x: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
@@ -40,7 +39,7 @@ def band_boundaries(num_classes: int = 2) -> list[float]:
     return [2.0 * k / num_classes for k in range(1, num_classes)]
 
 
-class CurveDataModule(LightningDataModule):
+class CurveDataModule(SplitDataModule):
     """Points ``(x1, x2)`` drawn uniformly from the unit square, labelled against ``x2 = x1**2``.
 
     This is the seed's task made into a well-posed classification: ``x1 ~ Uniform[0, 1]`` (as
@@ -143,33 +142,3 @@ class CurveDataModule(LightningDataModule):
             self.train_set = TensorDataset(*splits["train"])
             self.val_set = TensorDataset(*splits["val"])
             self.test_set = TensorDataset(*splits["test"])
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches ``(x (B, 2), y (B,))``."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation batches ``(x (B, 2), y (B,))``."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test batches ``(x (B, 2), y (B,))``."""
-        if self.sizes[2] == 0:
-            raise ValueError("test_fraction is 0: there is no test split")
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split (validation split if there is none) as ``(x, y)`` batches."""
-        return self._loader(self.test_set if self.sizes[2] else self.val_set, shuffle=False)

@@ -6,13 +6,12 @@ import math
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from datamodules.common import check_fraction, check_positive_int, split_sizes
+from datamodules.common import SplitDataModule, check_fraction, check_positive_int, split_sizes
 
 
-class TeacherDataModule(LightningDataModule):
+class TeacherDataModule(SplitDataModule):
     """Features ``x ~ N(0, I)``, targets from a fixed random teacher over ``vocab_size`` classes.
 
     The teacher is a one-hidden-layer network drawn once from ``seed``::
@@ -153,33 +152,3 @@ class TeacherDataModule(LightningDataModule):
             self.val_set = TensorDataset(x[n_train : n_train + n_val])
             self.test_set = TensorDataset(x[n_train + n_val :])
         self._build_teacher()
-
-    def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled feature batches ``[x (B, D)]`` (targets are added on device)."""
-        return self._loader(self.train_set, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation feature batches ``[x (B, D)]``."""
-        return self._loader(self.val_set, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test feature batches ``[x (B, D)]``."""
-        if self.sizes[2] == 0:
-            raise ValueError("test_fraction is 0: there is no test split")
-        return self._loader(self.test_set, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test split (validation split if there is none)."""
-        return self._loader(self.test_set if self.sizes[2] else self.val_set, shuffle=False)
