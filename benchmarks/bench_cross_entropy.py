@@ -22,17 +22,12 @@ measured; ``--max-seconds`` skips the remaining cells (and says so) before a lim
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import importlib
 import json
 import math
-import os
-import platform
-import re
 import signal
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -42,6 +37,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from benchmarks.common import base_environment, slug
 
 # ``kernels`` re-exports the function ``cross_entropy``, which hides the module's name.
 fce = importlib.import_module("kernels.cross_entropy")
@@ -74,7 +71,6 @@ CPU_SWEEP_V = (2, 1024, 32000, 50257, 128256)
 REF_CHUNK_ELEMS = 2**25  # float64 reference, computed over row chunks of this many elements
 GRAD_SAMPLE_ROWS = 64
 HOST_TIMING_BELOW_MS = 1.0
-CPU_CARD_NAME = f"CPU ({os.cpu_count()}-core dev machine, no GPU)"
 
 
 class BudgetExceeded(BaseException):
@@ -525,64 +521,11 @@ def _error_text(exc: BaseException) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    """Short commit of the working tree (``+dirty`` when it has changes), or "unknown"."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except Exception:
-        return os.environ.get("FUSEDCE_GIT_COMMIT", "unknown")
-
-
-def card_name(device: torch.device) -> str:
-    """The device's name: torch.cuda.get_device_name, or the CPU label."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return CPU_CARD_NAME
-
-
-def slug(name: str) -> str:
-    """File-name form of a card name: "NVIDIA H200" -> "nvidia-h200", CPU labels -> "cpu"."""
-    if name.startswith("CPU"):
-        return "cpu"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
-
-
 def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Card, versions, date, commit and how the numbers were taken."""
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
     return {
-        "card": args.card_name or card_name(device),
-        "device": str(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
+        **base_environment(device, args.card_name),
         "liger_kernel": liger_version(),
-        "python": platform.python_version(),
-        "host": platform.node(),
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": git_commit(),
-        "argv": sys.argv[1:],
-        "torch_threads": torch.get_num_threads(),
         "timing": (
             f"triton.testing.do_bench median (warmup {args.warmup_ms} ms, rep {args.rep_ms} ms)"
             if device.type == "cuda"

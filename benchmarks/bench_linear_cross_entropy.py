@@ -27,11 +27,8 @@ Outputs in ``--out`` (default ``benchmarks/results``): ``<stem>.md`` (table), ``
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from benchmarks.common import base_environment
 from kernels.linear_cross_entropy import planned_chunk_rows
 
 DTYPES: dict[str, torch.dtype] = {
@@ -287,26 +285,10 @@ def time_all(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch
 # --------------------------------------------------------------------------------------------
 
 
-def card_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({os.cpu_count()}-core dev machine)"
-
-
 def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
+    """Card, versions, date, commit, the measured shape and how memory was taken."""
     return {
-        "card": args.card_name or card_name(device),
-        "device": device.type,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        **base_environment(device, args.card_name),
         "shape": {"n": args.n, "d": args.d, "v": args.v, "dtype": args.dtype},
         "error_shape": dict(zip(("n", "d", "v"), ERROR_SHAPE, strict=True)),
         "default_chunk_rows": planned_chunk_rows(args.n, args.v, DTYPES[args.dtype], None, device),

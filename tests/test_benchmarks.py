@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_cross_entropy as bench
+from benchmarks.common import CPU_CARD_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDERS = ("fusedce", "fusedce_inplace", "fusedce_nocheck", "eager")
@@ -106,7 +107,7 @@ def test_helpers() -> None:
     assert bench.rows_for(128256, 2, 2**30) == 8192
     assert bench.rows_for(2, 4, 2**30) == bench.MAX_N
     assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert bench.slug(bench.CPU_CARD_NAME) == "cpu"
+    assert bench.slug(CPU_CARD_NAME) == "cpu"
     budget = bench.Budget(10.0, durations=[1.0, 100.0, 2.0])
     assert budget.allows_next()
     assert not bench.Budget(0.0).allows_next()

@@ -1,0 +1,76 @@
+"""What both benchmarks share: the card's name, the file-name slug and the run's environment."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CPU_CARD_NAME = f"CPU ({os.cpu_count()}-core dev machine, no GPU)"
+
+
+def git_commit() -> str:
+    """Short commit of the working tree (``+dirty`` when it has changes), or "unknown"."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except Exception:
+        return os.environ.get("FUSEDCE_GIT_COMMIT", "unknown")
+
+
+def card_name(device: torch.device) -> str:
+    """The device's name: torch.cuda.get_device_name, or the CPU label."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return CPU_CARD_NAME
+
+
+def slug(name: str) -> str:
+    """File-name form of a card name: "NVIDIA H200" -> "nvidia-h200", CPU labels -> "cpu"."""
+    if name.startswith("CPU"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def base_environment(device: torch.device, card: str | None = None) -> dict[str, Any]:
+    """Card (``card`` overrides the detected name), versions, host, UTC date, commit, argv."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "card": card or card_name(device),
+        "device": str(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": git_commit(),
+        "argv": sys.argv[1:],
+        "torch_threads": torch.get_num_threads(),
+    }
