@@ -11,9 +11,15 @@ TORCH_VERSION ?= 2.13.0
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-install: $(BIN)/python
+# Re-installs only when pyproject.toml changes (the stamp file records the last install).
+STAMP := $(VENV)/.fusedce-installed
+
+$(STAMP): pyproject.toml | $(BIN)/python
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "torch==$(TORCH_VERSION)"
 	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(STAMP)
 
 train: install
 	$(BIN)/python train.py $(ARGS)
