@@ -313,6 +313,134 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees (no graph break; backward out of place)
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(like: Tensor) -> Tensor:
+    """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
+    return like.new_empty((0,))
+
+
+@torch.library.custom_op("fusedce::linear_cross_entropy", mutates_args=())
+def _lce_op(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    chunk_rows: int,
+    accumulation: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_W, grad_b); the gradients are empty where not needed, and always for
+    reduction="none" (computed in the backward op instead)."""
+    check_class_indices(target, W.shape[0], ignore_index)
+    opts = _Opts(ignore_index, label_smoothing, reduction, chunk_rows, accumulation)
+    scale = _scale_for(target, weight, opts, x.device)
+    grads_now = reduction != "none" and any(needs)
+    loss_rows, gx, gw, gb = _chunked_pass(
+        x, W, b, target, weight, opts, scale if grads_now else None, tuple(needs)
+    )
+    loss = _reduce(loss_rows, scale, reduction)
+    return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb))
+
+
+@_lce_op.register_fake
+def _(
+    x,
+    W,
+    b,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    chunk_rows,
+    accumulation,
+    needs,
+):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
+    now = reduction != "none"
+    gx = torch.empty_like(x) if now and needs[0] else _empty(x)
+    gw = torch.empty_like(W) if now and needs[1] else _empty(x)
+    gb = torch.empty_like(b) if now and needs[2] and b is not None else _empty(x)
+    return loss, gx, gw, gb
+
+
+@torch.library.custom_op("fusedce::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(
+    grad_output: Tensor,
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_rows: int,
+    accumulation: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """reduction="none": recompute the chunks with one upstream factor per row."""
+    opts = _Opts(ignore_index, label_smoothing, "none", chunk_rows, accumulation)
+    scale = torch.ones((), dtype=torch.float32, device=x.device)
+    factor = grad_output.reshape(-1).float().contiguous()
+    _, gx, gw, gb = _chunked_pass(x, W, b, target, weight, opts, scale, tuple(needs), factor)
+    return tuple(g if g is not None else _empty(x) for g in (gx, gw, gb))
+
+
+@_lce_backward_op.register_fake
+def _(
+    grad_output,
+    x,
+    W,
+    b,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    chunk_rows,
+    accumulation,
+    needs,
+):
+    gx = torch.empty_like(x) if needs[0] else _empty(x)
+    gw = torch.empty_like(W) if needs[1] else _empty(x)
+    gb = torch.empty_like(b) if needs[2] and b is not None else _empty(x)
+    return gx, gw, gb
+
+
+def _lce_setup_context(ctx, inputs, output):
+    x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs
+    ctx.reduction = reduction
+    ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs)
+    ctx.has_bias = b is not None
+    if reduction == "none":
+        ctx.save_for_backward(x, W, b, target, weight)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _lce_backward(ctx, grad_loss, *_unused):
+    if ctx.reduction == "none":
+        x, W, b, target, weight = ctx.saved_tensors
+        gx, gw, gb = _lce_backward_op(grad_loss, x, W, b, target, weight, *ctx.args)
+    else:
+        gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    needs = ctx.args[-1]
+    gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
+    gb = gb if needs[2] and ctx.has_bias else None
+    return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
@@ -490,7 +618,8 @@ def linear_cross_entropy(
     out_shape = tuple(target.shape)
     x = input.reshape(-1, D).contiguous()
     t = target.reshape(-1)
-    check_class_indices(t, V, ignore_index)
+    if not torch.compiler.is_compiling():  # the custom op checks inside, opaque to dynamo
+        check_class_indices(t, V, ignore_index)
     if weight is not None:
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         weight = weight.to(acc).contiguous()
@@ -498,7 +627,22 @@ def linear_cross_entropy(
     opts = _Opts(ignore_index, float(label_smoothing), reduction, rows, accumulation)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    if need_grad:
+    if torch.compiler.is_compiling():
+        needs = [need_grad and p is not None and p.requires_grad for p in params]
+        loss, *_ = _lce_op(
+            x,
+            linear_weight,
+            linear_bias,
+            t,
+            weight,
+            ignore_index,
+            float(label_smoothing),
+            reduction,
+            rows,
+            accumulation,
+            needs,
+        )
+    elif need_grad:
         loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, opts)
     else:
         scale = _scale_for(t, weight, opts, x.device)

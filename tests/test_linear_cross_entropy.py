@@ -493,3 +493,49 @@ def test_cuda_accuracy_and_peak_memory(accumulation):
     assert abs(float(loss) - float(ref)) <= 1e-2 * abs(float(ref))
     assert rel_err(gx, rx) < 2e-2
     assert rel_err(gw, rw) < 2e-2
+
+
+# ---------------------------------------------------------------- torch.compile / custom op
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_opcheck(reduction):
+    """torch.library.opcheck: schema, fake kernel and autograd registration of the custom op."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 8, generator=g, requires_grad=True)
+    W = torch.randn(13, 8, generator=g, requires_grad=True)
+    b = torch.randn(13, generator=g, requires_grad=True)
+    t = torch.randint(0, 13, (10,), generator=g)
+    torch.library.opcheck(
+        torch.ops.fusedce.linear_cross_entropy.default,
+        (x, W, b, t, None, -100, 0.1, reduction, 4, "float32", [True, True, True]),
+        test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
+    )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_compile_fullgraph(reduction):
+    """torch.compile(fullgraph=True) traces through the custom op: no graph break, same numbers."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    body = torch.nn.Linear(6, 8)
+    W = torch.randn(37, 8, generator=g, requires_grad=True)
+    x = torch.randn(3, 5, 6, generator=g)
+    t = torch.randint(0, 37, (3, 5), generator=g)
+    t[0, 0] = -100
+    up = torch.randn(3, 5, generator=g) if reduction == "none" else torch.tensor(1.7)
+
+    def step(inp):
+        return kernels.linear_cross_entropy(
+            body(inp), W, t, reduction=reduction, label_smoothing=0.1, chunk_size=4
+        )
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss_c = compiled(x)
+    grads_c = torch.autograd.grad(loss_c, (W, body.weight), up)
+    loss_e = step(x)
+    grads_e = torch.autograd.grad(loss_e, (W, body.weight), up)
+    torch.testing.assert_close(loss_c, loss_e)
+    for a, b in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, b)
+    assert torch._dynamo.explain(step)(x).graph_break_count == 0
