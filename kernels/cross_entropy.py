@@ -50,9 +50,12 @@ def set_target_check(enabled: bool) -> None:
     """Turns the class-index range check on or off (default on; env ``FUSEDCE_CHECK_TARGETS=0``).
 
     The check raises ``IndexError`` for a class index outside [0, C) other than ``ignore_index``.
-    On CUDA it costs one small reduction and one host sync per call; switch it off for CUDA-graph
-    capture or the last microseconds. With it off, an out-of-range index still never reads out of
-    bounds: its row's loss and gradient are NaN.
+    On CUDA one tiny kernel counts the bad indices (fused with the mean normaliser). When a
+    gradient is wanted, the count travels to pinned host memory asynchronously and is read when
+    backward starts: the exception comes from ``loss.backward()`` and forward never stalls the
+    host. Without a gradient (validation) it is read at once: one host sync. Switch the check
+    off for CUDA-graph capture or the last microseconds. With it off (or before backward) an
+    out-of-range index still never reads out of bounds: its row's loss and gradient are NaN.
     """
     global _CHECK_TARGETS
     _CHECK_TARGETS = bool(enabled)
@@ -82,11 +85,40 @@ def check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> 
         return
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):  # one host sync on CUDA; see set_target_check
-        value = int(target[bad][0])
-        raise IndexError(
-            f"cross_entropy: target class index {value} is out of bounds for {num_classes} "
-            f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
-        )
+        _raise_bad_index(target, bad, num_classes, ignore_index)
+
+
+def _raise_bad_index(target: Tensor, bad: Tensor, num_classes: int, ignore_index: int) -> None:
+    value = int(target[bad][0])
+    raise IndexError(
+        f"cross_entropy: target class index {value} is out of bounds for {num_classes} "
+        f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
+    )
+
+
+class _DeferredIndexCheck:
+    """The bad-index count on its way to the host, read when the backward pass starts.
+
+    Reading it in forward would stall the host until the GPU reaches this call and leave the
+    GPU idle behind it; by backward the count has normally long arrived. Until then the loss
+    and gradient rows of bad indices are NaN, so nothing is silently wrong in between.
+    """
+
+    def __init__(self, n_bad: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> None:
+        self._host = torch.empty((), dtype=n_bad.dtype, pin_memory=True)
+        self._host.copy_(n_bad, non_blocking=True)
+        self._arrived = torch.cuda.Event()
+        self._arrived.record()
+        self._args = (target, num_classes, ignore_index)
+
+    def resolve(self) -> None:
+        """Raises IndexError if the forward pass saw an out-of-range class index."""
+        if not self._arrived.query():  # normally arrived long ago: no wait at all
+            self._arrived.synchronize()
+        if int(self._host):
+            target, num_classes, ignore_index = self._args
+            bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+            _raise_bad_index(target, bad, num_classes, ignore_index)
 
 
 def mean_denominator(
@@ -137,8 +169,14 @@ def loss_and_grad_rows(
     return loss_rows
 
 
-def _grad_scale(logits: Tensor, target: Tensor, weight: Tensor | None, opts: _Options) -> Tensor:
-    """Checks the class indices; returns the gradient scale (1 / mean normaliser, or 1)."""
+def _grad_scale(
+    logits: Tensor, target: Tensor, weight: Tensor | None, opts: _Options, defer: bool = False
+) -> tuple[Tensor, _DeferredIndexCheck | None]:
+    """The gradient scale (1 / mean normaliser, or 1), after checking the class indices.
+
+    With ``defer`` (CUDA, gradient wanted) the check is returned to be resolved in backward
+    instead of reading the count back now.
+    """
     M, V = logits.shape
     mean = opts.reduction == "mean"
     if uses_triton(logits):
@@ -146,15 +184,17 @@ def _grad_scale(logits: Tensor, target: Tensor, weight: Tensor | None, opts: _Op
         scale, n_bad = prologue_triton(
             target, weight, opts.ignore_index, M, V, mean, _CHECK_TARGETS
         )
-        if n_bad is not None and bool(n_bad):  # the one host sync; see set_target_check
+        if n_bad is not None and defer and logits.is_cuda:
+            return scale, _DeferredIndexCheck(n_bad, target, V, opts.ignore_index)
+        if n_bad is not None and bool(n_bad):  # a host sync; see set_target_check
             check_class_indices(target, V, opts.ignore_index)
-        return scale
+        return scale, None
     check_class_indices(target, V, opts.ignore_index)
     if not mean:
-        return torch.ones((), dtype=torch.float32, device=logits.device)
+        return torch.ones((), dtype=torch.float32, device=logits.device), None
     denom = mean_denominator(target, weight, opts.ignore_index, M)
     # Documented deviation from torch: nothing to average (all ignored, or M == 0) gives 0.
-    return torch.where(denom > 0, 1.0 / denom, 0.0)
+    return torch.where(denom > 0, 1.0 / denom, 0.0), None
 
 
 def _forward(
@@ -164,9 +204,11 @@ def _forward(
     opts: _Options,
     need_grad: bool,
     inplace: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    """Loss (reduced as asked) and the gradient of the reduced loss, for a (M, V) view."""
-    scale = _grad_scale(logits, target, weight, opts)
+    defer_check: bool = False,
+) -> tuple[Tensor, Tensor | None, _DeferredIndexCheck | None]:
+    """Loss (reduced as asked), the gradient of the reduced loss for a (M, V) view, and the
+    class-index check still to resolve (``defer_check`` on CUDA), or None."""
+    scale, pending = _grad_scale(logits, target, weight, opts, defer_check)
     grad = None
     if need_grad:
         grad = (
@@ -176,12 +218,12 @@ def _forward(
         logits, target, weight, opts.ignore_index, opts.label_smoothing, grad, scale
     )
     if opts.reduction == "none":
-        return loss_rows, grad
+        return loss_rows, grad, pending
     mean = opts.reduction == "mean"
     if uses_triton(logits):
-        return reduce_triton(loss_rows, scale, mean), grad
+        return reduce_triton(loss_rows, scale, mean), grad, pending
     loss = loss_rows.sum()
-    return (loss * scale.to(loss.dtype) if mean else loss), grad
+    return (loss * scale.to(loss.dtype) if mean else loss), grad, pending
 
 
 def _scale_in_place(grad: Tensor, grad_output: Tensor, per_row: bool) -> None:
@@ -203,7 +245,9 @@ def _scale_in_place(grad: Tensor, grad_output: Tensor, per_row: bool) -> None:
 class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, opts, inplace):  # type: ignore[override]
-        loss, grad = _forward(logits, target, weight, opts, need_grad=True, inplace=inplace)
+        loss, grad, ctx.pending_check = _forward(
+            logits, target, weight, opts, need_grad=True, inplace=inplace, defer_check=True
+        )
         if inplace:
             # The logits now hold the gradient: let autograd catch anyone who saved them.
             torch.autograd.graph.increment_version(logits)
@@ -213,6 +257,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
+        if ctx.pending_check is not None:
+            ctx.pending_check.resolve()
         grad = ctx.grad
         if grad is None:
             raise RuntimeError(
@@ -241,7 +287,7 @@ def _cross_entropy_op(
     need_grad: bool,
 ) -> tuple[Tensor, Tensor]:
     opts = _Options(ignore_index, label_smoothing, reduction)
-    loss, grad = _forward(logits, target, weight, opts, need_grad)
+    loss, grad, _ = _forward(logits, target, weight, opts, need_grad)
     if grad is None:
         grad = logits.new_empty((0,))
     return loss, grad
@@ -411,7 +457,7 @@ def cross_entropy(
             inplace = inplace_backward and logits.is_contiguous()
             loss = _FusedCrossEntropy.apply(logits, target, weight, opts, inplace)
         else:
-            loss, _ = _forward(logits, target, weight, opts, need_grad=False)
+            loss, _, _ = _forward(logits, target, weight, opts, need_grad=False)
     return loss.reshape(out_shape) if reduction == "none" else loss
 
 

@@ -82,26 +82,40 @@ def test_cuda_memory_out_of_place_vs_inplace():
         del x, h, loss
 
 
-def test_cuda_no_host_sync_when_target_check_is_off():
+@pytest.mark.parametrize("check", [True, False])
+def test_cuda_forward_never_syncs(check):
+    """No host sync in forward with a gradient, with the index check on (its count goes to
+    pinned memory and is read in backward) or off; with it off, none in backward either."""
     x = make_logits((64, 32000), torch.bfloat16, device=DEV).requires_grad_()
     target = torch.randint(0, 32000, (64,), device=DEV)
     kernels.cross_entropy(x, target).backward()  # warm-up: compile outside the sync check
-    kernels.set_target_check(False)
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.synchronize()
+    kernels.set_target_check(check)
     try:
-        for reduction in ("mean", "sum"):
-            loss = kernels.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
-            loss.backward()
+        for reduction in ("mean", "sum", "none"):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                loss = kernels.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+                loss = loss.sum() if reduction == "none" else loss
+                if not check:
+                    loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            if check:
+                loss.backward()
     finally:
-        torch.cuda.set_sync_debug_mode(0)
         kernels.set_target_check(True)
 
 
 def test_cuda_bad_index_raises_and_never_reads_out_of_bounds():
     x = make_logits((8, 1000), torch.float32, device=DEV).requires_grad_()
     bad = torch.tensor([0, 1, 2, 3, 4, 5, 6, 5000], device=DEV)
-    with pytest.raises(IndexError, match="out of bounds"):
-        kernels.cross_entropy(x, bad)
+    with pytest.raises(IndexError, match="5000 is out of bounds"):  # no gradient: at the call
+        kernels.cross_entropy(x.detach(), bad)
+    loss = kernels.cross_entropy(x, bad)  # with a gradient: NaN now, the error in backward
+    assert torch.isnan(loss)
+    with pytest.raises(IndexError, match="5000 is out of bounds"):
+        loss.backward()
     kernels.set_target_check(False)
     try:
         loss = kernels.cross_entropy(x, bad, reduction="none")
