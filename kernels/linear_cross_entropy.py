@@ -322,6 +322,14 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty((0,))
 
 
+def _fake_grads(x: Tensor, W: Tensor, b: Tensor | None, now: bool, needs: list[bool]):
+    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed."""
+    gx = torch.empty_like(x) if now and needs[0] else _empty(x)
+    gw = torch.empty_like(W) if now and needs[1] else _empty(x)
+    gb = torch.empty_like(b) if now and needs[2] and b is not None else _empty(x)
+    return gx, gw, gb
+
+
 @torch.library.custom_op("fusedce::linear_cross_entropy", mutates_args=())
 def _lce_op(
     x: Tensor,
@@ -365,11 +373,7 @@ def _(
 ):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
-    now = reduction != "none"
-    gx = torch.empty_like(x) if now and needs[0] else _empty(x)
-    gw = torch.empty_like(W) if now and needs[1] else _empty(x)
-    gb = torch.empty_like(b) if now and needs[2] and b is not None else _empty(x)
-    return loss, gx, gw, gb
+    return loss, *_fake_grads(x, W, b, reduction != "none", needs)
 
 
 @torch.library.custom_op("fusedce::linear_cross_entropy_backward", mutates_args=())
@@ -408,10 +412,7 @@ def _(
     accumulation,
     needs,
 ):
-    gx = torch.empty_like(x) if needs[0] else _empty(x)
-    gw = torch.empty_like(W) if needs[1] else _empty(x)
-    gb = torch.empty_like(b) if needs[2] and b is not None else _empty(x)
-    return gx, gw, gb
+    return _fake_grads(x, W, b, True, needs)
 
 
 def _lce_setup_context(ctx, inputs, output):
