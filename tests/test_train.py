@@ -3,7 +3,9 @@ default MLP and of the seed's linear model, CLI subcommands, resume, bad configs
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 import struct
 import subprocess
@@ -23,6 +25,7 @@ import train  # noqa: E402
 
 LINEAR = str(REPO / "configs" / "linear.yaml")
 LARGE_VOCAB = str(REPO / "configs" / "large_vocab.yaml")
+DISTILL = str(REPO / "configs" / "large_vocab_distill.yaml")
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -372,3 +375,46 @@ def test_no_logger_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cli.trainer.logger is None
     assert not list(cli.run_dir.glob("wandb"))
     assert json.loads((cli.run_dir / "metrics.json").read_text())["metrics"]["val/acc"] > 0.8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--config", DISTILL]], ids=["fused_head", "distill"])
+def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_path: Path) -> None:
+    """The large-vocabulary presets (fused linear head with hard labels; distillation with soft
+    targets), shrunk to CPU size: they run, and the loss falls from its first logged value."""
+    monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path))
+    cli = train.main(
+        [
+            "--config",
+            LARGE_VOCAB,
+            *extra,
+            "--data.vocab_size",
+            "257",
+            "--data.in_features",
+            "16",
+            "--data.num_samples",
+            "4096",
+            "--data.batch_size",
+            "128",
+            "--data.num_workers",
+            "0",
+            "--data.pin_memory",
+            "false",
+            "--model.hidden_sizes",
+            "[64]",
+            "--trainer.precision",
+            "32-true",
+            "--trainer.max_epochs",
+            "2",
+            "--run.wandb_mode",
+            "disabled",
+            *FAST,
+        ]
+    )
+    model = cli.model
+    assert model.hparams.fused_head is (not extra)
+    assert cli.datamodule.hparams.soft_targets is bool(extra)
+    rows = list(csv.DictReader((cli.run_dir / "metrics.csv").open()))
+    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
