@@ -68,11 +68,14 @@ def test_fused_kernel_compiles_for_sm90(dtype, soft):
         assert "ptx" in kernel.asm and ".target sm_90" in kernel.asm["ptx"]
 
 
-def test_helper_kernels_compile_for_sm90():
+@pytest.mark.parametrize(
+    ("mean", "soft", "check"), [(True, False, True), (False, False, True), (True, True, False)]
+)
+def test_helper_kernels_compile_for_sm90(mean, soft, check):
     prologue = compile_for_hopper(
         tk._prologue_kernel,
         {
-            "target_ptr": "*i64",
+            "target_ptr": "*fp32" if soft else "*i64",
             "stride_target": "i64",
             "weight_ptr": "*fp32",
             "scale_ptr": "*fp32",
@@ -81,19 +84,19 @@ def test_helper_kernels_compile_for_sm90():
             "V": "i32",
             "ignore_index": "i32",
         },
-        dict(HAS_WEIGHT=True, MEAN=True, SOFT_TARGET=False, CHECK=True, BLOCK=4096),
+        dict(HAS_WEIGHT=not soft, MEAN=mean, SOFT_TARGET=soft, CHECK=check, BLOCK=4096),
         8,
     )
     reduce = compile_for_hopper(
         tk._reduce_kernel,
         {"loss_rows_ptr": "*fp32", "scale_ptr": "*fp32", "out_ptr": "*fp32", "M": "i32"},
-        dict(MEAN=True, BLOCK=4096),
+        dict(MEAN=mean, BLOCK=4096),
         8,
     )
     scale = compile_for_hopper(
         tk._scale_rows_kernel,
         {"grad_ptr": "*bf16", "stride_grad": "i64", "factor_ptr": "*fp32", "V": "i32"},
-        dict(PER_ROW=False, BLOCK=8192),
+        dict(PER_ROW=not mean, BLOCK=8192),
         8,
     )
     for k in (prologue, reduce, scale):
