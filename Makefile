@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install train test test-kernels lint format bench clean
+.PHONY: install train test compile-check-gpu-image lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,19 @@ format: install
 test: lint
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m kernel -q -p no:cacheprovider
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(MAKE) compile-check-gpu-image
+
+# The GPU image runs triton 3.6: compile every kernel for sm_90 with that release too (no GPU
+# needed; the whole suite above used the installed triton).
+GPU_IMAGE_TRITON ?= 3.6.0
+TRITON_ALT := $(VENV)/triton-$(GPU_IMAGE_TRITON)
+
+$(TRITON_ALT): | $(STAMP)
+	$(BIN)/pip install -q --no-deps --target $@ "triton==$(GPU_IMAGE_TRITON)"
+
+compile-check-gpu-image: $(TRITON_ALT)
+	PYTHONPATH=$(TRITON_ALT) $(BIN)/python -c "import triton; print('compiling with triton', triton.__version__)"
+	PYTHONPATH=$(TRITON_ALT) $(BIN)/python -m pytest tests/test_compile_hopper.py -q -p no:cacheprovider
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_cross_entropy $(ARGS)

@@ -2,7 +2,8 @@
 
 Triton's compiler (front end, MLIR passes, LLVM and the ptxas it ships) needs no device; this
 catches what the interpreter cannot: type errors in loop-carried values, static-branch scoping,
-layouts. The GPU image runs triton 3.6; CI checks with the installed triton.
+layouts. CI runs it twice: with the installed triton, and with the GPU image's triton 3.6
+(``make compile-check-gpu-image``).
 """
 
 from __future__ import annotations
