@@ -52,7 +52,10 @@ ALL_PROVIDERS = (
     "eager",
     "compile",
     "liger",
+    "fusedce_gluon",
 )
+# The experimental shared-memory kernel runs only when asked for (--providers ...,fusedce_gluon).
+DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p != "fusedce_gluon")
 RIVALS = ("eager", "compile", "liger")
 # Providers that overwrite the logits with the gradient: they get their own copy of the input.
 DESTRUCTIVE = ("fusedce_inplace", "liger")
@@ -195,6 +198,33 @@ def _fused_nocheck(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         fce.set_target_check(previous)
 
 
+def _fused_gluon(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """fusedce with the experimental shared-memory kernel on (FUSEDCE_GLUON=1 for one call)."""
+    gk = importlib.import_module("kernels.gluon_cross_entropy")
+    if not gk.supports(logits, target, None):
+        raise RuntimeError("shape not covered by the shared-memory kernel (see its supports())")
+    previous = fce._GLUON
+    fce.gluon_cross_entropy = gk
+    fce._GLUON = True
+    try:
+        return fce.cross_entropy(logits, target)
+    finally:
+        fce._GLUON = previous
+
+
+def gluon_available(on_cuda: bool) -> str | None:
+    """Why the shared-memory kernel cannot run here, or None when it can."""
+    if not on_cuda:
+        return "no CUDA device"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return "not a Hopper GPU"
+    try:
+        importlib.import_module("kernels.gluon_cross_entropy")
+    except ImportError as exc:
+        return f"Gluon not importable ({exc})"
+    return None
+
+
 def liger_version() -> str | None:
     """Liger-Kernel's version if ``liger_kernel`` imports, else None."""
     try:
@@ -219,6 +249,8 @@ def make_loss_fn(name: str) -> LossFn:
         return _fused_inplace
     if name == "fusedce_nocheck":
         return _fused_nocheck
+    if name == "fusedce_gluon":
+        return _fused_gluon
     if name == "eager":
         return _torch_ce
     if name == "compile":
@@ -241,6 +273,9 @@ def available_providers(requested: Iterable[str], on_cuda: bool) -> tuple[list[s
         if name == "liger" and (not on_cuda or liger_version() is None):
             why = "no CUDA device" if not on_cuda else "liger_kernel not importable"
             notes.append(f"liger skipped: {why}")
+            continue
+        if name == "fusedce_gluon" and (why := gluon_available(on_cuda)):
+            notes.append(f"fusedce_gluon skipped: {why}")
             continue
         run.append(name)
     return run, notes
@@ -760,7 +795,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sweep (CPU-sized, seconds)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     p.add_argument("--stem", help="output file name without suffix (default <card>-<date>)")
-    p.add_argument("--providers", default=",".join(ALL_PROVIDERS), help="comma-separated")
+    p.add_argument(
+        "--providers",
+        default=",".join(DEFAULT_PROVIDERS),
+        help=f"comma-separated, from {', '.join(ALL_PROVIDERS)}",
+    )
     p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
     p.add_argument("--modes", default="fwd_bwd,fwd", help="comma-separated: fwd_bwd, fwd")
     p.add_argument("--shapes", help="shapes instead of the sweep, e.g. 8192x128256,16x32000")

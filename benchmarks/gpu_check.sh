@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
 #   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
 #
-# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,ce,lce": a rerun can name fewer),
+# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,gluon,ce,lce": a rerun can name fewer),
 # FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the
 # copy on the device has no .git), PYTHON (default python3).
 #
@@ -22,7 +22,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
-STEPS_WANTED=",${FUSEDCE_GPU_CHECK_STEPS:-tests,ce,lce},"
+STEPS_WANTED=",${FUSEDCE_GPU_CHECK_STEPS:-tests,gluon,ce,lce},"
 FUSEDCE_GIT_COMMIT="${FUSEDCE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export FUSEDCE_GIT_COMMIT
 PY="${PYTHON:-python3}"
@@ -91,7 +91,7 @@ EOF
 if wanted tests; then
   step "tests: pytest -m 'gpu or kernel'"
   TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
-  PYTEST_ARGS=(-m "gpu or kernel" -q -x -p no:cacheprovider --continue-on-collection-errors)
+  PYTEST_ARGS=(-m "(gpu or kernel) and not gluon" -q -x -p no:cacheprovider --continue-on-collection-errors)
   if [ "$DRY" = "1" ]; then
     PYTEST_ARGS=(-m "gpu" -q -x -p no:cacheprovider --continue-on-collection-errors)
   elif "$PY" -c "import xdist" 2>/dev/null; then
@@ -101,6 +101,22 @@ if wanted tests; then
   timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/ 2>&1 |
     tee "$OUT/gpu_tests.log" | tail -n 25 | tee -a "$LOG"
   record "tests" $?
+fi
+
+# --- experimental shared-memory kernel: its own processes, so a fault stays contained -------
+if wanted gluon && [ "$DRY" != "1" ]; then
+  step "gluon: experimental shared-memory kernel (tests, then a small side-by-side benchmark)"
+  GLUON_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 150)) 20 45)
+  timeout -k 5 "$GLUON_LIMIT" "$PY" -m pytest tests/test_gluon_cuda.py -q -x -p no:cacheprovider 2>&1 |
+    tail -n 15 | tee -a "$LOG"
+  record "gluon tests" $?
+  GLUON_OUT=$(mktemp -d) # its md goes into the log: the 8 files that come back are spoken for
+  timeout -k 5 "$GLUON_LIMIT" "$PY" -m benchmarks.bench_cross_entropy --out "$GLUON_OUT" \
+    --providers fusedce,fusedce_gluon,eager --shapes 8192x32000,4096x65536,8192x50256 \
+    --dtypes bf16,fp32 --modes fwd_bwd --stem gluon --max-seconds $((GLUON_LIMIT - 15)) 2>&1 |
+    tail -n 3 | tee -a "$LOG"
+  record "gluon benchmark" $?
+  [ -f "$GLUON_OUT/gluon.md" ] && sed -n '/^## Every provider/,$p' "$GLUON_OUT/gluon.md" | tee -a "$LOG"
 fi
 
 # --- cross-entropy benchmark ---------------------------------------------------------------

@@ -37,6 +37,16 @@ try:  # Triton is optional: without it every call takes the torch fallback.
 except ImportError:  # pragma: no cover - depends on the platform
     HAS_TRITON = False
 
+# Experimental, opt-in: rows staged in shared memory (Gluon, Hopper); docs/KERNEL_NOTES.md.
+_GLUON = False
+if HAS_TRITON and os.environ.get("FUSEDCE_GLUON", "0") == "1":
+    try:
+        from . import gluon_cross_entropy
+
+        _GLUON = True
+    except ImportError:  # a triton without the Gluon dialect
+        _GLUON = False
+
 __all__ = ["CrossEntropyLoss", "cross_entropy", "set_target_check"]
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -164,7 +174,12 @@ def loss_and_grad_rows(
     """
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     loss_rows = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
-    run = cross_entropy_fwd_bwd_triton if uses_triton(logits) else cross_entropy_fwd_bwd_torch
+    if _GLUON and gluon_cross_entropy.supports(logits, target, weight, grad):
+        run = gluon_cross_entropy.cross_entropy_fwd_bwd_gluon
+    elif uses_triton(logits):
+        run = cross_entropy_fwd_bwd_triton
+    else:
+        run = cross_entropy_fwd_bwd_torch
     run(logits, target, weight, ignore_index, label_smoothing, loss_rows, grad, scale)
     return loss_rows
 
