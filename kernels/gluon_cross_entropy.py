@@ -50,10 +50,10 @@ def _cross_entropy_smem_kernel(
     TILE: gl.constexpr,
     NUM_TILES: gl.constexpr,
     VEC: gl.constexpr,
-    num_warps: gl.constexpr,
 ):
     # One distributed layout for the copies and the reads back: each thread reads exactly the
     # elements it copied itself, so waiting for its own copies is enough.
+    num_warps: gl.constexpr = gl.num_warps()  # the launch option; TILE = VEC * 32 * num_warps
     layout: gl.constexpr = gl.BlockedLayout([VEC], [32], [num_warps], [0])
     smem_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
     smem = gl.allocate_shared_memory(logits_ptr.dtype.element_ty, [NUM_TILES * TILE], smem_layout)

@@ -135,7 +135,6 @@ def test_gluon_smem_kernel_compiles_for_sm90(dtype, smoothing, write_grad):
         TILE=tile,
         NUM_TILES=num_tiles,
         VEC=vec,
-        num_warps=num_warps,
     )
     aligned = ("logits_ptr", "stride_logits", "grad_ptr", "stride_grad", "loss_ptr", "V")
     src = GluonASTSource(
