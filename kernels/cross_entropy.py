@@ -93,13 +93,21 @@ def check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> 
     """Raises IndexError if a class index is outside [0, num_classes) and not ignore_index."""
     if not _CHECK_TARGETS or target.dim() != 1 or target.numel() == 0:
         return
-    bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-    if bool(bad.any()):  # one host sync on CUDA; see set_target_check
-        _raise_bad_index(target, bad, num_classes, ignore_index)
+    if bool(_count_bad_indices(target, num_classes, ignore_index)):  # a host sync on CUDA
+        _raise_bad_index(target, num_classes, ignore_index)
 
 
-def _raise_bad_index(target: Tensor, bad: Tensor, num_classes: int, ignore_index: int) -> None:
-    value = int(target[bad][0])
+def _bad_index_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    return ((target < 0) | (target >= num_classes)) & (target != ignore_index)
+
+
+def _count_bad_indices(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
+    """() int32 device scalar: class indices outside [0, num_classes) other than ignore_index."""
+    return _bad_index_mask(target, num_classes, ignore_index).sum(dtype=torch.int32)
+
+
+def _raise_bad_index(target: Tensor, num_classes: int, ignore_index: int) -> None:
+    value = int(target[_bad_index_mask(target, num_classes, ignore_index)][0])
     raise IndexError(
         f"cross_entropy: target class index {value} is out of bounds for {num_classes} "
         f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
@@ -126,9 +134,7 @@ class _DeferredIndexCheck:
         if not self._arrived.query():  # normally arrived long ago: no wait at all
             self._arrived.synchronize()
         if int(self._host):
-            target, num_classes, ignore_index = self._args
-            bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
-            _raise_bad_index(target, bad, num_classes, ignore_index)
+            _raise_bad_index(*self._args)
 
 
 def mean_denominator(
@@ -184,6 +190,12 @@ def loss_and_grad_rows(
     return loss_rows
 
 
+# Up to this many rows, one program does the prologue (scale + index check) and the final sum in
+# a single launch each; past it, torch's multi-block reductions finish sooner than one program
+# looping over all rows. A guess to be tuned on the GPU (docs/KERNEL_NOTES.md, section 3).
+ONE_PROGRAM_ROWS = 16384
+
+
 def _grad_scale(
     logits: Tensor, target: Tensor, weight: Tensor | None, opts: _Options, defer: bool = False
 ) -> tuple[Tensor, _DeferredIndexCheck | None]:
@@ -194,22 +206,25 @@ def _grad_scale(
     """
     M, V = logits.shape
     mean = opts.reduction == "mean"
-    if uses_triton(logits):
-        # One tiny launch computes both; the host reads back only the bad-index count.
-        scale, n_bad = prologue_triton(
-            target, weight, opts.ignore_index, M, V, mean, _CHECK_TARGETS
-        )
-        if n_bad is not None and defer and logits.is_cuda:
-            return scale, _DeferredIndexCheck(n_bad, target, V, opts.ignore_index)
-        if n_bad is not None and bool(n_bad):  # a host sync; see set_target_check
-            check_class_indices(target, V, opts.ignore_index)
+    check = _CHECK_TARGETS and target.dim() == 1
+    if uses_triton(logits) and M <= ONE_PROGRAM_ROWS:
+        # One tiny launch computes both the scale and the bad-index count.
+        scale, n_bad = prologue_triton(target, weight, opts.ignore_index, M, V, mean, check)
+    else:
+        n_bad = _count_bad_indices(target, V, opts.ignore_index) if check else None
+        if mean:
+            denom = mean_denominator(target, weight, opts.ignore_index, M)
+            # Documented deviation from torch: nothing to average (all ignored, M == 0) gives 0.
+            scale = torch.where(denom > 0, 1.0 / denom, 0.0)
+        else:
+            scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    if n_bad is None:
         return scale, None
-    check_class_indices(target, V, opts.ignore_index)
-    if not mean:
-        return torch.ones((), dtype=torch.float32, device=logits.device), None
-    denom = mean_denominator(target, weight, opts.ignore_index, M)
-    # Documented deviation from torch: nothing to average (all ignored, or M == 0) gives 0.
-    return torch.where(denom > 0, 1.0 / denom, 0.0), None
+    if defer and logits.is_cuda:
+        return scale, _DeferredIndexCheck(n_bad, target, V, opts.ignore_index)
+    if bool(n_bad):  # a host sync on CUDA (calls without a gradient); see set_target_check
+        _raise_bad_index(target, V, opts.ignore_index)
+    return scale, None
 
 
 def _forward(
@@ -235,7 +250,7 @@ def _forward(
     if opts.reduction == "none":
         return loss_rows, grad, pending
     mean = opts.reduction == "mean"
-    if uses_triton(logits):
+    if uses_triton(logits) and logits.shape[0] <= ONE_PROGRAM_ROWS:
         return reduce_triton(loss_rows, scale, mean), grad, pending
     loss = loss_rows.sum()
     return (loss * scale.to(loss.dtype) if mean else loss), grad, pending

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -428,3 +429,21 @@ def test_compile_inductor():
     ref = F.cross_entropy(model(x).double(), target, reduction="none").sum() * 0.5
     torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
     assert math.isfinite(model.weight.grad.norm().item())
+
+
+@pytest.mark.parametrize("kind", ["hard", "soft"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_many_rows_path(monkeypatch, kind, reduction):
+    """Past ONE_PROGRAM_ROWS the scale, index check and final sum come from torch reductions
+    instead of the one-program kernels; same numbers (the limit is lowered to reach it here)."""
+    ce = sys.modules["kernels.cross_entropy"]
+    monkeypatch.setattr(ce, "ONE_PROGRAM_ROWS", 4)
+    x = make_logits((33, 300), torch.bfloat16)
+    target = make_target((33, 300), kind, ignore_frac=0.3 if kind == "hard" else 0.0)
+    weight = torch.rand(300, generator=torch.Generator().manual_seed(3)) + 0.5
+    check(x, target, reduction=reduction, weight=weight, label_smoothing=0.1)
+    if kind == "hard":
+        bad = target.clone()
+        bad[7] = 300
+        with pytest.raises(IndexError, match="300 is out of bounds"):
+            kernels.cross_entropy(x, bad)
