@@ -464,6 +464,7 @@ def cross_entropy(
         inplace_backward: write the gradient into the logits' storage instead of a new buffer.
             Saves one logits-sized allocation, but the logits are overwritten by the forward pass:
             nothing may read them afterwards (autograd raises if a saved tensor was overwritten).
+            Only where the (N, C) view of the input is contiguous; otherwise a new buffer.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none".
