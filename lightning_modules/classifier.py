@@ -59,7 +59,9 @@ class Classifier(LightningModule):
         fused_head: Compute the output layer and the loss together with
             ``kernels.linear_cross_entropy`` (never materialises the ``(B, C)`` logits for
             backward; meant for large vocabularies). Only with ``loss_impl="fused"``; with
-            ``"torch"`` the same objective is computed unfused. ``linear_cross_entropy`` takes
+            ``"torch"`` the same objective is computed unfused. ``train/acc`` then costs one
+            more head GEMM, so it is computed on logging steps only (``log_every_n_steps``).
+            ``linear_cross_entropy`` takes
             class indices only: soft-target batches use ``kernels.cross_entropy`` on
             materialised logits instead.
         l1: L1 penalty coefficient (>= 0).
@@ -242,9 +244,11 @@ class Classifier(LightningModule):
                 ignore_index=self.hparams.ignore_index,
                 label_smoothing=self.hparams.label_smoothing,
             )
-            with torch.no_grad():  # row chunks: never all (B, C) logits at once
-                preds = torch.cat([self.head(c).argmax(-1) for c in h.detach().split(256)])
-                acc, n = self._correct_preds(preds, y)
+            acc = n = None
+            if self._logging_step():  # accuracy costs one more head GEMM: only when logged
+                with torch.no_grad():  # row chunks: never all (B, C) logits at once
+                    preds = torch.cat([self.head(c).argmax(-1) for c in h.detach().split(256)])
+                    acc, n = self._correct_preds(preds, y)
         else:
             logits = self(x)
             with torch.no_grad():
@@ -254,9 +258,16 @@ class Classifier(LightningModule):
         bs = x.shape[0]
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
         self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=bs)
-        self.train_acc(acc, n)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
+        if acc is not None:
+            self.train_acc(acc, n)
+            self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
         return loss
+
+    def _logging_step(self) -> bool:
+        """Whether the trainer logs this step (always true outside a trainer)."""
+        if self._trainer is None:
+            return True
+        return self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
 
     def _eval_step(
         self, batch: tuple[Tensor, Tensor], loss_m: MeanMetric, acc_m: MeanMetric
