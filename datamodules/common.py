@@ -55,6 +55,24 @@ class SplitDataModule(LightningDataModule):
     val_set: TensorDataset | None = None
     test_set: TensorDataset | None = None
 
+    def _init_split(
+        self,
+        num_samples: int,
+        val_fraction: float,
+        test_fraction: float,
+        batch_size: int,
+        num_workers: int,
+    ) -> None:
+        """Checks the arguments every split module shares; sets ``sizes`` and ``batch_size``."""
+        check_positive_int("num_samples", num_samples)
+        check_positive_int("batch_size", batch_size)
+        check_fraction("val_fraction", val_fraction)
+        check_fraction("test_fraction", test_fraction, allow_zero=True)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.sizes = split_sizes(num_samples, val_fraction, test_fraction)
+        self.batch_size = batch_size
+
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() first")

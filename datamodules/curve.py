@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.common import SplitDataModule, check_fraction, check_positive_int, split_sizes
+from datamodules.common import SplitDataModule
 
 
 def band_labels(x: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
@@ -86,23 +86,13 @@ class CurveDataModule(SplitDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int("num_samples", num_samples)
-        check_positive_int("batch_size", batch_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction, allow_zero=True)
+        self._init_split(num_samples, val_fraction, test_fraction, batch_size, num_workers)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         if not 0.0 <= label_noise < 1.0:
             raise ValueError(f"label_noise must be in [0, 1), got {label_noise}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.sizes = split_sizes(num_samples, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.num_classes = num_classes
-        self.batch_size = batch_size
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     def band_boundaries(self) -> list[float]:
         """Scale factors ``c_k`` of the true class boundaries ``x2 = c_k * x1**2``."""

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.common import SplitDataModule, check_fraction, check_positive_int, split_sizes
+from datamodules.common import SplitDataModule, check_positive_int
 
 
 class TeacherDataModule(SplitDataModule):
@@ -65,11 +65,8 @@ class TeacherDataModule(SplitDataModule):
         pin_memory: bool = False,
     ) -> None:
         super().__init__()
-        check_positive_int("num_samples", num_samples)
+        self._init_split(num_samples, val_fraction, test_fraction, batch_size, num_workers)
         check_positive_int("in_features", in_features)
-        check_positive_int("batch_size", batch_size)
-        check_fraction("val_fraction", val_fraction)
-        check_fraction("test_fraction", test_fraction, allow_zero=True)
         if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(
                 f"vocab_size (num_classes) must be an integer >= 2, got {vocab_size!r}"
@@ -80,18 +77,11 @@ class TeacherDataModule(SplitDataModule):
             raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
         if teacher_hidden is not None:
             check_positive_int("teacher_hidden", teacher_hidden)
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.sizes = split_sizes(num_samples, val_fraction, test_fraction)
         self.save_hyperparameters()
         self.num_classes = vocab_size
         self.in_features = in_features
-        self.batch_size = batch_size
         self._teacher_cpu: tuple[torch.Tensor, ...] | None = None
         self._teacher_dev: dict[torch.device, tuple[torch.Tensor, ...]] = {}
-        self.train_set: TensorDataset | None = None
-        self.val_set: TensorDataset | None = None
-        self.test_set: TensorDataset | None = None
 
     # ----------------------------------------------------------------------------- teacher
     def _build_teacher(self) -> tuple[torch.Tensor, ...]:
