@@ -38,7 +38,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_modules import Classifier, DecisionBoundaryPlot, PredictionWriter, RunSummary
+from fusedce.lightning_modules import Classifier, DecisionBoundaryPlot, PredictionWriter, RunSummary
 
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"

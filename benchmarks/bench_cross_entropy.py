@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from benchmarks.common import base_environment, slug
 
 # ``kernels`` re-exports the function ``cross_entropy``, which hides the module's name.
-fce = importlib.import_module("kernels.cross_entropy")
+fce = importlib.import_module("fusedce.cross_entropy")
 
 MODES = ("fwd_bwd", "fwd")
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -200,7 +200,7 @@ def _fused_nocheck(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def _fused_gluon(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """fusedce with the experimental shared-memory kernel on (FUSEDCE_GLUON=1 for one call)."""
-    gk = importlib.import_module("kernels.gluon_cross_entropy")
+    gk = importlib.import_module("fusedce.gluon_cross_entropy")
     if not gk.supports(logits, target, None):
         raise RuntimeError("shape not covered by the shared-memory kernel (see its supports())")
     previous = fce._GLUON
@@ -219,7 +219,7 @@ def gluon_available(on_cuda: bool) -> str | None:
     if torch.cuda.get_device_capability()[0] != 9:
         return "not a Hopper GPU"
     try:
-        importlib.import_module("kernels.gluon_cross_entropy")
+        importlib.import_module("fusedce.gluon_cross_entropy")
     except ImportError as exc:
         return f"Gluon not importable ({exc})"
     return None

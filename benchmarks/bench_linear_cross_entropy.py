@@ -41,9 +41,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-import kernels
+import fusedce
 from benchmarks.common import base_environment
-from kernels.linear_cross_entropy import planned_chunk_rows
+from fusedce.linear_cross_entropy import planned_chunk_rows
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
@@ -86,9 +86,9 @@ def _lowmem_chunk(n: int, v: int, dtype: torch.dtype, device: torch.device) -> i
 def make_provider(name: str, device: torch.device) -> Step | None:
     """The loss function of a provider, or None where it is unavailable here."""
     if name == "fusedce":
-        return lambda x, W, t: kernels.linear_cross_entropy(x, W, t)
+        return lambda x, W, t: fusedce.linear_cross_entropy(x, W, t)
     if name == "fusedce_lowmem":
-        return lambda x, W, t: kernels.linear_cross_entropy(
+        return lambda x, W, t: fusedce.linear_cross_entropy(
             x,
             W,
             t,
@@ -96,9 +96,9 @@ def make_provider(name: str, device: torch.device) -> Step | None:
             accumulation="input",
         )
     if name == "fusedce_input_acc":  # the default chunk, weight gradient summed in its dtype
-        return lambda x, W, t: kernels.linear_cross_entropy(x, W, t, accumulation="input")
+        return lambda x, W, t: fusedce.linear_cross_entropy(x, W, t, accumulation="input")
     if name == "fusedce_bigchunk":
-        return lambda x, W, t: kernels.linear_cross_entropy(
+        return lambda x, W, t: fusedce.linear_cross_entropy(
             x, W, t, chunk_size=max(1, BIG_CHUNK_BYTES // (W.shape[0] * W.element_size()))
         )
     if name == "eager":

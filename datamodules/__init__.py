@@ -1,6 +1,6 @@
 """Data modules: the seed's curve task and a large-vocabulary teacher task."""
 
-from datamodules.curve import CurveDataModule, band_boundaries, band_labels
-from datamodules.teacher import TeacherDataModule
+from .curve import CurveDataModule, band_boundaries, band_labels
+from .teacher import TeacherDataModule
 
 __all__ = ["CurveDataModule", "TeacherDataModule", "band_boundaries", "band_labels"]

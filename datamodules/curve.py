@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.common import SplitDataModule
+from .common import SplitDataModule
 
 
 def band_labels(x: torch.Tensor, num_classes: int = 2) -> torch.Tensor:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
-from datamodules.common import SplitDataModule, check_positive_int
+from .common import SplitDataModule, check_positive_int
 
 
 class TeacherDataModule(SplitDataModule):

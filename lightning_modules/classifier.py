@@ -51,18 +51,18 @@ class Classifier(LightningModule):
         batch_norm: BatchNorm1d after each hidden Linear.
         dropout: Dropout probability after each hidden activation, in [0, 1).
         init: Weight init: PyTorch's default, Xavier-uniform or Kaiming-normal (biases zeroed).
-        loss_impl: ``"fused"`` = ``kernels.cross_entropy``; ``"torch"`` = ``F.cross_entropy``
+        loss_impl: ``"fused"`` = ``fusedce.cross_entropy``; ``"torch"`` = ``F.cross_entropy``
             (computed in float32), to compare both on the same run.
         label_smoothing: Passed to the loss, in [0, 1].
         ignore_index: Hard-target value that is ignored by loss and accuracy.
         inplace_backward: Let the fused loss write its gradient into the logits' storage.
         fused_head: Compute the output layer and the loss together with
-            ``kernels.linear_cross_entropy`` (never materialises the ``(B, C)`` logits for
+            ``fusedce.linear_cross_entropy`` (never materialises the ``(B, C)`` logits for
             backward; meant for large vocabularies). Only with ``loss_impl="fused"``; with
             ``"torch"`` the same objective is computed unfused. ``train/acc`` then costs one
             more head GEMM, so it is computed on logging steps only (``log_every_n_steps``).
             ``linear_cross_entropy`` takes
-            class indices only: soft-target batches use ``kernels.cross_entropy`` on
+            class indices only: soft-target batches use ``fusedce.cross_entropy`` on
             materialised logits instead.
         l1: L1 penalty coefficient (>= 0).
         l2: L2 penalty coefficient (>= 0).
@@ -382,13 +382,13 @@ def _gain_name(activation: str) -> str:
 
 def _import_kernels() -> Any:
     try:
-        import kernels
+        import fusedce
     except ImportError as err:  # pragma: no cover - kernels/ is part of this repository
         raise ImportError(
             "loss_impl='fused' needs the `kernels` package of this repository; "
             "use model.loss_impl=torch to train without it"
         ) from err
-    return kernels
+    return fusedce
 
 
 def _import_linear_cross_entropy() -> Any:
@@ -396,7 +396,7 @@ def _import_linear_cross_entropy() -> Any:
     fn = getattr(kernels, "linear_cross_entropy", None)
     if fn is None:
         raise ImportError(
-            "fused_head=True needs kernels.linear_cross_entropy, which this checkout does not "
+            "fused_head=True needs fusedce.linear_cross_entropy, which this checkout does not "
             "provide yet; set model.fused_head=false"
         )
     return fn

@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import triton_cross_entropy as tk  # noqa: E402
+from fusedce import triton_cross_entropy as tk  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -109,7 +109,7 @@ def test_helper_kernels_compile_for_sm90(mean, soft, check):
 def test_gluon_smem_kernel_compiles_for_sm90(dtype, smoothing, write_grad):
     """The experimental shared-memory kernel (kernels/gluon_cross_entropy.py), with the 16-byte
     alignment that the launcher requires and Triton's specialisation proves."""
-    gk = pytest.importorskip("kernels.gluon_cross_entropy")
+    gk = pytest.importorskip("fusedce.gluon_cross_entropy")
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = gk._cross_entropy_smem_kernel

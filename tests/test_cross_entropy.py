@@ -1,4 +1,4 @@
-"""kernels.cross_entropy against torch's F.cross_entropy in float64, loss and gradient.
+"""fusedce.cross_entropy against torch's F.cross_entropy in float64, loss and gradient.
 
 This whole module is the kernel suite (marker ``kernel``). CI runs it twice: with
 TRITON_INTERPRET=1 the CPU tensors go through the Triton kernel in Triton's interpreter; without
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from ce_reference import DTYPES, check, make_logits, make_target, reference
 
-import kernels
-from kernels.cross_entropy import uses_triton
+import fusedce
+from fusedce.cross_entropy import uses_triton
 
 pytestmark = pytest.mark.kernel
 
@@ -152,7 +152,7 @@ def test_all_ignored_gives_zero_not_nan(reduction):
     """Documented deviation: a mean over nothing is 0 with a zero gradient (torch: NaN)."""
     x = make_logits((4, 9), torch.float32).requires_grad_()
     target = torch.full((4,), -100)
-    loss = kernels.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+    loss = fusedce.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
     assert torch.all(loss == 0)
     (g,) = torch.autograd.grad(loss.sum(), x)
     assert torch.all(g == 0)
@@ -160,7 +160,7 @@ def test_all_ignored_gives_zero_not_nan(reduction):
 
 def test_empty_batch_mean_is_zero():
     x = torch.zeros(0, 5, requires_grad=True)
-    loss = kernels.cross_entropy(x, torch.zeros(0, dtype=torch.long))
+    loss = fusedce.cross_entropy(x, torch.zeros(0, dtype=torch.long))
     assert loss.item() == 0.0
     (g,) = torch.autograd.grad(loss, x)
     assert g.shape == (0, 5)
@@ -191,7 +191,7 @@ def test_neg_inf_logits():
     p = torch.zeros(4, 300)
     p[:, :100] = torch.softmax(torch.randn(4, 100), dim=1)
     xr = x.clone().requires_grad_()
-    loss = kernels.cross_entropy(xr, p)
+    loss = fusedce.cross_entropy(xr, p)
     expected = -(p[:, :100] * torch.log_softmax(x[:, :100].double(), 1)).sum(1).mean()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
     (g,) = torch.autograd.grad(loss, xr)
@@ -201,9 +201,9 @@ def test_neg_inf_logits():
 def test_nan_logits_propagate():
     x = make_logits((3, 50), torch.float32)
     x[1, 7] = float("nan")
-    loss = kernels.cross_entropy(x, torch.tensor([1, 2, 3]), reduction="none")
+    loss = fusedce.cross_entropy(x, torch.tensor([1, 2, 3]), reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
-    assert torch.isnan(kernels.cross_entropy(x, torch.tensor([1, 2, 3])))
+    assert torch.isnan(fusedce.cross_entropy(x, torch.tensor([1, 2, 3])))
 
 
 def test_no_grad_path_matches():
@@ -211,8 +211,8 @@ def test_no_grad_path_matches():
     x = make_logits((9, 37), torch.float32)
     target = make_target((9, 37), "hard", ignore_frac=0.2)
     with torch.no_grad():
-        a = kernels.cross_entropy(x.requires_grad_(), target, label_smoothing=0.1)
-    b = kernels.cross_entropy(x.detach(), target, label_smoothing=0.1)
+        a = fusedce.cross_entropy(x.requires_grad_(), target, label_smoothing=0.1)
+    b = fusedce.cross_entropy(x.detach(), target, label_smoothing=0.1)
     _, ref = reference(x, target, label_smoothing=0.1)
     assert not a.requires_grad
     torch.testing.assert_close(a.double(), ref.detach())
@@ -226,11 +226,11 @@ def test_inplace_backward(dtype):
     target = make_target((8, 3000), "hard", ignore_frac=0.2)
     leaf = x.clone().requires_grad_()
     logits = leaf * 1.0  # a non-leaf, as the output of a layer would be
-    loss = kernels.cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=True)
+    loss = fusedce.cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=True)
     ptr = logits.data_ptr()
     loss.backward(torch.tensor(2.0))
     leaf2 = x.clone().requires_grad_()
-    ref_loss = kernels.cross_entropy(leaf2 * 1.0, target, label_smoothing=0.1)
+    ref_loss = fusedce.cross_entropy(leaf2 * 1.0, target, label_smoothing=0.1)
     ref_loss.backward(torch.tensor(2.0))
     torch.testing.assert_close(loss, ref_loss)
     torch.testing.assert_close(leaf.grad, leaf2.grad)
@@ -242,14 +242,14 @@ def test_inplace_backward_is_caught_when_logits_were_saved():
     """Overwriting logits that another op saved for backward must raise, not corrupt."""
     x = make_logits((4, 20), torch.float32).requires_grad_()
     logits = torch.sigmoid(x)  # sigmoid saves its output for backward
-    loss = kernels.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
+    loss = fusedce.cross_entropy(logits, torch.tensor([1, 2, 3, 4]), inplace_backward=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
 
 
 def test_second_backward_raises():
     x = make_logits((4, 20), torch.float32).requires_grad_()
-    loss = kernels.cross_entropy(x, torch.tensor([1, 2, 3, 4]))
+    loss = fusedce.cross_entropy(x, torch.tensor([1, 2, 3, 4]))
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -260,7 +260,7 @@ def test_grad_output_scalar_values(g):
     """grad_output of exactly 1 skips the scaling pass; other values must still scale."""
     x = make_logits((5, 70), torch.float32).requires_grad_()
     target = make_target((5, 70), "hard")
-    loss = kernels.cross_entropy(x, target)
+    loss = fusedce.cross_entropy(x, target)
     (gx,) = torch.autograd.grad(loss, x, torch.tensor(g))
     x64, ref = reference(x, target)
     (gref,) = torch.autograd.grad(ref, x64, torch.tensor(g, dtype=torch.float64))
@@ -269,7 +269,7 @@ def test_grad_output_scalar_values(g):
 
 def test_module_matches_functional_and_torch_module():
     w = torch.rand(37) + 0.5
-    ours = kernels.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum", label_smoothing=0.1)
+    ours = fusedce.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum", label_smoothing=0.1)
     theirs = torch.nn.CrossEntropyLoss(
         weight=w.double(), ignore_index=2, reduction="sum", label_smoothing=0.1
     )
@@ -286,7 +286,7 @@ def test_autocast_loss_is_float32():
     x = torch.randn(6, 8)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = lin(x)
-        loss = kernels.cross_entropy(logits, torch.randint(0, 40, (6,)))
+        loss = fusedce.cross_entropy(logits, torch.randint(0, 40, (6,)))
     assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
     loss.backward()
     assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
@@ -335,39 +335,39 @@ def test_bad_input_raises(args, kwargs, exc, match):
     shape, target = args
     x = torch.randn(shape, requires_grad=True)
     with pytest.raises(exc, match=match):
-        kernels.cross_entropy(x, target, **kwargs)
+        fusedce.cross_entropy(x, target, **kwargs)
 
 
 def test_bad_input_dtype_raises():
     with pytest.raises(TypeError, match="floating"):
-        kernels.cross_entropy(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
+        fusedce.cross_entropy(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, dtype=torch.long))
 
 
 def test_target_check_can_be_disabled_and_then_gives_nan():
     """With the range check off a bad index still reads nothing out of bounds: its row is NaN."""
-    kernels.set_target_check(False)
+    fusedce.set_target_check(False)
     try:
         x = make_logits((3, 6), torch.float32).requires_grad_()
-        loss = kernels.cross_entropy(x, torch.tensor([0, 9, 2]), reduction="none")
+        loss = fusedce.cross_entropy(x, torch.tensor([0, 9, 2]), reduction="none")
         assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
         (g,) = torch.autograd.grad(loss.sum(), x)
         assert torch.isnan(g[1]).all() and torch.isfinite(g[[0, 2]]).all()
     finally:
-        kernels.set_target_check(True)
+        fusedce.set_target_check(True)
 
 
 def test_module_rejects_bad_arguments():
     with pytest.raises(ValueError, match="reduction"):
-        kernels.CrossEntropyLoss(reduction="avg")
+        fusedce.CrossEntropyLoss(reduction="avg")
     with pytest.raises(ValueError, match="label_smoothing"):
-        kernels.CrossEntropyLoss(label_smoothing=2.0)
+        fusedce.CrossEntropyLoss(label_smoothing=2.0)
 
 
 def test_soft_target_requiring_grad_raises():
     x = make_logits((3, 6), torch.float32).requires_grad_()
     p = torch.softmax(torch.randn(3, 6), 1).requires_grad_()
     with pytest.raises(NotImplementedError, match="detach the target"):
-        kernels.cross_entropy(x, p)
+        fusedce.cross_entropy(x, p)
 
 
 def test_float64_uses_fallback_in_float64():
@@ -400,7 +400,7 @@ def test_compile_fullgraph(kind):
     target = make_target((10, 29), kind)
 
     def step(inp):
-        return kernels.cross_entropy(model(inp), target, label_smoothing=0.1)
+        return fusedce.cross_entropy(model(inp), target, label_smoothing=0.1)
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     loss_c = compiled(x)
@@ -421,7 +421,7 @@ def test_compile_inductor():
     x = torch.randn(10, 16)
     target = make_target((10, 29), "hard", ignore_frac=0.2)
     compiled = torch.compile(
-        lambda inp: kernels.cross_entropy(model(inp), target, reduction="none").sum() * 0.5,
+        lambda inp: fusedce.cross_entropy(model(inp), target, reduction="none").sum() * 0.5,
         fullgraph=True,
     )
     loss = compiled(x)
@@ -436,7 +436,7 @@ def test_compile_inductor():
 def test_many_rows_path(monkeypatch, kind, reduction):
     """Past ONE_PROGRAM_ROWS the scale, index check and final sum come from torch reductions
     instead of the one-program kernels; same numbers (the limit is lowered to reach it here)."""
-    ce = sys.modules["kernels.cross_entropy"]
+    ce = sys.modules["fusedce.cross_entropy"]
     monkeypatch.setattr(ce, "ONE_PROGRAM_ROWS", 4)
     x = make_logits((33, 300), torch.bfloat16)
     target = make_target((33, 300), kind, ignore_frac=0.3 if kind == "hard" else 0.0)
@@ -446,4 +446,4 @@ def test_many_rows_path(monkeypatch, kind, reduction):
         bad = target.clone()
         bad[7] = 300
         with pytest.raises(IndexError, match="300 is out of bounds"):
-            kernels.cross_entropy(x, bad)
+            fusedce.cross_entropy(x, bad)

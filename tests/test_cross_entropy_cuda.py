@@ -7,7 +7,7 @@ import pytest
 import torch
 from ce_reference import DTYPES, check, make_logits, make_target
 
-import kernels
+import fusedce
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -53,7 +53,7 @@ def test_cuda_int64_offsets():
     x = torch.randn((N, V), device=DEV, dtype=torch.bfloat16)
     target = torch.randint(0, V, (N,), device=DEV)
     x.requires_grad_()
-    loss = kernels.cross_entropy(x, target, reduction="none")
+    loss = fusedce.cross_entropy(x, target, reduction="none")
     (g,) = torch.autograd.grad(loss.sum(), x)
     tail = slice(N - 4, N)  # rows whose offsets exceed 2**31
     ref = torch.nn.functional.cross_entropy(x[tail].double(), target[tail], reduction="none")
@@ -74,7 +74,7 @@ def test_cuda_memory_out_of_place_vs_inplace():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        loss = kernels.cross_entropy(h, target, inplace_backward=inplace)
+        loss = fusedce.cross_entropy(h, target, inplace_backward=inplace)
         loss.backward(inputs=[h])
         torch.cuda.synchronize()
         extra = torch.cuda.max_memory_allocated() - base
@@ -88,14 +88,14 @@ def test_cuda_forward_never_syncs(check):
     pinned memory and is read in backward) or off; with it off, none in backward either."""
     x = make_logits((64, 32000), torch.bfloat16, device=DEV).requires_grad_()
     target = torch.randint(0, 32000, (64,), device=DEV)
-    kernels.cross_entropy(x, target).backward()  # warm-up: compile outside the sync check
+    fusedce.cross_entropy(x, target).backward()  # warm-up: compile outside the sync check
     torch.cuda.synchronize()
-    kernels.set_target_check(check)
+    fusedce.set_target_check(check)
     try:
         for reduction in ("mean", "sum", "none"):
             torch.cuda.set_sync_debug_mode("error")
             try:
-                loss = kernels.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
+                loss = fusedce.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1)
                 loss = loss.sum() if reduction == "none" else loss
                 if not check:
                     loss.backward()
@@ -104,25 +104,25 @@ def test_cuda_forward_never_syncs(check):
             if check:
                 loss.backward()
     finally:
-        kernels.set_target_check(True)
+        fusedce.set_target_check(True)
 
 
 def test_cuda_bad_index_raises_and_never_reads_out_of_bounds():
     x = make_logits((8, 1000), torch.float32, device=DEV).requires_grad_()
     bad = torch.tensor([0, 1, 2, 3, 4, 5, 6, 5000], device=DEV)
     with pytest.raises(IndexError, match="5000 is out of bounds"):  # no gradient: at the call
-        kernels.cross_entropy(x.detach(), bad)
-    loss = kernels.cross_entropy(x, bad)  # with a gradient: NaN now, the error in backward
+        fusedce.cross_entropy(x.detach(), bad)
+    loss = fusedce.cross_entropy(x, bad)  # with a gradient: NaN now, the error in backward
     assert torch.isnan(loss)
     with pytest.raises(IndexError, match="5000 is out of bounds"):
         loss.backward()
-    kernels.set_target_check(False)
+    fusedce.set_target_check(False)
     try:
-        loss = kernels.cross_entropy(x, bad, reduction="none")
+        loss = fusedce.cross_entropy(x, bad, reduction="none")
         torch.cuda.synchronize()  # an illegal access would surface here
         assert torch.isnan(loss[7]) and torch.isfinite(loss[:7]).all()
     finally:
-        kernels.set_target_check(True)
+        fusedce.set_target_check(True)
 
 
 def test_cuda_compile_inductor_fullgraph():
@@ -132,7 +132,7 @@ def test_cuda_compile_inductor_fullgraph():
     target = torch.randint(0, 50257, (128,), device=DEV)
 
     def step(inp):
-        return kernels.cross_entropy(model(inp), target, label_smoothing=0.1)
+        return fusedce.cross_entropy(model(inp), target, label_smoothing=0.1)
 
     loss_c = torch.compile(step, fullgraph=True)(h)
     (gc,) = torch.autograd.grad(loss_c, model.weight)

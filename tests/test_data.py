@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules import CurveDataModule, TeacherDataModule, band_labels
+from fusedce.datamodules import CurveDataModule, TeacherDataModule, band_labels
 
 
 def test_band_labels_two_classes_is_above_the_seed_curve() -> None:

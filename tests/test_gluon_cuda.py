@@ -13,7 +13,7 @@ import pytest
 import torch
 from ce_reference import check, make_logits, make_target
 
-import kernels
+import fusedce
 
 pytestmark = [pytest.mark.gpu, pytest.mark.gluon]
 DEV = "cuda"
@@ -24,8 +24,8 @@ def gluon_path(monkeypatch):
     """Turns the opt-in path on (as FUSEDCE_GLUON=1 would) and counts its launches."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the shared-memory kernel targets Hopper (sm_90)")
-    gk = pytest.importorskip("kernels.gluon_cross_entropy")
-    ce = sys.modules["kernels.cross_entropy"]
+    gk = pytest.importorskip("fusedce.gluon_cross_entropy")
+    ce = sys.modules["fusedce.cross_entropy"]
     calls = []
     launcher = gk.cross_entropy_fwd_bwd_gluon
 
@@ -58,20 +58,20 @@ def test_cuda_gluon_inplace_and_bad_index(gluon_path):
     x = make_logits((64, 32000), torch.bfloat16, device=DEV).requires_grad_()
     h = x * 1.0
     target = torch.randint(0, 32000, (64,), device=DEV)
-    loss = kernels.cross_entropy(h, target, inplace_backward=True)
+    loss = fusedce.cross_entropy(h, target, inplace_backward=True)
     loss.backward()
     ref = torch.softmax(x.detach().double(), 1)
     ref[torch.arange(64), target] -= 1
     assert (x.grad.double() - ref / 64).norm() <= 1e-2 * (ref / 64).norm()
-    kernels.set_target_check(False)
+    fusedce.set_target_check(False)
     try:
         bad = target.clone()
         bad[5] = 40000
-        out = kernels.cross_entropy(x.detach(), bad, reduction="none")
+        out = fusedce.cross_entropy(x.detach(), bad, reduction="none")
         torch.cuda.synchronize()
         assert torch.isnan(out[5]) and torch.isfinite(out[torch.arange(64) != 5]).all()
     finally:
-        kernels.set_target_check(True)
+        fusedce.set_target_check(True)
     assert len(gluon_path) == 2
 
 

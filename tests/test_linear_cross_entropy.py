@@ -1,4 +1,4 @@
-"""kernels.linear_cross_entropy against F.cross_entropy(F.linear(...)) in float64.
+"""fusedce.linear_cross_entropy against F.cross_entropy(F.linear(...)) in float64.
 
 Kernel suite (marker ``kernel``): CI runs it with TRITON_INTERPRET=1 (the fused Triton kernel in
 Triton's interpreter) and without (the torch fallback). Shapes stay small: the interpreter is slow.
@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.cross_entropy import uses_triton
-from kernels.linear_cross_entropy import CHUNK_BYTES, planned_chunk_rows
+import fusedce
+from fusedce.cross_entropy import uses_triton
+from fusedce.linear_cross_entropy import CHUNK_BYTES, planned_chunk_rows
 
 pytestmark = pytest.mark.kernel
 # The module, not the function of the same name that kernels/__init__ exports.
-lce_mod = importlib.import_module("kernels.linear_cross_entropy")
+lce_mod = importlib.import_module("fusedce.linear_cross_entropy")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Relative-norm tolerances vs float64. Half-precision logits and gradients are rounded to the
@@ -75,7 +75,7 @@ def check(x, W, b, t, *, rtol_scale=1.0, **kw):
     leaves = [a.detach().requires_grad_() for a in (x, W) + ((b,) if b is not None else ())]
     xs, Ws = leaves[:2]
     bs = leaves[2] if b is not None else None
-    loss = kernels.linear_cross_entropy(xs, Ws, t, linear_bias=bs, **kw)
+    loss = fusedce.linear_cross_entropy(xs, Ws, t, linear_bias=bs, **kw)
     ref, ref_leaves = reference(x, W, b, t, **kw)
     expected_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     assert loss.dtype == expected_dtype
@@ -162,8 +162,8 @@ def test_options(opts, dtype, reduction):
 
 def test_ignore_index_none_means_minus_100():
     x, W, _, t = make_case((8,), 8, 10, torch.float32, ignore_frac=0.4)
-    a = kernels.linear_cross_entropy(x, W, t, ignore_index=None)
-    torch.testing.assert_close(a, kernels.linear_cross_entropy(x, W, t))
+    a = fusedce.linear_cross_entropy(x, W, t, ignore_index=None)
+    torch.testing.assert_close(a, fusedce.linear_cross_entropy(x, W, t))
 
 
 def test_int32_targets():
@@ -181,7 +181,7 @@ def test_empty_batch(reduction):
     """N=0: mean gives 0 (documented deviation: torch gives NaN), gradients are zero."""
     x, W, b, t = make_case((0,), 8, 10, torch.float32, bias=True)
     leaves = [a.requires_grad_() for a in (x, W, b)]
-    loss = kernels.linear_cross_entropy(
+    loss = fusedce.linear_cross_entropy(
         leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction
     )
     assert loss.shape == ((0,) if reduction == "none" else ())
@@ -201,8 +201,8 @@ def test_all_ignored_mean_is_zero():
 def test_no_grad_matches_grad_path():
     x, W, b, t = make_case((2, 5), 8, 30, torch.bfloat16, bias=True)
     with torch.no_grad():
-        a = kernels.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=3)
-    loss = kernels.linear_cross_entropy(x, W.requires_grad_(), t, linear_bias=b, chunk_size=3)
+        a = fusedce.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=3)
+    loss = fusedce.linear_cross_entropy(x, W.requires_grad_(), t, linear_bias=b, chunk_size=3)
     torch.testing.assert_close(a, loss.detach())
 
 
@@ -210,7 +210,7 @@ def test_only_weight_requires_grad():
     """Frozen hidden states: only the weight gradient is produced."""
     x, W, b, t = make_case((7,), 8, 12, torch.float32, bias=True)
     W.requires_grad_()
-    loss = kernels.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=2)
+    loss = fusedce.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=2)
     (gw,) = torch.autograd.grad(loss, W)
     ref, (_, W64, _) = reference(x, W, b, t)
     (rw,) = torch.autograd.grad(ref, W64)
@@ -221,7 +221,7 @@ def test_only_weight_requires_grad():
 def test_grad_output_scalar(g):
     x, W, b, t = make_case((7,), 8, 12, torch.float32, bias=True)
     leaves = [a.requires_grad_() for a in (x, W, b)]
-    loss = kernels.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=3)
+    loss = fusedce.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=3)
     grads = torch.autograd.grad(loss, leaves, torch.tensor(g))
     ref, ref_leaves = reference(x, W, b, t)
     ref_grads = torch.autograd.grad(ref, ref_leaves, torch.tensor(g, dtype=torch.float64))
@@ -232,7 +232,7 @@ def test_grad_output_scalar(g):
 def test_second_backward_raises():
     x, W, _, t = make_case((5,), 8, 12, torch.float32)
     W.requires_grad_()
-    loss = kernels.linear_cross_entropy(x, W, t)
+    loss = fusedce.linear_cross_entropy(x, W, t)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):
         loss.backward()
@@ -242,7 +242,7 @@ def test_none_reduction_allows_second_backward():
     """reduction='none' recomputes in backward, so retain_graph works."""
     x, W, _, t = make_case((5,), 8, 12, torch.float32)
     W.requires_grad_()
-    loss = kernels.linear_cross_entropy(x, W, t, reduction="none", chunk_size=2)
+    loss = fusedce.linear_cross_entropy(x, W, t, reduction="none", chunk_size=2)
     (g1,) = torch.autograd.grad(loss.sum(), W, retain_graph=True)
     (g2,) = torch.autograd.grad(loss.sum(), W)
     torch.testing.assert_close(g1, g2)
@@ -251,9 +251,9 @@ def test_none_reduction_allows_second_backward():
 def test_accumulates_into_existing_grad():
     x, W, _, t = make_case((6,), 8, 12, torch.float32)
     W.requires_grad_()
-    kernels.linear_cross_entropy(x, W, t, chunk_size=4).backward()
+    fusedce.linear_cross_entropy(x, W, t, chunk_size=4).backward()
     first = W.grad.clone()
-    kernels.linear_cross_entropy(x, W, t, chunk_size=4).backward()
+    fusedce.linear_cross_entropy(x, W, t, chunk_size=4).backward()
     torch.testing.assert_close(W.grad, 2 * first)
 
 
@@ -265,7 +265,7 @@ def test_accumulates_into_existing_grad():
 def _weight_grad_err(dtype, chunk, accumulation="float32", N=64, D=16, V=48):
     x, W, _, t = make_case((N,), D, V, dtype)
     W.requires_grad_()
-    loss = kernels.linear_cross_entropy(
+    loss = fusedce.linear_cross_entropy(
         x, W, t, reduction="sum", chunk_size=chunk, accumulation=accumulation
     )
     (gw,) = torch.autograd.grad(loss, W)
@@ -302,7 +302,7 @@ def test_bf16_at_least_as_accurate_as_eager_upcast():
         return errs + [rel_err(g, r) for g, r in zip(grads, ref_grads, strict=True)]
 
     ours = errors(
-        lambda x, W, b: kernels.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=5)
+        lambda x, W, b: fusedce.linear_cross_entropy(x, W, t, linear_bias=b, chunk_size=5)
     )
     eager = errors(lambda x, W, b: F.cross_entropy(F.linear(x, W, b).float(), t))
     # Triton's interpreter casts float32 -> bfloat16 by truncation (GPUs round to nearest), so
@@ -320,7 +320,7 @@ def test_matches_torch_linear_cross_entropy(reduction):
     x, W, b, t = make_case((20,), 16, 37, torch.float32, bias=True, ignore_frac=0.2)
     kw = {"reduction": reduction}  # torch's chunked path takes no label smoothing
     leaves = [a.detach().clone().requires_grad_() for a in (x, W, b)]
-    ours = kernels.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], **kw)
+    ours = fusedce.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], **kw)
     tl = [a.detach().clone().requires_grad_() for a in (x, W, b)]
     opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=6)
     theirs = F.linear_cross_entropy(tl[0], tl[1], t, linear_bias=tl[2], options=opts, **kw)
@@ -368,7 +368,7 @@ def test_logits_never_exceed_a_chunk(monkeypatch):
     monkeypatch.setattr(lce_mod, "loss_and_grad_rows", spy)
     x, W, _, t = make_case((N,), D, V, torch.float32)
     W.requires_grad_()
-    loss = kernels.linear_cross_entropy(x, W, t, chunk_size=chunk)
+    loss = fusedce.linear_cross_entropy(x, W, t, chunk_size=chunk)
     loss.backward()
     assert len(seen) == N // chunk
     assert max(r for r, _ in seen) * V * 4 == 2 << 20
@@ -383,10 +383,10 @@ def test_logits_never_exceed_a_chunk(monkeypatch):
 
 def test_module_matches_functional():
     torch.manual_seed(0)
-    mod = kernels.LinearCrossEntropyLoss(8, 12, bias=True, reduction="sum", chunk_size=3)
+    mod = fusedce.LinearCrossEntropyLoss(8, 12, bias=True, reduction="sum", chunk_size=3)
     x, _, _, t = make_case((2, 5), 8, 12, torch.float32)
     loss = mod(x, t)
-    ref = kernels.linear_cross_entropy(
+    ref = fusedce.linear_cross_entropy(
         x, mod.linear.weight, t, linear_bias=mod.linear.bias, reduction="sum"
     )
     torch.testing.assert_close(loss, ref)
@@ -398,7 +398,7 @@ def test_module_matches_functional():
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyLoss"), reason="torch too old")
 def test_module_matches_torch_module():
     torch.manual_seed(0)
-    ours = kernels.LinearCrossEntropyLoss(8, 12, bias=True, label_smoothing=0.1)
+    ours = fusedce.LinearCrossEntropyLoss(8, 12, bias=True, label_smoothing=0.1)
     theirs = torch.nn.LinearCrossEntropyLoss(8, 12, bias=True, label_smoothing=0.1)
     theirs.load_state_dict(ours.state_dict())
     x, _, _, t = make_case((6,), 8, 12, torch.float32)
@@ -407,7 +407,7 @@ def test_module_matches_torch_module():
 
 def test_module_from_linear_shares_the_head():
     head = torch.nn.Linear(8, 12, bias=False)
-    mod = kernels.LinearCrossEntropyLoss.from_linear(head, reduction="mean", chunk_size=4)
+    mod = fusedce.LinearCrossEntropyLoss.from_linear(head, reduction="mean", chunk_size=4)
     assert mod.linear is head and mod.linear.bias is None
     x, _, _, t = make_case((6,), 8, 12, torch.float32)
     mod(x, t).backward()
@@ -451,14 +451,14 @@ X, WT, _, T = make_case((4,), 8, 10, torch.float32)
 )
 def test_bad_input_raises(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
-        kernels.linear_cross_entropy(*args, **kwargs)
+        fusedce.linear_cross_entropy(*args, **kwargs)
 
 
 def test_module_rejects_bad_options():
     with pytest.raises(ValueError, match="reduction"):
-        kernels.LinearCrossEntropyLoss(4, 5, reduction="avg")
+        fusedce.LinearCrossEntropyLoss(4, 5, reduction="avg")
     with pytest.raises(ValueError, match="chunk_size"):
-        kernels.LinearCrossEntropyLoss(4, 5, chunk_size=0)
+        fusedce.LinearCrossEntropyLoss(4, 5, chunk_size=0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,7 +476,7 @@ def test_cuda_accuracy_and_peak_memory(accumulation):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    loss = kernels.linear_cross_entropy(x, W, t, chunk_size=chunk, accumulation=accumulation)
+    loss = fusedce.linear_cross_entropy(x, W, t, chunk_size=chunk, accumulation=accumulation)
     gx, gw = torch.autograd.grad(loss, (x, W))
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
@@ -526,7 +526,7 @@ def test_linear_cross_entropy_compile_fullgraph(reduction):
     up = torch.randn(3, 5, generator=g) if reduction == "none" else torch.tensor(1.7)
 
     def step(inp):
-        return kernels.linear_cross_entropy(
+        return fusedce.linear_cross_entropy(
             body(inp), W, t, reduction=reduction, label_smoothing=0.1, chunk_size=4
         )
 

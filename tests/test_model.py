@@ -13,10 +13,10 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from torch import nn
 
-from datamodules import CurveDataModule, TeacherDataModule
-from lightning_modules import Classifier
+from fusedce.datamodules import CurveDataModule, TeacherDataModule
+from fusedce.lightning_modules import Classifier
 
-HAS_LINEAR_CE = hasattr(__import__("kernels"), "linear_cross_entropy")
+HAS_LINEAR_CE = hasattr(__import__("fusedce"), "linear_cross_entropy")
 
 
 def small_curve(**kwargs) -> CurveDataModule:
@@ -325,7 +325,7 @@ def test_teacher_task_trains_with_hard_and_soft_targets(tmp_path: Path, soft: bo
     assert float(trainer.callback_metrics["val/acc"]) > 1 / 300
 
 
-@pytest.mark.skipif(not HAS_LINEAR_CE, reason="kernels.linear_cross_entropy not available")
+@pytest.mark.skipif(not HAS_LINEAR_CE, reason="fusedce.linear_cross_entropy not available")
 @pytest.mark.parametrize("soft", [False, True])
 def test_fused_head_matches_unfused_training(tmp_path: Path, soft: bool) -> None:
     results = []

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from datamodules import band_labels
+from fusedce.datamodules import band_labels
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # train.py is a top-level script, not part of the package
@@ -174,7 +174,7 @@ def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path
         train.main(["--config", LINEAR, "--print_config"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: datamodules.CurveDataModule" in out
+    assert "class_path: fusedce.datamodules.CurveDataModule" in out
     assert "hidden_sizes: []" in out and "torch.optim.Adam" in out
     assert not (tmp_path / "runs").exists()
 
@@ -268,7 +268,7 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
     cli = config["cli"]
     assert cli["trainer"]["max_epochs"] == 3
     assert cli["model"]["optimizer"]["class_path"] == "torch.optim.AdamW"
-    assert cli["data"]["class_path"] == "datamodules.CurveDataModule"
+    assert cli["data"]["class_path"] == "fusedce.datamodules.CurveDataModule"
 
 
 @pytest.mark.slow
