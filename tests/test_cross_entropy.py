@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from ce_reference import DTYPES, check, make_logits, make_target, reference
 
 import fusedce
+from ce_reference import DTYPES, check, make_logits, make_target, reference
 from fusedce.cross_entropy import uses_triton
 
 pytestmark = pytest.mark.kernel

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ce_reference import DTYPES, check, make_logits, make_target
 
 import fusedce
+from ce_reference import DTYPES, check, make_logits, make_target
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 import torch
-from ce_reference import check, make_logits, make_target
 
 import fusedce
+from ce_reference import check, make_logits, make_target
 
 pytestmark = [pytest.mark.gpu, pytest.mark.gluon]
 DEV = "cuda"
