@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import fusedce
 from benchmarks.common import base_environment
-from fusedce.linear_cross_entropy import planned_chunk_rows
+from fusedce.linear_chunks import planned_chunk_rows
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
