@@ -16,8 +16,6 @@ from torch import nn
 from fusedce.datamodules import CurveDataModule, TeacherDataModule
 from fusedce.lightning_modules import Classifier
 
-HAS_LINEAR_CE = hasattr(__import__("fusedce"), "linear_cross_entropy")
-
 
 def small_curve(**kwargs) -> CurveDataModule:
     kwargs = {"num_samples": 1200, "batch_size": 64, "seed": 0, **kwargs}
@@ -50,7 +48,7 @@ class RecordLosses(Callback):
 
 
 # ---------------------------------------------------------------------------------- structure
-def test_no_hidden_layer_is_the_seeds_softmax_regression() -> None:
+def test_no_hidden_layer_is_the_linear_model_softmax_wx_plus_b() -> None:
     model = Classifier(in_features=2, num_classes=2, hidden_sizes=[])
     assert len(model.body) == 0
     assert [p.shape for p in model.parameters()] == [torch.Size([2, 2]), torch.Size([2])]
@@ -325,7 +323,6 @@ def test_teacher_task_trains_with_hard_and_soft_targets(tmp_path: Path, soft: bo
     assert float(trainer.callback_metrics["val/acc"]) > 1 / 300
 
 
-@pytest.mark.skipif(not HAS_LINEAR_CE, reason="fusedce.linear_cross_entropy not available")
 @pytest.mark.parametrize("soft", [False, True])
 def test_fused_head_matches_unfused_training(tmp_path: Path, soft: bool) -> None:
     results = []
@@ -346,7 +343,7 @@ def test_fused_head_matches_unfused_training(tmp_path: Path, soft: bool) -> None
 
 @pytest.mark.parametrize(
     ("soft", "fused_head"),
-    [(False, False), (True, False)] + ([(False, True)] if HAS_LINEAR_CE else []),
+    [(False, False), (True, False), (False, True)],
 )
 def test_bf16_mixed_precision_matches_torch_loss(
     tmp_path: Path, soft: bool, fused_head: bool
@@ -398,9 +395,7 @@ def test_cuda_training_fused_matches_torch(tmp_path: Path, precision: str) -> No
     torch.testing.assert_close(results[0][:5], results[1][:5], **tol)
 
     dm = TeacherDataModule(vocab_size=32000, in_features=64, num_samples=4096, batch_size=512)
-    model = Classifier(
-        in_features=64, num_classes=32000, hidden_sizes=[256], fused_head=HAS_LINEAR_CE
-    )
+    model = Classifier(in_features=64, num_classes=32000, hidden_sizes=[256], fused_head=True)
     trainer = make_trainer(tmp_path, accelerator="gpu", max_epochs=2, precision=precision)
     trainer.fit(model, datamodule=dm)
     assert torch.isfinite(trainer.callback_metrics["val/loss"])
