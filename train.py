@@ -1,9 +1,10 @@
 """Training entry point: ``python train.py [fit|validate|test|predict] [--config cfg] [flags]``.
 
 With no arguments at all, ``python train.py`` trains the default MLP (``configs/default.yaml``) on
-the seed's curve task, on a GPU if there is one, and prints where its results went. Every option
-of the trainer, the model (`lightning_modules.Classifier`) and the data module (any class of
-`datamodules`) can be set from YAML (``--config``) or flags; see ``python train.py fit --help``.
+the curve task, on a GPU if there is one, and prints where its results went. Every option of the
+trainer, the model (`fusedce.lightning_modules.Classifier`) and the data module (any class of
+`fusedce.datamodules`) can be set from YAML (``--config``) or flags; see
+``python train.py fit --help``.
 
 Results of each run go to ``<runs root>/<run name>/`` (root: ``--run.root``, env
 ``FUSEDCE_RUNS_DIR``, default ``./runs``)::
@@ -114,22 +115,6 @@ class FusedCECLI(LightningCLI):
         for key in _LINKED:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
-    def _parse_ckpt_path(self) -> None:
-        # Lightning re-reads the model's hyperparameters from --ckpt_path; drop those that this
-        # CLI links from the data module (they are not settable and come from `data`).
-        sub = self.config.get("subcommand")
-        ckpt_path = self.config[sub].get("ckpt_path") if sub else None
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
-        import torch
-
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get(
-            "hyper_parameters", {}
-        )
-        hparams = {k: v for k, v in hparams.items() if k not in (*_LINKED, "_instantiator")}
-        if hparams:
-            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
-
     def instantiate_classes(self) -> None:
         """Instantiates data, model and trainer; a bad value exits with a one-paragraph error."""
         try:
@@ -140,8 +125,13 @@ class FusedCECLI(LightningCLI):
             raise SystemExit(2) from err
 
     # ------------------------------------------------------------------------------ run dir
+    def _section(self, key: str, default: Any = None) -> Any:
+        """The instantiated ``key`` section of the config (of the running subcommand)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        return config.get(key, default)
+
     def _run_options(self) -> dict[str, Any]:
-        opts = self._get(self.config_init, "run", default=None)
+        opts = self._section("run")
         if isinstance(opts, RunOptions):
             return dataclasses.asdict(opts)
         return dict(opts or {})
@@ -189,7 +179,7 @@ class FusedCECLI(LightningCLI):
         Everything before this point only validates and instantiates; the run directory is
         created only once the trainer exists, so a bad configuration leaves nothing on disk.
         """
-        trainer_cfg = dict(self._get(self.config_init, "trainer", default={}))
+        trainer_cfg = dict(self._section("trainer", {}))
         opts = self._run_options()
         run_dir = self._choose_run_dir(opts, trainer_cfg)
         callbacks = list(trainer_cfg.get("callbacks") or [])
@@ -228,7 +218,8 @@ class FusedCECLI(LightningCLI):
         lines = [f"Results of `{self.subcommand}`:", f"  run dir:     {self.run_dir}"]
         lines.append(f"  config:      {self.run_dir / 'config.yaml'}")
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            # ConfigToWandb has started every W&B run at setup: `experiment` starts no new one.
+            if isinstance(logger, WandbLogger):
                 files_dir = Path(logger.experiment.dir)
                 mode = resolve_wandb_mode(self._run_options().get("wandb_mode", "auto"))
                 lines.append(f"  W&B run dir: {files_dir.parent}  ({mode})")

@@ -1,4 +1,4 @@
-"""Data modules: the seed's curve task and a large-vocabulary teacher task."""
+"""Data modules: the curve task and a large-vocabulary teacher task."""
 
 from .curve import CurveDataModule, band_boundaries, band_labels
 from .teacher import TeacherDataModule

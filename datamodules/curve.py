@@ -1,4 +1,4 @@
-"""The seed's task: points in the unit square, classified against the curve ``x2 = x1**2``."""
+"""The curve task: points in the unit square, classified against the curve ``x2 = x1**2``."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ def band_labels(x: torch.Tensor, num_classes: int = 2) -> torch.Tensor:
 
         label(x1, x2) = #{k : x2 > c_k * x1**2}    (an integer in [0, num_classes - 1])
 
-    With ``num_classes == 2`` the only curve is ``c_1 = 1``, i.e. the seed's curve
-    ``f(x1) = (x1, x1**2)``: label 1 = above the curve, label 0 = on or below it.
+    With ``num_classes == 2`` the only curve is ``c_1 = 1``, i.e. the curve of the curve
+    task, ``f(x1) = (x1, x1**2)``: label 1 = above the curve, label 0 = on or below it.
 
     Args:
         x: Points, shape ``(N, 2)``, columns ``(x1, x2)``.
@@ -42,12 +42,12 @@ def band_boundaries(num_classes: int = 2) -> list[float]:
 class CurveDataModule(SplitDataModule):
     """Points ``(x1, x2)`` drawn uniformly from the unit square, labelled against ``x2 = x1**2``.
 
-    This is the seed's task made into a well-posed classification: ``x1 ~ Uniform[0, 1]`` (as
-    in the seed) and ``x2 ~ Uniform[0, 1]`` independently; the class says whether the point lies
-    above the curve ``f(x1) = (x1, x1**2)``. With ``num_classes = K > 2`` the square is split into
-    ``K`` bands by the curves ``x2 = c_k * x1**2``, ``c_k = 2k/K`` for ``k = 1..K-1``, and the label
-    is the number of those curves the point lies above (see `band_labels`). Bands are not equally
-    large; the curves with ``c_k > 1`` leave the square at ``x1 = 1/sqrt(c_k)``.
+    The curve task as a well-posed classification: ``x1 ~ Uniform[0, 1]`` and ``x2 ~ Uniform[0, 1]``
+    independently; the class says whether the point lies above the curve ``f(x1) = (x1, x1**2)``.
+    With ``num_classes = K > 2`` the square is split into ``K`` bands by the curves
+    ``x2 = c_k * x1**2``, ``c_k = 2k/K`` for ``k = 1..K-1``, and the label is the number of those
+    curves the point lies above (see `band_labels`). Bands are not equally large; the curves with
+    ``c_k > 1`` leave the square at ``x1 = 1/sqrt(c_k)``.
 
     Label noise: with probability ``label_noise`` a *training* label is replaced by a class drawn
     uniformly from the other ``K - 1`` classes (so ``label_noise`` is the expected fraction of

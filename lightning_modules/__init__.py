@@ -1,6 +1,14 @@
-"""Lightning modules and callbacks of the training stack."""
+"""Lightning modules, networks and callbacks of the training stack."""
 
-from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary
+from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary, batch_size
 from .classifier import Classifier
+from .networks import MLP
 
-__all__ = ["Classifier", "DecisionBoundaryPlot", "PredictionWriter", "RunSummary"]
+__all__ = [
+    "MLP",
+    "Classifier",
+    "DecisionBoundaryPlot",
+    "PredictionWriter",
+    "RunSummary",
+    "batch_size",
+]

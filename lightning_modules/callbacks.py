@@ -1,4 +1,5 @@
-"""Callbacks of the training stack: decision-boundary picture, metrics file, predictions."""
+"""Callbacks of the training stack: decision-boundary picture, metrics file, predictions; and
+the batch-size function that Lightning's ``ThroughputMonitor`` is configured with."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
+
+
+def batch_size(batch: Any) -> int:
+    """Rows ``B`` of a batch ``(x, y)`` or ``x``, with ``x`` of shape ``(B, D)``.
+
+    The ``batch_size_fn`` of Lightning's ``ThroughputMonitor`` in the configs (it turns batches
+    into the ``train/samples_per_sec`` metric).
+    """
+    x = batch[0] if isinstance(batch, list | tuple) else batch
+    return int(x.shape[0])
 
 
 def _run_dir(trainer: Trainer, dirpath: str | None) -> Path:

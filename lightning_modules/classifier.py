@@ -1,8 +1,7 @@
-"""The classification LightningModule: softmax regression or an MLP, trained with fused CE."""
+"""The classification LightningModule: trains an `MLP` (or the linear model) with cross-entropy."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -10,28 +9,27 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 
-Activation = Literal["relu", "leaky_relu", "tanh", "sigmoid", "gelu"]
-Init = Literal["default", "xavier", "kaiming"]
+import fusedce
+
+from .networks import MLP, Activation, Init
+
 LossImpl = Literal["fused", "torch"]
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "leaky_relu": nn.LeakyReLU,
-    "tanh": nn.Tanh,
-    "sigmoid": nn.Sigmoid,
-    "gelu": nn.GELU,
-}
+# The key under which `grad_norm(module, 2)` returns the total norm over all parameters.
+_GRAD_NORM_TOTAL = f"grad_{2.0}_norm_total"
 
 
 class Classifier(LightningModule):
     """Multiclass classifier ``logits = head(body(x))`` trained with cross-entropy.
 
-    With ``hidden_sizes=[]`` the model is the seed's softmax regression ``softmax(W x + b)``;
-    otherwise ``body`` is ``[Linear -> (BatchNorm) -> activation -> (Dropout)] * len(hidden_sizes)``
-    and ``head`` a final ``Linear(hidden_sizes[-1], num_classes)``.
+    The network is an `MLP` built from ``in_features``, ``num_classes``, ``hidden_sizes``,
+    ``activation``, ``batch_norm``, ``dropout`` and ``init`` (``self.net``; ``self.body`` and
+    ``self.head`` are its two parts). With ``hidden_sizes=[]`` it is the linear model
+    ``softmax(W x + b)``.
 
     Batches are ``(x, y)``: ``x`` of shape ``(B, in_features)``; ``y`` either class indices of
     shape ``(B,)`` (hard targets; ``ignore_index`` entries are skipped) or class probabilities of
@@ -41,7 +39,9 @@ class Classifier(LightningModule):
     Objective: ``CE + l1 * sum|W| + l2 * sum W**2`` over the weight matrices of all Linear layers
     (biases and BatchNorm excluded); ``l2`` is independent of the optimizer's ``weight_decay``.
     ``train/loss`` logs the whole objective, ``train/ce`` the cross-entropy alone; ``val/loss`` and
-    ``test/loss`` are plain cross-entropy.
+    ``test/loss`` are plain cross-entropy. ``train/grad_norm`` is the gradients' total 2-norm
+    before clipping. Throughput is left to Lightning's ``ThroughputMonitor`` callback (see
+    ``configs/default.yaml``).
 
     Args:
         in_features: Input dimension ``D`` (linked from the data module by ``train.py``).
@@ -61,16 +61,21 @@ class Classifier(LightningModule):
             backward; meant for large vocabularies). Only with ``loss_impl="fused"``; with
             ``"torch"`` the same objective is computed unfused. ``train/acc`` then costs one
             more head GEMM, so it is computed on logging steps only (``log_every_n_steps``).
-            ``linear_cross_entropy`` takes
-            class indices only: soft-target batches use ``fusedce.cross_entropy`` on
-            materialised logits instead.
+            ``linear_cross_entropy`` takes class indices only: soft-target batches use
+            ``fusedce.cross_entropy`` on materialised logits instead.
         l1: L1 penalty coefficient (>= 0).
         l2: L2 penalty coefficient (>= 0).
         optimizer: Optimizer factory, called with the parameters (any ``torch.optim`` class).
         lr_scheduler: Optional LR scheduler factory, called with the optimizer.
         scheduler_monitor: Metric watched by ``ReduceLROnPlateau``.
         scheduler_interval: Step the scheduler every ``"epoch"`` or every ``"step"``.
+
+    Raises:
+        ValueError: If an argument is out of range (network arguments: see `MLP`).
     """
+
+    # Read by Lightning's ThroughputMonitor on every batch; None = FLOPs are not counted.
+    flops_per_batch: int | None = None
 
     def __init__(
         self,
@@ -95,80 +100,55 @@ class Classifier(LightningModule):
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
-        if in_features < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features}")
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        if any(h < 1 for h in hidden_sizes):
-            raise ValueError(f"hidden_sizes must all be >= 1, got {hidden_sizes}")
-        if activation not in _ACTIVATIONS:
-            raise ValueError(
-                f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}"
-            )
-        if init not in ("default", "xavier", "kaiming"):
-            raise ValueError(f"init must be 'default', 'xavier' or 'kaiming', got {init!r}")
         if loss_impl not in ("fused", "torch"):
             raise ValueError(f"loss_impl must be 'fused' or 'torch', got {loss_impl!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         if l1 < 0 or l2 < 0:
             raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
+        self.net = MLP(
+            in_features,
+            num_classes,
+            hidden_sizes,
+            activation=activation,
+            batch_norm=batch_norm,
+            dropout=dropout,
+            init=init,
+        )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.hparams["hidden_sizes"] = hidden_sizes
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
-
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden_sizes:
-            layers.append(nn.Linear(width, h))
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(h))
-            layers.append(_ACTIVATIONS[activation]())
-            if dropout > 0:
-                layers.append(nn.Dropout(dropout))
-            width = h
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, num_classes)
-        self._init_weights(init, activation)
-
-        self._kernels: Any = None
-        self._linear_ce: Any = None
-        if loss_impl == "fused":
-            self._kernels = _import_kernels()
-            if fused_head:
-                self._linear_ce = _import_linear_cross_entropy()
+        self._fuse_head = loss_impl == "fused" and fused_head
 
         self.train_acc = MeanMetric()
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
-        self._t_last: float | None = None
-        self._n_last = 0
 
     # ------------------------------------------------------------------------------ model
-    def _init_weights(self, init: str, activation: str) -> None:
-        if init == "default":
-            return
-        linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
-        for m in linears:
-            is_head = m is self.head
-            if init == "xavier":
-                gain = 1.0 if is_head else nn.init.calculate_gain(_gain_name(activation))
-                nn.init.xavier_uniform_(m.weight, gain=gain)
-            else:
-                nonlin = "linear" if is_head else _gain_name(activation)
-                nn.init.kaiming_normal_(m.weight, nonlinearity=nonlin)
-            nn.init.zeros_(m.bias)
+    @property
+    def body(self) -> nn.Sequential:
+        """The hidden layers of `net` (empty for the linear model)."""
+        return self.net.body
+
+    @property
+    def head(self) -> nn.Linear:
+        """The output layer of `net`."""
+        return self.net.head
 
     def features(self, x: Tensor) -> Tensor:
         """Hidden representation ``(B, D) -> (B, H)`` fed to the output layer."""
-        return self.body(x)
+        return self.net.features(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, D) -> (B, C)``."""
-        return self.head(self.body(x))
+        return self.net(x)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Reads checkpoints whose weights sit under ``body.*`` / ``head.*`` (no ``net.``)."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith(("body.", "head."))]:
+            state[f"net.{key}"] = state.pop(key)
 
     # ------------------------------------------------------------------------------ loss
     def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -177,7 +157,7 @@ class Classifier(LightningModule):
         if target.is_floating_point():
             target = target.float()
         if hp.loss_impl == "fused":
-            return self._kernels.cross_entropy(
+            return fusedce.cross_entropy(
                 logits,
                 target,
                 ignore_index=hp.ignore_index,
@@ -197,13 +177,12 @@ class Classifier(LightningModule):
         reg = torch.zeros((), device=self.head.weight.device)
         if hp.l1 == 0 and hp.l2 == 0:
             return reg
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                w = m.weight
-                if hp.l1:
-                    reg = reg + hp.l1 * w.abs().sum()
-                if hp.l2:
-                    reg = reg + hp.l2 * w.pow(2).sum()
+        for m in self.net.linears():
+            w = m.weight
+            if hp.l1:
+                reg = reg + hp.l1 * w.abs().sum()
+            if hp.l2:
+                reg = reg + hp.l2 * w.pow(2).sum()
         return reg
 
     def _correct(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
@@ -229,14 +208,14 @@ class Classifier(LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
-        if self._linear_ce is not None and not y.is_floating_point():
+        if self._fuse_head and not y.is_floating_point():
             h = self.features(x)
             weight, bias = self.head.weight, self.head.bias
             device_type = h.device.type
             if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
                 dtype = torch.get_autocast_dtype(device_type)
                 h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            ce = self._linear_ce(
+            ce = fusedce.linear_cross_entropy(
                 h,
                 weight,
                 y,
@@ -326,40 +305,12 @@ class Classifier(LightningModule):
         self.test_loss.reset()
         self.test_acc.reset()
 
-    # ------------------------------------------------------------------------------ throughput
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Logs ``train/samples_per_sec`` over the previous step (data loading included)."""
-        now = time.perf_counter()
-        if self._t_last is not None and now > self._t_last:
-            sps = self._n_last / (now - self._t_last)
-            self.log("train/samples_per_sec", sps, on_step=True, on_epoch=True, batch_size=1)
-        self._t_last = now
-        x = batch[0] if isinstance(batch, list | tuple) else batch
-        self._n_last = int(x.shape[0]) * max(1, self.trainer.world_size if self._trainer else 1)
-
-    def on_validation_start(self) -> None:
-        """Keeps validation time out of the throughput figure."""
-        self._t_last = None
-
     # ------------------------------------------------------------------------------ optim
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Logs the gradient's total 2-norm (``train/grad_norm``) BEFORE clipping, then clips."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(
-                torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-            )
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
-        self.clip_gradients(
-            optimizer,
-            gradient_clip_val=gradient_clip_val,
-            gradient_clip_algorithm=gradient_clip_algorithm,
-        )
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Logs the gradients' total 2-norm as ``train/grad_norm`` (Lightning clips after this)."""
+        norms = grad_norm(self, norm_type=2)
+        if norms:
+            self.log("train/grad_norm", norms[_GRAD_NORM_TOTAL], on_step=True, on_epoch=False)
 
     def configure_optimizers(self) -> Any:
         """Builds the injected optimizer and (optional) scheduler."""
@@ -374,29 +325,3 @@ class Classifier(LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.hparams.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
-
-
-def _gain_name(activation: str) -> str:
-    return {"gelu": "relu"}.get(activation, activation)
-
-
-def _import_kernels() -> Any:
-    try:
-        import fusedce
-    except ImportError as err:  # pragma: no cover - kernels/ is part of this repository
-        raise ImportError(
-            "loss_impl='fused' needs the `kernels` package of this repository; "
-            "use model.loss_impl=torch to train without it"
-        ) from err
-    return fusedce
-
-
-def _import_linear_cross_entropy() -> Any:
-    kernels = _import_kernels()
-    fn = getattr(kernels, "linear_cross_entropy", None)
-    if fn is None:
-        raise ImportError(
-            "fused_head=True needs fusedce.linear_cross_entropy, which this checkout does not "
-            "provide yet; set model.fused_head=false"
-        )
-    return fn

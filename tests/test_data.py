@@ -8,7 +8,7 @@ import torch
 from fusedce.datamodules import CurveDataModule, TeacherDataModule, band_labels
 
 
-def test_band_labels_two_classes_is_above_the_seed_curve() -> None:
+def test_band_labels_two_classes_is_the_curve_task_label() -> None:
     x = torch.rand(10_000, 2, generator=torch.Generator().manual_seed(1))
     y = band_labels(x, 2)
     assert torch.equal(y, (x[:, 1] > x[:, 0] ** 2).long())

@@ -1,5 +1,5 @@
 """train.py end to end: default run (subprocess) read back from its W&B files, accuracy of the
-default MLP and of the seed's linear model, CLI subcommands, resume, bad configs, DDP."""
+default MLP and of the linear model softmax(Wx + b), CLI subcommands, resume, bad configs, DDP."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from typing import Any
 
 import pytest
 import torch
+from lightning.pytorch import Trainer, seed_everything
 
-from fusedce.datamodules import band_labels
+from fusedce.datamodules import CurveDataModule, band_labels
+from fusedce.lightning_modules import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # train.py is a top-level script, not part of the package
@@ -168,6 +170,37 @@ def test_best_linear_accuracy_value() -> None:
     assert float((line == band_labels(x, 2)).float().mean()) == pytest.approx(acc, abs=2e-3)
 
 
+def test_ckpt_path_brings_the_checkpoints_model_settings(monkeypatch, tmp_path: Path) -> None:
+    """``--ckpt_path``: LightningCLI reads the model's hyperparameters from the checkpoint
+    (hidden_sizes [8] here, not default.yaml's [64, 64]). Those include in_features and
+    num_classes, which this CLI links from the data module; the link still sets them."""
+    seed_everything(0)
+    model = Classifier(hidden_sizes=[8])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(model, datamodule=CurveDataModule(num_samples=500, batch_size=64))
+    ckpt = tmp_path / "small.ckpt"
+    trainer.save_checkpoint(ckpt)
+    monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path / "runs"))
+    args = ["--data.num_samples", "500", "--run.wandb_mode", "disabled", *FAST]
+    cli = train.main(["validate", "--ckpt_path", str(ckpt), *args])
+    assert cli.model.hparams.hidden_sizes == [8]
+    assert cli.model.hparams.in_features == 2 and cli.model.hparams.num_classes == 2
+    torch.testing.assert_close(cli.model.state_dict(), model.state_dict())
+    assert "val/acc" in cli.trainer.callback_metrics
+    # the data module's 3 classes win over the checkpoint's 2: its weights do not fit
+    with pytest.raises(RuntimeError, match=r"size mismatch for net\.head\.weight"):
+        train.main(["validate", "--ckpt_path", str(ckpt), "--data.num_classes", "3", *args])
+
+
 def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path / "runs"))
     with pytest.raises(SystemExit) as exc:
@@ -242,7 +275,7 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
         "train/acc_step",
         "train/acc_epoch",
         "train/grad_norm",
-        "train/samples_per_sec_step",
+        "train/device/samples_per_sec",  # ThroughputMonitor's name on one device
         "val/loss",
         "val/acc",
         "val/acc_best",
@@ -257,7 +290,7 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
     # the default MLP separates the curve: >= 0.97 after 3 of its 25 epochs already
     assert summary["val/acc"] >= 0.97
     assert summary["val/acc_best"] == pytest.approx(max(val_acc))
-    assert summary["train/samples_per_sec_step"] > 0
+    assert summary["train/device/samples_per_sec"] > 0
     image = summary["decision_boundary"]
     assert image["_type"] == "image-file" and image["width"] > 300
     (files_dir,) = default_run["run_dir"].glob("wandb/*run-*/files")
@@ -306,7 +339,7 @@ def test_resume_and_test_subcommand_via_cli(
 
 @pytest.mark.slow
 def test_linear_model_reaches_best_linear_boundary(monkeypatch, tmp_path: Path) -> None:
-    """configs/linear.yaml (the seed's softmax(Wx+b)) gets within 1.5 points of the best
+    """configs/linear.yaml (the linear model softmax(Wx + b)) gets within 1.5 points of the best
     accuracy any straight boundary can reach on this task (0.9696, see best_linear_accuracy);
     it is there after 2 epochs (measured: 0.969 at epoch 2, 0.967-0.969 until epoch 10)."""
     monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path))
@@ -355,6 +388,14 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path) -> None:
         assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 11  # 2800 / 2 ranks / 128
     assert ranks[0]["metrics"]["val/acc"] > 0.9
+    # ThroughputMonitor (window 20, logged every 20 steps): with 2 devices also the total rate
+    history = wandb_run_contents(run_dir)["history"]
+    rates = [
+        (r["train/samples_per_sec"], r["train/device/samples_per_sec"])
+        for r in history
+        if "train/samples_per_sec" in r
+    ]
+    assert rates and all(total > one_device > 0 for total, one_device in rates)
 
 
 def test_no_logger_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
