@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
+from fusedce.index_check import target_check_enabled
 
 ALL_PROVIDERS = (
     "fusedce",
@@ -46,7 +47,7 @@ def _fused_inplace(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_nocheck(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    previous = fusedce.get_target_check()
+    previous = target_check_enabled()
     fusedce.set_target_check(False)
     try:
         return fusedce.cross_entropy(logits, target)
