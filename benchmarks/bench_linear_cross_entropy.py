@@ -50,7 +50,7 @@ from benchmarks.measure import (
     is_oom,
     peak_extra_mib,
 )
-from fusedce.linear_cross_entropy import planned_chunk_rows
+from fusedce.linear_chunks import planned_chunk_rows
 
 DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,

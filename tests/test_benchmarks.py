@@ -113,3 +113,20 @@ def test_helpers() -> None:
     assert budget.allows_next()
     assert not Budget(0.0).allows_next()
     assert Budget(None).allows_next()
+
+
+def test_command_line_flags() -> None:
+    """Every flag of the command line parses; bad values are usage errors, not tracebacks."""
+    from benchmarks.bench_cross_entropy import parse_args
+
+    args = parse_args(
+        ["--quick", "--out", "o", "--stem", "s", "--providers", "fusedce,eager",
+         "--dtypes", "fp32", "--modes", "fwd", "--shapes", "8x16,4x2", "--max-seconds", "5",
+         "--device", "cpu", "--card-name", "c", "--warmup-ms", "1", "--rep-ms", "2",
+         "--cpu-budget-s", "0.1", "--cpu-threads", "2", "--note", "n", "--seed", "3"]
+    )  # fmt: skip
+    assert (args.stem, args.max_seconds, args.cpu_threads, args.seed) == ("s", 5.0, 2, 3)
+    assert sweep.parse_shapes(args.shapes) == [(8, 16), (4, 2)]
+    for bad in (["--dtypes", "fp64"], ["--modes", "bwd"], ["--shapes", "8x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)

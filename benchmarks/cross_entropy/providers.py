@@ -43,7 +43,9 @@ def _fused(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _fused_inplace(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return fusedce.cross_entropy(logits, target, inplace_backward=True)
+    # inplace_backward refuses a leaf that requires grad; a view is a non-leaf, as the output of
+    # a model's last layer would be, and costs no copy.
+    return fusedce.cross_entropy(logits.view_as(logits), target, inplace_backward=True)
 
 
 def _fused_nocheck(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
