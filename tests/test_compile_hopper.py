@@ -16,7 +16,7 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from fusedce import triton_cross_entropy as tk  # noqa: E402
+from fusedce import triton_backend as tk  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -42,24 +42,33 @@ def test_fused_kernel_compiles_for_sm90(dtype, soft):
         "stride_target": "i64",
         "weight_ptr": "*fp32",
         "loss_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "coef_ptr": "*fp32",
         "scale_ptr": "*fp32",
         "M": "i32",
         "V": "i32",
         "ignore_index": "i32",
         "label_smoothing": "fp32",
     }
-    for has_weight, smoothing, write_grad, single in itertools.product([False, True], repeat=4):
+    # (write_loss, write_grad, per_row_scale): forward with or without the gradient, and the
+    # gradient-only launch of reduction="none" (per-row factors).
+    modes = [(True, False, False), (True, True, False), (False, True, True)]
+    for has_weight, smoothing, single, (write_loss, write_grad, per_row) in itertools.product(
+        [False, True], [False, True], [False, True], modes
+    ):
         block_m, block_v, _, warps = tk._launch_config(
             64, 1000 if single else 128256, 2 if dtype == "bf16" else 4, interpreted=False
         )
         kernel = compile_for_hopper(
-            tk._cross_entropy_fwd_bwd_kernel,
+            tk._cross_entropy_kernel,
             types,
             dict(
                 HAS_WEIGHT=has_weight,
                 SOFT_TARGET=soft,
                 HAS_SMOOTHING=smoothing,
+                WRITE_LOSS=write_loss,
                 WRITE_GRAD=write_grad,
+                PER_ROW_SCALE=per_row,
                 SINGLE_TILE=single,
                 BLOCK_M=block_m,
                 BLOCK_V=block_v,
@@ -74,7 +83,7 @@ def test_fused_kernel_compiles_for_sm90(dtype, soft):
 )
 def test_helper_kernels_compile_for_sm90(mean, soft, check):
     prologue = compile_for_hopper(
-        tk._prologue_kernel,
+        tk._mean_scale_kernel,
         {
             "target_ptr": "*fp32" if soft else "*i64",
             "stride_target": "i64",
@@ -107,9 +116,9 @@ def test_helper_kernels_compile_for_sm90(mean, soft, check):
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize(("smoothing", "write_grad"), [(False, True), (True, True), (True, False)])
 def test_gluon_smem_kernel_compiles_for_sm90(dtype, smoothing, write_grad):
-    """The experimental shared-memory kernel (kernels/gluon_cross_entropy.py), with the 16-byte
+    """The experimental shared-memory kernel (kernels/gluon_backend.py), with the 16-byte
     alignment that the launcher requires and Triton's specialisation proves."""
-    gk = pytest.importorskip("fusedce.gluon_cross_entropy")
+    gk = pytest.importorskip("fusedce.gluon_backend")
     from triton.experimental.gluon._runtime import GluonASTSource
 
     fn = gk._cross_entropy_smem_kernel
@@ -122,6 +131,8 @@ def test_gluon_smem_kernel_compiles_for_sm90(dtype, smoothing, write_grad):
         "target_ptr": "*i64",
         "stride_target": "i64",
         "loss_ptr": "*fp32",
+        "lse_ptr": "*fp32",
+        "coef_ptr": "*fp32",
         "scale_ptr": "*fp32",
         "V": "i32",
         "ignore_index": "i32",

@@ -16,11 +16,11 @@ import torch.nn.functional as F
 import fusedce
 from ce_reference import DTYPES, check_linear, linear_reference, make_linear_case, rel_err
 from fusedce import uses_triton
-from fusedce.linear_cross_entropy import CHUNK_BYTES, planned_chunk_rows
+from fusedce.linear_chunks import CHUNK_BYTES, planned_chunk_rows
 
 pytestmark = pytest.mark.kernel
-# The module, not the function of the same name that kernels/__init__ exports.
-lce_mod = importlib.import_module("fusedce.linear_cross_entropy")
+# The chunked loop's module: test_logits_never_exceed_a_chunk spies on the core it calls.
+lce_mod = importlib.import_module("fusedce.linear_chunks")
 
 # --------------------------------------------------------------------------------------------
 # Correctness vs float64
@@ -288,13 +288,13 @@ def test_logits_never_exceed_a_chunk(monkeypatch):
     if uses_triton(torch.empty(0)):
         N, V, chunk = 512, 8192, 64
     seen = []
-    real = lce_mod.loss_and_grad_rows
+    real = lce_mod.core.run_rows
 
     def spy(logits, *args):
         seen.append(tuple(logits.shape))
         return real(logits, *args)
 
-    monkeypatch.setattr(lce_mod, "loss_and_grad_rows", spy)
+    monkeypatch.setattr(lce_mod.core, "run_rows", spy)
     x, W, _, t = make_linear_case((N,), D, V, torch.float32)
     W.requires_grad_()
     loss = fusedce.linear_cross_entropy(x, W, t, chunk_size=chunk)
@@ -358,7 +358,7 @@ X, WT, _, T = make_linear_case((4,), 8, 10, torch.float32)
         ((X, WT[None], T), {}, NotImplementedError, "K-dimensional"),
         ((X, WT[:0], T), {}, ValueError, "0 classes"),
         ((X, WT, T[:3]), {}, ValueError, "does not fit"),
-        ((X, WT, T.float()), {}, TypeError, "int64 or int32"),
+        ((X, WT, T.float()), {}, TypeError, "int64, int32 or uint8"),
         ((X, WT, torch.rand(4, 10)), {}, NotImplementedError, "soft"),
         ((X, WT, T), {"reduction": "avg"}, ValueError, "reduction"),
         ((X, WT, T), {"label_smoothing": 1.5}, ValueError, "label_smoothing"),

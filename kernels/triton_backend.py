@@ -1,4 +1,4 @@
-"""Triton kernels: cross-entropy loss and its gradient in one launch.
+"""The Triton backend: cross-entropy loss and its gradient in one launch, and its helpers.
 
 Layout: logits are a 2-D (M, V) view with unit stride along V (any row stride). One program owns
 BLOCK_M whole rows. For each row it computes the log-sum-exp with an online (running max) softmax
@@ -16,7 +16,9 @@ Per-row loss (w = class weights or 1, eps = label smoothing, C = V, lse = log-su
 
 and the gradient of ``scale * loss`` with respect to x_j is ``scale * (a * p_j - b_j)`` with
 p = softmax(x), a = sum of the coefficients of lse, b_j the coefficient of x_j. ``scale`` is read
-from device memory (1 / normaliser of a mean) so that nothing on the host waits for the GPU.
+from device memory (1 / normaliser of a mean, or one upstream factor per row) so that nothing on
+the host waits for the GPU. The forward pass also stores each row's lse and a: from them a later
+launch writes the gradient alone (one read of the logits, one write, no reduction sweep).
 """
 
 from __future__ import annotations
@@ -25,84 +27,54 @@ import torch
 import triton
 import triton.language as tl
 
+from .options import LossOptions
+
 
 @triton.jit
-def _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr):
+def _row_tile(start, row_ok, V, BLOCK_V: tl.constexpr):
+    """Columns [start, start + BLOCK_V) of BLOCK_M rows: (column indices, in-bounds mask)."""
+    cols = start + tl.arange(0, BLOCK_V)
+    mask = row_ok[:, None] & (cols < V)[None, :]
+    return cols, mask
+
+
+@triton.jit
+def _target_coefs(
+    target_row,
+    weight_ptr,
+    cols,
+    mask,
+    label_smoothing,
+    V,
+    HAS_WEIGHT: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
+):
+    """The tile's coefficients b_c of x_c in the loss, apart from the true-class term:
+    w_c * ((1 - eps) * t_c + eps / C) for probabilities, w_c * eps / C for class indices."""
     if HAS_WEIGHT:
-        w = tl.load(weight_ptr + cols, mask=col_ok, other=0.0)
+        w = tl.load(weight_ptr + cols, mask=cols < V, other=0.0)[None, :]
     else:
-        w = tl.where(col_ok, 1.0, 0.0)
-    return w[None, :]
-
-
-@triton.jit
-def _tile_terms(
-    x,
-    target_row,
-    weight_ptr,
-    cols,
-    col_ok,
-    mask,
-    label_smoothing,
-    smooth,
-    HAS_WEIGHT: tl.constexpr,
-    SOFT_TARGET: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-):
-    """This tile's share of sum_c coef_c * x_c and of sum_c coef_c (the coefficient of lse)."""
+        w = tl.where(mask, 1.0, 0.0)
+    smooth = label_smoothing / V
     if SOFT_TARGET:
-        w = _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
         t = tl.load(target_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        coef = w * ((1.0 - label_smoothing) * t + smooth)
-        # 0 * log(0) counts as 0 (its limit), also where a logit is -inf.
-        lin = tl.sum(tl.where(coef != 0.0, coef * x, 0.0), axis=1)
-        return lin, tl.sum(coef, axis=1)
-    elif HAS_SMOOTHING:
-        w = _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
-        lin = tl.sum(tl.where(w != 0.0, w * x, 0.0), axis=1) * smooth
-        return lin, tl.sum(w, axis=1) * smooth
-    else:
-        zero = tl.sum(tl.zeros_like(x), axis=1)
-        return zero, zero
+        return w * ((1.0 - label_smoothing) * t + smooth)
+    return tl.where(mask, w * smooth, 0.0)
 
 
 @triton.jit
-def _grad_tile(
-    x,
-    lse,
-    a_s,
-    y,
-    hard_s,
-    valid,
-    target_row,
-    weight_ptr,
-    cols,
-    col_ok,
-    mask,
-    scale,
-    label_smoothing,
-    smooth,
-    HAS_WEIGHT: tl.constexpr,
-    SOFT_TARGET: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr,
-):
-    """scale * d loss / d x for one tile: scale * (a * softmax(x) - b)."""
+def _tile_gradient(x, cols, b, lse, a_s, s, y, hard_s, valid, SOFT_OR_SMOOTH: tl.constexpr):
+    """scale * d loss / d x for one tile: a * scale * softmax(x) - scale * b - [c == y] * hard."""
     g = a_s[:, None] * tl.exp(x - lse[:, None])
-    if SOFT_TARGET:
-        w = _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
-        t = tl.load(target_row[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g -= scale * w * ((1.0 - label_smoothing) * t + smooth)
-    else:
-        # The true-class term is subtracted in float32, before the cast to the output dtype.
-        g -= tl.where(cols[None, :] == y[:, None], hard_s[:, None], 0.0)
-        if HAS_SMOOTHING:
-            g -= (scale * smooth) * _class_weights(weight_ptr, cols, col_ok, HAS_WEIGHT)
-        g = tl.where(valid[:, None], g, 0.0)
-    return g
+    if SOFT_OR_SMOOTH:
+        g -= s[:, None] * b
+    # The true-class term is subtracted in float32, before the one cast to the output dtype.
+    g -= tl.where(cols[None, :] == y[:, None], hard_s[:, None], 0.0)
+    return tl.where(valid[:, None], g, 0.0)
 
 
 @triton.jit
-def _cross_entropy_fwd_bwd_kernel(
+def _cross_entropy_kernel(
     logits_ptr,
     stride_logits,
     grad_ptr,
@@ -111,6 +83,8 @@ def _cross_entropy_fwd_bwd_kernel(
     stride_target,
     weight_ptr,
     loss_ptr,
+    lse_ptr,
+    coef_ptr,
     scale_ptr,
     M,
     V,
@@ -119,24 +93,29 @@ def _cross_entropy_fwd_bwd_kernel(
     HAS_WEIGHT: tl.constexpr,
     SOFT_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
+    WRITE_LOSS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    PER_ROW_SCALE: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    """Forward (WRITE_LOSS): per-row loss, log-sum-exp and lse coefficient, and with WRITE_GRAD
+    the gradient in the same launch. Gradient only (not WRITE_LOSS): from the saved per-row
+    log-sum-exp and coefficient, one read of the logits and one write of the gradient."""
     pid = tl.program_id(0)
     rows = tl.cast(pid, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     # int64 row offsets: M * V can exceed 2**31 elements.
     logits_row = logits_ptr + rows * stride_logits
     target_row = target_ptr + rows * stride_target
-    cols0 = tl.arange(0, BLOCK_V)
-    smooth = label_smoothing / V
+    SOFT_OR_SMOOTH: tl.constexpr = SOFT_TARGET or HAS_SMOOTHING
 
     if SOFT_TARGET:
         valid = row_ok
         bad = rows < 0  # never: probabilities have no index to check
-        y = rows
+        y = rows * 0 - 1  # no column is the true class
+        y_ok = bad
         hard = tl.zeros([BLOCK_M], tl.float32)
     else:
         y = tl.load(target_row, mask=row_ok, other=0).to(tl.int64)
@@ -145,7 +124,6 @@ def _cross_entropy_fwd_bwd_kernel(
         # NaN here, never an out-of-bounds load.
         y_ok = valid & (y >= 0) & (y < V)
         bad = valid & ~y_ok
-        x_y = tl.load(logits_row + y, mask=y_ok, other=0.0).to(tl.float32)
         if HAS_WEIGHT:
             w_y = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
         else:
@@ -154,120 +132,99 @@ def _cross_entropy_fwd_bwd_kernel(
 
     if SINGLE_TILE:
         # The whole row fits one tile: read it once, keep it in registers for the gradient.
-        cols = cols0
-        col_ok = cols < V
-        mask = row_ok[:, None] & col_ok[None, :]
+        cols, mask = _row_tile(0, row_ok, V, BLOCK_V)
         x = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
         x = x.to(tl.float32)
-        m = tl.max(x, axis=1)
-        # An all -inf row: keep exp() finite (exp(-inf - -inf) would be NaN).
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        s = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
-        lin, a = _tile_terms(
-            x,
-            target_row,
-            weight_ptr,
-            cols,
-            col_ok,
-            mask,
-            label_smoothing,
-            smooth,
-            HAS_WEIGHT,
-            SOFT_TARGET,
-            HAS_SMOOTHING,
-        )
-    else:
-        # Sweep 1: running max m and running sum of exp(x - m) (online softmax).
-        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_M], tl.float32)
-        lin = tl.zeros([BLOCK_M], tl.float32)
-        a = tl.zeros([BLOCK_M], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + cols0
-            col_ok = cols < V
-            mask = row_ok[:, None] & col_ok[None, :]
-            xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-            xt = xt.to(tl.float32)
-            m_new = tl.maximum(m, tl.max(xt, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xt - m_safe[:, None]), axis=1)
-            m = m_new
-            lin_t, a_t = _tile_terms(
-                xt,
-                target_row,
-                weight_ptr,
-                cols,
-                col_ok,
-                mask,
-                label_smoothing,
-                smooth,
-                HAS_WEIGHT,
-                SOFT_TARGET,
-                HAS_SMOOTHING,
+        if SOFT_OR_SMOOTH:
+            b = _target_coefs(
+                target_row, weight_ptr, cols, mask, label_smoothing, V, HAS_WEIGHT, SOFT_TARGET
             )
-            lin += lin_t
-            a += a_t
+        else:
+            b = x  # unused: no coefficient besides the true class
 
-    lse = m + tl.log(s)
-    if SOFT_TARGET:
-        loss = a * lse - lin
-    else:
+    if WRITE_LOSS:
+        if SINGLE_TILE:
+            m = tl.max(x, axis=1)
+            # An all -inf row: keep exp() finite (exp(-inf - -inf) would be NaN).
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            s = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+            if SOFT_OR_SMOOTH:
+                # 0 * log(0) counts as 0 (its limit), also where a logit is -inf.
+                lin = tl.sum(tl.where(b != 0.0, b * x, 0.0), axis=1)
+                a = tl.sum(b, axis=1)
+            else:
+                lin = tl.zeros([BLOCK_M], tl.float32)
+                a = tl.zeros([BLOCK_M], tl.float32)
+        else:
+            # Sweep 1: running max m and running sum of exp(x - m) (online softmax).
+            m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_M], tl.float32)
+            lin = tl.zeros([BLOCK_M], tl.float32)
+            a = tl.zeros([BLOCK_M], tl.float32)
+            for start in range(0, V, BLOCK_V):
+                cols, mask = _row_tile(start, row_ok, V, BLOCK_V)
+                xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+                xt = xt.to(tl.float32)
+                m_new = tl.maximum(m, tl.max(xt, axis=1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xt - m_safe[:, None]), axis=1)
+                m = m_new
+                if SOFT_OR_SMOOTH:
+                    bt = _target_coefs(
+                        target_row,
+                        weight_ptr,
+                        cols,
+                        mask,
+                        label_smoothing,
+                        V,
+                        HAS_WEIGHT,
+                        SOFT_TARGET,
+                    )
+                    lin += tl.sum(tl.where(bt != 0.0, bt * xt, 0.0), axis=1)
+                    a += tl.sum(bt, axis=1)
+        lse = m + tl.log(s)
+        x_y = tl.load(logits_row + y, mask=y_ok, other=0.0).to(tl.float32)
         a = tl.where(valid, a + hard, 0.0)
         loss = tl.where(valid, a * lse - hard * x_y - lin, 0.0)
         loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(loss_ptr + rows, loss, mask=row_ok)
+        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(coef_ptr + rows, a, mask=row_ok)
+    else:
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
 
     if WRITE_GRAD:
-        scale = tl.load(scale_ptr)
+        if PER_ROW_SCALE:
+            scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        else:
+            scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(scale_ptr)
         grad_row = grad_ptr + rows * stride_grad
         a_s = tl.where(bad, float("nan"), a * scale)
         hard_s = hard * scale
         if SINGLE_TILE:
-            g = _grad_tile(
-                x,
-                lse,
-                a_s,
-                y,
-                hard_s,
-                valid,
-                target_row,
-                weight_ptr,
-                cols,
-                col_ok,
-                mask,
-                scale,
-                label_smoothing,
-                smooth,
-                HAS_WEIGHT,
-                SOFT_TARGET,
-                HAS_SMOOTHING,
-            )
+            g = _tile_gradient(x, cols, b, lse, a_s, scale, y, hard_s, valid, SOFT_OR_SMOOTH)
             tl.store(grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
-            # Sweep 2: re-read the row (mostly from L2) and write the gradient.
+            # Sweep 2: re-read the row (mostly from L2 after sweep 1) and write the gradient.
             for start in range(0, V, BLOCK_V):
-                cols = start + cols0
-                col_ok = cols < V
-                mask = row_ok[:, None] & col_ok[None, :]
+                cols, mask = _row_tile(start, row_ok, V, BLOCK_V)
                 xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-                g = _grad_tile(
-                    xt.to(tl.float32),
-                    lse,
-                    a_s,
-                    y,
-                    hard_s,
-                    valid,
-                    target_row,
-                    weight_ptr,
-                    cols,
-                    col_ok,
-                    mask,
-                    scale,
-                    label_smoothing,
-                    smooth,
-                    HAS_WEIGHT,
-                    SOFT_TARGET,
-                    HAS_SMOOTHING,
+                if SOFT_OR_SMOOTH:
+                    bt = _target_coefs(
+                        target_row,
+                        weight_ptr,
+                        cols,
+                        mask,
+                        label_smoothing,
+                        V,
+                        HAS_WEIGHT,
+                        SOFT_TARGET,
+                    )
+                else:
+                    bt = xt  # unused
+                g = _tile_gradient(
+                    xt.to(tl.float32), cols, bt, lse, a_s, scale, y, hard_s, valid, SOFT_OR_SMOOTH
                 )
                 tl.store(
                     grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask
@@ -294,7 +251,7 @@ def _scale_rows_kernel(
 
 
 @triton.jit
-def _prologue_kernel(
+def _mean_scale_kernel(
     target_ptr,
     stride_target,
     weight_ptr,
@@ -330,8 +287,9 @@ def _prologue_kernel(
                 w = tl.where(y_ok, 1.0, 0.0)
             denom += tl.sum(w, axis=0)
     if MEAN:
-        # Nothing to average (all ignored, or M == 0) gives 0, not NaN: a documented deviation.
-        scale = tl.where(denom > 0.0, 1.0 / denom, 0.0)
+        # core.inverse_normaliser: only an exactly zero normaliser (nothing to average) gives 0;
+        # a negative one (negative class weights) divides as torch does.
+        scale = tl.where(denom != 0.0, 1.0 / denom, 0.0)
     else:
         scale = denom * 0.0 + 1.0
     tl.store(scale_ptr, scale)
@@ -371,37 +329,25 @@ def _launch_config(M: int, V: int, elem_size: int, interpreted: bool) -> tuple[i
     return 1, 8192 if not interpreted else 4096, False, 16
 
 
-def cross_entropy_fwd_bwd_triton(
+def run_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    loss_rows: torch.Tensor,
+    opts: LossOptions,
+    stats: torch.Tensor,
     grad: torch.Tensor | None,
     scale: torch.Tensor | None,
+    grad_only: bool = False,
 ) -> None:
-    """Launches the fused kernel. All arguments are already checked by the caller.
-
-    Args:
-        logits: (M, V), unit stride along V.
-        target: (M,) int32/int64 class indices, or (M, V) probabilities with unit stride along V.
-        weight: (V,) float32 class weights, or None.
-        ignore_index: class index whose rows contribute nothing (class-index targets only).
-        label_smoothing: in [0, 1].
-        loss_rows: (M,) float32 output, the unnormalised per-row loss.
-        grad: (M, V) output, unit stride along V (may alias ``logits``); None: no gradient.
-        scale: () float32 device scalar multiplying the gradient; required when ``grad`` is given.
-    """
+    """Launches the fused kernel: the row contract of ``core.run_rows``, arguments checked."""
     M, V = logits.shape
     if M == 0:
         return
     interpreted = not logits.is_cuda
     block_m, block_v, single, num_warps = _launch_config(M, V, logits.element_size(), interpreted)
-    soft = target.dim() == 2
     write_grad = grad is not None
-    dummy = loss_rows  # any valid pointer for arguments a specialisation never reads
-    _cross_entropy_fwd_bwd_kernel[(triton.cdiv(M, block_m),)](
+    dummy = stats  # any valid pointer for arguments a specialisation never reads
+    _cross_entropy_kernel[(triton.cdiv(M, block_m),)](
         logits,
         logits.stride(0),
         grad if write_grad else dummy,
@@ -409,16 +355,20 @@ def cross_entropy_fwd_bwd_triton(
         target,
         target.stride(0),
         weight if weight is not None else dummy,
-        loss_rows,
+        stats[0],
+        stats[1],
+        stats[2],
         scale if write_grad else dummy,
         M,
         V,
-        ignore_index,
-        float(label_smoothing),
+        opts.ignore_index,
+        opts.label_smoothing,
         HAS_WEIGHT=weight is not None,
-        SOFT_TARGET=soft,
-        HAS_SMOOTHING=label_smoothing > 0.0,
+        SOFT_TARGET=target.dim() == 2,
+        HAS_SMOOTHING=opts.label_smoothing > 0.0,
+        WRITE_LOSS=not grad_only,
         WRITE_GRAD=write_grad,
+        PER_ROW_SCALE=write_grad and scale.dim() == 1,
         SINGLE_TILE=single,
         BLOCK_M=block_m,
         BLOCK_V=block_v,
@@ -426,7 +376,7 @@ def cross_entropy_fwd_bwd_triton(
     )
 
 
-def scale_rows_triton(grad: torch.Tensor, factor: torch.Tensor) -> None:
+def scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
     """In place ``grad *= factor`` for a (M, V) gradient; factor is () or (M,); no host sync."""
     M, V = grad.shape
     if M == 0 or V == 0:
@@ -444,7 +394,7 @@ def scale_rows_triton(grad: torch.Tensor, factor: torch.Tensor) -> None:
     )
 
 
-def prologue_triton(
+def mean_scale_and_bad_count(
     target: torch.Tensor,
     weight: torch.Tensor | None,
     ignore_index: int,
@@ -468,7 +418,7 @@ def prologue_triton(
     soft = target.dim() == 2
     check = check and not soft
     bad = torch.empty((), dtype=torch.int32, device=target.device) if check else None
-    _prologue_kernel[(1,)](
+    _mean_scale_kernel[(1,)](
         target,
         target.stride(0) if target.dim() else 0,
         weight if weight is not None else scale,
@@ -487,7 +437,7 @@ def prologue_triton(
     return scale, bad
 
 
-def reduce_triton(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> torch.Tensor:
+def reduce_rows(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> torch.Tensor:
     """() float32: sum of the (M,) per-row losses, times ``scale`` when ``mean``."""
     out = torch.empty((), dtype=torch.float32, device=loss_rows.device)
     _reduce_kernel[(1,)](

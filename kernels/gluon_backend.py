@@ -1,7 +1,7 @@
-"""EXPERIMENTAL, opt-in (``FUSEDCE_GLUON=1``): the fused kernel with each row staged in shared
-memory, written in Triton's Gluon dialect for Hopper GPUs.
+"""EXPERIMENTAL, opt-in (``fusedce.set_backend("gluon")``): the fused kernel with each row
+staged in shared memory, written in Triton's Gluon dialect for Hopper GPUs.
 
-Why: the portable kernel (``triton_cross_entropy.py``) reads a long row twice (one sweep for the
+Why: the portable kernel (``triton_backend.py``) reads a long row twice (one sweep for the
 log-sum-exp, one for the gradient); the second read mostly misses L2, which caps it near 1.4-1.6x
 the copy time (docs/KERNEL_NOTES.md). Here one program copies its whole row into shared memory
 with asynchronous copies (all of it in flight at once), reduces it from shared memory and writes
@@ -22,6 +22,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
+from .options import LossOptions
+
 # Global -> shared asynchronous copy (cp.async): renamed from triton 3.6 to 3.7+.
 _async_copy_to_smem = (
     getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -41,6 +43,8 @@ def _cross_entropy_smem_kernel(
     target_ptr,
     stride_target,
     loss_ptr,
+    lse_ptr,
+    coef_ptr,
     scale_ptr,
     V,
     ignore_index,
@@ -101,6 +105,8 @@ def _cross_entropy_smem_kernel(
     loss = gl.where(valid, loss, 0.0)
     loss = gl.where(bad, float("nan"), loss)
     gl.store(loss_ptr + row, loss)
+    gl.store(lse_ptr + row, lse)
+    gl.store(coef_ptr + row, a)
 
     if WRITE_GRAD:
         # Sweep 2, from shared memory: grad = scale * (a * softmax(x) - b), one global write.
@@ -153,35 +159,39 @@ def supports(
     return tile * num_tiles * logits.element_size() <= MAX_SMEM_BYTES
 
 
-def cross_entropy_fwd_bwd_gluon(
+def run_rows(
     logits: torch.Tensor,
     target: torch.Tensor,
     weight: torch.Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    loss_rows: torch.Tensor,
+    opts: LossOptions,
+    stats: torch.Tensor,
     grad: torch.Tensor | None,
     scale: torch.Tensor | None,
+    grad_only: bool = False,
 ) -> None:
-    """Same contract as ``triton_cross_entropy.cross_entropy_fwd_bwd_triton`` (no weights)."""
+    """The row contract of ``core.run_rows`` for what ``supports`` accepts: class indices, no
+    class weights, a scalar gradient scale, forward (loss and optional gradient) only."""
     M, V = logits.shape
     if M == 0:
         return
+    assert not grad_only and (scale is None or scale.dim() == 0), "checked by takes()"
     tile, num_tiles, vec, num_warps = smem_config(V, logits.element_size())
     write_grad = grad is not None
     _cross_entropy_smem_kernel[(M,)](
         logits,
         logits.stride(0),
-        grad if write_grad else loss_rows,
+        grad if write_grad else stats,
         grad.stride(0) if write_grad else 0,
         target,
         target.stride(0),
-        loss_rows,
-        scale if write_grad else loss_rows,
+        stats[0],
+        stats[1],
+        stats[2],
+        scale if write_grad else stats,
         V,
-        ignore_index,
-        float(label_smoothing),
-        HAS_SMOOTHING=label_smoothing > 0.0,
+        opts.ignore_index,
+        opts.label_smoothing,
+        HAS_SMOOTHING=opts.label_smoothing > 0.0,
         WRITE_GRAD=write_grad,
         TILE=tile,
         NUM_TILES=num_tiles,

@@ -1,0 +1,373 @@
+"""``cross_entropy`` and ``CrossEntropyLoss``: torch's signatures on the fused row contract.
+
+This file holds the argument checks, the autograd Function (eager mode) and the custom ops
+(what ``torch.compile`` sees); the computation is ``core.py`` on a backend of ``backends.py``.
+
+Scalar reductions compute the loss AND the gradient in one pass over the logits; backward only
+multiplies the saved gradient by ``grad_output`` (nothing at all, without a host sync, when it
+is exactly 1). ``reduction="none"`` computes the loss and each row's log-sum-exp in forward; its
+backward writes the gradient once, with each row's upstream factor folded in.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import core
+from .options import (
+    LossOptions,
+    accumulation_dtype,
+    check_class_index_dtype,
+    check_class_weight,
+    check_options,
+    index_target_for_kernels,
+    prepare_class_weight,
+)
+
+__all__ = ["CrossEntropyLoss", "cross_entropy"]
+
+_WHO = "cross_entropy"
+
+
+def _no_double_backward(who: str) -> None:
+    """Backward runs with grad mode on only under ``create_graph=True``."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fusedce.{who}: double backward (create_graph=True, e.g. for a gradient penalty) "
+            "is not supported; use torch.nn.functional.cross_entropy for that loss term"
+        )
+
+
+def _check_and_flatten(
+    input: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...]]:
+    """Checks the tensors; returns (logits (M, C), target (M,) or (M, C), weight, out shape)."""
+    if not isinstance(input, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"{_WHO}: input and target must be tensors")
+    if not input.is_floating_point():
+        raise TypeError(f"{_WHO}: input must be a floating tensor, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"{_WHO}: input must have shape (C,), (N, C) or (N, C, d1, ...)")
+    if target.device != input.device:
+        raise ValueError(f"{_WHO}: target is on {target.device} but input is on {input.device}")
+    class_dim = 0 if input.dim() == 1 else 1
+    C = input.shape[class_dim]
+    if C == 0:
+        raise ValueError(f"{_WHO}: input has 0 classes")
+    check_class_weight(_WHO, weight, C, input.device)
+    weight = prepare_class_weight(weight, input.dtype)
+
+    soft = target.shape == input.shape
+    if soft:
+        if not target.is_floating_point():
+            raise TypeError(
+                f"{_WHO}: a target of the input's shape holds class probabilities and must be "
+                f"floating point, got {target.dtype}"
+            )
+        if opts.ignore_index >= 0:
+            raise ValueError(f"{_WHO}: ignore_index is not supported for probability targets")
+    else:
+        expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if class_dim else ()
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"{_WHO}: target of shape {tuple(target.shape)} does not fit input of shape "
+                f"{tuple(input.shape)}: expected class indices of shape {expected} or "
+                f"probabilities of shape {tuple(input.shape)}"
+            )
+        check_class_index_dtype(_WHO, target)
+        target = index_target_for_kernels(target, opts.ignore_index)
+
+    out_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1 :])
+    if input.dim() == 1:
+        logits, target = input.unsqueeze(0), target.unsqueeze(0)
+    elif input.dim() == 2:
+        logits = input
+    else:  # (N, C, d1, ...) -> (N * d1 * ..., C): the class dimension last
+        logits = input.movedim(1, -1).reshape(-1, C)
+        target = target.movedim(1, -1).reshape(-1, C) if soft else target.reshape(-1)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if soft and target.stride(-1) != 1:
+        target = target.contiguous()
+    return logits, target, weight, out_shape
+
+
+# --------------------------------------------------------------------------------------------
+# Eager autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _FusedCrossEntropy(torch.autograd.Function):
+    """Scalar reductions: the gradient computed in forward, scaled in backward. "none": forward
+    keeps each row's lse, backward writes the gradient once with the per-row factors."""
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, opts, inplace):  # type: ignore[override]
+        target_grad = ctx.needs_input_grad[1]
+        grad_now = not opts.per_row
+        # The logits are needed in backward for the "none" gradient or the target's gradient:
+        # the fused gradient may then not overwrite them.
+        overwrite = inplace and grad_now and not target_grad
+        fwd = core.forward(
+            logits, target, weight, opts, grad_now, inplace=overwrite, defer_check=True
+        )
+        if overwrite:
+            # The logits now hold the gradient: let autograd catch anyone who saved them.
+            torch.autograd.graph.increment_version(logits)
+        keep_logits = opts.per_row or target_grad
+        ctx.save_for_backward(logits if keep_logits else None, target, weight)
+        ctx.opts, ctx.inplace = opts, inplace
+        ctx.stats, ctx.scale, ctx.grad = fwd.stats, fwd.scale, fwd.grad
+        ctx.pending_check, ctx.consumed = fwd.pending_check, False
+        return fwd.loss
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        _no_double_backward("cross_entropy")
+        if ctx.pending_check is not None:
+            ctx.pending_check.resolve()
+        if ctx.consumed:
+            raise RuntimeError(
+                "fusedce.cross_entropy: backward ran twice through the same graph "
+                "(retain_graph=True). The fused gradient is consumed by the first backward; "
+                "compute the loss again for a second backward."
+            )
+        logits, target, weight = ctx.saved_tensors
+        opts = ctx.opts
+        grad_logits = grad_target = None
+        if ctx.needs_input_grad[1]:
+            factor = grad_output.reshape(-1) if opts.per_row else grad_output * ctx.scale
+            grad_target = core.probability_target_grad(
+                logits, ctx.stats[1], weight, opts, factor
+            ).to(target.dtype)
+        if ctx.needs_input_grad[0]:
+            if opts.per_row:
+                out = logits if ctx.inplace else None
+                grad_logits = core.gradient_from_stats(
+                    logits, target, weight, opts, ctx.stats, grad_output, out
+                )
+            else:
+                grad_logits = ctx.grad
+                core.scale_grad_(grad_logits, grad_output)
+        # Scalar reductions hand their one gradient buffer over; "none" in place reuses logits.
+        ctx.consumed = not opts.per_row or ctx.inplace
+        ctx.grad = None
+        return grad_logits, grad_target, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees (backward out of place: graphs may reuse it).
+# --------------------------------------------------------------------------------------------
+
+
+def _opts(ignore_index: int, label_smoothing: float, reduction: str) -> LossOptions:
+    return LossOptions(ignore_index, label_smoothing, reduction)
+
+
+@torch.library.custom_op("fusedce::cross_entropy", mutates_args=())
+def _cross_entropy_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    grad_now: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, gradient of the reduced loss or an empty tensor, (3, M) per-row stats)."""
+    opts = _opts(ignore_index, label_smoothing, reduction)
+    fwd = core.forward(logits, target, weight, opts, grad_now)
+    grad = fwd.grad if fwd.grad is not None else logits.new_empty((0,))
+    # "none" returns stats[0] itself: an op's outputs may not alias each other.
+    loss = fwd.loss.clone() if opts.per_row else fwd.loss
+    return loss, grad, fwd.stats
+
+
+@_cross_entropy_op.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, reduction, grad_now):
+    M = logits.shape[0]
+    acc = accumulation_dtype(logits.dtype)
+    loss = logits.new_empty((M,) if reduction == "none" else (), dtype=acc)
+    grad = (
+        torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if grad_now
+        else logits.new_empty((0,))
+    )
+    return loss, grad, logits.new_empty((3, M), dtype=acc)
+
+
+@torch.library.custom_op("fusedce::cross_entropy_grad", mutates_args=())
+def _cross_entropy_grad_op(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    stats: Tensor,
+    row_factor: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+) -> Tensor:
+    """reduction="none": the gradient written once from the forward's per-row stats."""
+    opts = _opts(ignore_index, label_smoothing, "none")
+    return core.gradient_from_stats(logits, target, weight, opts, stats, row_factor)
+
+
+@_cross_entropy_grad_op.register_fake
+def _(logits, target, weight, stats, row_factor, ignore_index, label_smoothing):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _op_setup_context(ctx, inputs, output):
+    logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs
+    ctx.opts = _opts(ignore_index, label_smoothing, reduction)
+    keep_logits = reduction == "none" or target.requires_grad
+    ctx.save_for_backward(logits if keep_logits else None, target, weight, output[1], output[2])
+
+
+def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
+    _no_double_backward("cross_entropy")
+    logits, target, weight, grad, stats = ctx.saved_tensors
+    opts = ctx.opts
+    grad_logits = grad_target = None
+    if ctx.needs_input_grad[1]:
+        mean_scale = 1.0
+        if opts.mean:
+            mean_scale = core.inverse_normaliser(
+                core.mean_normaliser(target, weight, opts.ignore_index, stats.dtype)
+            )
+        factor = grad_loss if opts.per_row else grad_loss * mean_scale
+        grad_target = core.probability_target_grad(logits, stats[1], weight, opts, factor)
+        grad_target = grad_target.to(target.dtype)
+    if ctx.needs_input_grad[0]:
+        if opts.per_row:
+            grad_logits = _cross_entropy_grad_op(
+                logits, target, weight, stats, grad_loss, opts.ignore_index, opts.label_smoothing
+            )
+        else:
+            grad_logits = grad * grad_loss.to(grad.dtype)
+    return grad_logits, grad_target, None, None, None, None, None
+
+
+_cross_entropy_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def cross_entropy(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    inplace_backward: bool = False,
+) -> Tensor:
+    """Cross-entropy between logits and targets: ``torch.nn.functional.cross_entropy``, fused.
+
+    Args:
+        input: logits of shape (C,), (N, C) or (N, C, d1, ..., dk); float32, float16, bfloat16
+            (or float64, which takes the torch backend); any strides.
+        target: class indices (int64, int32 or uint8) of shape (), (N,) or (N, d1, ..., dk), or
+            class probabilities of the input's shape (soft targets: H(P, Q) = -sum_x P(x)
+            log Q(x)); probabilities may require grad (their gradient is computed as torch's).
+        weight: optional (C,) class weights (not differentiable, as in torch).
+        ignore_index: class index that contributes neither loss nor gradient (class indices);
+            None means -100.
+        reduction: "none" (per-element loss of the target's shape), "mean" or "sum".
+        label_smoothing: amount in [0, 1] of uniform smoothing of the target distribution.
+        inplace_backward: write the gradient into the logits' storage instead of a new buffer:
+            saves one logits-sized allocation, but the logits are overwritten (by forward for
+            "mean"/"sum", by backward for "none"): nothing may read them afterwards (autograd
+            raises if a saved tensor was overwritten). Only where the (N, C) view of the input
+            is contiguous and the input is not a leaf that requires grad; not while the target
+            requires grad (its gradient reads the logits).
+
+    Returns:
+        The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none".
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices or options.
+        IndexError: a class index outside [0, C) other than ignore_index (see
+            ``set_target_check``; on CUDA raised from backward when a gradient is wanted).
+        RuntimeError: ``weight.requires_grad``; ``inplace_backward`` on a leaf that requires
+            grad; double backward (``create_graph=True``).
+
+    Deviations from torch: reduction="mean" with nothing to average (every target ignored, or an
+    empty batch) gives 0.0 and a zero gradient instead of NaN; a probability of 0 times a logit
+    of -inf contributes 0 (its limit), not NaN. Calling backward twice through the same graph
+    (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
+    the fused gradient.
+    """
+    opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
+    logits, target, weight, out_shape = _check_and_flatten(input, target, weight, opts)
+    grad_enabled = torch.is_grad_enabled()
+    need_grad = grad_enabled and input.requires_grad
+    target_grad = grad_enabled and target.requires_grad
+    if torch.compiler.is_compiling():
+        grad_now = need_grad and not opts.per_row
+        loss, _, _ = _cross_entropy_op(
+            logits,
+            target,
+            weight,
+            opts.ignore_index,
+            opts.label_smoothing,
+            opts.reduction,
+            grad_now,
+        )
+    elif need_grad or target_grad:
+        if inplace_backward and input.is_leaf and input.requires_grad:
+            raise RuntimeError(
+                f"{_WHO}: inplace_backward=True would overwrite a leaf tensor that requires "
+                "grad; pass a non-leaf tensor (e.g. the output of the last layer) or "
+                "inplace_backward=False"
+            )
+        inplace = inplace_backward and need_grad and logits.is_contiguous()
+        loss = _FusedCrossEntropy.apply(logits, target, weight, opts, inplace)
+    else:
+        loss = core.forward(logits, target, weight, opts, grad_now=False).loss
+    return loss.reshape(out_shape) if opts.per_row else loss
+
+
+class CrossEntropyLoss(nn.Module):
+    """``torch.nn.CrossEntropyLoss`` on the fused kernel; see :func:`cross_entropy`.
+
+    Shapes: input (C,), (N, C) or (N, C, d1, ..., dk); target (), (N,) or (N, d1, ..., dk) class
+    indices, or probabilities of the input's shape; output a scalar, or the target's shape for
+    reduction="none".
+    """
+
+    def __init__(
+        self,
+        weight: Tensor | None = None,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        inplace_backward: bool = False,
+    ) -> None:
+        super().__init__()
+        opts = check_options("CrossEntropyLoss", ignore_index, label_smoothing, reduction)
+        self.register_buffer("weight", weight)
+        self.ignore_index = opts.ignore_index
+        self.reduction = opts.reduction
+        self.label_smoothing = opts.label_smoothing
+        self.inplace_backward = inplace_backward
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+            inplace_backward=self.inplace_backward,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}"
+        )

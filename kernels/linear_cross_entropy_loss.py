@@ -1,0 +1,494 @@
+"""``linear_cross_entropy`` and ``LinearCrossEntropyLoss``: the fused linear head.
+
+``linear_cross_entropy(input, W, target)`` equals
+``F.cross_entropy(F.linear(input, W, b), target)`` (the signature and semantics of PyTorch
+2.13's ``torch.nn.functional.linear_cross_entropy``) but never materialises the full (N, V)
+logits: ``linear_chunks.py`` walks the token rows in chunks. This file holds the argument
+checks, the autograd Function and the custom ops.
+
+With a scalar reduction the mean normaliser over ALL targets is computed first, so each chunk's
+gradient is final up to ``grad_output``; backward only scales the three saved gradients. With
+``reduction="none"`` (one upstream gradient per token) forward computes only the loss and
+backward recomputes the chunks with the per-row factors folded into the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import core
+from .cross_entropy_loss import _no_double_backward
+from .index_check import check_class_indices
+from .linear_chunks import Accumulation, chunked_pass, planned_chunk_rows
+from .options import (
+    LossOptions,
+    accumulation_dtype,
+    check_accumulation,
+    check_chunk_size,
+    check_class_index_dtype,
+    check_class_weight,
+    check_options,
+    index_target_for_kernels,
+    prepare_class_weight,
+)
+
+__all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
+
+_WHO = "linear_cross_entropy"
+
+
+def _scale_for(target: Tensor, weight: Tensor | None, opts: LossOptions, x: Tensor) -> Tensor:
+    """() device scalar: 1 / the mean normaliser over ALL rows, or 1."""
+    if not opts.mean:
+        return torch.ones((), dtype=torch.float32, device=x.device)
+    acc = accumulation_dtype(x.dtype)
+    return core.inverse_normaliser(core.mean_normaliser(target, weight, opts.ignore_index, acc))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """How one call runs: the loss options plus the chunking (plain values, no tensors)."""
+
+    __slots__ = ("accumulation", "chunk_rows", "opts")
+
+    def __init__(self, opts: LossOptions, chunk_rows: int, accumulation: str) -> None:
+        self.opts, self.chunk_rows, self.accumulation = opts, chunk_rows, accumulation
+
+
+def _pass(x, W, b, target, weight, plan: _Plan, scale, needs):
+    return chunked_pass(
+        x, W, b, target, weight, plan.opts, plan.chunk_rows, plan.accumulation, scale, needs
+    )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Scalar reductions: gradients computed in forward, scaled in backward. "none": recompute."""
+
+    @staticmethod
+    def forward(ctx, x, W, b, target, weight, plan):  # type: ignore[override]
+        needs = tuple(ctx.needs_input_grad[:3])
+        ctx.plan = plan
+        if plan.opts.per_row:
+            # Per-token upstream gradients are only known in backward: recompute there.
+            loss_rows, *_ = _pass(x, W, b, target, weight, plan, None, needs)
+            ctx.save_for_backward(x, W, b, target, weight)
+            return loss_rows
+        scale = _scale_for(target, weight, plan.opts, x)
+        loss_rows, gx, gw, gb = _pass(x, W, b, target, weight, plan, scale, needs)
+        ctx.grads = [gx, gw, gb]
+        return core.reduce_rows(loss_rows, scale, plan.opts)
+
+    @staticmethod
+    def backward(ctx, grad_output):  # type: ignore[override]
+        _no_double_backward("linear_cross_entropy")
+        plan = ctx.plan
+        if plan.opts.per_row:
+            x, W, b, target, weight = ctx.saved_tensors
+            needs = tuple(ctx.needs_input_grad[:3])
+            factor = grad_output.reshape(-1).float().contiguous()
+            _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, needs)
+            return gx, gw, gb, None, None, None
+        grads = ctx.grads
+        if grads is None:
+            raise RuntimeError(
+                "fusedce.linear_cross_entropy: backward ran twice through the same graph "
+                "(retain_graph=True). The fused gradients are consumed by the first backward; "
+                "compute the loss again for a second backward."
+            )
+        ctx.grads = None
+        for grad in grads:
+            if grad is not None:
+                # In place, and without a host sync on CUDA: a factor of exactly 1 moves no data.
+                core.scale_grad_(grad.reshape(1, -1) if grad.dim() == 1 else grad, grad_output)
+        return grads[0], grads[1], grads[2], None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees (no graph break; backward out of place)
+# --------------------------------------------------------------------------------------------
+
+
+def _empty(like: Tensor) -> Tensor:
+    """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
+    return like.new_empty((0,))
+
+
+def _fake_grads(x: Tensor, W: Tensor, b: Tensor | None, now: bool, needs: list[bool]):
+    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed."""
+    gx = torch.empty_like(x) if now and needs[0] else _empty(x)
+    gw = torch.empty_like(W) if now and needs[1] else _empty(x)
+    gb = torch.empty_like(b) if now and needs[2] and b is not None else _empty(x)
+    return gx, gw, gb
+
+
+@torch.library.custom_op("fusedce::linear_cross_entropy", mutates_args=())
+def _lce_op(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    chunk_rows: int,
+    accumulation: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_W, grad_b); the gradients are empty where not needed, and always for
+    reduction="none" (computed in the backward op instead)."""
+    check_class_indices(target, W.shape[0], ignore_index)
+    plan = _Plan(LossOptions(ignore_index, label_smoothing, reduction), chunk_rows, accumulation)
+    scale = _scale_for(target, weight, plan.opts, x)
+    grads_now = reduction != "none" and any(needs)
+    loss_rows, gx, gw, gb = _pass(
+        x, W, b, target, weight, plan, scale if grads_now else None, tuple(needs)
+    )
+    loss = core.reduce_rows(loss_rows, scale, plan.opts)
+    return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb))
+
+
+@_lce_op.register_fake
+def _(
+    x,
+    W,
+    b,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    chunk_rows,
+    accumulation,
+    needs,
+):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
+    return loss, *_fake_grads(x, W, b, reduction != "none", needs)
+
+
+@torch.library.custom_op("fusedce::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(
+    grad_output: Tensor,
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_rows: int,
+    accumulation: str,
+    needs: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """reduction="none": recompute the chunks with one upstream factor per row."""
+    plan = _Plan(LossOptions(ignore_index, label_smoothing, "none"), chunk_rows, accumulation)
+    factor = grad_output.reshape(-1).float().contiguous()
+    _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs))
+    return tuple(g if g is not None else _empty(x) for g in (gx, gw, gb))
+
+
+@_lce_backward_op.register_fake
+def _(
+    grad_output,
+    x,
+    W,
+    b,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    chunk_rows,
+    accumulation,
+    needs,
+):
+    return _fake_grads(x, W, b, True, needs)
+
+
+def _lce_setup_context(ctx, inputs, output):
+    x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs
+    ctx.reduction = reduction
+    ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs)
+    ctx.has_bias = b is not None
+    if reduction == "none":
+        ctx.save_for_backward(x, W, b, target, weight)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _lce_backward(ctx, grad_loss, *_unused):
+    _no_double_backward("linear_cross_entropy")
+    if ctx.reduction == "none":
+        x, W, b, target, weight = ctx.saved_tensors
+        gx, gw, gb = _lce_backward_op(grad_loss, x, W, b, target, weight, *ctx.args)
+    else:
+        gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    needs = ctx.args[-1]
+    gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
+    gb = gb if needs[2] and ctx.has_bias else None
+    return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+
+
+def _check_tensors(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+) -> None:
+    """Raises a clear exception for any tensor linear_cross_entropy cannot take."""
+    name = _WHO
+    for arg, what in ((input, "input"), (linear_weight, "linear_weight"), (target, "target")):
+        if not isinstance(arg, Tensor):
+            raise TypeError(f"{name}: {what} must be a tensor, got {type(arg).__name__}")
+    if not input.is_floating_point():
+        raise TypeError(f"{name}: input must be a floating tensor, got {input.dtype}")
+    if input.dim() == 0:
+        raise ValueError(f"{name}: input must have shape (D,), (N, D) or (..., D), got a scalar")
+    if linear_weight.dim() != 2:
+        if linear_weight.dim() > 2:
+            raise NotImplementedError(
+                f"{name}: K-dimensional linear_weight of shape {tuple(linear_weight.shape)} is "
+                "not supported; pass a 2-D (V, D) weight"
+            )
+        raise ValueError(
+            f"{name}: linear_weight must be 2-D (V, D), got {tuple(linear_weight.shape)}"
+        )
+    V, D = linear_weight.shape
+    if V == 0:
+        raise ValueError(f"{name}: linear_weight has 0 classes (shape {(V, D)})")
+    if input.shape[-1] != D:
+        raise ValueError(
+            f"{name}: input has {input.shape[-1]} features (shape {tuple(input.shape)}) but "
+            f"linear_weight of shape {(V, D)} expects D={D}"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(
+            f"{name}: input ({input.dtype}) and linear_weight ({linear_weight.dtype}) must "
+            "have the same dtype"
+        )
+    devices = {("linear_weight", linear_weight.device), ("target", target.device)}
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (V,):
+            shape = tuple(linear_bias.shape) if isinstance(linear_bias, Tensor) else linear_bias
+            raise ValueError(f"{name}: linear_bias must have shape ({V},), got {shape}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(
+                f"{name}: linear_bias ({linear_bias.dtype}) must have the input's dtype "
+                f"({input.dtype})"
+            )
+        devices.add(("linear_bias", linear_bias.device))
+    check_class_weight(name, weight, V, input.device)
+    for what, device in sorted(devices, key=lambda d: d[0]):
+        if device != input.device:
+            raise ValueError(f"{name}: {what} is on {device} but input is on {input.device}")
+    expected = tuple(input.shape[:-1])
+    if target.is_floating_point() and tuple(target.shape) == (*expected, V):
+        raise NotImplementedError(
+            f"{name}: probability (soft) targets are not supported; pass class indices of shape "
+            f"{expected}, or use fusedce.cross_entropy on materialised logits"
+        )
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"{name}: target of shape {tuple(target.shape)} does not fit input of shape "
+            f"{tuple(input.shape)}: expected class indices of shape {expected}"
+        )
+    check_class_index_dtype(name, target)
+
+
+def _autocast_cast(
+    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Under autocast, run the GEMMs in the autocast dtype as F.linear would."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t if t is None or t.dtype == torch.float64 else t.to(dtype)
+    return cast(input), cast(linear_weight), cast(linear_bias)
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    weight: Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    chunk_size: int | None = None,
+    accumulation: Accumulation = "float32",
+) -> Tensor:
+    """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target)``, chunked and fused.
+
+    The (N, V) logits are never materialised: at most ``chunk_size`` rows of logits exist at a
+    time, and the gradient of each chunk overwrites its logits in place (see the module doc).
+
+    Args:
+        input: (D,), (N, D) or (..., D) hidden states, e.g. (B, T, D) from an LM; float32,
+            float16, bfloat16 (or float64, computed in float64 by the torch fallback).
+        linear_weight: (V, D) weight of the projection, e.g. ``lm_head.weight``; input's dtype.
+        target: class indices (int64 or int32) of shape ``input.shape[:-1]``.
+        linear_bias: optional (V,) bias of the projection, input's dtype.
+        weight: optional (V,) class weights.
+        reduction: "none" (loss of the target's shape), "mean" or "sum".
+        ignore_index: class index that contributes neither loss nor gradient (None: -100).
+        label_smoothing: amount in [0, 1] of uniform smoothing of the target distribution.
+        chunk_size: token rows per chunk; None picks ``planned_chunk_rows`` (about 256 MiB of
+            logits on GPU, 32 MiB on CPU). Need not divide N. Peak extra memory is about
+            ``chunk_size * V * element_size`` plus the gradients.
+        accumulation: "float32" (default) accumulates the half-precision weight gradient across
+            chunks in a float32 (V, D) buffer, cast once at the end: as accurate as one GEMM
+            over all tokens. "input" accumulates straight into the weight's dtype (rounded once
+            per chunk) and saves those V * D * 4 bytes. No effect for float32 weights.
+
+    Returns:
+        The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
+        reduction="none".
+
+    Raises:
+        ValueError, TypeError: bad shapes, dtypes, devices or options.
+        IndexError: a class index outside [0, V) other than ignore_index.
+        NotImplementedError: probability targets, K-dimensional linear_weight.
+
+    Deviations from torch: the loss is float32 for half-precision input (as
+    ``kernels.cross_entropy``); reduction="mean" over nothing (every target ignored, or no rows)
+    gives 0 and zero gradients instead of NaN; any input shape (..., D) is accepted. As with
+    torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
+    the scalar reductions, and higher-order gradients are not supported.
+    """
+    opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
+    check_chunk_size(_WHO, chunk_size)
+    check_accumulation(_WHO, accumulation)
+    _check_tensors(input, linear_weight, target, linear_bias, weight)
+    input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
+    V, D = linear_weight.shape
+    out_shape = tuple(target.shape)
+    x = input.reshape(-1, D).contiguous()
+    t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
+    if not torch.compiler.is_compiling():  # the custom op checks inside, opaque to dynamo
+        check_class_indices(t, V, opts.ignore_index)
+    weight = prepare_class_weight(weight, x.dtype)
+    rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
+    plan = _Plan(opts, rows, accumulation)
+    params = (input, linear_weight, linear_bias)
+    need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    if torch.compiler.is_compiling():
+        needs = [need_grad and p is not None and p.requires_grad for p in params]
+        loss, *_ = _lce_op(
+            x,
+            linear_weight,
+            linear_bias,
+            t,
+            weight,
+            opts.ignore_index,
+            opts.label_smoothing,
+            opts.reduction,
+            rows,
+            accumulation,
+            needs,
+        )
+    elif need_grad:
+        loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, plan)
+    else:
+        scale = _scale_for(t, weight, opts, x)
+        loss_rows, *_ = _pass(x, linear_weight, linear_bias, t, weight, plan, None, (False,) * 3)
+        loss = core.reduce_rows(loss_rows, scale, opts)
+    return loss.reshape(out_shape) if opts.per_row else loss
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """``torch.nn.LinearCrossEntropyLoss`` on the chunked fused path; see linear_cross_entropy.
+
+    Like torch's module it owns the projection (``self.linear``, an ``nn.Linear(in_features,
+    num_classes)``) and ``forward(input, target)`` returns the loss of ``self.linear(input)``.
+    To put it on an existing LM head, use :meth:`from_linear`, which shares that module.
+
+    Shapes: input (D,), (N, D) or (..., D); target ``input.shape[:-1]`` class indices; output a
+    scalar, or the target's shape for reduction="none".
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Tensor | None = None,
+        ignore_index: int | None = -100,
+        label_smoothing: float = 0.0,
+        chunk_size: int | None = None,
+        accumulation: Accumulation = "float32",
+    ) -> None:
+        super().__init__()
+        who = "LinearCrossEntropyLoss"
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        check_chunk_size(who, chunk_size)
+        check_accumulation(who, accumulation)
+        self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
+        self.register_buffer("weight", weight)
+        self.num_classes = num_classes
+        self.reduction = opts.reduction
+        self.ignore_index = opts.ignore_index
+        self.label_smoothing = opts.label_smoothing
+        self.chunk_size = chunk_size
+        self.accumulation = accumulation
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> LinearCrossEntropyLoss:
+        """A loss module sharing an existing projection (e.g. ``model.lm_head``), not copying it.
+
+        Args:
+            linear: the ``nn.Linear(D, V)`` whose weight (and bias) produce the logits.
+            **kwargs: the keyword options of ``__init__`` (reduction, weight, ignore_index, ...).
+        """
+        kwargs.setdefault("bias", linear.bias is not None)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            device="meta",
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
+        module.linear = linear
+        return module
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return linear_cross_entropy(
+            input,
+            self.linear.weight,
+            target,
+            linear_bias=self.linear.bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            chunk_size=self.chunk_size,
+            accumulation=self.accumulation,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
+            f"chunk_size={self.chunk_size}, accumulation={self.accumulation!r}"
+        )

@@ -1,0 +1,146 @@
+"""The loss options, and one check per argument shared by every entry point.
+
+``cross_entropy``, ``CrossEntropyLoss``, ``linear_cross_entropy`` and ``LinearCrossEntropyLoss``
+all validate their arguments here, so that the same bad value gets the same message wherever it
+is passed (``who`` names the caller in the message).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("none", "mean", "sum")
+ACCUMULATIONS = ("float32", "input")
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Class-index dtypes: torch takes int64 and uint8 ("Long or Byte"); int32 is a fusedce extra.
+INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """What the loss computes, beyond its tensors.
+
+    Attributes:
+        ignore_index: class index that contributes neither loss nor gradient (class indices).
+        label_smoothing: amount in [0, 1] of uniform smoothing of the target distribution.
+        reduction: "none", "mean" or "sum".
+    """
+
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    reduction: str = "mean"
+
+    @property
+    def mean(self) -> bool:
+        return self.reduction == "mean"
+
+    @property
+    def per_row(self) -> bool:
+        """Whether the output keeps one loss per element (and backward one factor per row)."""
+        return self.reduction == "none"
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the loss and of every accumulation: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_options(
+    who: str, ignore_index: object, label_smoothing: object, reduction: object
+) -> LossOptions:
+    """Validates the three loss options; returns them as a ``LossOptions``.
+
+    ``ignore_index=None`` means -100 in every entry point (torch's ``linear_cross_entropy``
+    reads it so; its ``cross_entropy`` rejects None).
+
+    Raises:
+        ValueError, TypeError: naming the argument and the accepted values.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        kind = type(label_smoothing).__name__
+        raise TypeError(f"{who}: label_smoothing must be a float in [0, 1], got {kind}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{who}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if ignore_index is None:  # as torch's linear_cross_entropy: None means the default
+        ignore_index = -100
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{who}: ignore_index must be an int or None, got {ignore_index!r}")
+    if not _INT64_MIN <= ignore_index <= _INT64_MAX:
+        raise ValueError(f"{who}: ignore_index {ignore_index} does not fit in 64 bits")
+    return LossOptions(int(ignore_index), float(label_smoothing), str(reduction))
+
+
+def check_chunk_size(who: str, chunk_size: object) -> None:
+    """``chunk_size`` is None or an int >= 1 (bool is rejected: ``True`` is not a size)."""
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{who}: chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_accumulation(who: str, accumulation: object) -> None:
+    if accumulation not in ACCUMULATIONS:
+        raise ValueError(
+            f"{who}: accumulation must be one of {ACCUMULATIONS}, got {accumulation!r}"
+        )
+
+
+def check_class_weight(
+    who: str, weight: object, num_classes: int, device: torch.device | None = None
+) -> None:
+    """``weight`` is None or a floating (C,) tensor on ``device`` that needs no gradient.
+
+    Raises:
+        ValueError: wrong shape or device. TypeError: not floating point.
+        RuntimeError: ``weight.requires_grad`` (the loss is not differentiable with respect to
+            class weights; torch raises the same).
+    """
+    if weight is None:
+        return
+    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != num_classes:
+        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
+        raise ValueError(
+            f"{who}: weight must be a 1-D tensor of {num_classes} class weights, got {shape}"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(f"{who}: weight must be floating point, got {weight.dtype}")
+    if device is not None and weight.device != device:
+        raise ValueError(f"{who}: weight is on {weight.device} but input is on {device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{who}: the loss is not differentiable with respect to the class weights "
+            "(weight.requires_grad=True); pass weight.detach()"
+        )
+
+
+def prepare_class_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """The class weights as the kernels read them: contiguous, in the accumulation dtype."""
+    if weight is None:
+        return None
+    return weight.detach().to(accumulation_dtype(dtype)).contiguous()
+
+
+def check_class_index_dtype(who: str, target: Tensor) -> None:
+    if target.dtype not in INDEX_DTYPES:
+        raise TypeError(
+            f"{who}: class-index targets must be int64, int32 or uint8, got {target.dtype}"
+        )
+
+
+def index_target_for_kernels(target: Tensor, ignore_index: int) -> Tensor:
+    """Class indices in a dtype the kernels compare with ``ignore_index`` without wrapping.
+
+    int32 targets stay int32 (half the bytes) when ``ignore_index`` fits in int32; otherwise,
+    and for uint8, they are widened to int64 so that the comparison is done in 64 bits.
+    """
+    if target.dtype == torch.int64:
+        return target
+    if target.dtype == torch.int32 and -(2**31) <= ignore_index < 2**31:
+        return target
+    return target.long()
