@@ -14,7 +14,8 @@ SWEEP_V = (2, 1024, 32000, 50257, 128256, 256000)
 LATENCY_V = 32000
 LATENCY_N_GPU = (1, 16, 256, 2048)
 LATENCY_N_CPU = (1, 16, 256)
-# Anchor shapes (forward + backward): LLM-sized cells, for direct comparison across cards.
+# The shapes of the H200 reference measurements (benchmarks/reference/h200-2026-11-26, the
+# anchors file), forward + backward, for direct comparison.
 ANCHOR_SHAPES = ((8192, 32000, "bf16"), (8192, 128256, "bf16"), (4096, 256000, "bf16"))
 ANCHOR_SHAPES_FP32 = ((8192, 128256, "fp32"),)
 QUICK_SHAPES = ((1024, 2), (16, 32000))
