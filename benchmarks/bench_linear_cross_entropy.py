@@ -33,7 +33,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,15 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from benchmarks.common import base_environment
+from benchmarks.common import base_environment, csv, fmt, pick_device, pyplot, write_json
+from benchmarks.measure import (
+    MiB,
+    cpu_interleaved_ms,
+    cuda_median_ms,
+    free_memory,
+    is_oom,
+    peak_extra_mib,
+)
 from fusedce.linear_chunks import planned_chunk_rows
 
 DTYPES: dict[str, torch.dtype] = {
@@ -67,7 +74,6 @@ LOWMEM_CHUNK_BYTES = 1 << 27
 # written once per chunk: 2 * V * D * 4 bytes) is swept a quarter as often as by the default.
 BIG_CHUNK_BYTES = 1 << 30
 ERROR_SHAPE = (512, 128, 4096)  # (N, D, V) of the accuracy check
-MiB = 1 << 20
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -140,6 +146,7 @@ def make_inputs(n: int, d: int, v: int, dtype: torch.dtype, device: torch.device
 
 
 def run_step(fn: Step, x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> None:
+    """Forward + backward of one provider; the gradients land in x.grad and W.grad."""
     x.grad = W.grad = None
     fn(x, W, t).backward()
 
@@ -149,24 +156,12 @@ def run_step(fn: Step, x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> Non
 # --------------------------------------------------------------------------------------------
 
 
-def time_ms(fn: Step, x, W, t, device: torch.device, repeats: int) -> float:
-    """CUDA: median of ``triton.testing.do_bench`` (warm-up, L2 flush between runs)."""
-    import triton.testing
-
-    step = lambda: run_step(fn, x, W, t)
-    return float(triton.testing.do_bench(step, grad_to_none=[x, W], rep=200 * repeats))
-
-
-def cuda_peak_mib(fn: Step, x, W, t) -> float:
+def cuda_peak_mib(fn: Step, x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -> float:
+    """Peak CUDA memory (MiB) of one step above the inputs (the gradients included)."""
     x.grad = W.grad = None
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    run_step(fn, x, W, t)
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / MiB
+    free_memory(x.device)
+    _, peak = peak_extra_mib(lambda: run_step(fn, x, W, t), x.device)
+    return peak
 
 
 def _proc_status_mib(field: str) -> float | None:
@@ -253,16 +248,12 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
             if rss is not None:
                 row["peak_mib"] = rss["rss_delta_mib"]
                 row["max_rss_mib"] = rss["max_rss_mib"]
-    except torch.OutOfMemoryError:
+    except Exception as exc:
+        if not is_oom(exc):
+            raise
         row["status"] = "out of memory"
-    free(device)
+    free_memory(device)
     return row
-
-
-def free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def time_all(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch.device) -> None:
@@ -271,21 +262,20 @@ def time_all(rows: list[dict[str, Any]], args: argparse.Namespace, device: torch
     live = [r for r in rows if r["status"] == "ok"]
     x, W, t = make_inputs(args.n, args.d, args.v, DTYPES[args.dtype], device)
     fns = {r["provider"]: make_provider(r["provider"], device) for r in live}
+    steps = {name: (lambda fn=fn: run_step(fn, x, W, t)) for name, fn in fns.items()}
     if device.type == "cuda":
         for r in live:
             try:
-                r["time_ms"] = time_ms(fns[r["provider"]], x, W, t, device, args.repeats)
-            except torch.OutOfMemoryError:
+                r["time_ms"] = cuda_median_ms(
+                    steps[r["provider"]], rep_ms=200 * args.repeats, grad_to_none=[x, W]
+                )
+            except Exception as exc:
+                if not is_oom(exc):
+                    raise
                 r["status"] = "out of memory"
-            free(device)
+            free_memory(device)
         return
-    samples: dict[str, list[float]] = {r["provider"]: [] for r in live}
-    for rep in range(args.repeats + 1):  # round 0 is the warm-up
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            run_step(fn, x, W, t)
-            if rep:
-                samples[name].append((time.perf_counter() - start) * 1e3)
+    samples = cpu_interleaved_ms(steps, args.repeats)
     for r in live:
         r["time_ms"] = statistics.median(samples[r["provider"]])
         r["time_samples_ms"] = samples[r["provider"]]
@@ -312,11 +302,8 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any
     }
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def markdown(report: dict[str, Any]) -> str:
+    """The report as markdown: the set-up and one table row per provider."""
     env = report["environment"]
     s = env["shape"]
     lines = [
@@ -335,20 +322,17 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {r['provider']} | {r['status']} | | | | |")
             continue
         lines.append(
-            f"| {r['provider']} | {_fmt(r.get('time_ms'), '.1f')} | "
-            f"{_fmt(r.get('peak_mib'), '.0f')} | {_fmt(r.get('loss_abs_err'), '.2e')} | "
-            f"{_fmt(r.get('grad_input_rel_err'), '.2e')} | "
-            f"{_fmt(r.get('grad_weight_rel_err'), '.2e')} |"
+            f"| {r['provider']} | {fmt(r.get('time_ms'), '.1f')} | "
+            f"{fmt(r.get('peak_mib'), '.0f')} | {fmt(r.get('loss_abs_err'), '.2e')} | "
+            f"{fmt(r.get('grad_input_rel_err'), '.2e')} | "
+            f"{fmt(r.get('grad_weight_rel_err'), '.2e')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Time and peak memory per provider, as two bar charts."""
+    plt = pyplot()
     rows = [r for r in report["results"] if r["status"] == "ok"]
     names = [r["provider"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -368,10 +352,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
+    """Writes <stem>.md, <stem>.json and <stem>.png into ``out``; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.md", out / f"{stem}.json", out / f"{stem}.png"]
     paths[0].write_text(markdown(report))
-    paths[1].write_text(json.dumps(report, indent=2) + "\n")
+    write_json(paths[1], report, indent=2)
     plot(report, paths[2])
     return paths
 
@@ -382,6 +367,7 @@ def write_outputs(report: dict[str, Any], out: Path, stem: str) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n", type=int, default=8192, help="tokens (rows)")
     p.add_argument("--d", type=int, default=4096, help="hidden size")
@@ -403,13 +389,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point: measures every provider, writes the outputs, prints the table."""
     args = parse_args(argv)
     if args.rss_child:
         rss_child(args)
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = pick_device(args.device)
     results = []
-    for name in [p for p in args.providers.split(",") if p]:
+    for name in csv(args.providers):
         results.append(measure(name, args, device))
         print(json.dumps(results[-1]), flush=True)
     time_all(results, args, device)

@@ -1,8 +1,11 @@
-"""What both benchmarks share: the card's name, the file-name slug and the run's environment."""
+"""What both benchmarks share: the run's environment (card, versions, commit), the device, the
+file-name slug and small output helpers (number formatting, JSON, matplotlib)."""
 
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
 import os
 import platform
 import re
@@ -74,3 +77,39 @@ def base_environment(device: torch.device, card: str | None = None) -> dict[str,
         "argv": sys.argv[1:],
         "torch_threads": torch.get_num_threads(),
     }
+
+
+def pick_device(name: str | None) -> torch.device:
+    """``name`` ("cuda", "cpu", ...) or, when None, CUDA where available and the CPU otherwise."""
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def csv(text: str) -> list[str]:
+    """The non-empty, stripped items of a comma-separated command-line value."""
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def fmt(value: Any, spec: str = ".3f") -> str:
+    """A value for a markdown table: "n/a" for None, "nan" for NaN, numbers by ``spec``."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else format(value, spec)
+    if isinstance(value, int):
+        return format(value, spec)
+    return str(value)
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend (no display on a benchmark machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_json(path: Path, report: dict[str, Any], indent: int = 1) -> None:
+    """Writes a report as JSON (values JSON cannot hold, like paths, as their text)."""
+    path.write_text(json.dumps(report, indent=indent, default=str) + "\n")

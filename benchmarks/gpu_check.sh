@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a device session (docs/BENCHMARKS.md): CUDA + kernel tests, the
+# One prepared GPU check for a device session (docs/BENCHMARKS.md): GPU + kernel tests, the
+# experimental Gluon kernel (tests and a side-by-side benchmark, in processes of their own), the
 # cross-entropy benchmark (full sweep, ~5 min budget), then the linear cross-entropy benchmark.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
@@ -7,7 +8,9 @@
 #
 # Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,gluon,ce,lce": a rerun can name fewer),
 # FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the
-# copy on the device has no .git), PYTHON (default python3).
+# copy on the device has no .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the
+# backend of the tests and of the benchmarks' fusedce columns; FUSEDCE_BACKEND=gluon runs the
+# whole check with the experimental kernel wherever it takes the call).
 #
 # Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
 # Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, <card>-<date>.{md,json,png}
@@ -25,6 +28,7 @@ DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
 STEPS_WANTED=",${FUSEDCE_GPU_CHECK_STEPS:-tests,gluon,ce,lce},"
 FUSEDCE_GIT_COMMIT="${FUSEDCE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export FUSEDCE_GIT_COMMIT
+export FUSEDCE_BACKEND="${FUSEDCE_BACKEND:-auto}" # read by fusedce at import
 PY="${PYTHON:-python3}"
 TOTAL_S="${FUSEDCE_GPU_CHECK_TOTAL_S:-510}" # whole script; the device allows 600 per command
 LCE_RESERVE_S=100                            # kept back for the linear benchmark
@@ -68,6 +72,11 @@ step "environment"
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
+    import fusedce
+    print("fusedce backend", fusedce.get_backend(), "of", fusedce.available_backends())
+except Exception as exc:
+    print("fusedce: not importable:", exc)
+try:
     import triton
     print("triton", triton.__version__)
 except Exception as exc:
@@ -87,9 +96,9 @@ except Exception as exc:
 EOF
 } 2>&1 | tee -a "$LOG"
 
-# --- tests: CUDA-marked and kernel suites --------------------------------------------------
+# --- tests: the GPU file (tests/test_gpu.py, and GPU tests elsewhere) and the kernel suites -
 if wanted tests; then
-  step "tests: pytest -m 'gpu or kernel'"
+  step "tests: pytest -m '(gpu or kernel) and not gluon'"
   TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
   PYTEST_ARGS=(-m "(gpu or kernel) and not gluon" -q -x -p no:cacheprovider --continue-on-collection-errors)
   if [ "$DRY" = "1" ]; then
@@ -107,11 +116,12 @@ fi
 if wanted gluon && [ "$DRY" != "1" ]; then
   step "gluon: experimental shared-memory kernel (tests, then a small side-by-side benchmark)"
   GLUON_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 150)) 20 45)
-  timeout -k 5 "$GLUON_LIMIT" "$PY" -m pytest tests/test_gluon_cuda.py -q -x -p no:cacheprovider 2>&1 |
+  timeout -k 5 "$GLUON_LIMIT" "$PY" -m pytest -m gluon tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 |
     tail -n 15 | tee -a "$LOG"
   record "gluon tests" $?
   GLUON_OUT=$(mktemp -d) # its md goes into the log: the 8 files that come back are spoken for
-  timeout -k 5 "$GLUON_LIMIT" "$PY" -m benchmarks.bench_cross_entropy --out "$GLUON_OUT" \
+  # fusedce_gluon selects its kernel per call; the fusedce column stays on the default backend.
+  FUSEDCE_BACKEND=auto timeout -k 5 "$GLUON_LIMIT" "$PY" -m benchmarks.bench_cross_entropy --out "$GLUON_OUT" \
     --providers fusedce,fusedce_gluon,eager --shapes 8192x32000,4096x65536,8192x50256 \
     --dtypes bf16,fp32 --modes fwd_bwd --stem gluon --max-seconds $((GLUON_LIMIT - 15)) 2>&1 |
     tail -n 3 | tee -a "$LOG"

@@ -1,4 +1,6 @@
-"""Shared by the kernel tests: inputs, the float64 torch reference and the comparison."""
+"""Shared by the kernel tests: inputs, the float64 torch references and the comparisons, for
+``fusedce.cross_entropy`` (logits in) and ``fusedce.linear_cross_entropy`` (hidden states and a
+weight in)."""
 
 from __future__ import annotations
 
@@ -34,13 +36,15 @@ def make_target(logits_shape, kind, ignore_frac=0.0, seed=1, dtype=torch.int64):
     return t.to(dtype)
 
 
-def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    """torch's loss in float64 on upcast copies, with fusedce's documented mean-of-nothing = 0."""
-    x64 = x.detach().double().requires_grad_()
+def float64_loss(
+    logits64, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0
+):
+    """torch's loss on float64 logits (N, C, ...), with fusedce's documented mean-of-nothing = 0
+    (torch gives NaN where every target is ignored or the batch is empty)."""
     t = target.double() if target.is_floating_point() else target.long()
     w = None if weight is None else weight.double()
     loss = F.cross_entropy(
-        x64,
+        logits64,
         t,
         weight=w,
         ignore_index=ignore_index,
@@ -48,10 +52,24 @@ def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label
         label_smoothing=label_smoothing,
     )
     if reduction == "mean" and not target.is_floating_point() and not (t != ignore_index).any():
-        loss = (x64 * 0).sum()
-    if reduction == "mean" and target.is_floating_point() and x.numel() == 0:
-        loss = (x64 * 0).sum()
+        loss = (logits64 * 0).sum()
+    if reduction == "mean" and target.is_floating_point() and logits64.numel() == 0:
+        loss = (logits64 * 0).sum()
+    return loss
+
+
+def reference(x, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """torch's loss in float64 on an upcast copy of the logits: (float64 leaf, loss)."""
+    x64 = x.detach().double().requires_grad_()
+    loss = float64_loss(x64, target, weight, ignore_index, reduction, label_smoothing)
     return x64, loss
+
+
+def rel_err(a, ref):
+    """||a - ref|| / ||ref|| in float64 (||a|| where ref is all zeros)."""
+    a, ref = a.double(), ref.double()
+    denom = ref.norm()
+    return float((a - ref).norm() / denom) if denom > 0 else float(a.norm())
 
 
 def check(x, target, *, grad=True, rtol_scale=1.0, **kw):
@@ -83,4 +101,91 @@ def check(x, target, *, grad=True, rtol_scale=1.0, **kw):
         err,
         gref.norm().item(),
     )
+    return loss
+
+
+# --------------------------------------------------------------------------------------------
+# Linear + cross-entropy: fusedce.linear_cross_entropy(input, W, target, linear_bias=b)
+# --------------------------------------------------------------------------------------------
+
+# Relative-norm tolerances vs float64. Half-precision logits and gradients are rounded to the
+# input dtype once (as in eager), so the error is a few units in the last place of that dtype;
+# the input and weight gradients sum many such terms, hence looser than GRAD_RTOL.
+LINEAR_GRAD_RTOL = {
+    torch.float32: 1e-5,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+    torch.float64: 1e-10,
+}
+LINEAR_LOSS_RTOL = {
+    torch.float32: 1e-5,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+    torch.float64: 1e-10,
+}
+
+
+def make_linear_case(lead, D, V, dtype, *, bias=False, ignore_frac=0.0, ignore_index=-100, seed=0):
+    """(input (*lead, D), W (V, D), b (V,) or None, target lead) with O(1) logits."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((*lead, D), generator=g).to(dtype)
+    W = (torch.randn((V, D), generator=g) * (2.0 / max(D, 1) ** 0.5)).to(dtype)
+    b = (torch.randn(V, generator=g) * 0.5).to(dtype) if bias else None
+    t = torch.randint(0, V, lead, generator=g)
+    if ignore_frac > 0:
+        t = torch.where(torch.rand(lead, generator=g) < ignore_frac, ignore_index, t)
+    return x, W, b, t
+
+
+def linear_reference(x, W, b, t, **kw):
+    """float64 loss of F.cross_entropy(F.linear(x, W, b), t) and its float64 leaves [x, W(, b)].
+
+    ``kw``: the loss options (weight, ignore_index, reduction, label_smoothing); the loss has
+    the target's shape for reduction="none".
+    """
+    leaves = [
+        a.detach().double().requires_grad_() for a in (x, W) + ((b,) if b is not None else ())
+    ]
+    x64, W64 = leaves[:2]
+    b64 = leaves[2] if b is not None else None
+    logits = F.linear(x64, W64, b64)
+    V = W.shape[0]
+    reduction = kw.get("reduction", "mean")
+    loss = float64_loss(
+        logits.reshape(-1, V),
+        t.reshape(-1),
+        weight=kw.get("weight"),
+        ignore_index=kw.get("ignore_index", -100),
+        reduction=reduction,
+        label_smoothing=kw.get("label_smoothing", 0.0),
+    )
+    if reduction == "none":
+        loss = loss.reshape(t.shape)
+    return loss, leaves
+
+
+def check_linear(x, W, b, t, *, rtol_scale=1.0, **kw):
+    """fusedce.linear_cross_entropy's loss and all gradients (random upstream gradient) against
+    float64; ``kw`` goes to both (loss options, chunk_size, accumulation)."""
+    leaves = [a.detach().requires_grad_() for a in (x, W) + ((b,) if b is not None else ())]
+    xs, Ws = leaves[:2]
+    bs = leaves[2] if b is not None else None
+    loss = fusedce.linear_cross_entropy(xs, Ws, t, linear_bias=bs, **kw)
+    ref, ref_leaves = linear_reference(x, W, b, t, **kw)
+    expected_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    assert loss.dtype == expected_dtype
+    assert loss.shape == ref.shape
+    tol = LINEAR_LOSS_RTOL[x.dtype] * rtol_scale
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=tol, atol=tol)
+    go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.dtype)
+    grads = torch.autograd.grad(loss, leaves, go)
+    ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
+    for name, g, r, leaf in zip(
+        ("input", "weight", "bias"), grads, ref_grads, leaves, strict=False
+    ):
+        assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
+        assert torch.isfinite(g).all(), name
+        err = rel_err(g, r)
+        tol = LINEAR_GRAD_RTOL[x.dtype] * rtol_scale
+        assert err <= tol or float(r.abs().max()) < 1e-12, (name, err)
     return loss

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_cross_entropy as bench
-from benchmarks.common import CPU_CARD_NAME
+from benchmarks.common import CPU_CARD_NAME, slug
+from benchmarks.cross_entropy import sweep
+from benchmarks.cross_entropy.budget import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDERS = ("fusedce", "fusedce_inplace", "fusedce_nocheck", "eager")
@@ -56,7 +57,7 @@ def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
     assert not report["skipped"]
     cells = report["cells"]
     modes_dtypes = {(c["mode"], c["dtype"]) for c in cells}
-    assert modes_dtypes == {(m, d) for m in bench.MODES for d in bench.DTYPES}
+    assert modes_dtypes == {(m, d) for m in sweep.MODES for d in sweep.DTYPES}
     for cell in cells:
         assert cell["status"] == "ok", cell
         assert cell["copy"]["ms"] > 0 and cell["copy"]["GBps"] > 0
@@ -88,14 +89,14 @@ def test_time_budget_skips_cells_and_still_writes(tmp_path: Path) -> None:
 
 
 def test_sweep_sizes_and_order() -> None:
-    cells = bench.build_sweep(True, False, ["bf16", "fp32"], ["fwd_bwd", "fwd"])
+    cells = sweep.build_sweep(True, False, ["bf16", "fp32"], ["fwd_bwd", "fwd"])
     first = cells[0]
     assert (first.mode, first.dtype) == ("fwd_bwd", "bf16")
     big = [c for c in cells if c.kind == "sweep" and c.v >= 32000]
     assert big and all(c.logits_bytes >= 2**30 for c in big)
-    assert all(1 <= c.n <= bench.MAX_N for c in cells)
+    assert all(1 <= c.n <= sweep.MAX_N for c in cells)
     latency = {c.n for c in cells if c.kind == "latency"}
-    assert latency == set(bench.LATENCY_N_GPU)
+    assert latency == set(sweep.LATENCY_N_GPU)
     anchors = {(c.n, c.v, c.dtype) for c in cells if c.mode == "fwd_bwd" and c.kind != "latency"}
     assert (8192, 128256, "bf16") in anchors and (8192, 32000, "bf16") in anchors
     # fwd_bwd cells come before forward-only ones: the budget cuts from the end.
@@ -104,11 +105,28 @@ def test_sweep_sizes_and_order() -> None:
 
 
 def test_helpers() -> None:
-    assert bench.rows_for(128256, 2, 2**30) == 8192
-    assert bench.rows_for(2, 4, 2**30) == bench.MAX_N
-    assert bench.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
-    assert bench.slug(CPU_CARD_NAME) == "cpu"
-    budget = bench.Budget(10.0, durations=[1.0, 100.0, 2.0])
+    assert sweep.rows_for(128256, 2, 2**30) == 8192
+    assert sweep.rows_for(2, 4, 2**30) == sweep.MAX_N
+    assert slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert slug(CPU_CARD_NAME) == "cpu"
+    budget = Budget(10.0, durations=[1.0, 100.0, 2.0])
     assert budget.allows_next()
-    assert not bench.Budget(0.0).allows_next()
-    assert bench.Budget(None).allows_next()
+    assert not Budget(0.0).allows_next()
+    assert Budget(None).allows_next()
+
+
+def test_command_line_flags() -> None:
+    """Every flag of the command line parses; bad values are usage errors, not tracebacks."""
+    from benchmarks.bench_cross_entropy import parse_args
+
+    args = parse_args(
+        ["--quick", "--out", "o", "--stem", "s", "--providers", "fusedce,eager",
+         "--dtypes", "fp32", "--modes", "fwd", "--shapes", "8x16,4x2", "--max-seconds", "5",
+         "--device", "cpu", "--card-name", "c", "--warmup-ms", "1", "--rep-ms", "2",
+         "--cpu-budget-s", "0.1", "--cpu-threads", "2", "--note", "n", "--seed", "3"]
+    )  # fmt: skip
+    assert (args.stem, args.max_seconds, args.cpu_threads, args.seed) == ("s", 5.0, 2, 3)
+    assert sweep.parse_shapes(args.shapes) == [(8, 16), (4, 2)]
+    for bad in (["--dtypes", "fp64"], ["--modes", "bwd"], ["--shapes", "8x"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
