@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check for a device session (docs/BENCHMARKS.md): GPU + kernel tests, the
+# One prepared check on a GPU machine (docs/BENCHMARKS.md): GPU + kernel tests, the
 # experimental Gluon kernel (tests and a side-by-side benchmark, in processes of their own), the
 # cross-entropy benchmark (full sweep, ~5 min budget), then the linear cross-entropy benchmark.
 #
@@ -21,7 +21,15 @@ set -uo pipefail # no -e: a failing step must not stop the ones after it
 
 cd "$(dirname "$0")/.." || exit 99
 export PYTHONUNBUFFERED=1 MPLBACKEND=Agg WANDB_MODE=offline WANDB_SILENT=true
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# Installed, kernels/ is the package `fusedce` and lightning_modules/, datamodules/ its
+# subpackages (pyproject.toml). A GPU machine's copy of the tree need not be installed: a tree of
+# links gives Python that layout, on the working tree's files, with nothing to build.
+PKG_ROOT="${TMPDIR:-/tmp}/fusedce_pkg_$$"
+rm -rf "$PKG_ROOT" && mkdir -p "$PKG_ROOT/fusedce"
+ln -s "$PWD"/kernels/*.py "$PKG_ROOT/fusedce/"
+ln -s "$PWD/lightning_modules" "$PKG_ROOT/fusedce/lightning_modules"
+ln -s "$PWD/datamodules" "$PKG_ROOT/fusedce/datamodules"
+export PYTHONPATH="$PKG_ROOT:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"

@@ -19,7 +19,8 @@ def batch_size(batch: Any) -> int:
     """Rows ``B`` of a batch ``(x, y)`` or ``x``, with ``x`` of shape ``(B, D)``.
 
     The ``batch_size_fn`` of Lightning's ``ThroughputMonitor`` in the configs (it turns batches
-    into the ``train/samples_per_sec`` metric).
+    into the ``train/device/samples_per_sec`` metric, and ``train/samples_per_sec`` over all
+    devices when there are several).
     """
     x = batch[0] if isinstance(batch, list | tuple) else batch
     return int(x.shape[0])

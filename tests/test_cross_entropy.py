@@ -268,14 +268,15 @@ def test_grad_output_scalar_values(g):
 
 
 def test_module_matches_functional_and_torch_module():
-    w = torch.rand(37) + 0.5
+    w = torch.rand(37, generator=torch.Generator().manual_seed(4)) + 0.5
     ours = fusedce.CrossEntropyLoss(weight=w, ignore_index=2, reduction="sum", label_smoothing=0.1)
     theirs = torch.nn.CrossEntropyLoss(
         weight=w.double(), ignore_index=2, reduction="sum", label_smoothing=0.1
     )
     x = make_logits((9, 37), torch.float32)
     t = make_target((9, 37), "hard")
-    torch.testing.assert_close(ours(x, t).double(), theirs(x.double(), t))
+    # float32 loss: a sum of 9 rows in float32 against float64
+    torch.testing.assert_close(ours(x, t).double(), theirs(x.double(), t), rtol=1e-6, atol=1e-6)
     assert "label_smoothing=0.1" in repr(ours)
     assert "weight" in dict(ours.named_buffers())  # moves with .to(device)
 
