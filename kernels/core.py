@@ -140,12 +140,12 @@ def reduce_rows(loss_rows: Tensor, scale: Tensor, opts: LossOptions) -> Tensor:
     return total * scale.to(total.dtype) if opts.mean else total
 
 
-def scale_grad_(grad: Tensor, factor: Tensor) -> None:
+def apply_upstream_grad_(grad: Tensor, factor: Tensor) -> None:
     """``grad *= factor`` in place for a (M, V) gradient; ``factor`` is () (no host sync on
     CUDA: a factor of exactly 1 moves no data)."""
     factor = factor.reshape(())
     if backends.uses_triton(grad):
-        triton_backend.scale_rows(grad, factor.float().contiguous())
+        triton_backend.multiply_rows_(grad, factor.float().contiguous())
     elif bool(factor != 1):  # CPU: reading the value costs nothing
         grad.mul_(factor.to(grad.dtype))
 

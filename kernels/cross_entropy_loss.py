@@ -149,7 +149,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 )
             else:
                 grad_logits = ctx.grad
-                core.scale_grad_(grad_logits, grad_output)
+                core.apply_upstream_grad_(grad_logits, grad_output)
         # Scalar reductions hand their one gradient buffer over; "none" in place reuses logits.
         ctx.consumed = not opts.per_row or ctx.inplace
         ctx.grad = None

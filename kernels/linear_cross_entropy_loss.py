@@ -38,7 +38,9 @@ __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 _WHO = "linear_cross_entropy"
 
 
-def _scale_for(target: Tensor, weight: Tensor | None, opts: LossOptions, x: Tensor) -> Tensor:
+def _mean_gradient_scale(
+    target: Tensor, weight: Tensor | None, opts: LossOptions, x: Tensor
+) -> Tensor:
     """() device scalar: 1 / the mean normaliser over ALL rows, or 1."""
     if not opts.mean:
         return torch.ones((), dtype=torch.float32, device=x.device)
@@ -78,7 +80,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             loss_rows, *_ = _pass(x, W, b, target, weight, plan, None, needs)
             ctx.save_for_backward(x, W, b, target, weight)
             return loss_rows
-        scale = _scale_for(target, weight, plan.opts, x)
+        scale = _mean_gradient_scale(target, weight, plan.opts, x)
         loss_rows, gx, gw, gb = _pass(x, W, b, target, weight, plan, scale, needs)
         ctx.grads = [gx, gw, gb]
         return core.reduce_rows(loss_rows, scale, plan.opts)
@@ -104,7 +106,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for grad in grads:
             if grad is not None:
                 # In place, and without a host sync on CUDA: a factor of exactly 1 moves no data.
-                core.scale_grad_(grad.reshape(1, -1) if grad.dim() == 1 else grad, grad_output)
+                core.apply_upstream_grad_(
+                    grad.reshape(1, -1) if grad.dim() == 1 else grad, grad_output
+                )
         return grads[0], grads[1], grads[2], None, None, None
 
 
@@ -144,7 +148,7 @@ def _lce_op(
     reduction="none" (computed in the backward op instead)."""
     check_class_indices(target, W.shape[0], ignore_index)
     plan = _Plan(LossOptions(ignore_index, label_smoothing, reduction), chunk_rows, accumulation)
-    scale = _scale_for(target, weight, plan.opts, x)
+    scale = _mean_gradient_scale(target, weight, plan.opts, x)
     grads_now = reduction != "none" and any(needs)
     loss_rows, gx, gw, gb = _pass(
         x, W, b, target, weight, plan, scale if grads_now else None, tuple(needs)
@@ -406,7 +410,7 @@ def linear_cross_entropy(
     elif need_grad:
         loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, plan)
     else:
-        scale = _scale_for(t, weight, opts, x)
+        scale = _mean_gradient_scale(t, weight, opts, x)
         loss_rows, *_ = _pass(x, linear_weight, linear_bias, t, weight, plan, None, (False,) * 3)
         loss = core.reduce_rows(loss_rows, scale, opts)
     return loss.reshape(out_shape) if opts.per_row else loss

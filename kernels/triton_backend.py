@@ -232,7 +232,7 @@ def _cross_entropy_kernel(
 
 
 @triton.jit
-def _scale_rows_kernel(
+def _multiply_rows_kernel(
     grad_ptr, stride_grad, factor_ptr, V, PER_ROW: tl.constexpr, BLOCK: tl.constexpr
 ):
     """grad[row, :] *= factor (a scalar, or one per row); a factor of exactly 1 moves no data."""
@@ -376,14 +376,14 @@ def run_rows(
     )
 
 
-def scale_rows(grad: torch.Tensor, factor: torch.Tensor) -> None:
+def multiply_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     """In place ``grad *= factor`` for a (M, V) gradient; factor is () or (M,); no host sync."""
     M, V = grad.shape
     if M == 0 or V == 0:
         return
     block = min(triton.next_power_of_2(V), 8192 if grad.is_cuda else 4096)
     per_row = factor.dim() == 1
-    _scale_rows_kernel[(M,)](
+    _multiply_rows_kernel[(M,)](
         grad,
         grad.stride(0),
         factor,

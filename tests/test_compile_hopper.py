@@ -104,7 +104,7 @@ def test_helper_kernels_compile_for_sm90(mean, soft, check):
         8,
     )
     scale = compile_for_hopper(
-        tk._scale_rows_kernel,
+        tk._multiply_rows_kernel,
         {"grad_ptr": "*bf16", "stride_grad": "i64", "factor_ptr": "*fp32", "V": "i32"},
         dict(PER_ROW=not mean, BLOCK=8192),
         8,
