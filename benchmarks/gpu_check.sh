@@ -30,6 +30,7 @@ ln -s "$PWD"/kernels/*.py "$PKG_ROOT/fusedce/"
 ln -s "$PWD/lightning_modules" "$PKG_ROOT/fusedce/lightning_modules"
 ln -s "$PWD/datamodules" "$PKG_ROOT/fusedce/datamodules"
 export PYTHONPATH="$PKG_ROOT:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+trap 'rm -rf "$PKG_ROOT"' EXIT
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
@@ -81,7 +82,8 @@ import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
     import fusedce
-    print("fusedce backend", fusedce.get_backend(), "of", fusedce.available_backends())
+    print("fusedce", fusedce.__file__, "backend", fusedce.get_backend(),
+          "of", fusedce.available_backends())
 except Exception as exc:
     print("fusedce: not importable:", exc)
 try:
