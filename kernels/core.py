@@ -203,7 +203,7 @@ def gradient_from_stats(
     grad = (
         out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     )
-    factor = row_factor.reshape(-1).float().contiguous()
+    factor = row_factor.reshape(-1).to(accumulation_dtype(logits.dtype)).contiguous()
     run_rows(logits, target, weight, opts, stats, grad, factor, grad_only=True)
     return grad
 

@@ -105,7 +105,8 @@ class _FusedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, opts, inplace):  # type: ignore[override]
         target_grad = ctx.needs_input_grad[1]
-        grad_now = not opts.per_row
+        # The fused gradient only when the logits want one (a target alone needs none).
+        grad_now = not opts.per_row and ctx.needs_input_grad[0]
         # The logits are needed in backward for the "none" gradient or the target's gradient:
         # the fused gradient may then not overwrite them.
         overwrite = inplace and grad_now and not target_grad
