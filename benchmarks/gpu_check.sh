@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
 #   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
 #
-# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,gluon,ce,lce": a rerun can name fewer),
+# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,gluon,ce,lce"; also "host" = host time per
+# call, "tune" = launch configurations, "train" = the large-vocabulary preset fused vs unfused),
 # FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the
 # copy on the device has no .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the
 # backend of the tests and of the benchmarks' fusedce columns; FUSEDCE_BACKEND=gluon runs the
@@ -110,7 +111,8 @@ EOF
 if wanted tests; then
   step "tests: pytest -m '(gpu or kernel) and not gluon'"
   TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
-  PYTEST_ARGS=(-m "(gpu or kernel) and not gluon" -q -x -p no:cacheprovider --continue-on-collection-errors)
+  # No -x: one failure must not hide the others (under xdist -x stops every worker).
+  PYTEST_ARGS=(-m "(gpu or kernel) and not gluon" -q --maxfail=25 -p no:cacheprovider --continue-on-collection-errors)
   if [ "$DRY" = "1" ]; then
     PYTEST_ARGS=(-m "gpu" -q -x -p no:cacheprovider --continue-on-collection-errors)
   elif "$PY" -c "import xdist" 2>/dev/null; then
@@ -137,6 +139,25 @@ if wanted gluon && [ "$DRY" != "1" ]; then
     tail -n 3 | tee -a "$LOG"
   record "gluon benchmark" $?
   [ -f "$GLUON_OUT/gluon.md" ] && sed -n '/^## Every provider/,$p' "$GLUON_OUT/gluon.md" | tee -a "$LOG"
+fi
+
+# --- host time per call, and launch configurations (asked for by name) --------------------
+if wanted host && [ "$DRY" != "1" ]; then
+  step "host time per call: python -m benchmarks.profile_host"
+  timeout -k 5 60 "$PY" -m benchmarks.profile_host 2>&1 | tee "$OUT/profile_host.log" | head -n 16 | tee -a "$LOG"
+  record "profile_host" $?
+fi
+if wanted tune && [ "$DRY" != "1" ]; then
+  step "launch configurations: python -m benchmarks.tune_launch"
+  timeout -k 5 "${FUSEDCE_TUNE_S:-100}" "$PY" -m benchmarks.tune_launch \
+    --shapes "${FUSEDCE_TUNE_SHAPES:-8192x32000,16384x50257,8192x128256}" 2>&1 | tee -a "$LOG"
+  record "tune_launch" $?
+fi
+if wanted train && [ "$DRY" != "1" ]; then
+  step "training: large-vocabulary preset, fused head vs unfused"
+  timeout -k 10 "${FUSEDCE_TRAIN_S:-150}" "$PY" -m benchmarks.train_compare --steps "${FUSEDCE_TRAIN_STEPS:-200}" \
+    --root "${TMPDIR:-/tmp}/fusedce_runs" 2>&1 | tee "$OUT/train_compare.log" | tail -n 8 | tee -a "$LOG"
+  record "train_compare" $?
 fi
 
 # --- cross-entropy benchmark ---------------------------------------------------------------

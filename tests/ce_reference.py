@@ -97,10 +97,11 @@ def check(x, target, *, grad=True, rtol_scale=1.0, **kw):
     (gref,) = torch.autograd.grad(ref, x64, g_out.double())
     assert gx.dtype == x.dtype and gx.shape == x.shape
     err = (gx.double() - gref).norm().item()
-    assert err <= GRAD_RTOL[x.dtype] * rtol_scale * gref.norm().item() + 1e-6, (
-        err,
-        gref.norm().item(),
-    )
+    # No result in x.dtype can beat the exact gradient rounded to x.dtype: with many classes a
+    # float16 gradient is mostly subnormal, and that rounding alone can exceed the relative bound.
+    floor = (gref.to(x.dtype).double() - gref).norm().item()
+    bound = GRAD_RTOL[x.dtype] * rtol_scale * gref.norm().item() + floor + 1e-6
+    assert err <= bound, (err, bound, gref.norm().item())
     return loss
 
 
