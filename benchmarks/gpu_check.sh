@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# One prepared check on a GPU machine (docs/BENCHMARKS.md): GPU + kernel tests, the
-# experimental Gluon kernel (tests and a side-by-side benchmark, in processes of their own), the
-# cross-entropy benchmark (full sweep, ~5 min budget), then the linear cross-entropy benchmark.
+# One prepared check on a GPU machine (docs/BENCHMARKS.md): GPU + kernel tests, the host time of
+# one call, the large-vocabulary preset trained fused vs unfused, the cross-entropy benchmark
+# (full sweep, budget what is left), then the linear cross-entropy benchmark.
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
 #   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
 #
-# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,gluon,ce,lce"; also "host" = host time per
-# call, "tune" = launch configurations, "train" = the large-vocabulary preset fused vs unfused),
-# FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the
-# copy on the device has no .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the
-# backend of the tests and of the benchmarks' fusedce columns; FUSEDCE_BACKEND=gluon runs the
-# whole check with the experimental kernel wherever it takes the call).
+# Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,host,train,ce,lce"; also "tune" = a sweep
+# of the kernel's launch configurations; a rerun can name fewer), FUSEDCE_GPU_CHECK_TOTAL_S
+# (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the copy on the device has no
+# .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the backend of the tests and of
+# the benchmarks' fusedce columns).
 #
 # Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
-# Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, <card>-<date>.{md,json,png}
-# and the linear benchmark's files (tarred into one if they would pass the limit).
+# Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, profile_host.log,
+# train_compare.log, <card>-<date>.{md,json,png} and the linear benchmark's files (tarred into
+# one if they would pass the limit).
 # Every step runs under `timeout`; the whole script stays under ~9 minutes. Exit status: 0 when
 # every step passed, else the number of failed steps.
 set -uo pipefail # no -e: a failing step must not stop the ones after it
@@ -35,7 +35,7 @@ trap 'rm -rf "$PKG_ROOT"' EXIT
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
-STEPS_WANTED=",${FUSEDCE_GPU_CHECK_STEPS:-tests,gluon,ce,lce},"
+STEPS_WANTED=",${FUSEDCE_GPU_CHECK_STEPS:-tests,host,train,ce,lce},"
 FUSEDCE_GIT_COMMIT="${FUSEDCE_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 export FUSEDCE_GIT_COMMIT
 export FUSEDCE_BACKEND="${FUSEDCE_BACKEND:-auto}" # read by fusedce at import
@@ -99,24 +99,19 @@ try:
     print("liger_kernel", version("liger_kernel"))
 except Exception as exc:
     print("liger_kernel: not importable:", type(exc).__name__)
-try:  # for docs/KERNEL_NOTES.md section 4: which Hopper Gluon pieces this triton has
-    from triton.experimental.gluon.language.nvidia import hopper
-    print("gluon hopper:", sorted(n for n in dir(hopper) if not n.startswith("_")))
-except Exception as exc:
-    print("gluon hopper: not importable:", type(exc).__name__)
 EOF
 } 2>&1 | tee -a "$LOG"
 
 # --- tests: the GPU file (tests/test_gpu.py, and GPU tests elsewhere) and the kernel suites -
 if wanted tests; then
-  step "tests: pytest -m '(gpu or kernel) and not gluon'"
-  TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 150)
+  step "tests: pytest -m 'gpu or kernel'"
+  TEST_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 200)) 30 130)
   # No -x: one failure must not hide the others (under xdist -x stops every worker).
-  PYTEST_ARGS=(-m "(gpu or kernel) and not gluon" -q --maxfail=25 -p no:cacheprovider --continue-on-collection-errors)
+  PYTEST_ARGS=(-m "gpu or kernel" -q --maxfail=25 -p no:cacheprovider --continue-on-collection-errors)
   if [ "$DRY" = "1" ]; then
     PYTEST_ARGS=(-m "gpu" -q -x -p no:cacheprovider --continue-on-collection-errors)
   elif "$PY" -c "import xdist" 2>/dev/null; then
-    PYTEST_ARGS+=(-n 4 --dist loadfile)
+    PYTEST_ARGS+=(-n 8 --dist loadfile)
   fi
   log "limit ${TEST_LIMIT} s: $PY -m pytest ${PYTEST_ARGS[*]} tests/"
   timeout -k 10 "$TEST_LIMIT" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/ 2>&1 |
@@ -124,27 +119,10 @@ if wanted tests; then
   record "tests" $?
 fi
 
-# --- experimental shared-memory kernel: its own processes, so a fault stays contained -------
-if wanted gluon && [ "$DRY" != "1" ]; then
-  step "gluon: experimental shared-memory kernel (tests, then a small side-by-side benchmark)"
-  GLUON_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S - 150)) 20 45)
-  timeout -k 5 "$GLUON_LIMIT" "$PY" -m pytest -m gluon tests/test_gpu.py -q -x -p no:cacheprovider 2>&1 |
-    tail -n 15 | tee -a "$LOG"
-  record "gluon tests" $?
-  GLUON_OUT=$(mktemp -d) # its md goes into the log: the 8 files that come back are spoken for
-  # fusedce_gluon selects its kernel per call; the fusedce column stays on the default backend.
-  FUSEDCE_BACKEND=auto timeout -k 5 "$GLUON_LIMIT" "$PY" -m benchmarks.bench_cross_entropy --out "$GLUON_OUT" \
-    --providers fusedce,fusedce_gluon,eager --shapes 8192x32000,4096x65536,8192x50256 \
-    --dtypes bf16,fp32 --modes fwd_bwd --stem gluon --max-seconds $((GLUON_LIMIT - 15)) 2>&1 |
-    tail -n 3 | tee -a "$LOG"
-  record "gluon benchmark" $?
-  [ -f "$GLUON_OUT/gluon.md" ] && sed -n '/^## Every provider/,$p' "$GLUON_OUT/gluon.md" | tee -a "$LOG"
-fi
-
 # --- host time per call, and launch configurations (asked for by name) --------------------
 if wanted host && [ "$DRY" != "1" ]; then
   step "host time per call: python -m benchmarks.profile_host"
-  timeout -k 5 60 "$PY" -m benchmarks.profile_host 2>&1 | tee "$OUT/profile_host.log" | head -n 16 | tee -a "$LOG"
+  timeout -k 5 40 "$PY" -m benchmarks.profile_host 2>&1 | tee "$OUT/profile_host.log" | head -n 16 | tee -a "$LOG"
   record "profile_host" $?
 fi
 if wanted tune && [ "$DRY" != "1" ]; then
@@ -155,7 +133,7 @@ if wanted tune && [ "$DRY" != "1" ]; then
 fi
 if wanted train && [ "$DRY" != "1" ]; then
   step "training: large-vocabulary preset, fused head vs unfused"
-  timeout -k 10 "${FUSEDCE_TRAIN_S:-150}" "$PY" -m benchmarks.train_compare --steps "${FUSEDCE_TRAIN_STEPS:-200}" \
+  timeout -k 10 "${FUSEDCE_TRAIN_S:-90}" "$PY" -m benchmarks.train_compare --steps "${FUSEDCE_TRAIN_STEPS:-100}" \
     --root "${TMPDIR:-/tmp}/fusedce_runs" 2>&1 | tee "$OUT/train_compare.log" | tail -n 8 | tee -a "$LOG"
   record "train_compare" $?
 fi

@@ -1,13 +1,11 @@
 """The backends that implement the row contract, and which one a call uses.
 
-Three are registered:
+Two are registered:
 
 * ``"torch"`` -- torch ops (``torch_backend.py``): CPU tensors, float64, and anywhere Triton is
   missing;
 * ``"triton"`` -- the fused Triton kernel (``triton_backend.py``): CUDA tensors of float32,
-  float16 or bfloat16, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``);
-* ``"gluon"`` -- EXPERIMENTAL (``gluon_backend.py``): rows staged in shared memory on Hopper
-  GPUs, for the calls its scope covers; the Triton kernel takes the others.
+  float16 or bfloat16, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``set_backend("auto")`` (the default, or the environment variable ``FUSEDCE_BACKEND`` at import)
 picks per call: Triton where it can run, torch otherwise. A named backend is used wherever it can
@@ -60,33 +58,6 @@ def _triton_can_run(logits: Tensor) -> bool:
     return logits.is_cuda or (_INTERPRET and logits.device.type == "cpu")
 
 
-def _gluon_takes(logits, target, weight, grad, per_row_scale, grad_only) -> bool:
-    gluon = _gluon_module()
-    if gluon is None or per_row_scale or grad_only:
-        return False
-    return gluon.supports(logits, target, weight, grad)
-
-
-_gluon: object | None = False  # False: not imported yet; None: unavailable
-
-
-def _gluon_module():
-    """The Gluon module, imported on first use (it needs a triton with the Gluon dialect)."""
-    global _gluon
-    if _gluon is False:
-        try:
-            from . import gluon_backend
-
-            _gluon = gluon_backend
-        except ImportError:
-            _gluon = None
-    return _gluon
-
-
-def _gluon_run_rows(*args, **kwargs) -> None:
-    _gluon_module().run_rows(*args, **kwargs)
-
-
 _REGISTRY: dict[str, Backend] = {
     "torch": Backend("torch", torch_backend.run_rows, lambda *a: True),
     "triton": Backend(
@@ -94,7 +65,6 @@ _REGISTRY: dict[str, Backend] = {
         triton_backend.run_rows if triton_backend else torch_backend.run_rows,
         lambda logits, *a: _triton_can_run(logits),
     ),
-    "gluon": Backend("gluon", _gluon_run_rows, _gluon_takes, experimental=True),
 }
 _CHOICES = ("auto", *_REGISTRY)
 
@@ -109,14 +79,9 @@ _current = _check_name(os.environ.get("FUSEDCE_BACKEND", "auto").strip().lower()
 
 
 def available_backends() -> tuple[str, ...]:
-    """The backends that can run in this process (``"torch"`` always; ``"triton"`` and
-    ``"gluon"`` where their Triton modules import)."""
-    names = ["torch"]
-    if triton_backend is not None:
-        names.append("triton")
-        if _gluon_module() is not None:
-            names.append("gluon")
-    return tuple(names)
+    """The backends that can run in this process (``"torch"`` always; ``"triton"`` where Triton
+    imports)."""
+    return ("torch", "triton") if triton_backend is not None else ("torch",)
 
 
 def get_backend() -> str:
@@ -125,8 +90,8 @@ def get_backend() -> str:
 
 
 def set_backend(name: str) -> None:
-    """Chooses the backend for every later call: ``"auto"`` (default), ``"torch"``,
-    ``"triton"`` or ``"gluon"`` (experimental). Raises ValueError for other names."""
+    """Chooses the backend for every later call: ``"auto"`` (default), ``"torch"`` or
+    ``"triton"``. Raises ValueError for other names."""
     global _current
     _current = _check_name(name)
 

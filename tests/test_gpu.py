@@ -1,17 +1,13 @@
-"""fusedce's kernels on a real GPU, against torch in float64: the Triton cross-entropy kernel,
-the chunked linear + cross-entropy, and the experimental shared-memory (Gluon) kernel.
+"""fusedce's kernels on a real GPU, against torch in float64: the Triton cross-entropy kernel and
+the chunked linear + cross-entropy.
 
-Marker ``gpu``: skipped automatically where CUDA is absent (tests/conftest.py). The Gluon tests
-also carry ``gluon`` and need a Hopper GPU; ``benchmarks/gpu_check.sh`` runs them in a process of
-their own (``-m gluon``), so that a fault in the experimental kernel cannot take the other GPU
-tests down with it. The CPU suites (tests/test_cross_entropy.py, tests/test_linear_cross_entropy.py)
+Marker ``gpu``: skipped automatically where CUDA is absent (tests/conftest.py). The CPU suites
+(tests/test_cross_entropy.py, tests/test_linear_cross_entropy.py)
 cover the options in depth on small shapes; this file covers what only a GPU shows: LLM-sized
 vocabularies, memory, host syncs, 64-bit offsets, torch.compile with Inductor.
 """
 
 from __future__ import annotations
-
-import importlib
 
 import pytest
 import torch
@@ -219,86 +215,3 @@ def test_cuda_linear_accuracy_and_peak_memory(accumulation):
     assert abs(float(loss) - float(ref)) <= 1e-2 * abs(float(ref))
     assert rel_err(gx, rx) < 2e-2
     assert rel_err(gw, rw) < 2e-2
-
-
-# --------------------------------------------------------------------------------------------
-# The experimental shared-memory kernel (Gluon, Hopper only), selected with use_backend
-# --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def gluon_calls(monkeypatch):
-    """Selects the ``gluon`` backend for the test and records the logits shape of every call the
-    shared-memory kernel takes (the others go to the Triton kernel)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip("the shared-memory kernel targets Hopper (sm_90)")
-    if "gluon" not in fusedce.available_backends():
-        pytest.skip("the gluon backend is not available (a triton without the Gluon dialect?)")
-    gk = importlib.import_module("fusedce.gluon_backend")
-    calls = []
-    run_rows = gk.run_rows
-
-    def counted(logits, *args, **kwargs):
-        calls.append(tuple(logits.shape))
-        return run_rows(logits, *args, **kwargs)
-
-    monkeypatch.setattr(gk, "run_rows", counted)
-    with fusedce.use_backend("gluon"):
-        yield calls
-
-
-# V: 16, less than one tile; 1040, a ragged last tile (float32: two tiles); 32000, an LLM
-# vocabulary (64 KB bf16 rows); 50256, ragged with 16 | V (GPT-2's 50257 rounded down to the
-# kernel's 16-element alignment); 65536, 128 KB bf16 rows, near the 160 KB shared-memory budget.
-# float32 rows fit that budget up to 40960 classes. 37 rows: odd.
-@pytest.mark.gluon
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("V", [16, 1040, 32000, 50256, 65536])
-def test_cuda_gluon_smem_path_matches_float64(gluon_calls, V, dtype):
-    if dtype == torch.float32 and V > 40960:
-        pytest.skip("a float32 row this long does not fit the shared-memory budget")
-    x = make_logits((37, V), dtype, device=DEV)
-    target = make_target((37, V), "hard", ignore_frac=0.2)
-    check(x, target, reduction="none", label_smoothing=0.1)
-    check(x, target, reduction="mean")
-    check(x, target, reduction="sum", grad=False)
-    assert len(gluon_calls) == 3  # every call took the shared-memory kernel
-
-
-@pytest.mark.gluon
-def test_cuda_gluon_inplace_and_bad_index(gluon_calls):
-    # 64 rows at V = 32000: in the kernel's range; index 40000 is past the row's end.
-    x = make_logits((64, 32000), torch.bfloat16, device=DEV).requires_grad_()
-    h = x * 1.0
-    target = torch.randint(0, 32000, (64,), device=DEV)
-    loss = fusedce.cross_entropy(h, target, inplace_backward=True)
-    loss.backward()
-    ref = torch.softmax(x.detach().double(), 1)
-    ref[torch.arange(64), target] -= 1
-    assert (x.grad.double() - ref / 64).norm() <= 1e-2 * (ref / 64).norm()
-    fusedce.set_target_check(False)
-    try:
-        bad = target.clone()
-        bad[5] = 40000
-        out = fusedce.cross_entropy(x.detach(), bad, reduction="none")
-        torch.cuda.synchronize()
-        assert torch.isnan(out[5]) and torch.isfinite(out[torch.arange(64) != 5]).all()
-    finally:
-        fusedce.set_target_check(True)
-    assert len(gluon_calls) == 2
-
-
-@pytest.mark.gluon
-def test_cuda_gluon_declines_what_it_does_not_cover(gluon_calls):
-    """Weights, probabilities, V not divisible by 16, rows too long: the portable kernel."""
-    # V = 1001: not a multiple of 16 (16-byte copies need aligned rows).
-    x = make_logits((8, 1001), torch.bfloat16, device=DEV)
-    check(x, make_target((8, 1001), "hard"))
-    # V = 1024 fits the kernel, but class weights and probability targets are outside its scope.
-    y = make_logits((8, 1024), torch.bfloat16, device=DEV)
-    check(y, make_target((8, 1024), "hard"), weight=torch.rand(1024) + 0.5)
-    check(y, make_target((8, 1024), "soft"))
-    # V = 128256 bf16: a 250 KB row, past the kernel's 160 KB shared-memory budget.
-    z = make_logits((2, 128256), torch.bfloat16, device=DEV)
-    check(z, make_target((2, 128256), "hard"))
-    assert gluon_calls == []

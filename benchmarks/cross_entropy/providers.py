@@ -4,9 +4,7 @@ forward + backward."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable, Iterable
-from types import ModuleType
 from typing import Any
 
 import torch
@@ -22,10 +20,8 @@ ALL_PROVIDERS = (
     "eager",
     "compile",
     "liger",
-    "fusedce_gluon",
 )
-# The experimental shared-memory kernel runs only when asked for (--providers ...,fusedce_gluon).
-DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p != "fusedce_gluon")
+DEFAULT_PROVIDERS = ALL_PROVIDERS
 RIVALS = ("eager", "compile", "liger")
 # Providers that overwrite the logits with the gradient: they get their own copy of the input.
 DESTRUCTIVE = ("fusedce_inplace", "liger")
@@ -57,38 +53,6 @@ def _fused_nocheck(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         fusedce.set_target_check(previous)
 
 
-def gluon_backend() -> ModuleType:
-    """The experimental shared-memory backend's module (ImportError without Gluon)."""
-    return importlib.import_module("fusedce.gluon_backend")
-
-
-def _fused_gluon(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """fusedce with the experimental shared-memory kernel selected for this call.
-
-    The ``gluon`` backend hands shapes it does not cover to the Triton kernel; here such a
-    shape is an error instead, so that the column never times the other kernel under its name.
-    """
-    if not gluon_backend().supports(logits, target, None):
-        raise RuntimeError("shape not covered by the shared-memory kernel (see its supports())")
-    with fusedce.use_backend("gluon"):
-        return fusedce.cross_entropy(logits, target)
-
-
-def gluon_available(on_cuda: bool) -> str | None:
-    """Why the shared-memory kernel cannot run here, or None when it can."""
-    if not on_cuda:
-        return "no CUDA device"
-    if torch.cuda.get_device_capability()[0] != 9:
-        return "not a Hopper GPU"
-    if "gluon" not in fusedce.available_backends():
-        return "the gluon backend is not available (a triton without the Gluon dialect?)"
-    try:
-        gluon_backend()
-    except ImportError as exc:
-        return f"Gluon not importable ({exc})"
-    return None
-
-
 def liger_version() -> str | None:
     """Liger-Kernel's version if ``liger_kernel`` imports, else None."""
     try:
@@ -111,7 +75,6 @@ def make_loss_fn(name: str) -> LossFn:
         "fusedce": _fused,
         "fusedce_inplace": _fused_inplace,
         "fusedce_nocheck": _fused_nocheck,
-        "fusedce_gluon": _fused_gluon,
         "eager": _torch_ce,
     }
     if name in fixed:
@@ -137,9 +100,6 @@ def available_providers(requested: Iterable[str], on_cuda: bool) -> tuple[list[s
             why = "no CUDA device" if not on_cuda else "liger_kernel not importable"
             notes.append(f"liger skipped: {why}")
             continue
-        if name == "fusedce_gluon" and (why := gluon_available(on_cuda)):
-            notes.append(f"fusedce_gluon skipped: {why}")
-            continue
         run.append(name)
     return run, notes
 
@@ -148,8 +108,6 @@ def backend_label(name: str, logits: torch.Tensor) -> str | None:
     """Which kernel a fusedce provider ran on these logits (None for the rivals)."""
     if not name.startswith("fusedce"):
         return None
-    if name == "fusedce_gluon":
-        return "gluon"
     return "triton" if fusedce.uses_triton(logits) else "torch fallback"
 
 
