@@ -6,7 +6,8 @@ Public API, mirroring torch's own:
     linear_cross_entropy   -- torch.nn.functional.linear_cross_entropy (chunked, never N x V)
     LinearCrossEntropyLoss -- torch.nn.LinearCrossEntropyLoss
 
-and the switches: ``set_target_check`` (the class-index range check) and the backend choice
+and the switches: ``set_target_check`` / ``wait_target_check`` (the class-index range check) and
+the backend choice
 (``available_backends``, ``get_backend``, ``set_backend``, ``use_backend``, ``uses_triton``).
 The training stack lives in ``fusedce.lightning_modules`` and ``fusedce.datamodules`` (the
 ``fusedce[train]`` extra); importing ``fusedce`` alone needs only torch (and triton on GPUs).
@@ -14,7 +15,7 @@ The training stack lives in ``fusedce.lightning_modules`` and ``fusedce.datamodu
 
 from .backends import available_backends, get_backend, set_backend, use_backend, uses_triton
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
-from .index_check import set_target_check
+from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "set_target_check",
     "use_backend",
     "uses_triton",
+    "wait_target_check",
 ]

@@ -110,6 +110,8 @@ def gradient_scale(
     """
     M, V = logits.shape
     check = index_check.target_check_enabled() and target.dim() == 1
+    if index_check._pending:
+        index_check.raise_pending()  # counts of earlier calls that have arrived meanwhile
     if backends.uses_triton(logits) and M <= ONE_PROGRAM_ROWS:
         # One tiny launch computes both the scale and the bad-index count.
         scale, n_bad = triton_backend.mean_scale_and_bad_count(

@@ -2,7 +2,8 @@
 
 On CUDA the bad indices are counted on the device (fused with the mean normaliser where the
 backend can) and read back without stalling the host where a gradient is wanted: the count
-travels to pinned memory asynchronously and is read when backward starts.
+travels to pinned memory asynchronously and is read when backward starts if it has arrived,
+else at the first later call that finds it arrived (or at ``wait_target_check()``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ def set_target_check(enabled: bool) -> None:
 
     The check raises ``IndexError`` for a class index outside [0, C) other than ``ignore_index``.
     On CUDA one tiny kernel counts the bad indices (fused with the mean normaliser). When a
-    gradient is wanted, the count travels to pinned host memory asynchronously and is read when
-    backward starts: the exception comes from ``loss.backward()`` and forward never stalls the
-    host. Without a gradient (validation) it is read at once: one host sync. Switch the check
-    off for CUDA-graph capture or the last microseconds. With it off (or before backward) an
-    out-of-range index still never reads out of bounds: its row's loss and gradient are NaN.
+    gradient is wanted, the count travels to pinned host memory asynchronously, and neither
+    forward nor backward waits for it: the exception comes from ``loss.backward()`` when the
+    count has arrived by then (the usual case), else from the first later fusedce call that
+    finds it arrived, or from ``wait_target_check()``. Without a gradient (validation) it is read
+    at once: one host sync. Switch the check off for CUDA-graph capture or the last
+    microseconds. With it off (or until the error is raised) an out-of-range index never reads
+    out of bounds: its row's loss and gradient are NaN.
     """
     global _enabled
     _enabled = bool(enabled)
@@ -44,11 +47,19 @@ def count_bad_indices(target: Tensor, num_classes: int, ignore_index: int) -> Te
     return bad_index_mask(target, num_classes, ignore_index).sum(dtype=torch.int32)
 
 
-def raise_bad_index(target: Tensor, num_classes: int, ignore_index: int) -> None:
+def raise_bad_index(
+    target: Tensor, num_classes: int, ignore_index: int, earlier: bool = False
+) -> None:
     value = int(target[bad_index_mask(target, num_classes, ignore_index)][0])
+    where = (
+        " in an earlier call (found when its count reached the host; that call's loss and "
+        "gradient rows for it are NaN)"
+        if earlier
+        else ""
+    )
     raise IndexError(
         f"cross_entropy: target class index {value} is out of bounds for {num_classes} "
-        f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index})"
+        f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index}){where}"
     )
 
 
@@ -61,11 +72,13 @@ def check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> 
 
 
 class DeferredIndexCheck:
-    """The bad-index count on its way to the host, read when the backward pass starts.
+    """The bad-index count on its way to the host, read once it has arrived.
 
     Reading it in forward would stall the host until the GPU reaches this call and leave the
-    GPU idle behind it; by backward the count has normally long arrived. Until then the loss
-    and gradient rows of bad indices are NaN, so nothing is silently wrong in between.
+    GPU idle behind it; waiting for it in backward would do the same one step later. So it is
+    read in backward if it has arrived, else it stays pending and the next fusedce call (or
+    ``wait_target_check()``) reads it. Until then the loss and gradient rows of bad indices are
+    NaN, so nothing is silently wrong in between.
     """
 
     def __init__(self, n_bad: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> None:
@@ -74,13 +87,40 @@ class DeferredIndexCheck:
         self._arrived = torch.cuda.Event()
         self._arrived.record()
         self._args = (target, num_classes, ignore_index)
+        _pending.append(self)
 
-    def resolve(self) -> None:
-        """Raises IndexError if the forward pass saw an out-of-range class index."""
-        if not self._arrived.query():  # normally arrived long ago: no wait at all
+    def resolve(self, wait: bool = False, earlier: bool = False) -> None:
+        """Raises IndexError if the count has arrived and is not 0; without ``wait`` a count
+        still on its way stays pending (no host sync)."""
+        if self not in _pending:
+            return  # read already
+        if not self._arrived.query():
+            if not wait:
+                return
             self._arrived.synchronize()
+        _pending.remove(self)
         if int(self._host):
-            raise_bad_index(*self._args)
+            raise_bad_index(*self._args, earlier=earlier)
+
+
+# Counts not read yet, oldest first: few (each call reads those that have arrived).
+_pending: list[DeferredIndexCheck] = []
+
+
+def raise_pending(wait: bool = False) -> None:
+    """Reads the counts of earlier calls that have arrived (all of them, waiting, with
+    ``wait``) and raises IndexError for the first with a bad index."""
+    for check in list(_pending):
+        check.resolve(wait=wait, earlier=True)
+
+
+def wait_target_check() -> None:
+    """Waits for the class-index counts of every earlier call (a host sync on CUDA) and raises
+    ``IndexError`` if one saw an index outside [0, C) other than ``ignore_index``.
+
+    Nothing to wait for on the CPU, or with the check off: there every call checks at once.
+    """
+    raise_pending(wait=True)
 
 
 def settle(

@@ -163,6 +163,32 @@ def test_cuda_bad_index_raises_and_never_reads_out_of_bounds():
         fusedce.set_target_check(True)
 
 
+def test_cuda_bad_index_still_on_its_way_raises_later_without_a_sync():
+    """backward() never waits for the count: one not yet on the host is read by a later call."""
+    x = make_logits((8, 1000), torch.float32, device=DEV).requires_grad_()
+    good = torch.randint(0, 1000, (8,), device=DEV)
+    bad = good.clone()
+    bad[3] = -7
+    fusedce.cross_entropy(x, good).backward()  # warm-up: compile outside the sync check
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # keeps the stream busy: the count cannot arrive yet
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fusedce.cross_entropy(x, bad)
+        loss.backward()  # no wait, no error yet
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(IndexError, match=r"-7 is out of bounds.*earlier call"):
+        fusedce.wait_target_check()
+    fusedce.wait_target_check()  # read once: nothing left
+    # Read by the next call once it has arrived.
+    torch.cuda._sleep(200_000_000)
+    fusedce.cross_entropy(x, bad).backward()
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"-7 is out of bounds.*earlier call"):
+        fusedce.cross_entropy(x, good)
+
+
 def test_cuda_compile_inductor_fullgraph():
     # A GPT-2-sized head (V = 50257, ragged last tile) on 128 tokens: Inductor compiles the
     # matmul around the custom op; the comparison is with the same step run eagerly.
