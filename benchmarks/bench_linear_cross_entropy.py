@@ -21,7 +21,7 @@ importable, CUDA only).
 
 Outputs in ``--out`` (default ``benchmarks/results``): ``<stem>.md`` (table), ``<stem>.json``
 (with the card, torch/triton versions and date) and ``<stem>.png``; the default stem is
-``<cpu|cuda>-lce-<date>``.
+``<card>-lce-<date>`` (``cpu-lce-<date>`` on the CPU).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from benchmarks.common import base_environment, csv, fmt, pick_device, pyplot, write_json
+from benchmarks.common import base_environment, csv, fmt, pick_device, pyplot, slug, write_json
 from benchmarks.measure import (
     MiB,
     cpu_interleaved_ms,
@@ -402,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     time_all(results, args, device)
     report = {"environment": environment(device, args), "results": results}
     date = report["environment"]["date"][:10]
-    stem = args.stem or f"{device.type}-lce-{date}"
+    stem = args.stem or f"{slug(report['environment']['card'])}-lce-{date}"
     for path in write_outputs(report, args.out, stem):
         print(f"wrote {path}")
     print(markdown(report))

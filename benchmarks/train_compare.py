@@ -11,7 +11,9 @@ batches (W&B disabled: metrics go to the run's CSV file), in this process. Print
 from __future__ import annotations
 
 import argparse
+import csv
 import time
+from pathlib import Path
 
 import torch
 
@@ -25,6 +27,18 @@ VARIANTS = {
         *("--model.loss_impl", "torch"),
     ],
 }
+
+
+def last_logged(path: Path, column: str) -> float:
+    """The last value of ``column`` in a CSVLogger file (ThroughputMonitor logs to the loggers
+    only, not to callback_metrics); NaN when never logged."""
+    value = float("nan")
+    if path.exists():
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get(column):
+                    value = float(row[column])
+    return value
 
 
 def main() -> None:
@@ -73,7 +87,7 @@ def main() -> None:
         m = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
         r = (
             name,
-            m.get("train/device/samples_per_sec", float("nan")),
+            last_logged(cli.run_dir / "metrics.csv", "train/device/samples_per_sec"),
             wall,
             torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan"),
             m.get("train/loss", float("nan")),
