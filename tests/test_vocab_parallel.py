@@ -1,0 +1,454 @@
+"""``fusedce.vocab_parallel`` on real process groups: 2 and 3 CPU processes over gloo.
+
+Spawning is slow, so each world size runs ONE set of processes that checks every case in turn
+(``_worker``); a failed check raises in that process and fails the test with its traceback.
+Every rank builds the same full logits / weights from one seed, computes the float64 reference
+of the UNSHARDED loss and gradients with torch, and compares its own slice.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import fusedce
+from fusedce.vocab_parallel import (
+    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
+)
+
+V = 1001  # uneven over 2 and over 3 ranks
+N = 8
+IGNORE = -100
+# Relative tolerance of each dtype's gradient (it is written in the logits' dtype).
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers run inside the worker processes
+# --------------------------------------------------------------------------------------------
+
+
+def _even_widths(world: int, vocab: int = V) -> list[int]:
+    return [len(c) for c in torch.arange(vocab).chunk(world)]
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float, what: str) -> None:
+    scale = float(ref.abs().max()) if ref.numel() else 1.0
+    torch.testing.assert_close(
+        got.double(), ref, rtol=tol, atol=tol * max(scale, 1e-12), msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _data(seed: int, shape_in: tuple[int, ...], soft: bool, ignore_index: int = IGNORE):
+    """Full float64 logits (class dim 1, or 0 for 1-D), targets and class weights."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(shape_in, generator=g, dtype=torch.float64) * 3
+    class_dim = 1 if len(shape_in) > 1 else 0
+    vocab = shape_in[class_dim]
+    if soft:
+        target = torch.randn(shape_in, generator=g, dtype=torch.float64).softmax(class_dim)
+    else:
+        tshape = shape_in[:1] + shape_in[2:] if class_dim else ()
+        target = torch.randint(vocab, tshape, generator=g)
+        if target.dim():
+            target.view(-1)[::3] = ignore_index  # some ignored rows
+    weight = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.1
+    return logits, target, weight
+
+
+def _check_cross_entropy(
+    rank: int,
+    widths: list[int],
+    shape_in: tuple[int, ...],
+    dtype: torch.dtype,
+    soft: bool,
+    reduction: str,
+    use_weight: bool,
+    eps: float,
+    ignore_index: int = IGNORE,
+    explicit: bool = False,
+    seed: int = 0,
+) -> None:
+    logits, target, weight = _data(seed, shape_in, soft, ignore_index)
+    logits = logits.to(dtype).double()  # the reference sees the same rounded logits
+    w = weight if use_weight else None
+    class_dim = 1 if logits.dim() > 1 else 0
+    start = sum(widths[:rank])
+    cols = slice(start, start + widths[rank])
+    idx = (slice(None), cols) if class_dim else (cols,)
+
+    ref_in = logits.clone().requires_grad_()
+    ref_t = target.clone().requires_grad_(soft)
+    ref = F.cross_entropy(
+        ref_in, ref_t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps
+    )
+    (
+        ref * torch.linspace(0.5, 1.5, ref.numel(), dtype=ref.dtype).reshape(ref.shape)
+    ).sum().backward()
+
+    local = logits[idx].to(dtype).clone().requires_grad_()
+    local_t = target[idx].clone().requires_grad_() if soft else target
+    sizes = {"vocab_start": start, "vocab_size": sum(widths)} if explicit else {}
+    loss = vocab_parallel_cross_entropy(
+        local,
+        local_t,
+        w.float() if w is not None else None,
+        ignore_index,
+        reduction,
+        eps,
+        process_group=dist.group.WORLD,
+        **sizes,
+    )
+    what = f"{dtype} soft={soft} {reduction} w={use_weight} eps={eps} shape={shape_in}"
+    assert loss.dtype == torch.float32 and loss.shape == ref.shape, what
+    factor = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    (loss * factor).sum().backward()
+    _close(loss, ref.detach(), 1e-5, f"loss {what}")
+    _close(local.grad, ref_in.grad[idx], GRAD_TOL[dtype], f"grad {what}")
+    if soft:
+        _close(local_t.grad, ref_t.grad[idx], 1e-5, f"target grad {what}")
+
+
+def _check_linear(
+    rank: int,
+    widths: list[int],
+    dtype: torch.dtype,
+    reduction: str,
+    use_weight: bool,
+    eps: float,
+    bias: bool,
+    lead_shape: tuple[int, ...] = (N,),
+    chunk_size: int | None = 3,
+) -> None:
+    D = 7
+    g = torch.Generator().manual_seed(1)
+    vocab = sum(widths)
+    x = (torch.randn(*lead_shape, D, generator=g, dtype=torch.float64)).to(dtype)
+    W = (torch.randn(vocab, D, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.randint(vocab, lead_shape, generator=g)
+    target.view(-1)[::4] = IGNORE
+    w = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.1 if use_weight else None
+
+    xr, Wr, br = (t.double().clone().requires_grad_() for t in (x, W, b))
+    ref = F.cross_entropy(
+        F.linear(xr, Wr, br if bias else None).reshape(-1, vocab),
+        target.reshape(-1),
+        w,
+        reduction=reduction,
+        label_smoothing=eps,
+    )
+    ref.sum().backward()
+
+    rows = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    xl = x.clone().requires_grad_()
+    Wl = W[rows].clone().requires_grad_()
+    bl = b[rows].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(
+        xl,
+        Wl,
+        target,
+        linear_bias=bl if bias else None,
+        weight=w,
+        reduction=reduction,
+        label_smoothing=eps,
+        chunk_size=chunk_size,
+        process_group=dist.group.WORLD,
+    )
+    loss.sum().backward()
+    what = f"linear {dtype} {reduction} w={use_weight} eps={eps} bias={bias} {lead_shape}"
+    assert loss.shape == tuple(lead_shape) if reduction == "none" else loss.dim() == 0, what
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+    _close(loss.reshape(-1), ref.detach().reshape(-1), tol, f"loss {what}")
+    _close(xl.grad, xr.grad, tol, f"input grad {what}")
+    _close(Wl.grad, Wr.grad[rows], tol, f"weight grad {what}")
+    if bias:
+        _close(bl.grad, br.grad[rows], tol, f"bias grad {what}")
+
+
+def _collectives(fn) -> tuple[dict[str, int], dict[str, int]]:
+    """Collectives issued by ``fn()`` (forward) and by the backward of what it returns, read
+    from the profiler's record of the gloo calls."""
+
+    def count(prof) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e in prof.events():
+            if e.name.startswith("gloo:"):
+                out[e.name] = out.get(e.name, 0) + 1
+        return out
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as fwd:
+        loss = fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as bwd:
+        loss.backward()
+    return count(fwd), count(bwd)
+
+
+def _expect_same_error(rank: int, world: int, exc: type[Exception], fragment: str, fn) -> None:
+    """``fn`` raises ``exc`` on EVERY rank, with the same message (no rank left waiting)."""
+    try:
+        fn()
+    except exc as e:
+        message = str(e)
+    else:
+        raise AssertionError(f"rank {rank}: expected {exc.__name__} ({fragment})")
+    assert fragment in message, message
+    messages: list[object] = [None] * world
+    dist.all_gather_object(messages, message)
+    assert len(set(messages)) == 1, messages
+
+
+def _check_errors(rank: int, world: int) -> None:
+    logits, target, weight = _data(0, (N, V), soft=False)
+    widths = _even_widths(world)
+    start = sum(widths[:rank])
+    local = logits[:, start : start + widths[rank]].float()
+    vpce = vocab_parallel_cross_entropy
+
+    # Ranks disagree on the number of rows.
+    rows = N - 1 if rank == 0 else N
+    _expect_same_error(
+        rank, world, ValueError, "number of rows", lambda: vpce(local[:rows], target[:rows])
+    )
+    # A class index out of range (the same target everywhere).
+    bad = target.clone()
+    bad[1] = V
+    _expect_same_error(
+        rank, world, IndexError, f"index {V} is out of bounds", lambda: vpce(local, bad)
+    )
+    # One rank's target differs.
+    other = target.clone()
+    other[2] = (int(target[2]) + 1) % V if rank == world - 1 else target[2]
+    _expect_same_error(rank, world, ValueError, "differs across ranks", lambda: vpce(local, other))
+    # One rank's class weights are not the full (V,) vector.
+    w = weight.float() if rank == 0 else weight.float()[start : start + widths[rank]]
+    _expect_same_error(
+        rank, world, ValueError, "number of class weights", lambda: vpce(local, target, w)
+    )
+    # One rank's target has a wrong shape: its own check, raised on every rank.
+    t_bad = target[:-1] if rank == 1 else target
+    _expect_same_error(
+        rank, world, ValueError, f"rank 1 of {world} rejected", lambda: vpce(local, t_bad)
+    )
+    # A non-tensor on one rank.
+    arg = "oops" if rank == 0 else local
+    _expect_same_error(rank, world, TypeError, "rank 0 of", lambda: vpce(arg, target))
+    # The linear head: ranks disagree on D.
+    D = 4 + (rank == 0)
+    _expect_same_error(
+        rank,
+        world,
+        ValueError,
+        "number of input features",
+        lambda: vocab_parallel_linear_cross_entropy(
+            torch.randn(N, D), torch.randn(widths[rank], D), target
+        ),
+    )
+    # Explicit sizes: a bad (replicated) index still raises on every rank, from the local check.
+    _expect_same_error(
+        rank,
+        world,
+        IndexError,
+        "out of bounds",
+        lambda: vpce(local, bad, vocab_start=start, vocab_size=V),
+    )
+    # The group is still in step: a good call after all those errors.
+    ref = F.cross_entropy(logits, target)
+    _close(vpce(local, target), ref, 1e-5, "after errors")
+
+
+def _check_dtensor(rank: int, world: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    mesh = init_device_mesh("cpu", (world,))
+    cases = [
+        ((N, V), Shard(1), "mean", True),
+        ((N, V), Shard(-1), "sum", False),
+        ((N, V), Shard(1), "none", True),
+        ((3, V, 4), Shard(1), "mean", False),
+    ]
+    for shape, placement, reduction, use_weight in cases:
+        full, target, weight = _data(3, shape, soft=False)
+        full = full.float()
+        w = weight.float() if use_weight else None
+        if use_weight:  # torch's loss_parallel backward cannot gather the weight of an ignored row
+            target = target.clamp(min=0)
+        ours_in = distribute_tensor(full, mesh, [placement]).requires_grad_()
+        ref_in = distribute_tensor(full, mesh, [placement]).requires_grad_()
+        loss = vocab_parallel_cross_entropy(ours_in, target, w, reduction=reduction)
+        loss.sum().backward()
+        with loss_parallel():
+            ref = F.cross_entropy(ref_in, target, w, reduction=reduction)
+            ref.sum().backward()
+        what = f"DTensor {shape} {placement} {reduction}"
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), what
+        assert tuple(loss.shape) == tuple(ref.shape), what
+        assert isinstance(ours_in.grad, DTensor), what
+        assert ours_in.grad.placements == ref_in.grad.placements, what
+        _close(loss.to_local(), ref.to_local().double(), 1e-5, what)
+        _close(ours_in.grad.to_local(), ref_in.grad.to_local().double(), 1e-5, f"grad {what}")
+        # And against the float64 reference of the unsharded loss.
+        f64 = F.cross_entropy(
+            full.double(), target, weight if use_weight else None, reduction=reduction
+        )
+        _close(loss.full_tensor(), f64, 1e-5, f"f64 {what}")
+
+
+def _check_group_of_one(rank: int, world: int) -> None:
+    groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
+    mine = groups[rank]
+    logits, target, weight = _data(5, (N, 37), soft=False)
+    x = logits.float()
+    for reduction in ("mean", "none"):
+        a = x.clone().requires_grad_()
+        b = x.clone().requires_grad_()
+        got = vocab_parallel_cross_entropy(
+            a, target, weight.float(), reduction=reduction, label_smoothing=0.1, process_group=mine
+        )
+        ref = fusedce.cross_entropy(
+            b, target, weight.float(), reduction=reduction, label_smoothing=0.1
+        )
+        got.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    h, W = torch.randn(N, 5), torch.randn(37, 5)
+    torch.testing.assert_close(
+        vocab_parallel_linear_cross_entropy(h, W, target, process_group=mine),
+        fusedce.linear_cross_entropy(h, W, target),
+        rtol=0,
+        atol=0,
+    )
+
+
+def _worker(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        widths = _even_widths(world)
+        # Every option on float32 (class indices).
+        for reduction in ("mean", "sum", "none"):
+            for use_weight in (False, True):
+                for eps in (0.0, 0.1):
+                    _check_cross_entropy(
+                        rank, widths, (N, V), torch.float32, False, reduction, use_weight, eps
+                    )
+        # Probability targets (their gradient too), ignore_index that is a real class.
+        for reduction in ("mean", "none"):
+            _check_cross_entropy(rank, widths, (N, V), torch.float32, True, reduction, True, 0.1)
+        _check_cross_entropy(
+            rank, widths, (N, V), torch.float32, False, "mean", True, 0.0, ignore_index=5
+        )
+        # Half precision.
+        for dtype in (torch.bfloat16, torch.float16):
+            _check_cross_entropy(rank, widths, (N, V), dtype, False, "mean", True, 0.1)
+            _check_cross_entropy(rank, widths, (N, V), dtype, True, "sum", False, 0.0)
+        # K-dimensional (N, C, d1) and 1-D (C,) logits.
+        _check_cross_entropy(rank, widths, (3, V, 4), torch.float32, False, "none", True, 0.1)
+        _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, True, "mean", False, 0.1)
+        _check_cross_entropy(rank, widths, (V,), torch.float32, False, "sum", True, 0.1)
+        # Very uneven slices (one of a single class, one empty), learnt or given explicitly.
+        skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
+        _check_cross_entropy(rank, skewed, (N, V), torch.float32, False, "mean", True, 0.1)
+        _check_cross_entropy(rank, skewed, (N, V), torch.float32, True, "sum", False, 0.1)
+        _check_cross_entropy(
+            rank, skewed, (N, V), torch.float32, False, "none", False, 0.1, explicit=True
+        )
+
+        # The linear head.
+        for reduction, use_weight, eps, bias in (
+            ("mean", True, 0.1, True),
+            ("sum", False, 0.0, False),
+            ("none", True, 0.0, True),
+        ):
+            _check_linear(rank, widths, torch.float32, reduction, use_weight, eps, bias)
+        _check_linear(rank, widths, torch.bfloat16, "mean", False, 0.1, True, lead_shape=(2, 5))
+        _check_linear(rank, skewed, torch.float32, "mean", True, 0.0, False, chunk_size=None)
+
+        # Communication: forward one all_gather (sizes) and two all_reduce; backward none for
+        # the cross-entropy, one (the input gradient) for the linear head.
+        logits, target, _ = _data(0, (N, V), soft=False)
+        start = sum(widths[:rank])
+        local = logits[:, start : start + widths[rank]].float().requires_grad_()
+        fwd, bwd = _collectives(lambda: vocab_parallel_cross_entropy(local, target))
+        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+        fwd, bwd = _collectives(
+            lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
+        )
+        assert fwd == {"gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+        h = torch.randn(N, 6, requires_grad=True)
+        Wl = torch.randn(widths[rank], 6, requires_grad=True)
+        fwd, bwd = _collectives(lambda: vocab_parallel_linear_cross_entropy(h, Wl, target))
+        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2}, fwd
+        assert bwd == {"gloo:all_reduce": 1}, bwd
+
+        _check_dtensor(rank, world)
+        _check_group_of_one(rank, world)
+        _check_errors(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, tmp_path, timeout_s: float = 150.0) -> None:
+    """Runs ``_worker`` on ``world`` processes; fails (killing them) past ``timeout_s``, so that
+    a deadlock fails the test instead of hanging it."""
+    ctx = mp.start_processes(
+        _worker,
+        args=(world, str(tmp_path / "pg_init")),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"the {world} processes did not finish within {timeout_s} s (deadlock?)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_matches_unsharded(world: int, tmp_path) -> None:
+    """Every option, dtype, shape and split; the linear head; DTensor input; collectives per
+    call; a group of size 1; bad input on some rank raises the same error on every rank."""
+    _spawn(world, tmp_path)
+
+
+def test_without_process_group_is_the_plain_function() -> None:
+    assert not dist.is_initialized()
+    logits = torch.randn(5, 11)
+    target = torch.tensor([0, 3, 10, IGNORE, 2])
+    torch.testing.assert_close(
+        vocab_parallel_cross_entropy(logits, target, label_smoothing=0.2),
+        fusedce.cross_entropy(logits, target, label_smoothing=0.2),
+        rtol=0,
+        atol=0,
+    )
+    h, W = torch.randn(5, 4), torch.randn(11, 4)
+    torch.testing.assert_close(
+        vocab_parallel_linear_cross_entropy(h, W, target, vocab_start=0, vocab_size=11),
+        fusedce.linear_cross_entropy(h, W, target),
+        rtol=0,
+        atol=0,
+    )
+    with pytest.raises(ValueError, match="vocab_start=0"):
+        vocab_parallel_cross_entropy(logits, target, vocab_start=3, vocab_size=14)
+    with pytest.raises(ValueError, match="both vocab_start and vocab_size"):
+        vocab_parallel_cross_entropy(logits, target, vocab_size=11)
