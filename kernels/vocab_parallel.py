@@ -48,8 +48,6 @@ __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"
 
 _CE = "vocab_parallel_cross_entropy"
 _LCE = "vocab_parallel_linear_cross_entropy"
-# Rows per chunk of the local pass: about this many logits (float32) exist at a time.
-_CHUNK_ELEMENTS = 1 << 22
 # Exception classes that travel between ranks as a code in the metadata exchange.
 _ERRORS: tuple[type[Exception], ...] = (
     ValueError,
@@ -254,7 +252,7 @@ def _explicit_shard(
             f"{weight.numel()} elements"
         )
     if index_check.target_check_enabled() and target is not None and target.dim() == 1:
-        lo, hi, _ = (int(v) for v in _target_summary(target, ignore_index))
+        lo, hi, _ = torch.stack(_target_summary(target, ignore_index)).tolist()  # one sync
         if lo <= hi and (lo < 0 or hi >= vocab):
             _raise_bad_index(who, lo if lo < 0 else hi, vocab, ignore_index)
     return _Shard(group, start, width, vocab)
@@ -430,7 +428,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         acc = accumulation_dtype(logits.dtype)
         tt = _Targets(target, weight, eps, ignore_index, sh, acc)
         M, width = logits.shape
-        step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+        # Row chunks bound the float32 temporaries (the plain head's budget for its logits).
+        step = planned_chunk_rows(M, max(width, 1), torch.float32, None, logits.device)
         parts = []
         for r0 in range(0, M, step):
             rows = slice(r0, min(M, r0 + step))
@@ -811,7 +810,8 @@ def vocab_parallel_linear_cross_entropy(
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row
     maxima and then (SUM) one stacked (2, N) buffer; backward all-reduces (SUM) the (N, D) input
-    gradient in float32, so ``input.grad`` is the FULL gradient on every rank. The gradients of
+    gradient in float32, so ``input.grad`` is the FULL gradient on every rank (``input`` must
+    then require grad on every rank or on none). The gradients of
     ``local_weight`` and ``linear_bias`` are this rank's slices and are not reduced. Without
     ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first.
 
