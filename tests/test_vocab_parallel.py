@@ -27,7 +27,7 @@ V = 1001  # uneven over 2 and over 3 ranks
 N = 8
 IGNORE = -100
 # Relative tolerance of each dtype's gradient (it is written in the logits' dtype).
-GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+GRAD_TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 # --------------------------------------------------------------------------------------------
@@ -94,12 +94,13 @@ def _check_cross_entropy(
     ).sum().backward()
 
     local = logits[idx].to(dtype).clone().requires_grad_()
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
     local_t = target[idx].clone().requires_grad_() if soft else target
     sizes = {"vocab_start": start, "vocab_size": sum(widths)} if explicit else {}
     loss = vocab_parallel_cross_entropy(
         local,
         local_t,
-        w.float() if w is not None else None,
+        w.to(acc) if w is not None else None,
         ignore_index,
         reduction,
         eps,
@@ -107,10 +108,14 @@ def _check_cross_entropy(
         **sizes,
     )
     what = f"{dtype} soft={soft} {reduction} w={use_weight} eps={eps} shape={shape_in}"
-    assert loss.dtype == torch.float32 and loss.shape == ref.shape, what
-    factor = torch.linspace(0.5, 1.5, loss.numel()).reshape(loss.shape)
+    assert loss.dtype == acc and loss.shape == ref.shape, what
+    factor = torch.linspace(0.5, 1.5, loss.numel(), dtype=acc).reshape(loss.shape)
     (loss * factor).sum().backward()
-    _close(loss, ref.detach(), 1e-5, f"loss {what}")
+    _close(loss, ref.detach(), 1e-10 if dtype == torch.float64 else 1e-5, f"loss {what}")
+    # The very same loss on every rank (not merely close).
+    losses: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(losses, loss.detach())
+    assert all(torch.equal(other, loss.detach()) for other in losses), what
     _close(local.grad, ref_in.grad[idx], GRAD_TOL[dtype], f"grad {what}")
     if soft:
         _close(local_t.grad, ref_t.grad[idx], 1e-5, f"target grad {what}")
@@ -354,7 +359,9 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         _check_cross_entropy(
             rank, widths, (N, V), torch.float32, False, "mean", True, 0.0, ignore_index=5
         )
-        # Half precision.
+        # Other dtypes.
+        _check_cross_entropy(rank, widths, (N, V), torch.float64, True, "mean", True, 0.1)
+        _check_cross_entropy(rank, widths, (N, V), torch.float64, False, "none", True, 0.1)
         for dtype in (torch.bfloat16, torch.float16):
             _check_cross_entropy(rank, widths, (N, V), dtype, False, "mean", True, 0.1)
             _check_cross_entropy(rank, widths, (N, V), dtype, True, "sum", False, 0.0)
