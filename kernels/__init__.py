@@ -13,6 +13,16 @@ The training stack lives in ``fusedce.lightning_modules`` and ``fusedce.datamodu
 ``fusedce[train]`` extra); importing ``fusedce`` alone needs only torch (and triton on GPUs).
 """
 
+# In a checkout this directory is named kernels/, and with the checkout on sys.path (python -m
+# from its root) `import kernels` finds it: transformers, for one, tries to import Hugging Face's
+# `kernels` package. Loaded under a second name, every module would run again and register the
+# custom ops twice, which corrupts torch's dispatcher. Refuse before anything is registered.
+if __name__ != "fusedce":
+    raise ImportError(
+        f"{__name__!r} is fusedce's source directory ({__file__}), not a package of its own: "
+        "import it as `fusedce`"
+    )
+
 from .backends import available_backends, get_backend, set_backend, use_backend, uses_triton
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
 from .index_check import set_target_check, wait_target_check
