@@ -93,9 +93,10 @@ def public_stats(stats: Tensor, scale: Tensor, opts: LossOptions, shape: tuple[i
         shape: the per-element shape (M elements).
     """
     stats = stats.detach()
-    z_loss = reduce_rows(stats[3], scale, opts)
-    if opts.per_row:
-        z_loss = z_loss.reshape(shape)
+    # torch ops only (M values, no pass over the logits): also traced by torch.compile.
+    z_loss = stats[3].reshape(shape) if opts.per_row else stats[3].sum()
+    if opts.mean:
+        z_loss = z_loss * scale.to(z_loss.dtype)
     return CrossEntropyStats(
         z_loss.detach(),
         stats[1].reshape(shape),

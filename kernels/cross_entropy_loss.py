@@ -24,6 +24,7 @@ from .options import (
     check_extras,
     check_options,
     check_token_weight,
+    check_token_weight_values,
     index_target_for_kernels,
     prepare_class_weight,
     prepare_token_weight,
@@ -213,6 +214,7 @@ def _cross_entropy_op(
     extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, gradient of the reduced loss or an empty tensor, (3, M) or (6, M) per-row stats)."""
+    check_token_weight_values(_WHO, token_weight)
     opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     fwd = core.forward(
         logits, target, weight, opts, grad_now, token_weight=token_weight, extras=extras

@@ -32,6 +32,7 @@ from .options import (
     check_extras,
     check_options,
     check_token_weight,
+    check_token_weight_values,
     index_target_for_kernels,
     prepare_class_weight,
     prepare_token_weight,
@@ -180,6 +181,7 @@ def _lce_op(
     """(loss, grad_x, grad_W, grad_b, per-row stats (3, N) or (6, N)); the gradients are empty
     where not needed, and always for reduction="none" (computed in the backward op instead)."""
     check_class_indices(target, W.shape[0], ignore_index)
+    check_token_weight_values(_WHO, token_weight)
     opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     plan = _Plan(opts, chunk_rows, accumulation, extras)
     scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)

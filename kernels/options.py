@@ -153,8 +153,16 @@ def check_token_weight(
             f"{who}: the loss is not differentiated with respect to token_weight "
             "(token_weight.requires_grad=True); pass token_weight.detach()"
         )
-    reads_free = token_weight.device.type == "cpu"
-    if token_weight.numel() and (reads_free or target_check_enabled()):
+    if not torch.compiler.is_compiling():  # compiled, the custom ops check inside
+        check_token_weight_values(who, token_weight)
+
+
+def check_token_weight_values(who: str, token_weight: Tensor | None) -> None:
+    """Raises ValueError for negative or non-finite token weights (free on the CPU; one host
+    sync on CUDA, skipped there while ``set_target_check(False)``)."""
+    if token_weight is None or token_weight.numel() == 0:
+        return
+    if token_weight.device.type == "cpu" or target_check_enabled():
         if not bool(torch.isfinite(token_weight).all()):
             raise ValueError(f"{who}: token_weight has non-finite values")
         if bool((token_weight < 0).any()):

@@ -275,7 +275,7 @@ def _cross_entropy_kernel(
                     a += tl.sum(bt, axis=1)
         lse = m + tl.log(s)
         x_y = tl.load(logits_row + y, mask=y_ok, other=0.0).to(tl.float32)
-        x_y = _transform(x_y, y_ok, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
+        x_y = _transform(x_y, row_ok, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         a = tl.where(valid, a + hard, 0.0)
         loss = tl.where(valid, a * lse - hard * x_y - lin, 0.0)
         if HAS_Z_LOSS:
