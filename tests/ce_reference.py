@@ -258,10 +258,9 @@ def extras_float64_loss(
     p = logp.exp()
     entropy = -torch.where(p > 0, p * logp, 0.0).sum(class_dim)
     pred = z.argmax(class_dim) if z.numel() else lse.long()
-    if soft:
-        correct = pred == t.argmax(class_dim) if t.numel() else valid
-    else:
-        correct = valid & (pred == t)
+    # Probabilities: their argmax (an empty batch has nothing to compare).
+    target_class = t if not soft else t.argmax(class_dim) if t.numel() else pred
+    correct = valid & (pred == target_class)
     stats = {
         "z_loss": reduce(z_part).detach(),
         "lse": lse.detach(),
@@ -355,7 +354,9 @@ def check_linear_extras(x, W, b, t, *, return_stats=True, rtol_scale=1.0, **kw):
     go = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss.dtype)
     grads = torch.autograd.grad(loss, leaves, go)
     ref_grads = torch.autograd.grad(ref, ref_leaves, go.double())
-    for name, g, r, leaf in zip(("input", "weight", "bias"), grads, ref_grads, leaves):
+    for name, g, r, leaf in zip(
+        ("input", "weight", "bias"), grads, ref_grads, leaves, strict=False
+    ):
         assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
         err = rel_err(g, r)
         gtol = LINEAR_GRAD_RTOL[x.dtype] * rtol_scale
