@@ -1,15 +1,25 @@
 """The row contract every entry point is built on, and the reductions around it.
 
 For logits viewed as (M, V) rows, a backend fills, per row i (see ``triton_backend`` for the
-formulas; w = class weights, eps = label smoothing):
+formulas; w = class weights, eps = label smoothing, t = token weights, lambda = z-loss; the
+loss sees z = softcap(logit_scale * x), and lse is the log-sum-exp of z):
 
-* ``stats[0, i]`` -- the unnormalised loss l_i (NaN for an unchecked out-of-range index);
-* ``stats[1, i]`` -- lse_i, the log-sum-exp of the row;
+* ``stats[0, i]`` -- the row's loss t_i * (l_i + lambda * lse_i**2) (NaN for an unchecked
+  out-of-range index; the z-loss term only on non-ignored rows);
+* ``stats[1, i]`` -- lse_i;
 * ``stats[2, i]`` -- a_i, the coefficient of lse_i in l_i (0 for an ignored row);
 
-and, when a gradient buffer is given, ``grad[i] = s_i * d l_i / d x_i`` with s the gradient
-scale: one () factor for every row (1 / the mean normaliser, or 1) or one factor per row. With
-``grad_only`` the backend reads lse and a back from ``stats`` and writes the gradient alone.
+and with ``EXTRA_STAT_ROWS`` rows (``return_stats``) also, in the same pass:
+
+* ``stats[3, i]`` -- the z-loss part t_i * lambda * lse_i**2 (0 where ignored);
+* ``stats[4, i]`` -- the entropy of softmax(z_i);
+* ``stats[5, i]`` -- 1.0 where argmax(z_i) (first maximum) is the class index (the argmax of the
+  probability target), else 0.0 (0.0 where ignored).
+
+When a gradient buffer is given, ``grad[i] = s_i * t_i * d (l_i + lambda lse_i**2) / d x_i`` with
+s the gradient scale: one () factor for every row (1 / the mean normaliser, or 1) or one factor
+per row; token weights multiply it row by row inside the backend. With ``grad_only`` the backend
+reads lse and a back from ``stats`` and writes the gradient alone.
 
 Around it: the mean normaliser (with the class-index check fused where the backend can), the
 reduction of the per-row losses, and the scaling of a saved gradient by the upstream gradient.
@@ -25,6 +35,7 @@ from torch import Tensor
 from . import backends, index_check
 from .index_check import DeferredIndexCheck
 from .options import LossOptions, accumulation_dtype
+from .torch_backend import transformed_logits
 
 try:
     from . import triton_backend
@@ -35,12 +46,63 @@ except ImportError:  # pragma: no cover - depends on the platform
 # the final sum in a single launch each; past it, torch's multi-block reductions finish sooner
 # than one program looping over all rows. A guess to be tuned on the GPU (docs/KERNEL_NOTES.md).
 ONE_PROGRAM_ROWS = 16384
+# Rows of the per-row statistics: loss, lse, lse coefficient; with the extras also the z-loss
+# part, the entropy and whether the argmax is right.
+STAT_ROWS = 3
+EXTRA_STAT_ROWS = 6
 
 
-def new_stats(num_rows: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(3, M) uninitialised per-row statistics (loss, lse, lse coefficient) for logits of
-    ``dtype``: float32, float64 for float64 logits."""
-    return torch.empty((3, num_rows), dtype=accumulation_dtype(dtype), device=device)
+class CrossEntropyStats(NamedTuple):
+    """What ``return_stats=True`` returns next to the loss; detached tensors.
+
+    Attributes:
+        z_loss: the z-loss part of the loss alone (sum_i t_i * lambda * lse_i**2 over the
+            non-ignored elements), reduced as the loss is: () or the per-element shape.
+        lse: log-sum-exp of the (scaled, softcapped) logits z, per element (the target's
+            shape for class indices, the input's shape without the class dimension for
+            probabilities); computed for ignored elements too.
+        entropy: entropy H(softmax(z)) = lse - sum_c p_c z_c per element.
+        correct: bool per element: argmax(z) (first maximum, as ``torch.argmax``) equals the
+            class index, or the argmax of the probability target; False where ignored.
+            Accuracy is ``correct.sum() / valid.sum()``.
+    """
+
+    z_loss: Tensor
+    lse: Tensor
+    entropy: Tensor
+    correct: Tensor
+
+
+def new_stats(
+    num_rows: int, dtype: torch.dtype, device: torch.device, extras: bool = False
+) -> Tensor:
+    """(3, M) uninitialised per-row statistics (loss, lse, lse coefficient), or (6, M) with the
+    ``extras`` (z-loss part, entropy, correct), for logits of ``dtype``: float32, float64 for
+    float64 logits."""
+    rows = EXTRA_STAT_ROWS if extras else STAT_ROWS
+    return torch.empty((rows, num_rows), dtype=accumulation_dtype(dtype), device=device)
+
+
+def public_stats(stats: Tensor, scale: Tensor, opts: LossOptions, shape: tuple[int, ...]):
+    """The user-facing ``CrossEntropyStats`` from (6, M) per-row statistics.
+
+    Args:
+        stats: (6, M) from a forward pass with the extras.
+        scale: () 1 / the mean normaliser (read for reduction="mean").
+        opts: the reduction is read.
+        shape: the per-element shape (M elements).
+    """
+    stats = stats.detach()
+    # torch ops only (M values, no pass over the logits): also traced by torch.compile.
+    z_loss = stats[3].reshape(shape) if opts.per_row else stats[3].sum()
+    if opts.mean:
+        z_loss = z_loss * scale.to(z_loss.dtype)
+    return CrossEntropyStats(
+        z_loss.detach(),
+        stats[1].reshape(shape),
+        stats[4].reshape(shape),
+        (stats[5] != 0).reshape(shape),
+    )
 
 
 def run_rows(
@@ -52,6 +114,7 @@ def run_rows(
     grad: Tensor | None = None,
     scale: Tensor | None = None,
     grad_only: bool = False,
+    token_weight: Tensor | None = None,
 ) -> None:
     """Fills ``stats`` (and ``grad``) for a (M, V) view on the selected backend.
 
@@ -59,15 +122,16 @@ def run_rows(
         logits: (M, V) float tensor with unit stride along V.
         target: (M,) class indices (int32 / int64) or (M, V) probabilities, unit stride along V.
         weight: (V,) class weights in the accumulation dtype, or None.
-        opts: ignore_index and label_smoothing are read (the reduction is the caller's).
-        stats: (3, M) per-row statistics: written, or read with ``grad_only``.
+        opts: everything but the reduction is read (the reduction is the caller's).
+        stats: (3, M) or (6, M) per-row statistics: written, or read with ``grad_only``.
         grad: (M, V) gradient output with unit stride along V (may be ``logits`` itself), or None.
         scale: () or (M,) float32 factors of the gradient rows; required with ``grad``.
         grad_only: write only the gradient, from the lse and coefficient in ``stats``.
+        token_weight: (M,) contiguous token weights in the accumulation dtype, or None.
     """
     per_row = scale is not None and scale.dim() == 1
     backend = backends.select(logits, target, weight, grad, per_row, grad_only)
-    backend.run_rows(logits, target, weight, opts, stats, grad, scale, grad_only)
+    backend.run_rows(logits, target, weight, opts, stats, grad, scale, grad_only, token_weight)
 
 
 def inverse_normaliser(denom: Tensor) -> Tensor:
@@ -78,21 +142,33 @@ def inverse_normaliser(denom: Tensor) -> Tensor:
 
 
 def mean_normaliser(
-    target: Tensor, weight: Tensor | None, ignore_index: int, acc: torch.dtype = torch.float32
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    acc: torch.dtype = torch.float32,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
-    """torch's normaliser of reduction="mean" as an ``acc`` device scalar (no host sync).
+    """torch's normaliser of reduction="mean", generalised to token weights t, as an ``acc``
+    device scalar (no host sync).
 
-    Class indices: the sum of the weights of the non-ignored targets (their count without
-    weights). Probabilities: the number of rows.
+    Class indices: sum of t_i * w_{y_i} over the non-ignored targets (their count without
+    weights). Probabilities: sum of t_i (the number of rows without token weights).
     """
     if target.dim() == 2:
+        if token_weight is not None:
+            return token_weight.sum(dtype=acc)
         return torch.full((), float(target.shape[0]), dtype=acc, device=target.device)
     valid = target != ignore_index
-    if weight is None:
+    if weight is None and token_weight is None:
         return valid.sum(dtype=acc)
-    # Clamp so that an unchecked bad index cannot gather out of bounds.
-    idx = target.clamp(0, weight.numel() - 1).long()
-    return torch.where(valid, weight[idx], 0.0).sum(dtype=acc)
+    if weight is None:
+        per = torch.ones((), dtype=acc, device=target.device)
+    else:
+        # Clamp so that an unchecked bad index cannot gather out of bounds.
+        per = weight[target.clamp(0, weight.numel() - 1).long()].to(acc)
+    if token_weight is not None:
+        per = per * token_weight.to(acc)
+    return torch.where(valid, per, 0.0).sum(dtype=acc)
 
 
 def gradient_scale(
@@ -101,6 +177,7 @@ def gradient_scale(
     weight: Tensor | None,
     opts: LossOptions,
     defer_check: bool = False,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, DeferredIndexCheck | None]:
     """The () gradient scale (1 / mean normaliser, or 1), after the class-index check: float32
     (float64 for float64 logits on the torch backend).
@@ -115,13 +192,14 @@ def gradient_scale(
     if backends.uses_triton(logits) and M <= ONE_PROGRAM_ROWS:
         # One tiny launch computes both the scale and the bad-index count.
         scale, n_bad = triton_backend.mean_scale_and_bad_count(
-            target, weight, opts.ignore_index, M, V, opts.mean, check
+            target, weight, opts.ignore_index, M, V, opts.mean, check, token_weight
         )
     else:
         n_bad = index_check.count_bad_indices(target, V, opts.ignore_index) if check else None
         if opts.mean:
             acc = accumulation_dtype(logits.dtype)
-            scale = inverse_normaliser(mean_normaliser(target, weight, opts.ignore_index, acc))
+            denom = mean_normaliser(target, weight, opts.ignore_index, acc, token_weight)
+            scale = inverse_normaliser(denom)
         else:
             scale = torch.ones((), dtype=torch.float32, device=logits.device)
     pending = index_check.settle(n_bad, target, V, opts.ignore_index, defer_check)
@@ -156,7 +234,7 @@ class Forward(NamedTuple):
     """What a forward pass over (M, V) rows leaves behind."""
 
     loss: Tensor  # reduced as asked: () or (M,)
-    stats: Tensor  # (3, M): per-row loss, lse, lse coefficient
+    stats: Tensor  # (3, M) or (6, M): see the module doc
     scale: Tensor  # () float32: 1 / mean normaliser, or 1
     grad: Tensor | None  # (M, V) gradient of the reduced loss, or None
     pending_check: DeferredIndexCheck | None
@@ -170,17 +248,20 @@ def forward(
     grad_now: bool,
     inplace: bool = False,
     defer_check: bool = False,
+    token_weight: Tensor | None = None,
+    extras: bool = False,
 ) -> Forward:
     """Loss of a (M, V) view and, with ``grad_now``, the gradient of the reduced loss (in the
-    logits' storage with ``inplace``), in one pass over the logits."""
-    scale, pending = gradient_scale(logits, target, weight, opts, defer_check)
+    logits' storage with ``inplace``), in one pass over the logits; with ``extras`` the stats
+    hold the six rows of ``return_stats``. ``token_weight``: (M,) prepared token weights."""
+    scale, pending = gradient_scale(logits, target, weight, opts, defer_check, token_weight)
     grad = None
     if grad_now:
         grad = (
             logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
         )
-    stats = new_stats(logits.shape[0], logits.dtype, logits.device)
-    run_rows(logits, target, weight, opts, stats, grad, scale)
+    stats = new_stats(logits.shape[0], logits.dtype, logits.device, extras)
+    run_rows(logits, target, weight, opts, stats, grad, scale, False, token_weight)
     return Forward(reduce_rows(stats[0], scale, opts), stats, scale, grad, pending)
 
 
@@ -192,42 +273,54 @@ def gradient_from_stats(
     stats: Tensor,
     row_factor: Tensor,
     out: Tensor | None = None,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
     """``row_factor[i] * d l_i / d logits[i]`` for every row, written once (one rounding),
     from the lse and coefficients of a forward pass.
 
     Args:
         logits, target, weight, opts: as in the forward pass.
-        stats: (3, M) from the forward pass.
+        stats: (3, M) or (6, M) from the forward pass.
         row_factor: (M,) upstream gradient of each row's loss.
         out: (M, V) buffer (may be ``logits``); None allocates one.
+        token_weight: (M,) prepared token weights, or None.
     """
     grad = (
         out if out is not None else torch.empty_like(logits, memory_format=torch.contiguous_format)
     )
     factor = row_factor.reshape(-1).to(accumulation_dtype(logits.dtype)).contiguous()
-    run_rows(logits, target, weight, opts, stats, grad, factor, grad_only=True)
+    run_rows(logits, target, weight, opts, stats, grad, factor, True, token_weight)
     return grad
 
 
 def probability_target_grad(
-    logits: Tensor, lse: Tensor, weight: Tensor | None, opts: LossOptions, row_factor: Tensor
+    logits: Tensor,
+    lse: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    row_factor: Tensor,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
-    """d loss / d target for probability targets: -(1 - eps) w_c (x_c - lse) per row factor.
+    """d loss / d target for probability targets: -(1 - eps) t_i w_c (z_c - lse) per row factor
+    (z: the scaled, softcapped logits; the z-loss does not depend on the target).
 
     Args:
         logits: (M, V) logits of the forward pass (not overwritten since).
-        lse: (M,) their log-sum-exp.
+        lse: (M,) the log-sum-exp of z.
         weight: (V,) class weights or None.
-        opts: label_smoothing is read.
+        opts: label_smoothing, logit_scale and softcap are read.
         row_factor: () or (M,) factor of each row (upstream gradient times the mean scale).
+        token_weight: (M,) prepared token weights, or None.
 
     Returns:
         (M, V) in the accumulation dtype.
     """
     acc = lse.dtype
-    g = (logits.to(acc) - lse[:, None]).mul_(-(1.0 - opts.label_smoothing))
+    z, _ = transformed_logits(logits.to(acc), opts, need_derivative=False)
+    g = (z - lse[:, None]).mul_(-(1.0 - opts.label_smoothing))
     if weight is not None:
         g.mul_(weight)
     f = row_factor.to(acc)
+    if token_weight is not None:
+        f = f * token_weight.to(acc)
     return g.mul_(f[:, None] if f.dim() == 1 else f)

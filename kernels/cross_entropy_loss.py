@@ -15,17 +15,22 @@ import torch
 from torch import Tensor, nn
 
 from . import core
+from .core import CrossEntropyStats
 from .options import (
     LossOptions,
     accumulation_dtype,
     check_class_index_dtype,
     check_class_weight,
+    check_extras,
     check_options,
+    check_token_weight,
+    check_token_weight_values,
     index_target_for_kernels,
     prepare_class_weight,
+    prepare_token_weight,
 )
 
-__all__ = ["CrossEntropyLoss", "cross_entropy"]
+__all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 
 _WHO = "cross_entropy"
 
@@ -40,9 +45,14 @@ def _no_double_backward(who: str) -> None:
 
 
 def _check_and_flatten(
-    input: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
-) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...]]:
-    """Checks the tensors; returns (logits (M, C), target (M,) or (M, C), weight, out shape)."""
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    token_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...], Tensor | None]:
+    """Checks the tensors; returns (logits (M, C), target (M,) or (M, C), weight, out shape,
+    token weights (M,) or None)."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
         raise TypeError(f"{_WHO}: input and target must be tensors")
     if not input.is_floating_point():
@@ -79,6 +89,8 @@ def _check_and_flatten(
         target = index_target_for_kernels(target, opts.ignore_index)
 
     out_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1 :])
+    check_token_weight(_WHO, token_weight, out_shape, input.device)
+    token_weight = prepare_token_weight(token_weight, input.dtype)
     if input.dim() == 1:
         logits, target = input.unsqueeze(0), target.unsqueeze(0)
     elif input.dim() == 2:
@@ -90,7 +102,7 @@ def _check_and_flatten(
         logits = logits.contiguous()
     if soft and target.stride(-1) != 1:
         target = target.contiguous()
-    return logits, target, weight, out_shape
+    return logits, target, weight, out_shape, token_weight
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +115,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
     keeps each row's lse, backward writes the gradient once with the per-row factors."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, inplace):  # type: ignore[override]
+    def forward(ctx, logits, target, weight, opts, inplace, token_weight, extras):  # type: ignore[override]
         target_grad = ctx.needs_input_grad[1]
         # The fused gradient only when the logits want one (a target alone needs none).
         grad_now = not opts.per_row and ctx.needs_input_grad[0]
@@ -111,20 +123,33 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # the fused gradient may then not overwrite them.
         overwrite = inplace and grad_now and not target_grad
         fwd = core.forward(
-            logits, target, weight, opts, grad_now, inplace=overwrite, defer_check=True
+            logits,
+            target,
+            weight,
+            opts,
+            grad_now,
+            inplace=overwrite,
+            defer_check=True,
+            token_weight=token_weight,
+            extras=extras,
         )
         if overwrite:
             # The logits now hold the gradient: let autograd catch anyone who saved them.
             torch.autograd.graph.increment_version(logits)
         keep_logits = opts.per_row or target_grad
-        ctx.save_for_backward(logits if keep_logits else None, target, weight)
+        ctx.save_for_backward(logits if keep_logits else None, target, weight, token_weight)
         ctx.opts, ctx.inplace = opts, inplace
         ctx.stats, ctx.scale, ctx.grad = fwd.stats, fwd.scale, fwd.grad
         ctx.pending_check, ctx.consumed = fwd.pending_check, False
-        return fwd.loss
+        if not extras:
+            return fwd.loss, None
+        # The stats are a second, non-differentiable output; "none" returns a copy of stats[0]
+        # so that the two outputs do not alias.
+        ctx.mark_non_differentiable(fwd.stats)
+        return (fwd.loss.clone() if opts.per_row else fwd.loss), fwd.stats
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output, _grad_stats=None):  # type: ignore[override]
         _no_double_backward("cross_entropy")
         if ctx.pending_check is not None:
             ctx.pending_check.resolve()
@@ -134,19 +159,19 @@ class _FusedCrossEntropy(torch.autograd.Function):
                 "(retain_graph=True). The fused gradient is consumed by the first backward; "
                 "compute the loss again for a second backward."
             )
-        logits, target, weight = ctx.saved_tensors
+        logits, target, weight, token_weight = ctx.saved_tensors
         opts = ctx.opts
         grad_logits = grad_target = None
         if ctx.needs_input_grad[1]:
             factor = grad_output.reshape(-1) if opts.per_row else grad_output * ctx.scale
             grad_target = core.probability_target_grad(
-                logits, ctx.stats[1], weight, opts, factor
+                logits, ctx.stats[1], weight, opts, factor, token_weight
             ).to(target.dtype)
         if ctx.needs_input_grad[0]:
             if opts.per_row:
                 out = logits if ctx.inplace else None
                 grad_logits = core.gradient_from_stats(
-                    logits, target, weight, opts, ctx.stats, grad_output, out
+                    logits, target, weight, opts, ctx.stats, grad_output, out, token_weight
                 )
             else:
                 grad_logits = ctx.grad
@@ -154,7 +179,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # Scalar reductions hand their one gradient buffer over; "none" in place reuses logits.
         ctx.consumed = not opts.per_row or ctx.inplace
         ctx.grad = None
-        return grad_logits, grad_target, None, None, None
+        return grad_logits, grad_target, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,8 +187,15 @@ class _FusedCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
-def _opts(ignore_index: int, label_smoothing: float, reduction: str) -> LossOptions:
-    return LossOptions(ignore_index, label_smoothing, reduction)
+def _opts(
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+) -> LossOptions:
+    return LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
 
 
 @torch.library.custom_op("fusedce::cross_entropy", mutates_args=())
@@ -175,10 +207,18 @@ def _cross_entropy_op(
     label_smoothing: float,
     reduction: str,
     grad_now: bool,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
+    extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, gradient of the reduced loss or an empty tensor, (3, M) per-row stats)."""
-    opts = _opts(ignore_index, label_smoothing, reduction)
-    fwd = core.forward(logits, target, weight, opts, grad_now)
+    """(loss, gradient of the reduced loss or an empty tensor, (3, M) or (6, M) per-row stats)."""
+    check_token_weight_values(_WHO, token_weight)
+    opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    fwd = core.forward(
+        logits, target, weight, opts, grad_now, token_weight=token_weight, extras=extras
+    )
     grad = fwd.grad if fwd.grad is not None else logits.new_empty((0,))
     # "none" returns stats[0] itself: an op's outputs may not alias each other.
     loss = fwd.loss.clone() if opts.per_row else fwd.loss
@@ -186,7 +226,20 @@ def _cross_entropy_op(
 
 
 @_cross_entropy_op.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, reduction, grad_now):
+def _(
+    logits,
+    target,
+    weight,
+    ignore_index,
+    label_smoothing,
+    reduction,
+    grad_now,
+    logit_scale=1.0,
+    softcap=None,
+    z_loss=0.0,
+    token_weight=None,
+    extras=False,
+):
     M = logits.shape[0]
     acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((M,) if reduction == "none" else (), dtype=acc)
@@ -195,7 +248,8 @@ def _(logits, target, weight, ignore_index, label_smoothing, reduction, grad_now
         if grad_now
         else logits.new_empty((0,))
     )
-    return loss, grad, logits.new_empty((3, M), dtype=acc)
+    rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
+    return loss, grad, logits.new_empty((rows, M), dtype=acc)
 
 
 @torch.library.custom_op("fusedce::cross_entropy_grad", mutates_args=())
@@ -207,46 +261,79 @@ def _cross_entropy_grad_op(
     row_factor: Tensor,
     ignore_index: int,
     label_smoothing: float,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
     """reduction="none": the gradient written once from the forward's per-row stats."""
-    opts = _opts(ignore_index, label_smoothing, "none")
-    return core.gradient_from_stats(logits, target, weight, opts, stats, row_factor)
+    opts = _opts(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
+    return core.gradient_from_stats(
+        logits, target, weight, opts, stats, row_factor, token_weight=token_weight
+    )
 
 
 @_cross_entropy_grad_op.register_fake
-def _(logits, target, weight, stats, row_factor, ignore_index, label_smoothing):
+def _(
+    logits,
+    target,
+    weight,
+    stats,
+    row_factor,
+    ignore_index,
+    label_smoothing,
+    logit_scale=1.0,
+    softcap=None,
+    z_loss=0.0,
+    token_weight=None,
+):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 def _op_setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs
-    ctx.opts = _opts(ignore_index, label_smoothing, reduction)
+    logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs[:7]
+    logit_scale, softcap, z_loss, token_weight, _ = inputs[7:]
+    ctx.opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     keep_logits = reduction == "none" or target.requires_grad
-    ctx.save_for_backward(logits if keep_logits else None, target, weight, output[1], output[2])
+    ctx.save_for_backward(
+        logits if keep_logits else None, target, weight, output[1], output[2], token_weight
+    )
 
 
 def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
     _no_double_backward("cross_entropy")
-    logits, target, weight, grad, stats = ctx.saved_tensors
+    logits, target, weight, grad, stats, token_weight = ctx.saved_tensors
     opts = ctx.opts
     grad_logits = grad_target = None
     if ctx.needs_input_grad[1]:
         mean_scale = 1.0
         if opts.mean:
             mean_scale = core.inverse_normaliser(
-                core.mean_normaliser(target, weight, opts.ignore_index, stats.dtype)
+                core.mean_normaliser(target, weight, opts.ignore_index, stats.dtype, token_weight)
             )
         factor = grad_loss if opts.per_row else grad_loss * mean_scale
-        grad_target = core.probability_target_grad(logits, stats[1], weight, opts, factor)
+        grad_target = core.probability_target_grad(
+            logits, stats[1], weight, opts, factor, token_weight
+        )
         grad_target = grad_target.to(target.dtype)
     if ctx.needs_input_grad[0]:
         if opts.per_row:
             grad_logits = _cross_entropy_grad_op(
-                logits, target, weight, stats, grad_loss, opts.ignore_index, opts.label_smoothing
+                logits,
+                target,
+                weight,
+                stats,
+                grad_loss,
+                opts.ignore_index,
+                opts.label_smoothing,
+                opts.logit_scale,
+                opts.softcap,
+                opts.z_loss,
+                token_weight,
             )
         else:
             grad_logits = grad * grad_loss.to(grad.dtype)
-    return grad_logits, grad_target, None, None, None, None, None
+    return (grad_logits, grad_target) + (None,) * 10
 
 
 _cross_entropy_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -265,7 +352,13 @@ def cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     inplace_backward: bool = False,
-) -> Tensor:
+    *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and targets: ``torch.nn.functional.cross_entropy``, fused.
 
     Args:
@@ -285,15 +378,28 @@ def cross_entropy(
             raises if a saved tensor was overwritten). Only where the (N, C) view of the input
             is contiguous and the input is not a leaf that requires grad; not while the target
             requires grad (its gradient reads the logits).
+        logit_scale: s > 0; the loss sees z = s * x (a logit scale; 1 / T for a temperature T).
+        softcap: c > 0 or None; then z = c * tanh(z / c), after the scale.
+        z_loss: lambda >= 0; each non-ignored element adds lambda * logsumexp(z)**2.
+        token_weight: optional float tensor of the per-element loss shape ((), (N,) or
+            (N, d1, ..., dk)), finite and >= 0, not differentiated: element i contributes
+            t_i * (l_i + lambda * lse_i**2); "mean" divides by sum_i t_i * w_{y_i} over the
+            non-ignored elements (sum_i t_i for probabilities).
+        return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
+            correct), computed in the same pass.
 
     Returns:
-        The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none".
+        The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none";
+        with ``return_stats`` the tuple ``(loss, stats)``.
 
     Raises:
-        ValueError, TypeError: bad shapes, dtypes, devices or options.
+        ValueError, TypeError: bad shapes, dtypes, devices or options (``logit_scale <= 0``,
+            ``softcap <= 0``, ``z_loss < 0``, token weights of the wrong shape, dtype or device,
+            negative or non-finite).
         IndexError: a class index outside [0, C) other than ignore_index (see
             ``set_target_check``; on CUDA raised from backward when a gradient is wanted).
-        RuntimeError: ``weight.requires_grad``; ``inplace_backward`` on a leaf that requires
+        RuntimeError: ``weight.requires_grad`` or ``token_weight.requires_grad``;
+            ``inplace_backward`` on a leaf that requires
             grad; double backward (``create_graph=True``).
 
     Deviations from torch: reduction="mean" with nothing to average (every target ignored, or an
@@ -303,13 +409,18 @@ def cross_entropy(
     the fused gradient.
     """
     opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
-    logits, target, weight, out_shape = _check_and_flatten(input, target, weight, opts)
+    opts = check_extras(_WHO, opts, logit_scale, softcap, z_loss)
+    logits, target, weight, out_shape, tw = _check_and_flatten(
+        input, target, weight, opts, token_weight
+    )
+    extras = bool(return_stats)
     grad_enabled = torch.is_grad_enabled()
     need_grad = grad_enabled and input.requires_grad
     target_grad = grad_enabled and target.requires_grad
+    scale = None
     if torch.compiler.is_compiling():
         grad_now = need_grad and not opts.per_row
-        loss, _, _ = _cross_entropy_op(
+        loss, _, stats = _cross_entropy_op(
             logits,
             target,
             weight,
@@ -317,6 +428,11 @@ def cross_entropy(
             opts.label_smoothing,
             opts.reduction,
             grad_now,
+            opts.logit_scale,
+            opts.softcap,
+            opts.z_loss,
+            tw,
+            extras,
         )
     elif need_grad or target_grad:
         if inplace_backward and input.is_leaf and input.requires_grad:
@@ -326,10 +442,19 @@ def cross_entropy(
                 "inplace_backward=False"
             )
         inplace = inplace_backward and need_grad and logits.is_contiguous()
-        loss = _FusedCrossEntropy.apply(logits, target, weight, opts, inplace)
+        loss, stats = _FusedCrossEntropy.apply(logits, target, weight, opts, inplace, tw, extras)
     else:
-        loss = core.forward(logits, target, weight, opts, grad_now=False).loss
-    return loss.reshape(out_shape) if opts.per_row else loss
+        fwd = core.forward(logits, target, weight, opts, False, token_weight=tw, extras=extras)
+        loss, stats, scale = fwd.loss, fwd.stats, fwd.scale
+    loss = loss.reshape(out_shape) if opts.per_row else loss
+    if not extras:
+        return loss
+    if scale is None and opts.mean:
+        acc = accumulation_dtype(logits.dtype)
+        scale = core.inverse_normaliser(
+            core.mean_normaliser(target, weight, opts.ignore_index, acc, tw)
+        )
+    return loss, core.public_stats(stats, scale, opts, out_shape)
 
 
 class CrossEntropyLoss(nn.Module):
@@ -347,16 +472,30 @@ class CrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         label_smoothing: float = 0.0,
         inplace_backward: bool = False,
+        *,
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
     ) -> None:
         super().__init__()
-        opts = check_options("CrossEntropyLoss", ignore_index, label_smoothing, reduction)
+        who = "CrossEntropyLoss"
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, logit_scale, softcap, z_loss)
         self.register_buffer("weight", weight)
         self.ignore_index = opts.ignore_index
         self.reduction = opts.reduction
         self.label_smoothing = opts.label_smoothing
         self.inplace_backward = inplace_backward
+        self.logit_scale = opts.logit_scale
+        self.softcap = opts.softcap
+        self.z_loss = opts.z_loss
+        self.return_stats = bool(return_stats)
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self, input: Tensor, target: Tensor, token_weight: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+        """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None."""
         return cross_entropy(
             input,
             target,
@@ -365,10 +504,17 @@ class CrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             inplace_backward=self.inplace_backward,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            token_weight=token_weight,
+            return_stats=self.return_stats,
         )
 
     def extra_repr(self) -> str:
         return (
             f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}"
+            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}, "
+            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
+            f"return_stats={self.return_stats}"
         )

@@ -155,50 +155,75 @@ def chunked_pass(
     accumulation: str,
     scale: Tensor | None,
     needs: tuple[bool, bool, bool],
+    token_weight: Tensor | None = None,
+    extras: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """One sweep over the token chunks: per-row loss and (optionally) the three gradients.
+    """One sweep over the token chunks: per-row stats and (optionally) the three gradients.
 
     Args:
         x: (N, D) input rows, contiguous. W: (V, D). b: (V,) or None.
         target: (N,) class indices. weight: (V,) float32/float64 class weights or None.
-        opts: the loss options (ignore_index, label_smoothing).
+        opts: the loss options (all but the reduction).
         chunk_rows: token rows per chunk.
         accumulation: "float32" or "input", see ``WeightGrad``.
         scale: the gradient scale, () (1 / mean normaliser, or 1) or (N,) (one upstream factor
             per row, reduction="none"); None: no gradients.
         needs: which of (grad_x, grad_W, grad_b) to compute (ignored without ``scale``).
+        token_weight: (N,) prepared token weights, or None.
+        extras: also fill the return_stats rows (see ``core``).
 
     Returns:
-        (N,) per-row loss (float32, float64 for float64 input), grad_x (N, D), grad_W (V, D),
-        grad_b (V,), each None where not computed.
+        (3, N) or (6, N) per-row stats (``core``'s rows; float32, float64 for float64 input),
+        grad_x (N, D), grad_W (V, D), grad_b (V,), each None where not computed.
     """
     if torch.is_autocast_enabled(x.device.type):
         # The operands already have the autocast dtype; keep the float32 accumulation float32.
         with torch.autocast(x.device.type, enabled=False):
             return chunked_pass(
-                x, W, b, target, weight, opts, chunk_rows, accumulation, scale, needs
+                x,
+                W,
+                b,
+                target,
+                weight,
+                opts,
+                chunk_rows,
+                accumulation,
+                scale,
+                needs,
+                token_weight,
+                extras,
             )
     N, _ = x.shape
     V = W.shape[0]
     acc = accumulation_dtype(x.dtype)
-    loss_rows = torch.empty(N, dtype=acc, device=x.device)
+    # The stats of all N rows (a few floats per row), chunk by chunk: the loss, and what
+    # return_stats reports, come from the chunks the loop computes anyway.
+    stats = core.new_stats(N, x.dtype, x.device, extras)
     want = scale is not None
     per_row = want and scale.dim() == 1
     gx = torch.empty_like(x) if want and needs[0] else None
     gw = WeightGrad(W, accumulation) if want and needs[1] else None
     gb = torch.zeros(V, dtype=acc, device=x.device) if want and needs[2] else None
     buf = torch.empty((min(chunk_rows, N), V), dtype=x.dtype, device=x.device)
-    stats = core.new_stats(min(chunk_rows, N), x.dtype, x.device)
     for start in range(0, N, chunk_rows):
         end = min(start + chunk_rows, N)
         x_c = x[start:end]
         logits = _chunk_logits(x_c, W, b, buf[: end - start])
-        chunk_stats = stats[:, : end - start]
         # The gradient overwrites the logits in place, each row's factor folded in: one rounding.
         grad = logits if want else None
         chunk_scale = scale[start:end] if per_row else scale
-        core.run_rows(logits, target[start:end], weight, opts, chunk_stats, grad, chunk_scale)
-        loss_rows[start:end] = chunk_stats[0]
+        chunk_tw = token_weight[start:end] if token_weight is not None else None
+        core.run_rows(
+            logits,
+            target[start:end],
+            weight,
+            opts,
+            stats[:, start:end],
+            grad,
+            chunk_scale,
+            False,
+            chunk_tw,
+        )
         if not want:
             continue
         if gx is not None:
@@ -210,4 +235,4 @@ def chunked_pass(
     del buf
     grad_w = gw.result() if gw is not None else None
     grad_b = gb.to(b.dtype) if gb is not None and b is not None else None
-    return loss_rows, gx, grad_w, grad_b
+    return stats, gx, grad_w, grad_b

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import core
+from .core import CrossEntropyStats
 from .cross_entropy_loss import _no_double_backward
 from .index_check import check_class_indices
 from .linear_chunks import Accumulation, chunked_pass, planned_chunk_rows
@@ -28,9 +29,13 @@ from .options import (
     check_chunk_size,
     check_class_index_dtype,
     check_class_weight,
+    check_extras,
     check_options,
+    check_token_weight,
+    check_token_weight_values,
     index_target_for_kernels,
     prepare_class_weight,
+    prepare_token_weight,
 )
 
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
@@ -39,13 +44,18 @@ _WHO = "linear_cross_entropy"
 
 
 def _mean_gradient_scale(
-    target: Tensor, weight: Tensor | None, opts: LossOptions, x: Tensor
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    x: Tensor,
+    token_weight: Tensor | None = None,
 ) -> Tensor:
-    """() device scalar: 1 / the mean normaliser over ALL rows, or 1."""
+    """() device scalar: 1 / the mean normaliser over ALL rows (token weights included), or 1."""
     if not opts.mean:
         return torch.ones((), dtype=torch.float32, device=x.device)
     acc = accumulation_dtype(x.dtype)
-    return core.inverse_normaliser(core.mean_normaliser(target, weight, opts.ignore_index, acc))
+    denom = core.mean_normaliser(target, weight, opts.ignore_index, acc, token_weight)
+    return core.inverse_normaliser(denom)
 
 
 # --------------------------------------------------------------------------------------------
@@ -56,15 +66,29 @@ def _mean_gradient_scale(
 class _Plan:
     """How one call runs: the loss options plus the chunking (plain values, no tensors)."""
 
-    __slots__ = ("accumulation", "chunk_rows", "opts")
+    __slots__ = ("accumulation", "chunk_rows", "extras", "opts")
 
-    def __init__(self, opts: LossOptions, chunk_rows: int, accumulation: str) -> None:
+    def __init__(
+        self, opts: LossOptions, chunk_rows: int, accumulation: str, extras: bool = False
+    ) -> None:
         self.opts, self.chunk_rows, self.accumulation = opts, chunk_rows, accumulation
+        self.extras = extras
 
 
-def _pass(x, W, b, target, weight, plan: _Plan, scale, needs):
+def _pass(x, W, b, target, weight, plan: _Plan, scale, needs, token_weight=None):
     return chunked_pass(
-        x, W, b, target, weight, plan.opts, plan.chunk_rows, plan.accumulation, scale, needs
+        x,
+        W,
+        b,
+        target,
+        weight,
+        plan.opts,
+        plan.chunk_rows,
+        plan.accumulation,
+        scale,
+        needs,
+        token_weight,
+        plan.extras,
     )
 
 
@@ -72,29 +96,34 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """Scalar reductions: gradients computed in forward, scaled in backward. "none": recompute."""
 
     @staticmethod
-    def forward(ctx, x, W, b, target, weight, plan):  # type: ignore[override]
+    def forward(ctx, x, W, b, target, weight, plan, token_weight):  # type: ignore[override]
         needs = tuple(ctx.needs_input_grad[:3])
         ctx.plan = plan
         if plan.opts.per_row:
             # Per-token upstream gradients are only known in backward: recompute there.
-            loss_rows, *_ = _pass(x, W, b, target, weight, plan, None, needs)
-            ctx.save_for_backward(x, W, b, target, weight)
-            return loss_rows
-        scale = _mean_gradient_scale(target, weight, plan.opts, x)
-        loss_rows, gx, gw, gb = _pass(x, W, b, target, weight, plan, scale, needs)
-        ctx.grads = [gx, gw, gb]
-        return core.reduce_rows(loss_rows, scale, plan.opts)
+            stats, *_ = _pass(x, W, b, target, weight, plan, None, needs, token_weight)
+            ctx.save_for_backward(x, W, b, target, weight, token_weight)
+            loss, scale = stats[0].clone(), None
+        else:
+            scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
+            stats, gx, gw, gb = _pass(x, W, b, target, weight, plan, scale, needs, token_weight)
+            ctx.grads = [gx, gw, gb]
+            loss = core.reduce_rows(stats[0], scale, plan.opts)
+        ctx.mark_non_differentiable(*(t for t in (stats, scale) if t is not None))
+        return loss, stats, scale
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output, _grad_stats=None, _grad_scale=None):  # type: ignore[override]
         _no_double_backward("linear_cross_entropy")
         plan = ctx.plan
         if plan.opts.per_row:
-            x, W, b, target, weight = ctx.saved_tensors
+            x, W, b, target, weight, token_weight = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
             factor = grad_output.reshape(-1).float().contiguous()
-            _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, needs)
-            return gx, gw, gb, None, None, None
+            # The stats are not needed again: recompute without the extras.
+            replan = _Plan(plan.opts, plan.chunk_rows, plan.accumulation)
+            _, gx, gw, gb = _pass(x, W, b, target, weight, replan, factor, needs, token_weight)
+            return gx, gw, gb, None, None, None, None
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
@@ -109,7 +138,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 core.apply_upstream_grad_(
                     grad.reshape(1, -1) if grad.dim() == 1 else grad, grad_output
                 )
-        return grads[0], grads[1], grads[2], None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,18 +172,27 @@ def _lce_op(
     chunk_rows: int,
     accumulation: str,
     needs: list[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_x, grad_W, grad_b); the gradients are empty where not needed, and always for
-    reduction="none" (computed in the backward op instead)."""
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
+    extras: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_W, grad_b, per-row stats (3, N) or (6, N)); the gradients are empty
+    where not needed, and always for reduction="none" (computed in the backward op instead)."""
     check_class_indices(target, W.shape[0], ignore_index)
-    plan = _Plan(LossOptions(ignore_index, label_smoothing, reduction), chunk_rows, accumulation)
-    scale = _mean_gradient_scale(target, weight, plan.opts, x)
+    check_token_weight_values(_WHO, token_weight)
+    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    plan = _Plan(opts, chunk_rows, accumulation, extras)
+    scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
     grads_now = reduction != "none" and any(needs)
-    loss_rows, gx, gw, gb = _pass(
-        x, W, b, target, weight, plan, scale if grads_now else None, tuple(needs)
+    stats, gx, gw, gb = _pass(
+        x, W, b, target, weight, plan, scale if grads_now else None, tuple(needs), token_weight
     )
-    loss = core.reduce_rows(loss_rows, scale, plan.opts)
-    return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb))
+    loss = core.reduce_rows(stats[0], scale, plan.opts)
+    if reduction == "none":
+        loss = loss.clone()  # an op's outputs may not alias each other
+    return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb)), stats
 
 
 @_lce_op.register_fake
@@ -170,10 +208,17 @@ def _(
     chunk_rows,
     accumulation,
     needs,
+    logit_scale=1.0,
+    softcap=None,
+    z_loss=0.0,
+    token_weight=None,
+    extras=False,
 ):
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
-    return loss, *_fake_grads(x, W, b, reduction != "none", needs)
+    rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
+    stats = x.new_empty((rows, x.shape[0]), dtype=acc)
+    return loss, *_fake_grads(x, W, b, reduction != "none", needs), stats
 
 
 @torch.library.custom_op("fusedce::linear_cross_entropy_backward", mutates_args=())
@@ -189,11 +234,16 @@ def _lce_backward_op(
     chunk_rows: int,
     accumulation: str,
     needs: list[bool],
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none": recompute the chunks with one upstream factor per row."""
-    plan = _Plan(LossOptions(ignore_index, label_smoothing, "none"), chunk_rows, accumulation)
+    opts = LossOptions(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
+    plan = _Plan(opts, chunk_rows, accumulation)
     factor = grad_output.reshape(-1).float().contiguous()
-    _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs))
+    _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs), token_weight)
     return tuple(g if g is not None else _empty(x) for g in (gx, gw, gb))
 
 
@@ -210,32 +260,39 @@ def _(
     chunk_rows,
     accumulation,
     needs,
+    logit_scale=1.0,
+    softcap=None,
+    z_loss=0.0,
+    token_weight=None,
 ):
     return _fake_grads(x, W, b, True, needs)
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs
+    x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs[
+        :11
+    ]
+    logit_scale, softcap, z_loss, token_weight, _ = inputs[11:]
     ctx.reduction = reduction
-    ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs)
+    ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs, logit_scale, softcap, z_loss)
     ctx.has_bias = b is not None
     if reduction == "none":
-        ctx.save_for_backward(x, W, b, target, weight)
+        ctx.save_for_backward(x, W, b, target, weight, token_weight)
     else:
-        ctx.save_for_backward(*output[1:])
+        ctx.save_for_backward(*output[1:4])
 
 
 def _lce_backward(ctx, grad_loss, *_unused):
     _no_double_backward("linear_cross_entropy")
     if ctx.reduction == "none":
-        x, W, b, target, weight = ctx.saved_tensors
-        gx, gw, gb = _lce_backward_op(grad_loss, x, W, b, target, weight, *ctx.args)
+        x, W, b, target, weight, token_weight = ctx.saved_tensors
+        gx, gw, gb = _lce_backward_op(grad_loss, x, W, b, target, weight, *ctx.args, token_weight)
     else:
         gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    needs = ctx.args[-1]
+    needs = ctx.args[4]
     gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
     gb = gb if needs[2] and ctx.has_bias else None
-    return gx, gw, gb, None, None, None, None, None, None, None, None
+    return (gx, gw, gb) + (None,) * 13
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -337,7 +394,12 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
     accumulation: Accumulation = "float32",
-) -> Tensor:
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target)``, chunked and fused.
 
     The (N, V) logits are never materialised: at most ``chunk_size`` rows of logits exist at a
@@ -360,10 +422,18 @@ def linear_cross_entropy(
             chunks in a float32 (V, D) buffer, cast once at the end: as accurate as one GEMM
             over all tokens. "input" accumulates straight into the weight's dtype (rounded once
             per chunk) and saves those V * D * 4 bytes. No effect for float32 weights.
+        logit_scale: s > 0; the loss sees z = s * logits.
+        softcap: c > 0 or None; then z = c * tanh(z / c), after the scale.
+        z_loss: lambda >= 0; each non-ignored token adds lambda * logsumexp(z)**2.
+        token_weight: optional float tensor of the target's shape, finite and >= 0, not
+            differentiated: token i contributes t_i * (l_i + lambda * lse_i**2); "mean" divides
+            by sum_i t_i * w_{y_i} over the non-ignored tokens.
+        return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
+            correct) from the chunks the loop computes anyway.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
-        reduction="none".
+        reduction="none"; with ``return_stats`` the tuple ``(loss, stats)``.
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes, devices or options.
@@ -377,9 +447,11 @@ def linear_cross_entropy(
     the scalar reductions, and higher-order gradients are not supported.
     """
     opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
+    opts = check_extras(_WHO, opts, logit_scale, softcap, z_loss)
     check_chunk_size(_WHO, chunk_size)
     check_accumulation(_WHO, accumulation)
     _check_tensors(input, linear_weight, target, linear_bias, weight)
+    check_token_weight(_WHO, token_weight, tuple(target.shape), input.device)
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     V, D = linear_weight.shape
     out_shape = tuple(target.shape)
@@ -388,13 +460,15 @@ def linear_cross_entropy(
     if not torch.compiler.is_compiling():  # the custom op checks inside, opaque to dynamo
         check_class_indices(t, V, opts.ignore_index)
     weight = prepare_class_weight(weight, x.dtype)
+    tw = prepare_token_weight(token_weight, x.dtype)
+    extras = bool(return_stats)
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
-    plan = _Plan(opts, rows, accumulation)
+    plan = _Plan(opts, rows, accumulation, extras)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     if torch.compiler.is_compiling():
         needs = [need_grad and p is not None and p.requires_grad for p in params]
-        loss, *_ = _lce_op(
+        loss, *_, stats = _lce_op(
             x,
             linear_weight,
             linear_bias,
@@ -406,14 +480,27 @@ def linear_cross_entropy(
             rows,
             accumulation,
             needs,
+            opts.logit_scale,
+            opts.softcap,
+            opts.z_loss,
+            tw,
+            extras,
         )
+        scale = None
     elif need_grad:
-        loss = _LinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, plan)
+        loss, stats, scale = _LinearCrossEntropy.apply(
+            x, linear_weight, linear_bias, t, weight, plan, tw
+        )
     else:
-        scale = _mean_gradient_scale(t, weight, opts, x)
-        loss_rows, *_ = _pass(x, linear_weight, linear_bias, t, weight, plan, None, (False,) * 3)
-        loss = core.reduce_rows(loss_rows, scale, opts)
-    return loss.reshape(out_shape) if opts.per_row else loss
+        scale = _mean_gradient_scale(t, weight, opts, x, tw)
+        stats, *_ = _pass(x, linear_weight, linear_bias, t, weight, plan, None, (False,) * 3, tw)
+        loss = core.reduce_rows(stats[0], scale, opts)
+    loss = loss.reshape(out_shape) if opts.per_row else loss
+    if not extras:
+        return loss
+    if scale is None and opts.mean:
+        scale = _mean_gradient_scale(t, weight, opts, x, tw)
+    return loss, core.public_stats(stats, scale, opts, out_shape)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -441,10 +528,15 @@ class LinearCrossEntropyLoss(nn.Module):
         label_smoothing: float = 0.0,
         chunk_size: int | None = None,
         accumulation: Accumulation = "float32",
+        logit_scale: float = 1.0,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_stats: bool = False,
     ) -> None:
         super().__init__()
         who = "LinearCrossEntropyLoss"
         opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, logit_scale, softcap, z_loss)
         check_chunk_size(who, chunk_size)
         check_accumulation(who, accumulation)
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
@@ -455,6 +547,10 @@ class LinearCrossEntropyLoss(nn.Module):
         self.label_smoothing = opts.label_smoothing
         self.chunk_size = chunk_size
         self.accumulation = accumulation
+        self.logit_scale = opts.logit_scale
+        self.softcap = opts.softcap
+        self.z_loss = opts.z_loss
+        self.return_stats = bool(return_stats)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LinearCrossEntropyLoss:
@@ -475,7 +571,10 @@ class LinearCrossEntropyLoss(nn.Module):
         module.linear = linear
         return module
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(
+        self, input: Tensor, target: Tensor, token_weight: Tensor | None = None
+    ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+        """The loss of ``self.linear(input)`` (and stats with ``return_stats``)."""
         return linear_cross_entropy(
             input,
             self.linear.weight,
@@ -487,6 +586,11 @@ class LinearCrossEntropyLoss(nn.Module):
             label_smoothing=self.label_smoothing,
             chunk_size=self.chunk_size,
             accumulation=self.accumulation,
+            logit_scale=self.logit_scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            token_weight=token_weight,
+            return_stats=self.return_stats,
         )
 
     def extra_repr(self) -> str:
@@ -494,5 +598,7 @@ class LinearCrossEntropyLoss(nn.Module):
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
             f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"chunk_size={self.chunk_size}, accumulation={self.accumulation!r}"
+            f"chunk_size={self.chunk_size}, accumulation={self.accumulation!r}, "
+            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
+            f"return_stats={self.return_stats}"
         )

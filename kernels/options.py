@@ -7,10 +7,13 @@ is passed (``who`` names the caller in the message).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
+
+from .index_check import target_check_enabled
 
 REDUCTIONS = ("none", "mean", "sum")
 ACCUMULATIONS = ("float32", "input")
@@ -28,11 +31,22 @@ class LossOptions:
         ignore_index: class index that contributes neither loss nor gradient (class indices).
         label_smoothing: amount in [0, 1] of uniform smoothing of the target distribution.
         reduction: "none", "mean" or "sum".
+        logit_scale: s > 0; the loss sees z = s * x.
+        softcap: c > 0 or None; then z = c * tanh(z / c) (after the scale).
+        z_loss: lambda >= 0; each non-ignored element adds lambda * lse(z) ** 2.
     """
 
     ignore_index: int = -100
     label_smoothing: float = 0.0
     reduction: str = "mean"
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    z_loss: float = 0.0
+
+    @property
+    def transforms_logits(self) -> bool:
+        """Whether z differs from x (a logit scale or a softcap)."""
+        return self.logit_scale != 1.0 or self.softcap is not None
 
     @property
     def mean(self) -> bool:
@@ -74,6 +88,92 @@ def check_options(
     if not _INT64_MIN <= ignore_index <= _INT64_MAX:
         raise ValueError(f"{who}: ignore_index {ignore_index} does not fit in 64 bits")
     return LossOptions(int(ignore_index), float(label_smoothing), str(reduction))
+
+
+def _positive_float(who: str, name: str, value: object, allow_zero: bool = False) -> float:
+    kind = "a float >= 0" if allow_zero else "a float > 0"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{who}: {name} must be {kind}, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
+        raise ValueError(f"{who}: {name} must be {kind}, got {value}")
+    return v
+
+
+def check_extras(
+    who: str,
+    opts: LossOptions,
+    logit_scale: object = 1.0,
+    softcap: object = None,
+    z_loss: object = 0.0,
+) -> LossOptions:
+    """Validates the logit transform and z-loss options; returns ``opts`` with them.
+
+    Raises:
+        TypeError: a non-number. ValueError: ``logit_scale <= 0``, ``softcap <= 0``,
+            ``z_loss < 0``, or a non-finite value.
+    """
+    scale = _positive_float(who, "logit_scale", logit_scale)
+    cap = None if softcap is None else _positive_float(who, "softcap", softcap)
+    lam = _positive_float(who, "z_loss", z_loss, allow_zero=True)
+    return replace(opts, logit_scale=scale, softcap=cap, z_loss=lam)
+
+
+def check_token_weight(
+    who: str, token_weight: object, shape: tuple[int, ...], device: torch.device
+) -> None:
+    """``token_weight`` is None or a floating tensor of ``shape`` (the loss's per-element shape)
+    on ``device``, finite and >= 0, that needs no gradient.
+
+    The value check reads the tensor: free on the CPU, one host sync on CUDA (skipped there
+    while ``set_target_check(False)``).
+
+    Raises:
+        ValueError: wrong shape or device, negative or non-finite values. TypeError: not a
+            floating tensor. RuntimeError: ``requires_grad`` (token weights are not
+            differentiated).
+    """
+    if token_weight is None:
+        return
+    if not isinstance(token_weight, Tensor):
+        raise TypeError(f"{who}: token_weight must be a tensor, got {type(token_weight).__name__}")
+    if tuple(token_weight.shape) != tuple(shape):
+        raise ValueError(
+            f"{who}: token_weight must have the per-element loss shape {tuple(shape)}, got "
+            f"{tuple(token_weight.shape)}"
+        )
+    if not token_weight.is_floating_point():
+        raise TypeError(f"{who}: token_weight must be floating point, got {token_weight.dtype}")
+    if token_weight.device != device:
+        raise ValueError(
+            f"{who}: token_weight is on {token_weight.device} but input is on {device}"
+        )
+    if token_weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{who}: the loss is not differentiated with respect to token_weight "
+            "(token_weight.requires_grad=True); pass token_weight.detach()"
+        )
+    if not torch.compiler.is_compiling():  # compiled, the custom ops check inside
+        check_token_weight_values(who, token_weight)
+
+
+def check_token_weight_values(who: str, token_weight: Tensor | None) -> None:
+    """Raises ValueError for negative or non-finite token weights (free on the CPU; one host
+    sync on CUDA, skipped there while ``set_target_check(False)``)."""
+    if token_weight is None or token_weight.numel() == 0:
+        return
+    if token_weight.device.type == "cpu" or target_check_enabled():
+        if not bool(torch.isfinite(token_weight).all()):
+            raise ValueError(f"{who}: token_weight has non-finite values")
+        if bool((token_weight < 0).any()):
+            raise ValueError(f"{who}: token_weight has negative values")
+
+
+def prepare_token_weight(token_weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """Token weights as the kernels read them: (M,) contiguous, in the accumulation dtype."""
+    if token_weight is None:
+        return None
+    return token_weight.detach().reshape(-1).to(accumulation_dtype(dtype)).contiguous()
 
 
 def check_chunk_size(who: str, chunk_size: object) -> None:

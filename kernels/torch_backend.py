@@ -38,6 +38,23 @@ def _target_terms(
     return {"hard": hard, "y": y_safe, "valid": valid, "bad": valid & ~y_ok, "smooth": smooth}
 
 
+def transformed_logits(
+    x: Tensor, opts: LossOptions, need_derivative: bool = True
+) -> tuple[Tensor, Tensor | float | None]:
+    """z = softcap(logit_scale * x) and dz/dx (None when z is x, a float for a scale alone).
+
+    softcap c: z = c * tanh(s * x / c), dz/dx = s * (1 - tanh**2) = s * (1 - (z / c)**2).
+    """
+    s, c = opts.logit_scale, opts.softcap
+    if c is None:
+        if s == 1.0:
+            return x, None
+        return x * s, s
+    th = torch.tanh(x * (s / c))
+    dz = (1.0 - th * th).mul_(s) if need_derivative else None
+    return th.mul_(c), dz
+
+
 def run_rows(
     logits: Tensor,
     target: Tensor,
@@ -47,6 +64,7 @@ def run_rows(
     grad: Tensor | None,
     scale: Tensor | None,
     grad_only: bool = False,
+    token_weight: Tensor | None = None,
 ) -> None:
     """The row contract (see ``core.run_rows``) from torch ops."""
     M, V = logits.shape
@@ -54,27 +72,32 @@ def run_rows(
         return
     acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)  # no copy for float32 / float64 logits
+    # z: what the loss sees; a new tensor when scaled or softcapped (then x is left alone).
+    z, dz_dx = transformed_logits(x, opts, need_derivative=grad is not None)
     w = weight
+    tw = token_weight
+    lam = opts.z_loss
     terms = _target_terms(target, w, opts, V, acc)
     soft = "coef" in terms
+    valid = torch.ones(M, dtype=torch.bool, device=x.device) if soft else terms["valid"]
     cpu = logits.device.type == "cpu"
     if grad_only:
         lse, a = stats[1], stats[2]
     else:
-        lse = torch.logsumexp(x, dim=1)
-        # x - lse: the log-probabilities, built in the gradient buffer where it can hold them.
+        lse = torch.logsumexp(z, dim=1)
+        # z - lse: the log-probabilities, built in the gradient buffer where it can hold them.
         in_grad = grad is not None and grad.dtype == acc and grad.is_contiguous()
-        if in_grad and not grad.is_set_to(x):
-            logp = torch.sub(x, lse[:, None], out=grad)
+        if in_grad and not grad.is_set_to(z):
+            logp = torch.sub(z, lse[:, None], out=grad)
         else:
-            logp = x - lse[:, None]
+            logp = z - lse[:, None]
         if soft:
             coef = terms["coef"]
             a = coef.sum(1)
             # 0 * log(0) counts as 0 (its limit), also where a logit is -inf.
             loss = -torch.where(coef != 0, coef * logp, 0.0).sum(1)
         else:
-            hard, valid, smooth = terms["hard"], terms["valid"], terms["smooth"]
+            hard, smooth = terms["hard"], terms["smooth"]
             loss = -hard * logp.gather(1, terms["y"][:, None])[:, 0]
             a = hard
             if opts.label_smoothing > 0.0:
@@ -88,28 +111,56 @@ def run_rows(
                 a = a + smooth * w_sum
             a = torch.where(valid, a, 0.0)
             loss = torch.where(valid, loss, 0.0)
+        z_part = None
+        if lam > 0.0 or stats.shape[0] > 3:
+            z_part = torch.where(valid, lam * lse * lse, 0.0) if lam > 0.0 else loss * 0.0
+            loss = loss + z_part
+        if tw is not None:
+            loss = loss * tw
+            z_part = z_part * tw if z_part is not None else None
+        if not soft:
             loss = torch.where(terms["bad"], float("nan"), loss)
+        if stats.shape[0] > 3:
+            p_ = logp.exp()
+            # H = -sum p log p, with 0 * log 0 = 0 (also where a logit is -inf).
+            entropy = -torch.where(p_ > 0, p_ * logp, 0.0).sum(1)
+            pred = z.argmax(1)
+            if soft:
+                correct = pred == target.argmax(1)
+            else:
+                correct = valid & ~terms["bad"] & (pred == terms["y"])
+            stats[3].copy_(z_part)
+            stats[4].copy_(entropy)
+            stats[5].copy_(correct)
         stats[0].copy_(loss)
         stats[1].copy_(lse)
         stats[2].copy_(a)
     if grad is None:
         return
 
-    # grad = scale * (a * softmax(x) - b), built in place where the buffer allows.
+    # grad = scale * t * (a' * softmax(z) - b) * dz/dx, a' = a + 2 lambda lse: in place where
+    # the buffer allows.
     s = scale.to(acc)
+    if tw is not None:
+        s = s * tw
     s_row = s[:, None] if s.dim() == 1 else s
-    p = logp.exp_() if not grad_only else torch.exp(x - lse[:, None])
-    p.mul_(a[:, None] * s_row)
+    p = logp.exp_() if not grad_only else torch.exp(z - lse[:, None])
+    a_eff = a + torch.where(valid, (2.0 * lam) * lse, 0.0) if lam > 0.0 else a
+    p.mul_(a_eff[:, None] * s_row)
     if soft:
         p.sub_(terms["coef"].mul_(s_row))
     else:
-        valid, bad, hard = terms["valid"], terms["bad"], terms["hard"]
+        hard = terms["hard"]
         hard_s = hard * (s if s.dim() == 1 else s.expand(M))
         p.scatter_add_(1, terms["y"][:, None], -hard_s[:, None])
         if opts.label_smoothing > 0.0:
             w_row = w if w is not None else torch.ones(V, dtype=acc, device=x.device)
             row_s = torch.where(valid, terms["smooth"] * (s if s.dim() == 1 else s.expand(M)), 0.0)
             p.addr_(row_s, w_row, alpha=-1.0)
+    if dz_dx is not None:
+        p.mul_(dz_dx)  # the chain rule through the scale and the softcap
+    if not soft:
+        bad = terms["bad"]
         # Ignored rows are exactly 0 (also with NaN logits); unchecked bad rows are NaN. On the
         # CPU, skip these passes when no row needs them (reading the masks costs no sync there).
         if not cpu or not bool(valid.all()):

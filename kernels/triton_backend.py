@@ -63,14 +63,55 @@ def _target_coefs(
 
 
 @triton.jit
-def _tile_gradient(x, cols, b, lse, a_s, s, y, hard_s, valid, SOFT_OR_SMOOTH: tl.constexpr):
-    """scale * d loss / d x for one tile: a * scale * softmax(x) - scale * b - [c == y] * hard."""
-    g = a_s[:, None] * tl.exp(x - lse[:, None])
+def _transform(
+    x, mask, logit_scale, softcap, HAS_LOGIT_SCALE: tl.constexpr, HAS_SOFTCAP: tl.constexpr
+):
+    """z = softcap(logit_scale * x) for a float32 tile; masked-out columns stay -inf."""
+    if HAS_LOGIT_SCALE:
+        x = x * logit_scale
+    if HAS_SOFTCAP:
+        # tanh(u) = 1 - 2 / (exp(2u) + 1): exactly +-1 for large |u| (never inf / inf).
+        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (x / softcap)) + 1.0))
+        x = tl.where(mask, x, float("-inf"))
+    return x
+
+
+@triton.jit
+def _tile_gradient(
+    z,
+    cols,
+    b,
+    lse,
+    a_s,
+    s,
+    y,
+    hard_s,
+    valid,
+    logit_scale,
+    softcap,
+    SOFT_OR_SMOOTH: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+):
+    """scale * d loss / d x for one tile: (a * scale * softmax(z) - scale * b - [c == y] * hard)
+    times dz/dx (logit_scale, and 1 - tanh**2 = 1 - (z / c)**2 under a softcap c)."""
+    g = a_s[:, None] * tl.exp(z - lse[:, None])
     if SOFT_OR_SMOOTH:
         g -= s[:, None] * b
     # The true-class term is subtracted in float32, before the one cast to the output dtype.
     g -= tl.where(cols[None, :] == y[:, None], hard_s[:, None], 0.0)
+    if HAS_SOFTCAP:
+        th = z / softcap
+        g = g * (1.0 - th * th)
+    if HAS_LOGIT_SCALE:
+        g = g * logit_scale
     return tl.where(valid[:, None], g, 0.0)
+
+
+@triton.jit
+def _tile_argmax(v, vmax, cols, V):
+    """Per row, the first column where the tile ``v`` reaches its maximum ``vmax``."""
+    return tl.min(tl.where(v == vmax[:, None], cols[None, :], V), axis=1)
 
 
 @triton.jit
@@ -86,23 +127,41 @@ def _cross_entropy_kernel(
     lse_ptr,
     coef_ptr,
     scale_ptr,
+    token_weight_ptr,
+    z_part_ptr,
+    entropy_ptr,
+    correct_ptr,
     M,
     V,
     ignore_index,
     label_smoothing,
+    logit_scale,
+    softcap,
+    z_loss,
     HAS_WEIGHT: tl.constexpr,
     SOFT_TARGET: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr,
     WRITE_LOSS: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     PER_ROW_SCALE: tl.constexpr,
+    HAS_LOGIT_SCALE: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_Z_LOSS: tl.constexpr,
+    HAS_TOKEN_WEIGHT: tl.constexpr,
+    WRITE_STATS: tl.constexpr,
     SINGLE_TILE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
     """Forward (WRITE_LOSS): per-row loss, log-sum-exp and lse coefficient, and with WRITE_GRAD
     the gradient in the same launch. Gradient only (not WRITE_LOSS): from the saved per-row
-    log-sum-exp and coefficient, one read of the logits and one write of the gradient."""
+    log-sum-exp and coefficient, one read of the logits and one write of the gradient.
+
+    The options are constexpr flags, so that a call without them compiles to the plain kernel:
+    HAS_LOGIT_SCALE / HAS_SOFTCAP (the loss sees z = softcap(logit_scale * x)), HAS_Z_LOSS
+    (+ z_loss * lse**2 per non-ignored row), HAS_TOKEN_WEIGHT (each row's loss and gradient
+    times its token weight), WRITE_STATS (the z-loss part, the entropy and whether the argmax
+    is right, from online reductions next to the running max and sum)."""
     pid = tl.program_id(0)
     rows = tl.cast(pid, tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
@@ -134,7 +193,7 @@ def _cross_entropy_kernel(
         # The whole row fits one tile: read it once, keep it in registers for the gradient.
         cols, mask = _row_tile(0, row_ok, V, BLOCK_V)
         x = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-        x = x.to(tl.float32)
+        x = _transform(x.to(tl.float32), mask, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         if SOFT_OR_SMOOTH:
             b = _target_coefs(
                 target_row, weight_ptr, cols, mask, label_smoothing, V, HAS_WEIGHT, SOFT_TARGET
@@ -155,18 +214,50 @@ def _cross_entropy_kernel(
             else:
                 lin = tl.zeros([BLOCK_M], tl.float32)
                 a = tl.zeros([BLOCK_M], tl.float32)
+            if WRITE_STATS:
+                # q = sum exp(z - m) (z - m): the entropy is log(s) - q / s.
+                d = x - m_safe[:, None]
+                q = tl.sum(tl.where(x > float("-inf"), tl.exp(d) * d, 0.0), axis=1)
+                pred = _tile_argmax(x, m, cols, V)
+                if SOFT_TARGET:
+                    t = tl.load(target_row[:, None] + cols[None, :], mask=mask, other=0.0)
+                    t = tl.where(mask, t.to(tl.float32), float("-inf"))
+                    t_pred = _tile_argmax(t, tl.max(t, axis=1), cols, V)
         else:
             # Sweep 1: running max m and running sum of exp(x - m) (online softmax).
             m = tl.full([BLOCK_M], float("-inf"), tl.float32)
             s = tl.zeros([BLOCK_M], tl.float32)
             lin = tl.zeros([BLOCK_M], tl.float32)
             a = tl.zeros([BLOCK_M], tl.float32)
+            if WRITE_STATS:
+                q = tl.zeros([BLOCK_M], tl.float32)
+                pred = tl.zeros([BLOCK_M], tl.int32)
+                t_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                t_pred = tl.zeros([BLOCK_M], tl.int32)
             for start in range(0, V, BLOCK_V):
                 cols, mask = _row_tile(start, row_ok, V, BLOCK_V)
                 xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
-                xt = xt.to(tl.float32)
-                m_new = tl.maximum(m, tl.max(xt, axis=1))
+                xt = _transform(
+                    xt.to(tl.float32), mask, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP
+                )
+                tile_max = tl.max(xt, axis=1)
+                m_new = tl.maximum(m, tile_max)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                if WRITE_STATS:
+                    # Online entropy and argmax next to the running max and sum: rescale q to
+                    # the new max; a strictly larger tile max moves the argmax (first maximum).
+                    d = xt - m_safe[:, None]
+                    shift = tl.where(m == float("-inf"), 0.0, m - m_safe)
+                    q_tile = tl.sum(tl.where(xt > float("-inf"), tl.exp(d) * d, 0.0), axis=1)
+                    q = tl.exp(m - m_safe) * (q + shift * s) + q_tile
+                    pred = tl.where(tile_max > m, _tile_argmax(xt, tile_max, cols, V), pred)
+                    if SOFT_TARGET:
+                        tt = tl.load(target_row[:, None] + cols[None, :], mask=mask, other=0.0)
+                        tt = tl.where(mask, tt.to(tl.float32), float("-inf"))
+                        tt_max = tl.max(tt, axis=1)
+                        tt_pred = _tile_argmax(tt, tt_max, cols, V)
+                        t_pred = tl.where(tt_max > t_max, tt_pred, t_pred)
+                        t_max = tl.maximum(t_max, tt_max)
                 s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(xt - m_safe[:, None]), axis=1)
                 m = m_new
                 if SOFT_OR_SMOOTH:
@@ -184,12 +275,30 @@ def _cross_entropy_kernel(
                     a += tl.sum(bt, axis=1)
         lse = m + tl.log(s)
         x_y = tl.load(logits_row + y, mask=y_ok, other=0.0).to(tl.float32)
+        x_y = _transform(x_y, row_ok, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         a = tl.where(valid, a + hard, 0.0)
         loss = tl.where(valid, a * lse - hard * x_y - lin, 0.0)
+        if HAS_Z_LOSS:
+            z_part = tl.where(valid, z_loss * lse * lse, 0.0)
+            loss += z_part
+        else:
+            z_part = tl.zeros([BLOCK_M], tl.float32)
+        if HAS_TOKEN_WEIGHT:
+            t_w = tl.load(token_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            loss *= t_w
+            z_part *= t_w
         loss = tl.where(bad, float("nan"), loss)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
         tl.store(lse_ptr + rows, lse, mask=row_ok)
         tl.store(coef_ptr + rows, a, mask=row_ok)
+        if WRITE_STATS:
+            tl.store(z_part_ptr + rows, z_part, mask=row_ok)
+            tl.store(entropy_ptr + rows, tl.log(s) - q / s, mask=row_ok)
+            if SOFT_TARGET:
+                correct = valid & (pred == t_pred)
+            else:
+                correct = y_ok & (pred.to(tl.int64) == y)
+            tl.store(correct_ptr + rows, correct.to(tl.float32), mask=row_ok)
     else:
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
         a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
@@ -199,17 +308,43 @@ def _cross_entropy_kernel(
             scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         else:
             scale = tl.zeros([BLOCK_M], tl.float32) + tl.load(scale_ptr)
+        if HAS_TOKEN_WEIGHT:
+            scale *= tl.load(token_weight_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         grad_row = grad_ptr + rows * stride_grad
-        a_s = tl.where(bad, float("nan"), a * scale)
+        if HAS_Z_LOSS:
+            # d (z_loss * lse**2) / d z = 2 * z_loss * lse * softmax(z): folded into a.
+            a_s = tl.where(
+                bad, float("nan"), (a + tl.where(valid, 2.0 * z_loss * lse, 0.0)) * scale
+            )
+        else:
+            a_s = tl.where(bad, float("nan"), a * scale)
         hard_s = hard * scale
         if SINGLE_TILE:
-            g = _tile_gradient(x, cols, b, lse, a_s, scale, y, hard_s, valid, SOFT_OR_SMOOTH)
+            g = _tile_gradient(
+                x,
+                cols,
+                b,
+                lse,
+                a_s,
+                scale,
+                y,
+                hard_s,
+                valid,
+                logit_scale,
+                softcap,
+                SOFT_OR_SMOOTH,
+                HAS_LOGIT_SCALE,
+                HAS_SOFTCAP,
+            )
             tl.store(grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask)
         else:
             # Sweep 2: re-read the row (mostly from L2 after sweep 1) and write the gradient.
             for start in range(0, V, BLOCK_V):
                 cols, mask = _row_tile(start, row_ok, V, BLOCK_V)
                 xt = tl.load(logits_row[:, None] + cols[None, :], mask=mask, other=float("-inf"))
+                xt = _transform(
+                    xt.to(tl.float32), mask, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP
+                )
                 if SOFT_OR_SMOOTH:
                     bt = _target_coefs(
                         target_row,
@@ -224,7 +359,20 @@ def _cross_entropy_kernel(
                 else:
                     bt = xt  # unused
                 g = _tile_gradient(
-                    xt.to(tl.float32), cols, bt, lse, a_s, scale, y, hard_s, valid, SOFT_OR_SMOOTH
+                    xt,
+                    cols,
+                    bt,
+                    lse,
+                    a_s,
+                    scale,
+                    y,
+                    hard_s,
+                    valid,
+                    logit_scale,
+                    softcap,
+                    SOFT_OR_SMOOTH,
+                    HAS_LOGIT_SCALE,
+                    HAS_SOFTCAP,
                 )
                 tl.store(
                     grad_row[:, None] + cols[None, :], g.to(grad_ptr.dtype.element_ty), mask=mask
@@ -257,6 +405,7 @@ def _mean_scale_kernel(
     weight_ptr,
     scale_ptr,
     bad_ptr,
+    token_weight_ptr,
     M,
     V,
     ignore_index,
@@ -264,14 +413,21 @@ def _mean_scale_kernel(
     MEAN: tl.constexpr,
     SOFT_TARGET: tl.constexpr,
     CHECK: tl.constexpr,
+    HAS_TOKEN_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """One program: the gradient scale (1 / torch's mean normaliser, or 1) and the number of
-    out-of-range class indices, so that the host needs at most one tiny read."""
+    """One program: the gradient scale (1 / torch's mean normaliser generalised to token
+    weights, or 1) and the number of out-of-range class indices, so that the host needs at
+    most one tiny read."""
     denom = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     n_bad = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
     if SOFT_TARGET:
-        denom += M
+        if HAS_TOKEN_WEIGHT:
+            for start in range(0, M, BLOCK):
+                rows = start + tl.arange(0, BLOCK)
+                denom += tl.sum(tl.load(token_weight_ptr + rows, mask=rows < M, other=0.0), axis=0)
+        else:
+            denom += M
     elif MEAN or CHECK:
         for start in range(0, M, BLOCK):
             rows = start + tl.arange(0, BLOCK)
@@ -285,6 +441,8 @@ def _mean_scale_kernel(
                 w = tl.load(weight_ptr + y, mask=y_ok, other=0.0)
             else:
                 w = tl.where(y_ok, 1.0, 0.0)
+            if HAS_TOKEN_WEIGHT:
+                w *= tl.load(token_weight_ptr + rows, mask=ok, other=0.0)
             denom += tl.sum(w, axis=0)
     if MEAN:
         # core.inverse_normaliser: only an exactly zero normaliser (nothing to average) gives 0;
@@ -350,6 +508,7 @@ def run_rows(
     grad: torch.Tensor | None,
     scale: torch.Tensor | None,
     grad_only: bool = False,
+    token_weight: torch.Tensor | None = None,
 ) -> None:
     """Launches the fused kernel: the row contract of ``core.run_rows``, arguments checked."""
     M, V = logits.shape
@@ -358,7 +517,9 @@ def run_rows(
     interpreted = not logits.is_cuda
     block_m, block_v, single, num_warps = _launch_config(M, V, logits.element_size(), interpreted)
     write_grad = grad is not None
+    write_stats = stats.shape[0] > 3 and not grad_only
     dummy = stats  # any valid pointer for arguments a specialisation never reads
+    softcap = opts.softcap
     _cross_entropy_kernel[(triton.cdiv(M, block_m),)](
         logits,
         logits.stride(0),
@@ -371,16 +532,28 @@ def run_rows(
         stats[1],
         stats[2],
         scale if write_grad else dummy,
+        token_weight if token_weight is not None else dummy,
+        stats[3] if write_stats else dummy,
+        stats[4] if write_stats else dummy,
+        stats[5] if write_stats else dummy,
         M,
         V,
         opts.ignore_index,
         opts.label_smoothing,
+        opts.logit_scale,
+        softcap if softcap is not None else 1.0,
+        opts.z_loss,
         HAS_WEIGHT=weight is not None,
         SOFT_TARGET=target.dim() == 2,
         HAS_SMOOTHING=opts.label_smoothing > 0.0,
         WRITE_LOSS=not grad_only,
         WRITE_GRAD=write_grad,
         PER_ROW_SCALE=write_grad and scale.dim() == 1,
+        HAS_LOGIT_SCALE=opts.logit_scale != 1.0,
+        HAS_SOFTCAP=softcap is not None,
+        HAS_Z_LOSS=opts.z_loss > 0.0,
+        HAS_TOKEN_WEIGHT=token_weight is not None,
+        WRITE_STATS=write_stats,
         SINGLE_TILE=single,
         BLOCK_M=block_m,
         BLOCK_V=block_v,
@@ -414,6 +587,7 @@ def mean_scale_and_bad_count(
     num_classes: int,
     mean: bool,
     check: bool,
+    token_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradient scale (() float32) and, if ``check``, the count of bad class indices (() int32).
 
@@ -425,6 +599,7 @@ def mean_scale_and_bad_count(
         num_classes: V.
         mean: reduction == "mean" (else the scale is 1).
         check: count class indices outside [0, V) that are not ignore_index.
+        token_weight: (M,) float32 token weights or None (the normaliser sums t_i * w_{y_i}).
     """
     scale = torch.empty((), dtype=torch.float32, device=target.device)
     soft = target.dim() == 2
@@ -436,6 +611,7 @@ def mean_scale_and_bad_count(
         weight if weight is not None else scale,
         scale,
         bad if bad is not None else scale,
+        token_weight if token_weight is not None else scale,
         num_rows,
         num_classes,
         ignore_index,
@@ -443,6 +619,7 @@ def mean_scale_and_bad_count(
         MEAN=mean,
         SOFT_TARGET=soft,
         CHECK=check,
+        HAS_TOKEN_WEIGHT=token_weight is not None and mean,
         BLOCK=4096 if target.is_cuda else 1024,
         num_warps=8,
     )
