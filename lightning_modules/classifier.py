@@ -267,15 +267,21 @@ class Classifier(LightningModule):
         self._eval_step(batch, self.test_loss, self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Predictions for ``x`` of shape ``(B, D)`` (or a batch ``(x, ...)``).
+        """Predictions for ``x`` of shape ``(B, D)`` (or a batch ``(x, y)`` / ``(x,)``).
 
         Returns:
-            ``{"preds": (B,) int64 class, "confidence": (B,) softmax probability of that class}``.
+            ``{"inputs": (B, D) x, "preds": (B,) int64 class, "confidence": (B,) softmax
+            probability of that class}``, plus ``"targets": (B,) int64`` when the batch has
+            labels (soft targets ``(B, C)``: their argmax), so that predictions can be matched.
         """
         x = batch[0] if isinstance(batch, list | tuple) else batch
         probs = torch.softmax(self(x).float(), dim=-1)
         conf, preds = probs.max(dim=-1)
-        return {"preds": preds, "confidence": conf}
+        out = {"inputs": x.detach(), "preds": preds, "confidence": conf}
+        if isinstance(batch, list | tuple) and len(batch) > 1:
+            y = batch[1]
+            out["targets"] = y.argmax(dim=-1) if y.is_floating_point() else y
+        return out
 
     # ------------------------------------------------------------------------------ epoch ends
     def on_train_start(self) -> None:
