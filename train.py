@@ -71,6 +71,11 @@ _WANDB_MODE_ENV = "_FUSEDCE_WANDB_MODE"  # rank 0's W&B decision, for its DDP wo
 _LINKED = ("in_features", "num_classes")
 # Model hyperparameters that shape the weights: a checkpoint's values cannot be overridden.
 _ARCHITECTURE = ("hidden_sizes", "activation", "batch_norm", "init")
+_DESCRIPTION = (
+    "Trains and evaluates fusedce's Classifier: train.py [fit|validate|test|predict] "
+    "[--config cfg.yaml] [flags]; without a subcommand it runs fit. "
+    "`train.py fit --help` lists every flag."
+)
 _CKPT_RUN_KEY = "fusedce_run"  # checkpoint entry with the run directory and W&B run id
 _DEFAULT_WANDB_URL = "https://api.wandb.ai"
 # Third-party messages that every run would print and that say nothing about this run.
@@ -242,6 +247,14 @@ class FusedCECLI(LightningCLI):
         parser.add_class_arguments(RunOptions, "run")
         for key in _LINKED:
             parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+
+    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
+        """Adds the subcommands; ``--help`` says that ``fit`` is the default (`main` adds it)."""
+        super()._add_subcommands(parser, **kwargs)
+        action = parser._subcommands_action
+        if action is not None:  # `main` always passes one: not "(required)" for the user
+            action.help = "(default: fit)"
+            action.required = False
 
     def _fail(self, message: str) -> None:
         """Ends the run: one line ``train.py <subcommand>: error: <message>``, exit code 2."""
@@ -722,6 +735,7 @@ def main(args: list[str] | None = None) -> FusedCECLI:
             save_config_callback=ConfigToWandb,
             parser_class=FusedCEParser,
             auto_configure_optimizers=False,  # the model's --model.optimizer / lr_scheduler
+            parser_kwargs={"description": _DESCRIPTION},
             args=with_default_config(args),
             cli_args=args,
         )

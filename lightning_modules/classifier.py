@@ -69,6 +69,8 @@ class Classifier(LightningModule):
         lr_scheduler: Optional LR scheduler factory, called with the optimizer.
         scheduler_monitor: Metric watched by ``ReduceLROnPlateau``.
         scheduler_interval: Step the scheduler every ``"epoch"`` or every ``"step"``.
+        compile: ``torch.compile`` the network's forward (logits ``(B, D) -> (B, C)``; the fused
+            head's features too). Weights and checkpoints are the same as without it.
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
@@ -97,6 +99,7 @@ class Classifier(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_monitor: str = "val/loss",
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -120,6 +123,10 @@ class Classifier(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._fuse_head = loss_impl == "fused" and fused_head
+        # Compiled functions, not modules: the state dict keeps the plain `net.*` names.
+        self._compiled: tuple[Any, Any] | None = None
+        if compile:
+            self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
 
         self.train_acc = MeanMetric()
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
@@ -138,10 +145,14 @@ class Classifier(LightningModule):
 
     def features(self, x: Tensor) -> Tensor:
         """Hidden representation ``(B, D) -> (B, H)`` fed to the output layer."""
+        if self._compiled is not None:
+            return self._compiled[1](x)
         return self.net.features(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, D) -> (B, C)``."""
+        if self._compiled is not None:
+            return self._compiled[0](x)
         return self.net(x)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
