@@ -76,7 +76,8 @@ class Classifier(LightningModule):
         ValueError: If an argument is out of range (network arguments: see `MLP`).
     """
 
-    # Read by Lightning's ThroughputMonitor on every batch; None = FLOPs are not counted.
+    # Read by Lightning's ThroughputMonitor on every batch (FLOPs/s, and MFU where the device
+    # reports its peak); set in `setup` from the data module's batch size. None = not counted.
     flops_per_batch: int | None = None
 
     def __init__(
@@ -293,6 +294,15 @@ class Classifier(LightningModule):
             y = batch[1]
             out["targets"] = y.argmax(dim=-1) if y.is_floating_point() else y
         return out
+
+    def setup(self, stage: str) -> None:
+        """Sets `flops_per_batch` = 6 x weight-matrix entries x batch rows (the matmuls of a
+        forward + backward step; biases, activations and the loss are not counted)."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        rows = getattr(dm, "batch_size", None)
+        if isinstance(rows, int) and rows > 0:
+            weights = sum(m.weight.numel() for m in self.net.linears())
+            self.flops_per_batch = 6 * weights * rows
 
     # ------------------------------------------------------------------------------ epoch ends
     def on_train_start(self) -> None:

@@ -286,6 +286,7 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
         "train/acc_epoch",
         "train/grad_norm",
         "train/device/samples_per_sec",  # ThroughputMonitor's name on one device
+        "train/device/flops_per_sec",  # from Classifier.flops_per_batch
         "val/loss",
         "val/acc",
         "val/acc_best",
