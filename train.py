@@ -521,6 +521,14 @@ class FusedCECLI(LightningCLI):
         if mode == "disabled":  # no W&B: keep the metrics as CSV in the run directory
             return CSVLogger(save_dir=str(run_dir), name="", version="")
         extra: dict[str, Any] = {}
+        log_model = opts.get("wandb_log_model", False)
+        if log_model and mode != "online":  # Lightning refuses log_model in offline mode
+            print(
+                "train.py: --run.wandb_log_model is not used: W&B is offline (the checkpoints "
+                "stay in the run directory)",
+                flush=True,
+            )
+            log_model = False
         wandb_id = self._resumed_wandb_id() if opts.get("wandb_resume", True) else None
         if wandb_id:
             extra = {"id": wandb_id, "resume": "allow"}
@@ -532,7 +540,7 @@ class FusedCECLI(LightningCLI):
             tags=list(opts.get("wandb_tags") or []),
             offline=mode == "offline",
             mode=mode,
-            log_model=opts.get("wandb_log_model", False),
+            log_model=log_model,
             **extra,
         )
         # Lightning passes anonymous=None, which wandb warns about on every run.

@@ -334,8 +334,11 @@ def test_help_and_runs_are_quiet(tmp_path: Path) -> None:
     proc = train(["--help"], tmp_path / "runs")
     assert proc.returncode == 0 and "(default: fit)" in proc.stdout
     assert "(required)" not in proc.stdout
-    proc = train(["--trainer.max_steps", "1", *TINY], tmp_path / "runs")
+    proc = train(
+        ["--trainer.max_steps", "1", "--run.wandb_log_model", "true", *TINY], tmp_path / "runs"
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "--run.wandb_log_model is not used: W&B is offline" in proc.stdout
     out = proc.stdout + proc.stderr
     for noise in ("💡 Tip", "LeafSpec", "anonymous setting"):
         assert noise not in out
