@@ -16,7 +16,9 @@ read N*V once; its GB/s counts those bytes and is compared with the same copy ra
 The parts live in ``benchmarks/cross_entropy/`` (sweep, providers, accuracy, cell, budget,
 report); this module is the command line.
 
-Outputs (``--out``, default ``benchmarks/results``): ``<card>-<date>.md`` (tables), ``.json``
+Outputs (``--out``; default a fresh ``runs/benchmarks/<date>-<time>/``; the committed results in
+``benchmarks/results`` change only with ``--out benchmarks/results --overwrite``):
+``<card>-<date>.md`` (tables), ``.json``
 (everything, with the card, versions, date and git commit) and ``.png`` (GB/s against V). The
 JSON and markdown are rewritten after every cell, so a run stopped by a time limit keeps what it
 measured; ``--max-seconds`` skips the remaining cells (and says so) before a limit is reached.
@@ -25,6 +27,7 @@ measured; ``--max-seconds`` skips the remaining cells (and says so) before a lim
 from __future__ import annotations
 
 import argparse
+import datetime as _dt
 import sys
 import time
 from pathlib import Path
@@ -43,14 +46,30 @@ from benchmarks.cross_entropy.providers import (
 from benchmarks.cross_entropy.report import environment, summary_table, write_outputs
 from benchmarks.cross_entropy.sweep import DTYPES, MODES, Cell, build_sweep, parse_shapes
 
+# The committed results: a run replaces files there only with --overwrite.
+COMMITTED = Path("benchmarks/results")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_cross_entropy", description=__doc__.splitlines()[0]
     )
-    p.add_argument("--quick", action="store_true", help="tiny sweep (CPU-sized, seconds)")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sweep (CPU-sized, seconds; without torch.compile unless --providers names it)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="output folder (default: a fresh runs/benchmarks/<date>-<time>/)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"allow replacing existing result files in {COMMITTED}/",
+    )
     p.add_argument("--stem", help="output file name without suffix (default <card>-<date>)")
     p.add_argument(
         "--providers",
@@ -75,7 +94,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     p.add_argument("--seed", type=int, default=0)
+    providers_given = any(
+        a == "--providers" or a.startswith("--providers=")
+        for a in (sys.argv[1:] if argv is None else argv)
+    )
     args = p.parse_args(argv)
+    if args.quick and not providers_given:  # compiling every cell takes most of a minute on CPU
+        args.providers = ",".join(x for x in csv(args.providers) if x != "compile")
+    if args.out is None:
+        args.out = Path("runs/benchmarks") / _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for d in csv(args.dtypes):
         if d not in DTYPES:
             p.error(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
@@ -109,6 +136,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cells = build_sweep(on_cuda, args.quick, csv(args.dtypes), csv(args.modes), shapes)
     env = environment(device, args)
     stem = args.stem or f"{slug(env['card'])}-{env['date'][:10]}"
+    existing = [p for p in args.out.glob(f"{stem}.*") if p.suffix in (".md", ".json", ".png")]
+    committed = args.out.resolve() == (Path(__file__).resolve().parent / "results").resolve()
+    if existing and committed and not args.overwrite:
+        raise SystemExit(
+            f"{existing[0]} exists: the committed results are replaced only with --overwrite "
+            "(or choose another --out)"
+        )
     report: dict[str, Any] = {
         "env": env,
         "providers": providers,

@@ -1,6 +1,12 @@
 """Lightning modules, networks and callbacks of the training stack."""
 
-from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary, batch_size
+from .callbacks import (
+    DecisionBoundaryPlot,
+    LastCheckpointOnInterrupt,
+    PredictionWriter,
+    RunSummary,
+    batch_size,
+)
 from .classifier import Classifier
 from .networks import MLP
 
@@ -8,6 +14,7 @@ __all__ = [
     "MLP",
     "Classifier",
     "DecisionBoundaryPlot",
+    "LastCheckpointOnInterrupt",
     "PredictionWriter",
     "RunSummary",
     "batch_size",

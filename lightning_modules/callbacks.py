@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 def batch_size(batch: Any) -> int:
@@ -141,9 +142,11 @@ class RunSummary(Callback):
     """Writes the final metrics of each stage to ``metrics.json`` in the run directory.
 
     On teardown of every stage (fit / validate / test / predict) it dumps the trainer's
-    ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch`` and the best
-    checkpoint. Rank 0 writes ``metrics.json``; in a distributed run every rank also writes
-    ``metrics.rank{R}.json`` so that runs can be checked for cross-rank agreement.
+    ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch``, the best
+    checkpoint and ``status``: ``"finished"``, or ``"interrupted"`` (SIGINT / SIGTERM) or
+    ``"failed"`` (any other exception; ``error`` names it) when the stage ended early. Rank 0
+    writes ``metrics.json``; in a distributed run every rank also writes ``metrics.rank{R}.json``
+    so that runs can be checked for cross-rank agreement.
 
     Args:
         dirpath: Output directory (default: ``trainer.default_root_dir``).
@@ -154,6 +157,19 @@ class RunSummary(Callback):
         self.summary: dict[str, Any] = {}
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self.write(trainer, stage, "finished")
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Writes the metrics of a stage that an exception or a signal ended."""
+        interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
+        stage = trainer.state.stage.value if trainer.state.stage else "unknown"
+        error = None if interrupted else f"{type(exception).__name__}: {exception}"
+        self.write(trainer, stage, "interrupted" if interrupted else "failed", error)
+
+    def write(self, trainer: Trainer, stage: str, status: str, error: str | None = None) -> None:
+        """Writes ``metrics.json`` (and the per-rank file) for ``stage`` with ``status``."""
         metrics = {}
         for key, value in trainer.callback_metrics.items():
             v = float(value)
@@ -165,7 +181,10 @@ class RunSummary(Callback):
             "epoch": trainer.current_epoch,
             "metrics": metrics,
             "best_model_path": getattr(ckpt, "best_model_path", None) or None,
+            "status": status,
         }
+        if error:
+            summary["error"] = error
         self.summary = summary
         out = _run_dir(trainer, self.dirpath)
         names = []
@@ -180,11 +199,37 @@ class RunSummary(Callback):
             tmp.replace(out / name)
 
 
+class LastCheckpointOnInterrupt(Callback):
+    """Saves ``last.ckpt`` when a fit is interrupted (SIGINT / SIGTERM) mid-epoch.
+
+    Acts for every `ModelCheckpoint` with ``save_last`` whose last save is older than the current
+    step; single-process runs only (saving is collective in a distributed run, and the other
+    ranks may not have stopped). Resuming from it continues mid-epoch.
+    """
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            return
+        if trainer.world_size > 1 or trainer.sanity_checking or trainer.global_step == 0:
+            return
+        for cb in trainer.checkpoint_callbacks:
+            if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
+                continue
+            if cb._last_global_step_saved == trainer.global_step:
+                continue  # already saved at this step
+            path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
+            trainer.save_checkpoint(path)
+            cb.last_model_path = path
+
+
 class PredictionWriter(BasePredictionWriter):
     """Saves the outputs of ``predict`` as one ``torch.save`` file in the run directory.
 
-    The file holds ``{"preds": (N,) int64, "confidence": (N,) float32}`` (the concatenated
-    `Classifier.predict_step` outputs, in data-loader order). In a distributed run each rank
+    The file holds the concatenated `Classifier.predict_step` outputs, in data-loader order:
+    ``{"inputs": (N, D), "targets": (N,) int64 (when the data has labels), "preds": (N,) int64,
+    "confidence": (N,) float32}``. In a distributed run each rank
     writes ``predictions.rank{R}.pt`` with its own shard and its ``batch_indices``.
 
     Args:

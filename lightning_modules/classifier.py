@@ -69,12 +69,15 @@ class Classifier(LightningModule):
         lr_scheduler: Optional LR scheduler factory, called with the optimizer.
         scheduler_monitor: Metric watched by ``ReduceLROnPlateau``.
         scheduler_interval: Step the scheduler every ``"epoch"`` or every ``"step"``.
+        compile: ``torch.compile`` the network's forward (logits ``(B, D) -> (B, C)``; the fused
+            head's features too). Weights and checkpoints are the same as without it.
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
     """
 
-    # Read by Lightning's ThroughputMonitor on every batch; None = FLOPs are not counted.
+    # Read by Lightning's ThroughputMonitor on every batch (FLOPs/s, and MFU where the device
+    # reports its peak); set in `setup` from the data module's batch size. None = not counted.
     flops_per_batch: int | None = None
 
     def __init__(
@@ -97,6 +100,7 @@ class Classifier(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         scheduler_monitor: str = "val/loss",
         scheduler_interval: Literal["epoch", "step"] = "epoch",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -120,6 +124,10 @@ class Classifier(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._fuse_head = loss_impl == "fused" and fused_head
+        # Compiled functions, not modules: the state dict keeps the plain `net.*` names.
+        self._compiled: tuple[Any, Any] | None = None
+        if compile:
+            self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
 
         self.train_acc = MeanMetric()
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
@@ -138,10 +146,14 @@ class Classifier(LightningModule):
 
     def features(self, x: Tensor) -> Tensor:
         """Hidden representation ``(B, D) -> (B, H)`` fed to the output layer."""
+        if self._compiled is not None:
+            return self._compiled[1](x)
         return self.net.features(x)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``(B, D) -> (B, C)``."""
+        if self._compiled is not None:
+            return self._compiled[0](x)
         return self.net(x)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -267,15 +279,30 @@ class Classifier(LightningModule):
         self._eval_step(batch, self.test_loss, self.test_acc)
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
-        """Predictions for ``x`` of shape ``(B, D)`` (or a batch ``(x, ...)``).
+        """Predictions for ``x`` of shape ``(B, D)`` (or a batch ``(x, y)`` / ``(x,)``).
 
         Returns:
-            ``{"preds": (B,) int64 class, "confidence": (B,) softmax probability of that class}``.
+            ``{"inputs": (B, D) x, "preds": (B,) int64 class, "confidence": (B,) softmax
+            probability of that class}``, plus ``"targets": (B,) int64`` when the batch has
+            labels (soft targets ``(B, C)``: their argmax), so that predictions can be matched.
         """
         x = batch[0] if isinstance(batch, list | tuple) else batch
         probs = torch.softmax(self(x).float(), dim=-1)
         conf, preds = probs.max(dim=-1)
-        return {"preds": preds, "confidence": conf}
+        out = {"inputs": x.detach(), "preds": preds, "confidence": conf}
+        if isinstance(batch, list | tuple) and len(batch) > 1:
+            y = batch[1]
+            out["targets"] = y.argmax(dim=-1) if y.is_floating_point() else y
+        return out
+
+    def setup(self, stage: str) -> None:
+        """Sets `flops_per_batch` = 6 x weight-matrix entries x batch rows (the matmuls of a
+        forward + backward step; biases, activations and the loss are not counted)."""
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        rows = getattr(dm, "batch_size", None)
+        if isinstance(rows, int) and rows > 0:
+            weights = sum(m.weight.numel() for m in self.net.linears())
+            self.flops_per_batch = 6 * weights * rows
 
     # ------------------------------------------------------------------------------ epoch ends
     def on_train_start(self) -> None:

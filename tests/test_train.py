@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_best_linear_accuracy_value() -> None:
     assert float((line == band_labels(x, 2)).float().mean()) == pytest.approx(acc, abs=2e-3)
 
 
-def test_ckpt_path_brings_the_checkpoints_model_settings(monkeypatch, tmp_path: Path) -> None:
+def test_ckpt_path_brings_the_checkpoints_model_settings(
+    capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path
+) -> None:
     """``--ckpt_path``: LightningCLI reads the model's hyperparameters from the checkpoint
     (hidden_sizes [8] here, not default.yaml's [64, 64]). Those include in_features and
     num_classes, which this CLI links from the data module; the link still sets them."""
@@ -196,9 +199,16 @@ def test_ckpt_path_brings_the_checkpoints_model_settings(monkeypatch, tmp_path: 
     assert cli.model.hparams.in_features == 2 and cli.model.hparams.num_classes == 2
     torch.testing.assert_close(cli.model.state_dict(), model.state_dict())
     assert "val/acc" in cli.trainer.callback_metrics
-    # the data module's 3 classes win over the checkpoint's 2: its weights do not fit
-    with pytest.raises(RuntimeError, match=r"size mismatch for net\.head\.weight"):
+    # the data module's 3 classes win over the checkpoint's 2: its weights do not fit, which is
+    # a one-line error naming the flag (exit code 2) before anything is written
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
         train.main(["validate", "--ckpt_path", str(ckpt), "--data.num_classes", "3", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data.num_classes 3 (checkpoint: 2)" in err
+    assert re.search(r"size mismatch for net\.head\.weight", err)
+    assert "Traceback" not in err
 
 
 def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path) -> None:
@@ -276,6 +286,7 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
         "train/acc_epoch",
         "train/grad_norm",
         "train/device/samples_per_sec",  # ThroughputMonitor's name on one device
+        "train/device/flops_per_sec",  # from Classifier.flops_per_batch
         "val/loss",
         "val/acc",
         "val/acc_best",
