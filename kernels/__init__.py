@@ -29,6 +29,7 @@ from .core import CrossEntropyStats
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
+from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "CrossEntropyLoss",
@@ -42,5 +43,7 @@ __all__ = [
     "set_target_check",
     "use_backend",
     "uses_triton",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
     "wait_target_check",
 ]

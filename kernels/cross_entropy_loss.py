@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import core
+from . import core, vocab_parallel
 from .core import CrossEntropyStats
 from .options import (
     LossOptions,
@@ -358,6 +358,7 @@ def cross_entropy(
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
     return_stats: bool = False,
+    process_group: object = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy between logits and targets: ``torch.nn.functional.cross_entropy``, fused.
 
@@ -387,6 +388,10 @@ def cross_entropy(
             non-ignored elements (sum_i t_i for probabilities).
         return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
             correct), computed in the same pass.
+        process_group: a ``torch.distributed`` group over which the class dimension is split:
+            ``input`` is then this rank's slice of the logits and ``target`` holds global class
+            indices; see ``fusedce.vocab_parallel.vocab_parallel_cross_entropy`` (also taken
+            for a ``DTensor`` input sharded on the class dimension, without a group).
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none";
@@ -408,6 +413,25 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
+    if vocab_parallel.wants_vocab_parallel(input, process_group):
+        vocab_parallel.refuse_unsharded_options(
+            _WHO,
+            inplace_backward=inplace_backward,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            z_loss=z_loss,
+            token_weight=token_weight,
+            return_stats=return_stats,
+        )
+        return vocab_parallel.vocab_parallel_cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            process_group=process_group,
+        )
     opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
     opts = check_extras(_WHO, opts, logit_scale, softcap, z_loss)
     logits, target, weight, out_shape, tw = _check_and_flatten(

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import core
+from . import core, vocab_parallel
 from .core import CrossEntropyStats
 from .cross_entropy_loss import _no_double_backward
 from .index_check import check_class_indices
@@ -399,6 +399,7 @@ def linear_cross_entropy(
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
     return_stats: bool = False,
+    process_group: object = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target)``, chunked and fused.
 
@@ -430,6 +431,10 @@ def linear_cross_entropy(
             by sum_i t_i * w_{y_i} over the non-ignored tokens.
         return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
             correct) from the chunks the loop computes anyway.
+        process_group: a ``torch.distributed`` group over which the vocabulary is split:
+            ``linear_weight`` (and ``linear_bias``) are then this rank's rows, ``input`` is
+            replicated and ``target`` holds global class indices; the input's gradient comes
+            back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
@@ -446,6 +451,28 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
+    if process_group is not None:
+        vocab_parallel.refuse_unsharded_options(
+            _WHO,
+            accumulation=accumulation,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            z_loss=z_loss,
+            token_weight=token_weight,
+            return_stats=return_stats,
+        )
+        return vocab_parallel.vocab_parallel_linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=weight,
+            reduction=reduction,
+            ignore_index=-100 if ignore_index is None else ignore_index,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk_size,
+            process_group=process_group,
+        )
     opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
     opts = check_extras(_WHO, opts, logit_scale, softcap, z_loss)
     check_chunk_size(_WHO, chunk_size)

@@ -914,3 +914,45 @@ def vocab_parallel_linear_cross_entropy(
         step,
     )
     return loss.reshape(meta.out_shape) if opts.per_row else loss
+
+
+def wants_vocab_parallel(input: Tensor, process_group: object) -> bool:
+    """Whether a call of the plain functions goes here: a process group was given, or the input
+    is a ``DTensor`` (``torch.distributed.tensor``)."""
+    if process_group is not None:
+        return True
+    if type(input) is Tensor or not isinstance(input, Tensor):
+        return False
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch built without distributed
+        return False
+    return isinstance(input, DTensor)
+
+
+_UNSHARDED_DEFAULTS = {
+    "inplace_backward": False,
+    "logit_scale": 1.0,
+    "softcap": None,
+    "z_loss": 0.0,
+    "token_weight": None,
+    "return_stats": False,
+    "accumulation": "float32",
+}
+
+
+def refuse_unsharded_options(who: str, **options: object) -> None:
+    """Raises NotImplementedError naming the options, among those of ``_UNSHARDED_DEFAULTS``,
+    that are not at their defaults: the sharded loss does not take them (yet)."""
+    asked = []
+    for name, value in options.items():
+        default = _UNSHARDED_DEFAULTS[name]
+        same = value is None if default is None else (value is not None and value == default)
+        if not same:
+            asked.append(name)
+    if asked:
+        raise NotImplementedError(
+            f"{who}: {', '.join(asked)} not supported with a process_group or a DTensor input; "
+            "the vocabulary-parallel loss takes weight, ignore_index, reduction and "
+            "label_smoothing (and chunk_size, linear_bias for the linear head)"
+        )

@@ -335,6 +335,50 @@ def _check_group_of_one(rank: int, world: int) -> None:
     )
 
 
+def _check_public_entry_points(rank: int, widths: list[int]) -> None:
+    """fusedce.cross_entropy / linear_cross_entropy with process_group=, and with a DTensor
+    input, are the vocabulary-parallel functions; options the sharded loss lacks are refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    logits, target, weight = _data(7, (N, V), soft=False)
+    start = sum(widths[:rank])
+    cols = slice(start, start + widths[rank])
+    x = logits[:, cols].float()
+    w = weight.float()
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got = fusedce.cross_entropy(a, target, w, label_smoothing=0.1, process_group=dist.group.WORLD)
+    ref = vocab_parallel_cross_entropy(b, target, w, label_smoothing=0.1)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    full = logits.float()
+    d = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_()
+    loss = fusedce.cross_entropy(d, target, w)
+    loss.backward()
+    f64 = F.cross_entropy(full.double(), target, weight)
+    _close(loss.full_tensor(), f64, 1e-5, "fusedce.cross_entropy(DTensor)")
+
+    h = torch.randn(N, 6, generator=torch.Generator().manual_seed(1))
+    W = torch.randn(V, 6, generator=torch.Generator().manual_seed(2))[cols]
+    torch.testing.assert_close(
+        fusedce.linear_cross_entropy(h, W, target, process_group=dist.group.WORLD),
+        vocab_parallel_linear_cross_entropy(h, W, target),
+        rtol=0,
+        atol=0,
+    )
+    for kwargs in ({"z_loss": 1e-4}, {"softcap": 30.0}, {"return_stats": True}):
+        with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
+            fusedce.cross_entropy(x, target, process_group=dist.group.WORLD, **kwargs)
+    with pytest.raises(NotImplementedError, match="accumulation"):
+        fusedce.linear_cross_entropy(
+            h, W, target, accumulation="input", process_group=dist.group.WORLD
+        )
+
+
 def _worker(rank: int, world: int, init_file: str) -> None:
     dist.init_process_group(
         "gloo",
@@ -405,6 +449,7 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         assert bwd == {"gloo:all_reduce": 1}, bwd
 
         _check_dtensor(rank, world)
+        _check_public_entry_points(rank, widths)
         _check_group_of_one(rank, world)
         _check_errors(rank, world)
     finally:
