@@ -255,6 +255,8 @@ class FusedCECLI(LightningCLI):
         if action is not None:  # `main` always passes one: not "(required)" for the user
             action.help = "(default: fit)"
             action.required = False
+            if hasattr(action, "_required"):  # where older jsonargparse releases read it
+                action._required = False
 
     def _fail(self, message: str) -> None:
         """Ends the run: one line ``train.py <subcommand>: error: <message>``, exit code 2."""
