@@ -151,6 +151,10 @@ def environment(args: argparse.Namespace, device: torch.device) -> dict[str, Any
         ),
         "timing": f"median of {args.repeats} steps after the measured one",
         "cpu_threads": args.cpu_threads if device.type == "cpu" else None,
+        # A shared machine's load slows the step times (not the memory): recorded with them.
+        "load_average": [round(x, 2) for x in os.getloadavg()]
+        if hasattr(os, "getloadavg")
+        else None,
     }
 
 
@@ -180,7 +184,12 @@ def markdown(report: dict[str, Any]) -> str:
         f"{s['logits_mib']:.0f} MiB. torch {env['torch']}, transformers {env['transformers']}, "
         f"python {env['python']}, commit {env['git_commit']}.",
         "",
-        f"Step: {env['step']}. Memory: {env['memory_metric']}. Time: {env['timing']}.",
+        f"Step: {env['step']}. Memory: {env['memory_metric']}. Time: {env['timing']}"
+        + (
+            f" (load average at the end: {env['load_average'][0]})."
+            if env.get("load_average")
+            else "."
+        ),
         "",
         "| variant | peak rise (MiB) | step (ms) | loss |",
         "|---|---:|---:|---:|",
