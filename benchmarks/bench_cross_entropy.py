@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
-    quick_budget = 0.05 if args.quick else 0.3
+    quick_budget = 0.03 if args.quick else 0.3
     timing = Timing(args.warmup_ms, args.rep_ms, args.cpu_budget_s or quick_budget)
     shapes = parse_shapes(args.shapes) if args.shapes else None
     cells = build_sweep(on_cuda, args.quick, csv(args.dtypes), csv(args.modes), shapes)

@@ -13,11 +13,14 @@ shape (N tokens, hidden D, vocabulary V, dtype); every provider runs forward + b
 
 Providers: ``fusedce`` (default chunk), ``fusedce_lowmem`` (half the default chunk, at most 128
 MiB of logits, and weight-gradient accumulation in the weight's dtype: the memory-saving
-setting), ``eager`` (logits in the input dtype), ``eager_fp32`` (logits upcast to float32
-before the loss), ``torch_chunked`` (torch's
-``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``, where the installed torch has
-it), ``liger`` and ``cce`` (Liger's fused linear CE, Apple's cut-cross-entropy: only if
-importable, CUDA only).
+setting), ``fusedce_input_acc`` (the default chunk, accumulation in the weight's dtype),
+``fusedce_bigchunk`` (1 GiB chunks), ``fusedce_extras`` (the default chunk with
+``softcap=30.0, z_loss=1e-4, return_stats=True``: the one-pass extras' cost against
+``fusedce``; its errors are against the float64 reference of its own loss), ``eager`` (logits
+in the input dtype), ``eager_fp32`` (logits upcast to float32 before the loss),
+``torch_chunked`` (torch's ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``,
+where the installed torch has it), ``liger`` and ``cce`` (Liger's fused linear CE, Apple's
+cut-cross-entropy: only if importable, CUDA only).
 
 Outputs in ``--out`` (default ``benchmarks/results``): ``<stem>.md`` (table), ``<stem>.json``
 (with the card, torch/triton versions and date) and ``<stem>.png``; the default stem is
@@ -27,11 +30,8 @@ Outputs in ``--out`` (default ``benchmarks/results``): ``<stem>.md`` (table), ``
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import resource
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,12 +43,13 @@ import torch.nn.functional as F
 import fusedce
 from benchmarks.common import base_environment, csv, fmt, pick_device, pyplot, slug, write_json
 from benchmarks.measure import (
-    MiB,
     cpu_interleaved_ms,
     cuda_median_ms,
     free_memory,
     is_oom,
     peak_extra_mib,
+    rss_rise_mib,
+    run_json_child,
 )
 from fusedce.linear_chunks import planned_chunk_rows
 
@@ -62,6 +63,7 @@ ALL_PROVIDERS = (
     "fusedce_lowmem",
     "fusedce_input_acc",
     "fusedce_bigchunk",
+    "fusedce_extras",
     "eager",
     "eager_fp32",
     "torch_chunked",
@@ -74,6 +76,9 @@ LOWMEM_CHUNK_BYTES = 1 << 27
 # written once per chunk: 2 * V * D * 4 bytes) is swept a quarter as often as by the default.
 BIG_CHUNK_BYTES = 1 << 30
 ERROR_SHAPE = (512, 128, 4096)  # (N, D, V) of the accuracy check
+# fusedce_extras: a softcapped (Gemma-style) head with PaLM's z-loss, stats returned.
+EXTRAS_SOFTCAP = 30.0
+EXTRAS_Z_LOSS = 1e-4
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -107,6 +112,10 @@ def make_provider(name: str, device: torch.device) -> Step | None:
         return lambda x, W, t: fusedce.linear_cross_entropy(
             x, W, t, chunk_size=max(1, BIG_CHUNK_BYTES // (W.shape[0] * W.element_size()))
         )
+    if name == "fusedce_extras":
+        return lambda x, W, t: fusedce.linear_cross_entropy(
+            x, W, t, softcap=EXTRAS_SOFTCAP, z_loss=EXTRAS_Z_LOSS, return_stats=True
+        )[0]  # the stats are computed, not used
     if name == "eager":
         return lambda x, W, t: F.cross_entropy(F.linear(x, W), t)
     if name == "eager_fp32":
@@ -164,34 +173,11 @@ def cuda_peak_mib(fn: Step, x: torch.Tensor, W: torch.Tensor, t: torch.Tensor) -
     return peak
 
 
-def _proc_status_mib(field: str) -> float | None:
-    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB; None off Linux."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def cpu_peak_mib(name: str, n: int, d: int, v: int, dtype_name: str) -> dict[str, float] | None:
     """Peak-RSS rise of one step in a fresh process (providers share no high-water mark)."""
     cmd = [sys.executable, "-m", "benchmarks.bench_linear_cross_entropy", "--rss-child", name]
     cmd += ["--n", str(n), "--d", str(d), "--v", str(v), "--dtype", dtype_name]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_json_child(cmd)
 
 
 def rss_child(args: argparse.Namespace) -> None:
@@ -199,28 +185,30 @@ def rss_child(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     fn = make_provider(args.rss_child, device)
     x, W, t = make_inputs(args.n, args.d, args.v, DTYPES[args.dtype], device)
-    gc.collect()
-    if _reset_peak_rss():
-        before = _proc_status_mib("VmRSS")
-        run_step(fn, x, W, t)
-        after = _proc_status_mib("VmHWM")
-    else:  # no resettable peak: the lifetime max RSS (may include earlier transients)
-        scale = 1 if sys.platform == "darwin" else 1024
-        maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MiB
-        before = maxrss()
-        run_step(fn, x, W, t)
-        after = maxrss()
-    print(json.dumps({"rss_delta_mib": max(0.0, after - before), "max_rss_mib": after}))
+    _, rss = rss_rise_mib(lambda: run_step(fn, x, W, t))
+    print(json.dumps(rss))
 
 
-def errors_vs_float64(fn: Step, dtype: torch.dtype, device: torch.device) -> dict[str, float]:
-    """Loss error and gradient relative-norm errors vs float64 on ERROR_SHAPE."""
+def reference_loss(name: str, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The float64 loss a provider computes, from the logits (N, V): plain cross-entropy, or for
+    ``fusedce_extras`` the softcapped one plus the mean z-loss."""
+    if name != "fusedce_extras":
+        return F.cross_entropy(logits, t)
+    z = EXTRAS_SOFTCAP * torch.tanh(logits / EXTRAS_SOFTCAP)
+    return F.cross_entropy(z, t) + EXTRAS_Z_LOSS * torch.logsumexp(z, dim=1).square().mean()
+
+
+def errors_vs_float64(
+    fn: Step, dtype: torch.dtype, device: torch.device, name: str = "fusedce"
+) -> dict[str, float]:
+    """Loss error and gradient relative-norm errors vs float64 on ERROR_SHAPE (``name``: the
+    provider, whose own loss is the reference)."""
     n, d, v = ERROR_SHAPE
     x, W, t = make_inputs(n, d, v, dtype, device, seed=1)
     loss = fn(x, W, t)
     gx, gw = torch.autograd.grad(loss, (x, W))
     x64, W64 = (a.detach().double().requires_grad_() for a in (x, W))
-    ref = F.cross_entropy(F.linear(x64, W64), t)
+    ref = reference_loss(name, F.linear(x64, W64), t)
     rx, rw = torch.autograd.grad(ref, (x64, W64))
     rel = lambda a, r: float((a.double() - r).norm() / r.norm())
     return {
@@ -238,7 +226,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device) -> dict[s
     dtype = DTYPES[args.dtype]
     row: dict[str, Any] = {"provider": name, "status": "ok"}
     try:
-        row.update(errors_vs_float64(fn, dtype, device))
+        row.update(errors_vs_float64(fn, dtype, device, name))
         if device.type == "cuda":
             x, W, t = make_inputs(args.n, args.d, args.v, dtype, device)
             row["peak_mib"] = cuda_peak_mib(fn, x, W, t)

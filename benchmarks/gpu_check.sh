@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # One prepared check on a GPU machine (docs/BENCHMARKS.md): GPU + kernel tests, the host time of
 # one call, the large-vocabulary preset trained fused vs unfused, the cross-entropy benchmark
-# (full sweep, budget what is left), then the linear cross-entropy benchmark.
+# (full sweep, budget what is left), then the linear cross-entropy benchmark; on request also the
+# transformers integration's training-step memory (step "integ").
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
 #   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
 #
 # Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,host,train,ce,lce"; also "tune" = a sweep
-# of the kernel's launch configurations; a rerun can name fewer), FUSEDCE_GPU_CHECK_TOTAL_S
+# of the kernel's launch configurations and "integ" = benchmarks/bench_integrations.py, peak
+# memory of a Llama training step with and without fusedce.integrations.transformers.apply;
+# FUSEDCE_INTEG_ARGS adds options to it; a rerun can name fewer), FUSEDCE_GPU_CHECK_TOTAL_S
 # (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the copy on the device has no
 # .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the backend of the tests and of
 # the benchmarks' fusedce columns).
 #
 # Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
 # Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, profile_host.log,
-# train_compare.log, <card>-<date>.{md,json,png} and the linear benchmark's files (tarred into
-# one if they would pass the limit).
+# train_compare.log, <card>-<date>.{md,json,png} and the linear and integration benchmarks' files
+# (tarred into one if they would pass the limit).
 # Every step runs under `timeout`; the whole script stays under ~9 minutes. Exit status: 0 when
 # every step passed, else the number of failed steps.
 set -uo pipefail # no -e: a failing step must not stop the ones after it
@@ -28,10 +31,13 @@ export PYTHONUNBUFFERED=1 MPLBACKEND=Agg WANDB_MODE=offline WANDB_SILENT=true
 PKG_ROOT="${TMPDIR:-/tmp}/fusedce_pkg_$$"
 rm -rf "$PKG_ROOT" && mkdir -p "$PKG_ROOT/fusedce"
 ln -s "$PWD"/kernels/*.py "$PKG_ROOT/fusedce/"
+for sub in "$PWD"/kernels/*/; do # subpackages (fusedce.integrations)
+  [ -f "$sub/__init__.py" ] && ln -s "${sub%/}" "$PKG_ROOT/fusedce/$(basename "$sub")"
+done
 ln -s "$PWD/lightning_modules" "$PKG_ROOT/fusedce/lightning_modules"
 ln -s "$PWD/datamodules" "$PKG_ROOT/fusedce/datamodules"
 export PYTHONPATH="$PKG_ROOT:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-trap 'rm -rf "$PKG_ROOT"' EXIT
+trap 'rm -rf "$PKG_ROOT" "${EXTRA_OUT:-}"' EXIT
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
@@ -43,6 +49,8 @@ PY="${PYTHON:-python3}"
 TOTAL_S="${FUSEDCE_GPU_CHECK_TOTAL_S:-510}" # whole script; the device allows 600 per command
 LCE_RESERVE_S=100                            # kept back for the linear benchmark
 LOG="$OUT/gpu_check.log"
+EXTRA_OUT="${TMPDIR:-/tmp}/fusedce_extra_$$" # the linear and integration benchmarks' files
+rm -rf "$EXTRA_OUT" && mkdir -p "$EXTRA_OUT"
 START=$SECONDS
 FAILED=0
 STEPS=()
@@ -144,7 +152,8 @@ if wanted ce; then
   CE_LIMIT=$(clamp $(($(left) - LCE_RESERVE_S)) 60 300)
   CE_BUDGET=$((CE_LIMIT - 45)) # the last cell, the plot and a torch.compile warm-up fit in 45 s
   CE_ARGS=(--out "$OUT" --max-seconds "$CE_BUDGET")
-  [ "$DRY" = "1" ] && CE_ARGS+=(--quick --device cpu --providers fusedce,fusedce_inplace,eager)
+  [ "$DRY" = "1" ] && CE_ARGS+=(--quick --device cpu
+    --providers fusedce,fusedce_inplace,fusedce_extras,fusedce_all,eager)
   log "limit ${CE_LIMIT} s: $PY -m benchmarks.bench_cross_entropy ${CE_ARGS[*]}"
   timeout -k 15 "$CE_LIMIT" "$PY" -m benchmarks.bench_cross_entropy "${CE_ARGS[@]}" 2>&1 |
     tee -a "$LOG"
@@ -154,26 +163,40 @@ fi
 # --- linear cross-entropy benchmark (if present) -------------------------------------------
 if wanted lce && [ -f benchmarks/bench_linear_cross_entropy.py ]; then
   step "linear cross-entropy benchmark"
-  LCE_OUT=$(mktemp -d)
   LCE_LIMIT=$(clamp $(($(left) - 5)) 20 "$LCE_RESERVE_S")
-  LCE_ARGS=(--out "$LCE_OUT")
+  LCE_ARGS=(--out "$EXTRA_OUT")
   [ "$DRY" = "1" ] && LCE_ARGS+=(--quick --device cpu --no-memory --n 64 --d 32 --v 500)
   log "limit ${LCE_LIMIT} s: $PY -m benchmarks.bench_linear_cross_entropy ${LCE_ARGS[*]}"
   timeout -k 10 "$LCE_LIMIT" "$PY" -m benchmarks.bench_linear_cross_entropy "${LCE_ARGS[@]}" 2>&1 |
     tee -a "$LOG"
   record "bench_linear_cross_entropy" $?
-  # At most 8 files come back: copy the linear benchmark's files if they fit, else one tarball.
-  mapfile -t lce_files < <(find "$LCE_OUT" -type f | sort)
-  have=$(find "$OUT" -type f | wc -l)
-  if ((${#lce_files[@]} > 0)); then
-    if ((have + ${#lce_files[@]} <= 8)); then
-      cp "${lce_files[@]}" "$OUT"/
-    else
-      tar -czf "$OUT/lce_results.tar.gz" -C "$LCE_OUT" . && log "linear results tarred: $OUT/lce_results.tar.gz"
-    fi
-  fi
 else
   step "linear cross-entropy benchmark: not asked for, or not present"
+fi
+
+# --- transformers integration: training-step memory, patched vs unpatched (asked for by name)
+if wanted integ; then
+  step "integration benchmark: python -m benchmarks.bench_integrations"
+  INTEG_LIMIT=$(clamp $(($(left) - 5)) 30 "${FUSEDCE_INTEG_S:-150}")
+  read -r -a INTEG_ARGS <<<"${FUSEDCE_INTEG_ARGS:-}"
+  INTEG_ARGS=(--out "$EXTRA_OUT" "${INTEG_ARGS[@]}")
+  [ "$DRY" = "1" ] && INTEG_ARGS+=(--quick --device cpu)
+  log "limit ${INTEG_LIMIT} s: $PY -m benchmarks.bench_integrations ${INTEG_ARGS[*]}"
+  timeout -k 10 "$INTEG_LIMIT" "$PY" -m benchmarks.bench_integrations "${INTEG_ARGS[@]}" 2>&1 |
+    tee -a "$LOG"
+  record "bench_integrations" $?
+fi
+
+# At most 8 files come back: copy the linear / integration files if they fit, else one tarball.
+mapfile -t extra_files < <(find "$EXTRA_OUT" -type f | sort)
+have=$(find "$OUT" -type f | wc -l)
+if ((${#extra_files[@]} > 0)); then
+  if ((have + ${#extra_files[@]} <= 8)); then
+    cp "${extra_files[@]}" "$OUT"/
+  else
+    tar -czf "$OUT/extra_results.tar.gz" -C "$EXTRA_OUT" . &&
+      log "linear / integration results tarred: $OUT/extra_results.tar.gz"
+  fi
 fi
 
 # --- recap (the device tool returns the end of the output) ---------------------------------
@@ -181,14 +204,16 @@ step "recap"
 {
   for s in "${STEPS[@]}"; do echo "  $s"; done
   [ -f "$OUT/gpu_tests.log" ] && grep -E "passed|failed|error" "$OUT/gpu_tests.log" | tail -n 3
-  for md in "$OUT"/*.md; do
-    [ -f "$md" ] || continue
+  declare -A shown=()
+  for md in "$OUT"/*.md "$EXTRA_OUT"/*.md; do
+    [ -f "$md" ] && [ -z "${shown[$(basename "$md")]:-}" ] || continue
+    shown[$(basename "$md")]=1
     echo "--- $(basename "$md")"
     if grep -q "^## Summary" "$md"; then
-      sed -n '/^## Summary/,/^## Every provider/p' "$md" | grep -E "^\|" | cut -c1-170
+      sed -n '/^## Summary/,/^## Every provider/p' "$md" | grep -E "^\|" | cut -c1-200
       grep -E "^Cells run" "$md"
     else
-      grep -E "^\|" "$md" | head -n 20 | cut -c1-170
+      grep -E "^\||^fusedce / unpatched" "$md" | head -n 20 | cut -c1-170
     fi
   done
   echo "files in \$OUT ($(find "$OUT" -type f | wc -l), at most 8 come back):"

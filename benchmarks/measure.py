@@ -4,15 +4,22 @@
 * CPU time: ``time.perf_counter`` medians, either of one function within a time budget or of
   several functions called in turn (a shared machine's load then hits all of them alike);
 * CUDA memory: ``torch.cuda.max_memory_allocated`` during one call, above what was allocated
-  before it.
+  before it;
+* CPU memory: the peak-RSS rise of one call (Linux's resettable VmHWM), meant for a fresh child
+  process (``run_json_child``) so that measurements share no high-water mark.
 """
 
 from __future__ import annotations
 
 import gc
+import json
+import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,3 +129,64 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (VmRSS, VmHWM) in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Resets the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss_rise_mib(fn: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
+    """Runs ``fn`` once; returns its result and ``{"rss_delta_mib": peak RSS during the call
+    above the RSS before it, "max_rss_mib": that peak}``.
+
+    Where the peak cannot be reset (not Linux), the lifetime maximum RSS is used: earlier
+    transients of the process may then hide the call's rise (run it in a fresh process).
+    """
+    gc.collect()
+    if reset_peak_rss():
+        before = proc_status_mib("VmRSS") or 0.0
+        out = fn()
+        after = proc_status_mib("VmHWM") or 0.0
+    else:
+        scale = 1 if sys.platform == "darwin" else 1024
+        maxrss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MiB
+        before = maxrss()
+        out = fn()
+        after = maxrss()
+    return out, {"rss_delta_mib": max(0.0, after - before), "max_rss_mib": after}
+
+
+def run_json_child(
+    cmd: Sequence[str], timeout_s: float | None = None, env: Mapping[str, str] | None = None
+) -> dict[str, Any] | None:
+    """Runs ``cmd`` (a fresh process) and returns the JSON object on the last line of its
+    output, or None when it fails (its stderr's last lines are printed)."""
+    try:
+        proc = subprocess.run(
+            list(cmd), capture_output=True, text=True, check=False, timeout=timeout_s, env=env
+        )
+    except subprocess.TimeoutExpired:
+        print(f"child timed out after {timeout_s} s: {' '.join(cmd)}", file=sys.stderr)
+        return None
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+        print(f"child failed (exit {proc.returncode}): {tail}", file=sys.stderr)
+        return None
+    return json.loads(lines[-1])

@@ -18,10 +18,12 @@ from benchmarks.cross_entropy.accuracy import (
 from benchmarks.cross_entropy.budget import check_stop
 from benchmarks.cross_entropy.providers import (
     DESTRUCTIVE,
+    EXTRAS,
     RIVALS,
     backend_label,
     make_loss_fn,
     make_step,
+    token_weights,
 )
 from benchmarks.cross_entropy.sweep import DTYPES, Cell
 from benchmarks.measure import (
@@ -54,14 +56,28 @@ class Timing:
 
 @dataclass
 class CellInputs:
-    """The cell's pristine logits x (N, V) and targets t (N,), and the float64 references: the
-    mean loss, the sampled rows (k,) and, for fwd_bwd, their gradient (k, V)."""
+    """The cell's pristine logits x (N, V), targets t (N,) and token weights w (N,) (for the
+    extras providers), and the plain call's float64 references: the mean loss, the sampled rows
+    (k,) and, for fwd_bwd, their gradient (k, V)."""
 
     x: torch.Tensor
     t: torch.Tensor
     ref_loss: float
     rows: torch.Tensor
     ref_grad: torch.Tensor | None
+    w: torch.Tensor
+
+    def references(self, name: str, mode: str) -> tuple[float, torch.Tensor | None]:
+        """(mean loss, gradient rows (k, V) or None) in float64 for provider ``name``: the
+        plain ones, or computed here for an ``EXTRAS`` provider (its own loss)."""
+        if name not in EXTRAS:
+            return self.ref_loss, self.ref_grad
+        extras = EXTRAS[name]
+        loss = reference_loss(self.x, self.t, extras, self.w)
+        grad = None
+        if mode == "fwd_bwd":
+            grad = reference_grad_rows(self.x, self.t, self.rows, extras, self.w)
+        return loss, grad
 
 
 def make_inputs(cell: Cell, device: torch.device, seed: int) -> CellInputs:
@@ -72,7 +88,7 @@ def make_inputs(cell: Cell, device: torch.device, seed: int) -> CellInputs:
     t = torch.randint(0, cell.v, (cell.n,), generator=gen, device=device)
     rows = sample_rows(cell.n)
     ref_grad = reference_grad_rows(x, t, rows) if cell.mode == "fwd_bwd" else None
-    return CellInputs(x, t, reference_loss(x, t), rows, ref_grad)
+    return CellInputs(x, t, reference_loss(x, t), rows, ref_grad, token_weights(t, seed))
 
 
 def measure_copy(cell: Cell, inp: CellInputs, timing: Timing) -> dict[str, Any]:
@@ -92,7 +108,8 @@ def measure_provider(
 ) -> dict[str, Any]:
     """Checks one provider against the references, reads its peak memory and times it."""
     device = inp.x.device
-    step = make_step(make_loss_fn(name), cell.mode)
+    ref_loss, ref_grad = inp.references(name, cell.mode)
+    step = make_step(make_loss_fn(name, inp.w), cell.mode)
     destructive = name in DESTRUCTIVE
     x = inp.x.clone() if destructive else inp.x
     x.requires_grad_(cell.mode == "fwd_bwd")
@@ -106,13 +123,16 @@ def measure_provider(
         loss_value = float(loss.detach().float())
         result: dict[str, Any] = {
             "loss": loss_value,
-            **loss_errors(loss_value, inp.ref_loss),
+            **loss_errors(loss_value, ref_loss),
             "grad_rel_err": None,
             "peak_MiB": peak,
         }
-        if grad is not None and inp.ref_grad is not None:
-            result["grad_rel_err"] = grad_rel_err(grad, inp.ref_grad, inp.rows)
-        del loss, grad
+        if name in EXTRAS:
+            result["extras"] = EXTRAS[name].text()
+            result["ref_loss"] = ref_loss
+        if grad is not None and ref_grad is not None:
+            result["grad_rel_err"] = grad_rel_err(grad, ref_grad, inp.rows)
+        del loss, grad, ref_grad
         ms = timing.median_ms(call, device)
         gbps = cell.floor_bytes / ms / 1e6
         result.update(ms=ms, GBps=gbps, pct_copy=100.0 * gbps / copy_gbps)
@@ -127,7 +147,9 @@ def measure_provider(
 
 
 def add_speedups(providers: dict[str, dict[str, Any]]) -> None:
-    """For each fusedce variant: rival_ms / its ms (above 1: fusedce is faster)."""
+    """For each fusedce variant: rival_ms / its ms (above 1: fusedce is faster); for each
+    extras provider also ``vs_plain`` = its ms / the plain fusedce ms (the extras' cost)."""
+    plain = providers.get("fusedce", {})
     for name, res in providers.items():
         if not name.startswith("fusedce") or res.get("status") != "ok":
             continue
@@ -136,6 +158,8 @@ def add_speedups(providers: dict[str, dict[str, Any]]) -> None:
             for rival in RIVALS
             if providers.get(rival, {}).get("status") == "ok"
         }
+        if name in EXTRAS and plain.get("status") == "ok":
+            res["vs_plain"] = res["ms"] / plain["ms"]
 
 
 def error_text(exc: BaseException) -> str:

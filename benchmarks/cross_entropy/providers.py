@@ -1,10 +1,16 @@
 """The providers: what a cell times. Each is a loss function of (logits (N, V), target (N,))
 returning the mean loss (a 0-dim tensor); ``make_step`` wraps it into forward or
-forward + backward."""
+forward + backward.
+
+The ``EXTRAS`` providers time fusedce's one-pass extras (logit scale, softcap, z-loss, token
+weights, stats) against the plain ``fusedce`` call in the same cell; each names its options in an
+``Extras``, from which the float64 reference of its loss is computed too.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,10 +19,45 @@ import torch.nn.functional as F
 import fusedce
 from fusedce.index_check import target_check_enabled
 
+
+@dataclass(frozen=True)
+class Extras:
+    """The one-pass extras a provider turns on (``fusedce.cross_entropy``'s keyword arguments;
+    ``token_weight`` True means the cell's (N,) token weights, see ``token_weights``)."""
+
+    logit_scale: float = 1.0
+    softcap: float | None = None
+    z_loss: float = 0.0
+    token_weight: bool = False
+    return_stats: bool = False
+
+    def text(self) -> str:
+        """The options as call keywords, for reports."""
+        parts = [f"logit_scale={self.logit_scale}"] if self.logit_scale != 1.0 else []
+        parts += [f"softcap={self.softcap}"] if self.softcap is not None else []
+        parts += [f"z_loss={self.z_loss}"] if self.z_loss else []
+        parts += ["token_weight=w"] if self.token_weight else []
+        parts += ["return_stats=True"] if self.return_stats else []
+        return ", ".join(parts) or "none"
+
+
+PLAIN = Extras()
+# Provider -> the extras it turns on; "extras / plain" etc. in the report = its ms / fusedce ms.
+EXTRAS: dict[str, Extras] = {
+    # Gemma-style softcap and PaLM's z-loss, with the logged stats: a typical LLM training call.
+    "fusedce_extras": Extras(softcap=30.0, z_loss=1e-4, return_stats=True),
+    # Per-token loss weights alone (one more (N,) read, and their value check).
+    "fusedce_token_weight": Extras(token_weight=True),
+    # Every extra at once.
+    "fusedce_all": Extras(
+        logit_scale=0.5, softcap=30.0, z_loss=1e-4, token_weight=True, return_stats=True
+    ),
+}
 ALL_PROVIDERS = (
     "fusedce",
     "fusedce_inplace",
     "fusedce_nocheck",
+    *EXTRAS,
     "eager",
     "compile",
     "liger",
@@ -53,6 +94,32 @@ def _fused_nocheck(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         fusedce.set_target_check(previous)
 
 
+def token_weights(target: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The cell's token weights: (N,) float32 uniform in [0, 1) on the target's device, from
+    ``seed`` (the providers and the float64 reference use the same ones)."""
+    gen = torch.Generator(device=target.device).manual_seed(seed + 1)
+    return torch.rand(target.shape, generator=gen, device=target.device, dtype=torch.float32)
+
+
+def _with_extras(extras: Extras, weights: torch.Tensor | None) -> LossFn:
+    kwargs: dict[str, Any] = {
+        "logit_scale": extras.logit_scale,
+        "softcap": extras.softcap,
+        "z_loss": extras.z_loss,
+        "return_stats": extras.return_stats,
+    }
+    if extras.token_weight:
+        if weights is None:
+            raise ValueError("a token_weight provider needs the cell's token weights")
+        kwargs["token_weight"] = weights
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        out = fusedce.cross_entropy(logits, target, **kwargs)
+        return out[0] if extras.return_stats else out  # the stats are computed, not used
+
+    return loss_fn
+
+
 def liger_version() -> str | None:
     """Liger-Kernel's version if ``liger_kernel`` imports, else None."""
     try:
@@ -69,8 +136,13 @@ def liger_version() -> str | None:
     return "unknown"
 
 
-def make_loss_fn(name: str) -> LossFn:
-    """The loss function of a provider (a fresh torch.compile for ``compile``)."""
+def make_loss_fn(name: str, token_weight: torch.Tensor | None = None) -> LossFn:
+    """The loss function of a provider (a fresh torch.compile for ``compile``).
+
+    Args:
+        name: a provider of ``ALL_PROVIDERS``.
+        token_weight: (N,) token weights, for the ``EXTRAS`` providers that use them.
+    """
     fixed: dict[str, LossFn] = {
         "fusedce": _fused,
         "fusedce_inplace": _fused_inplace,
@@ -79,6 +151,8 @@ def make_loss_fn(name: str) -> LossFn:
     }
     if name in fixed:
         return fixed[name]
+    if name in EXTRAS:
+        return _with_extras(EXTRAS[name], token_weight)
     if name == "compile":
         # A fresh static-shape compile per cell: no recompile limit falls back to eager.
         torch._dynamo.reset()

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from benchmarks.common import base_environment, fmt, pyplot, write_json
-from benchmarks.cross_entropy.providers import liger_version
+from benchmarks.cross_entropy.providers import EXTRAS, liger_version
+
+# Summary columns of the extras providers: header -> provider (its ms / the plain fusedce ms).
+EXTRAS_COLUMNS = {
+    "extras / plain": "fusedce_extras",
+    "token_weight / plain": "fusedce_token_weight",
+    "all / plain": "fusedce_all",
+}
 
 
 def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
@@ -34,12 +41,15 @@ def _sorted_cells(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def summary_table(cells: list[dict[str, Any]]) -> list[str]:
-    """One row per cell: the floor, fusedce and its speed-up over each rival."""
+    """One row per cell: the floor, fusedce, its speed-up over each rival and the cost of the
+    one-pass extras (extras provider ms / fusedce ms)."""
     head = (
         "| mode | dtype | N | V | logits MB | copy ms | fusedce ms | % of copy | x eager "
-        "| x compile | x liger | inplace ms | nocheck ms | loss err |"
+        "| x compile | x liger | inplace ms | nocheck ms | "
+        + " | ".join(EXTRAS_COLUMNS)
+        + " | loss err |"
     )
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * (14 + len(EXTRAS_COLUMNS))]
     for c in _sorted_cells(cells):
         if c.get("status") != "ok":
             lines.append(f"| {c['mode']} | {c['dtype']} | {c['N']} | {c['V']} | {c['status']} |")
@@ -54,8 +64,9 @@ def summary_table(cells: list[dict[str, Any]]) -> list[str]:
             f"| {fmt(f.get('pct_copy'), '.1f')} | {fmt(sp.get('eager'), '.2f')} "
             f"| {fmt(sp.get('compile'), '.2f')} | {fmt(sp.get('liger'), '.2f')} "
             f"| {fmt(p.get('fusedce_inplace', {}).get('ms'), '.4f')} "
-            f"| {fmt(p.get('fusedce_nocheck', {}).get('ms'), '.4f')} "
-            f"| {fmt(f.get('loss_err'), '.1e')} |"
+            f"| {fmt(p.get('fusedce_nocheck', {}).get('ms'), '.4f')} | "
+            + " | ".join(fmt(p.get(n, {}).get("vs_plain"), ".3f") for n in EXTRAS_COLUMNS.values())
+            + f" | {fmt(f.get('loss_err'), '.1e')} |"
         )
     return lines
 
@@ -116,6 +127,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "x rival = rival ms / fusedce ms (above 1: fusedce is faster). inplace / nocheck: fusedce",
         "with inplace_backward=True / with the target range check (a host sync) switched off.",
+        "X / plain: the one-pass extras' cost, that provider's ms / fusedce ms in the same cell",
+        "(goal on a GPU: at most 1.03). Their options:",
+        "",
+        *[f"- `{name}`: {extras.text()}" for name, extras in EXTRAS.items()],
         "",
         *summary_table(report["cells"]),
         "",
@@ -124,7 +139,9 @@ def markdown(report: dict[str, Any]) -> str:
         "peak extra MiB: torch.cuda.max_memory_allocated during one step minus the memory",
         "allocated before it (the gradient included). host ms/call: wall time per call of",
         "back-to-back calls (only where the device time is under 1 ms). loss err: |loss - float64",
-        "reference| over all rows; grad rel err: ||g - g_ref|| / ||g_ref|| over up to 64 rows.",
+        "reference| over all rows; grad rel err: ||g - g_ref|| / ||g_ref|| over up to 64 rows",
+        "(an extras provider against the float64 reference of its own loss). Token weights:",
+        "uniform in [0, 1).",
         "",
         *detail_table(report["cells"]),
         "",
