@@ -38,11 +38,13 @@ class Classifier(LightningModule):
     shape ``(B, num_classes)`` (soft targets, loss ``H(y, softmax(logits))``; accuracy is measured
     against ``argmax(y)``).
 
-    The loss sees ``z = logit_softcap * tanh(logit_scale * logits / logit_softcap)`` (just
-    ``logit_scale * logits`` without a softcap; `loss_logits`). Objective: ``CE(z) + z_loss *
-    mean(lse(z)**2) + l1 * sum|W| + l2 * sum W**2``, the means over the rows that count, the
-    penalties over the weight matrices of all Linear layers (biases and BatchNorm excluded);
-    ``l2`` is independent of the optimizer's ``weight_decay``.
+    The loss sees ``z = c * tanh(s * logits / c)`` with ``s = loss_logit_scale`` and ``c =
+    logit_softcap`` (just ``s * logits`` without a softcap; `loss_logits`). Objective: ``CE(z) +
+    z_loss * mean(lse(z)**2) + l1 * sum|W| + l2 * sum W**2``, the means over the rows that count,
+    the penalties over the weight matrices of all Linear layers (biases and BatchNorm excluded);
+    ``l2`` is independent of the optimizer's ``weight_decay``. With ``loss_impl="fused"`` the
+    scale, softcap and z-loss are fusedce's ``logit_scale``, ``softcap`` and ``z_loss`` (inside
+    its single pass); with ``"torch"`` they are torch ops on the logits, from the same definitions.
 
     Logged metrics, all from the statistics that the loss returns in the same pass over the
     logits (``return_stats=True``; no extra pass, and no extra head GEMM with the fused head):
@@ -79,8 +81,10 @@ class Classifier(LightningModule):
             row that counts; keeps the log-normaliser near 0. 0 = off.
         logit_softcap: Soft cap ``c > 0``: the loss sees ``c * tanh(z / c)`` (Gemma 2), after
             the scale; None = no cap.
-        logit_scale: Scale ``s > 0`` of the logits: the loss sees ``s * logits`` (``1/T`` for a
-            temperature ``T``).
+        loss_logit_scale: Scale ``s > 0`` of the logits: the loss sees ``s * logits`` (``1/T``
+            for a temperature ``T``). Not named ``logit_scale``: Lightning merges the model's
+            and the data module's hyperparameters for the loggers, and
+            `datamodules.TeacherDataModule` has a ``logit_scale`` of its own.
         l1: L1 penalty coefficient (>= 0).
         l2: L2 penalty coefficient (>= 0).
         optimizer: Optimizer factory, called with the parameters (any ``torch.optim`` class).
@@ -114,7 +118,7 @@ class Classifier(LightningModule):
         fused_head: bool = False,
         z_loss: float = 0.0,
         logit_softcap: float | None = None,
-        logit_scale: float = 1.0,
+        loss_logit_scale: float = 1.0,
         l1: float = 0.0,
         l2: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -134,7 +138,7 @@ class Classifier(LightningModule):
         _check_number("z_loss", z_loss, positive=False)
         if logit_softcap is not None:
             _check_number("logit_softcap", logit_softcap, positive=True)
-        _check_number("logit_scale", logit_scale, positive=True)
+        _check_number("loss_logit_scale", loss_logit_scale, positive=True)
         self.net = MLP(
             in_features,
             num_classes,
@@ -193,11 +197,11 @@ class Classifier(LightningModule):
     # ------------------------------------------------------------------------------ loss
     def loss_logits(self, logits: Tensor) -> Tensor:
         """The logits ``z`` that the loss sees, ``(B, C) -> (B, C)`` float32: ``s * logits``,
-        then ``c * tanh(z / c)`` with a softcap ``c`` (``logit_scale`` / ``logit_softcap``)."""
+        then ``c * tanh(z / c)`` (``s = loss_logit_scale``, ``c = logit_softcap`` when set)."""
         hp = self.hparams
         z = logits.float()
-        if hp.logit_scale != 1.0:
-            z = z * hp.logit_scale
+        if hp.loss_logit_scale != 1.0:
+            z = z * hp.loss_logit_scale
         if hp.logit_softcap is not None:
             z = hp.logit_softcap * torch.tanh(z / hp.logit_softcap)
         return z
@@ -232,7 +236,7 @@ class Classifier(LightningModule):
                 ignore_index=hp.ignore_index,
                 label_smoothing=hp.label_smoothing,
                 inplace_backward=hp.inplace_backward,
-                logit_scale=hp.logit_scale,
+                logit_scale=hp.loss_logit_scale,
                 softcap=hp.logit_softcap,
                 z_loss=hp.z_loss,
                 return_stats=return_stats,
@@ -317,7 +321,7 @@ class Classifier(LightningModule):
                 linear_bias=bias,
                 ignore_index=hp.ignore_index,
                 label_smoothing=hp.label_smoothing,
-                logit_scale=hp.logit_scale,
+                logit_scale=hp.loss_logit_scale,
                 softcap=hp.logit_softcap,
                 z_loss=hp.z_loss,
                 return_stats=True,

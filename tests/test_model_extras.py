@@ -1,6 +1,6 @@
-"""Classifier's loss extras (z_loss, logit_softcap, logit_scale) and the metrics it logs from the
-loss's one-pass statistics: fused vs torch agreement, metric names, the fused head's accuracy,
-checkpoints. Short in-process runs with real Lightning on tiny data."""
+"""Classifier's loss extras (z_loss, logit_softcap, loss_logit_scale) and the metrics it logs
+from the loss's one-pass statistics: fused vs torch agreement, metric names, the fused head's
+accuracy, checkpoints. Short in-process runs with real Lightning on tiny data."""
 
 from __future__ import annotations
 
@@ -13,19 +13,20 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from fusedce.datamodules import CurveDataModule
+from fusedce.datamodules import CurveDataModule, TeacherDataModule
 from fusedce.lightning_modules import Classifier
 
 EXTRAS = {
     "z_loss": {"z_loss": 0.05},
     "softcap": {"logit_softcap": 2.0},
-    "scale": {"logit_scale": 0.5},
-    "all": {"z_loss": 0.05, "logit_softcap": 3.0, "logit_scale": 2.0, "label_smoothing": 0.1},
+    "scale": {"loss_logit_scale": 0.5},
+    "all": {"z_loss": 0.05, "logit_softcap": 3.0, "loss_logit_scale": 2.0, "label_smoothing": 0.1},
 }
 STEP_METRICS = ("train/loss_step", "train/acc_step", "train/entropy_step", "train/z_loss_step")
 EPOCH_METRICS = (
@@ -61,7 +62,7 @@ def reference(
     logits: torch.Tensor, target: torch.Tensor, hp: dict[str, Any]
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Loss and statistics from the definitions, in float64 (hard targets use -100 = ignored)."""
-    z = logits.double() * hp.get("logit_scale", 1.0)
+    z = logits.double() * hp.get("loss_logit_scale", 1.0)
     cap = hp.get("logit_softcap")
     if cap is not None:
         z = cap * torch.tanh(z / cap)
@@ -89,9 +90,9 @@ def reference(
         ({"z_loss": math.nan}, "z_loss must be a finite number"),
         ({"logit_softcap": 0.0}, "logit_softcap must be > 0"),
         ({"logit_softcap": -30.0}, "logit_softcap must be > 0"),
-        ({"logit_scale": 0.0}, "logit_scale must be > 0"),
-        ({"logit_scale": math.inf}, "logit_scale must be a finite number"),
-        ({"logit_scale": "2"}, "logit_scale must be a finite number"),
+        ({"loss_logit_scale": 0.0}, "loss_logit_scale must be > 0"),
+        ({"loss_logit_scale": math.inf}, "loss_logit_scale must be a finite number"),
+        ({"loss_logit_scale": "2"}, "loss_logit_scale must be a finite number"),
     ],
 )
 def test_invalid_extras_name_the_argument(kwargs: dict, message: str) -> None:
@@ -101,7 +102,7 @@ def test_invalid_extras_name_the_argument(kwargs: dict, message: str) -> None:
 
 def test_defaults_change_nothing() -> None:
     model = Classifier(num_classes=5)
-    assert (model.hparams.z_loss, model.hparams.logit_softcap, model.hparams.logit_scale) == (
+    assert (model.hparams.z_loss, model.hparams.logit_softcap, model.hparams.loss_logit_scale) == (
         0.0,
         None,
         1.0,
@@ -257,7 +258,7 @@ def _fused_head_data() -> DataLoader:
 
 
 def _fused_head_model(**kwargs: Any) -> Classifier:
-    hp = {"z_loss": 1e-3, "logit_softcap": 4.0, "logit_scale": 1.5, **kwargs}
+    hp = {"z_loss": 1e-3, "logit_softcap": 4.0, "loss_logit_scale": 1.5, **kwargs}
     optimizer = partial(torch.optim.Adam, lr=0.05)
     return Classifier(in_features=8, num_classes=8, hidden_sizes=[16], optimizer=optimizer, **hp)
 
@@ -296,7 +297,7 @@ def test_fused_head_matches_torch_with_extras(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_round_trip_keeps_the_extras(tmp_path: Path) -> None:
-    hp = {"z_loss": 1e-3, "logit_softcap": 5.0, "logit_scale": 0.5}
+    hp = {"z_loss": 1e-3, "logit_softcap": 5.0, "loss_logit_scale": 0.5}
     seed_everything(0)
     model = Classifier(hidden_sizes=[8], **hp)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -317,3 +318,20 @@ def test_checkpoint_round_trip_keeps_the_extras(tmp_path: Path) -> None:
     pred = trainer.predict(loaded, dataloaders=DataLoader(TensorDataset(x), batch_size=16))[0]
     probs = torch.softmax(loaded.loss_logits(loaded(x)), -1)  # the loss's own probabilities
     torch.testing.assert_close(pred["confidence"], probs.max(-1).values)
+
+
+def test_extras_log_next_to_the_teacher_data_modules_hyperparameters(tmp_path: Path) -> None:
+    """Lightning merges the model's and the data module's hyperparameters for its loggers and
+    refuses a shared name with two values: the model's options do not collide with
+    TeacherDataModule's (its ``logit_scale`` is the teacher's)."""
+    data = TeacherDataModule(vocab_size=40, in_features=8, num_samples=256, batch_size=64)
+    model = Classifier(
+        in_features=8, num_classes=40, fused_head=True, z_loss=1e-4, loss_logit_scale=0.5
+    )
+    logger = CSVLogger(tmp_path, name="", version="")
+    trainer = make_trainer(tmp_path, max_steps=2, limit_val_batches=1, logger=logger)
+    trainer.fit(model, datamodule=data)
+    logged = yaml.safe_load((tmp_path / "hparams.yaml").read_text())
+    assert logged["logit_scale"] == data.hparams.logit_scale
+    assert logged["loss_logit_scale"] == 0.5 and logged["z_loss"] == 1e-4
+    assert "train/z_loss" in trainer.callback_metrics
