@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -14,6 +15,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric
 
 import fusedce
+from fusedce import CrossEntropyStats
 
 from .networks import MLP, Activation, Init
 
@@ -36,12 +38,24 @@ class Classifier(LightningModule):
     shape ``(B, num_classes)`` (soft targets, loss ``H(y, softmax(logits))``; accuracy is measured
     against ``argmax(y)``).
 
-    Objective: ``CE + l1 * sum|W| + l2 * sum W**2`` over the weight matrices of all Linear layers
-    (biases and BatchNorm excluded); ``l2`` is independent of the optimizer's ``weight_decay``.
-    ``train/loss`` logs the whole objective, ``train/ce`` the cross-entropy alone; ``val/loss`` and
-    ``test/loss`` are plain cross-entropy. ``train/grad_norm`` is the gradients' total 2-norm
-    before clipping. Throughput is left to Lightning's ``ThroughputMonitor`` callback (see
-    ``configs/default.yaml``).
+    The loss sees ``z = c * tanh(s * logits / c)`` with ``s = loss_logit_scale`` and ``c =
+    logit_softcap`` (just ``s * logits`` without a softcap; `loss_logits`). Objective: ``CE(z) +
+    z_loss * mean(lse(z)**2) + l1 * sum|W| + l2 * sum W**2``, the means over the rows that count,
+    the penalties over the weight matrices of all Linear layers (biases and BatchNorm excluded);
+    ``l2`` is independent of the optimizer's ``weight_decay``. With ``loss_impl="fused"`` the
+    scale, softcap and z-loss are fusedce's ``logit_scale``, ``softcap`` and ``z_loss`` (inside
+    its single pass); with ``"torch"`` they are torch ops on the logits, from the same definitions.
+
+    Logged metrics, all from the statistics that the loss returns in the same pass over the
+    logits (``return_stats=True``; no extra pass, and no extra head GEMM with the fused head):
+    ``train/loss`` (the whole objective), ``train/ce`` (the cross-entropy alone),
+    ``train/z_loss`` (the z-loss term; only when ``z_loss > 0``), ``train/entropy`` (mean entropy
+    of ``softmax(z)`` over the rows that count) and ``train/acc`` (top-1 accuracy); the same
+    under ``val/`` and ``test/``, where ``loss`` is the cross-entropy alone (no z-loss, no
+    penalties), plus ``val/acc_best``. Accuracy and entropy are torchmetrics ``MeanMetric``s
+    weighted by the rows that count (synchronised over ranks). ``train/grad_norm`` is the
+    gradients' total 2-norm before clipping. Throughput is left to Lightning's
+    ``ThroughputMonitor`` callback (see ``configs/default.yaml``).
 
     Args:
         in_features: Input dimension ``D`` (linked from the data module by ``train.py``).
@@ -59,10 +73,18 @@ class Classifier(LightningModule):
         fused_head: Compute the output layer and the loss together with
             ``fusedce.linear_cross_entropy`` (never materialises the ``(B, C)`` logits for
             backward; meant for large vocabularies). Only with ``loss_impl="fused"``; with
-            ``"torch"`` the same objective is computed unfused. ``train/acc`` then costs one
-            more head GEMM, so it is computed on logging steps only (``log_every_n_steps``).
+            ``"torch"`` the same objective is computed unfused. Its statistics (accuracy,
+            entropy, z-loss) come from the logit chunks it computes anyway.
             ``linear_cross_entropy`` takes class indices only: soft-target batches use
             ``fusedce.cross_entropy`` on materialised logits instead.
+        z_loss: Coefficient ``lambda >= 0`` of the z-loss ``lambda * lse(z)**2`` (PaLM) added per
+            row that counts; keeps the log-normaliser near 0. 0 = off.
+        logit_softcap: Soft cap ``c > 0``: the loss sees ``c * tanh(z / c)`` (Gemma 2), after
+            the scale; None = no cap.
+        loss_logit_scale: Scale ``s > 0`` of the logits: the loss sees ``s * logits`` (``1/T``
+            for a temperature ``T``). Not named ``logit_scale``: Lightning merges the model's
+            and the data module's hyperparameters for the loggers, and
+            `datamodules.TeacherDataModule` has a ``logit_scale`` of its own.
         l1: L1 penalty coefficient (>= 0).
         l2: L2 penalty coefficient (>= 0).
         optimizer: Optimizer factory, called with the parameters (any ``torch.optim`` class).
@@ -94,6 +116,9 @@ class Classifier(LightningModule):
         ignore_index: int = -100,
         inplace_backward: bool = False,
         fused_head: bool = False,
+        z_loss: float = 0.0,
+        logit_softcap: float | None = None,
+        loss_logit_scale: float = 1.0,
         l1: float = 0.0,
         l2: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -110,6 +135,10 @@ class Classifier(LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
         if l1 < 0 or l2 < 0:
             raise ValueError(f"l1 and l2 must be >= 0, got l1={l1}, l2={l2}")
+        _check_number("z_loss", z_loss, positive=False)
+        if logit_softcap is not None:
+            _check_number("logit_softcap", logit_softcap, positive=True)
+        _check_number("loss_logit_scale", loss_logit_scale, positive=True)
         self.net = MLP(
             in_features,
             num_classes,
@@ -129,9 +158,12 @@ class Classifier(LightningModule):
         if compile:
             self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
 
-        self.train_acc = MeanMetric()
+        # Weighted by the rows that count; states are not saved (checkpoints hold weights only).
+        self.train_acc, self.train_entropy = MeanMetric(), MeanMetric()
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
+        self.val_entropy, self.val_z_loss = MeanMetric(), MeanMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
+        self.test_entropy, self.test_z_loss = MeanMetric(), MeanMetric()
 
     # ------------------------------------------------------------------------------ model
     @property
@@ -163,8 +195,37 @@ class Classifier(LightningModule):
             state[f"net.{key}"] = state.pop(key)
 
     # ------------------------------------------------------------------------------ loss
+    def loss_logits(self, logits: Tensor) -> Tensor:
+        """The logits ``z`` that the loss sees, ``(B, C) -> (B, C)`` float32: ``s * logits``,
+        then ``c * tanh(z / c)`` (``s = loss_logit_scale``, ``c = logit_softcap`` when set)."""
+        hp = self.hparams
+        z = logits.float()
+        if hp.loss_logit_scale != 1.0:
+            z = z * hp.loss_logit_scale
+        if hp.logit_softcap is not None:
+            z = hp.logit_softcap * torch.tanh(z / hp.logit_softcap)
+        return z
+
     def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Mean cross-entropy (float32 scalar) of logits ``(B, C)`` against hard or soft targets."""
+        """The loss (float32 scalar) of logits ``(B, C)`` against hard ``(B,)`` or soft
+        ``(B, C)`` targets: mean cross-entropy of `loss_logits` plus the z-loss term."""
+        return self._loss(logits, target, return_stats=False)
+
+    def cross_entropy_with_stats(
+        self, logits: Tensor, target: Tensor
+    ) -> tuple[Tensor, CrossEntropyStats]:
+        """`cross_entropy` and its statistics from the same pass over the logits.
+
+        Returns:
+            ``(loss, stats)``: ``loss`` as `cross_entropy`; ``stats`` a
+            ``fusedce.CrossEntropyStats`` of detached tensors: ``z_loss`` (the z-loss term, ``()``),
+            ``lse``, ``entropy`` (``(B,)`` float32) and ``correct`` (``(B,)`` bool, False for
+            ignored rows). ``loss_impl="torch"`` computes them with torch ops from their
+            definitions.
+        """
+        return self._loss(logits, target, return_stats=True)
+
+    def _loss(self, logits: Tensor, target: Tensor, return_stats: bool) -> Any:
         hp = self.hparams
         if target.is_floating_point():
             target = target.float()
@@ -175,13 +236,37 @@ class Classifier(LightningModule):
                 ignore_index=hp.ignore_index,
                 label_smoothing=hp.label_smoothing,
                 inplace_backward=hp.inplace_backward,
+                logit_scale=hp.loss_logit_scale,
+                softcap=hp.logit_softcap,
+                z_loss=hp.z_loss,
+                return_stats=return_stats,
             )
-        return F.cross_entropy(
-            logits.float(),
-            target,
-            ignore_index=hp.ignore_index,
-            label_smoothing=hp.label_smoothing,
+        z = self.loss_logits(logits)
+        loss = F.cross_entropy(
+            z, target, ignore_index=hp.ignore_index, label_smoothing=hp.label_smoothing
         )
+        if not (hp.z_loss or return_stats):
+            return loss
+        lse = torch.logsumexp(z, dim=-1)
+        z_part = torch.zeros((), device=z.device)
+        if hp.z_loss:  # a mean over the rows that count; no row counts -> 0, as fusedce
+            valid = self._valid(target)
+            z_part = hp.z_loss * (lse.square() * valid).sum() / valid.sum().clamp_min(1)
+            loss = loss + z_part
+        if not return_stats:
+            return loss
+        with torch.no_grad():
+            entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
+            correct, _ = self._correct_mask(z.argmax(dim=-1), target)
+        stats = CrossEntropyStats(z_part.detach(), lse.detach(), entropy.detach(), correct)
+        return loss, stats
+
+    def _valid(self, target: Tensor) -> Tensor:
+        """Rows that count, ``(B,)`` bool: hard targets other than ``ignore_index``; all soft
+        ones."""
+        if target.is_floating_point():
+            return torch.ones(target.shape[:-1], dtype=torch.bool, device=target.device)
+        return target != self.hparams.ignore_index
 
     def regularization(self) -> Tensor:
         """``l1 * sum|W| + l2 * sum W**2`` over all Linear weight matrices (0-dim tensor)."""
@@ -198,28 +283,30 @@ class Classifier(LightningModule):
         return reg
 
     def _correct(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-1 accuracy of logits ``(B, C)``; see `_correct_preds`."""
-        return self._correct_preds(logits.argmax(dim=-1), target)
-
-    def _correct_preds(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Accuracy of classes ``preds (B,)`` against hard ``(B,)`` or soft ``(B, C)`` targets.
+        """Top-1 accuracy of logits ``(B, C)`` against hard ``(B,)`` or soft ``(B, C)`` targets.
 
         Returns:
             ``(accuracy, count)``: 0-dim tensors; ``count`` = rows that count (hard targets equal
             to ``ignore_index`` do not). No host synchronisation.
         """
+        correct, valid = self._correct_mask(logits.argmax(dim=-1), target)
+        count = valid.sum().float()
+        return correct.sum().float() / count.clamp_min(1.0), count
+
+    def _correct_mask(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """``(correct, valid)``, both ``(B,)`` bool, for classes ``preds (B,)`` against hard
+        ``(B,)`` or soft ``(B, C)`` targets (soft: their argmax); ``correct`` is False where
+        not ``valid``."""
+        valid = self._valid(target)
         if target.is_floating_point():
-            correct = preds == target.argmax(dim=-1)
-            count = torch.tensor(float(correct.numel()), device=preds.device)
-            return correct.float().mean(), count
-        keep = target != self.hparams.ignore_index
-        count = keep.sum().float()
-        return ((preds == target) & keep).sum().float() / count.clamp_min(1.0), count
+            return preds == target.argmax(dim=-1), valid
+        return (preds == target) & valid, valid
 
     # ------------------------------------------------------------------------------ steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
+        hp = self.hparams
         if self._fuse_head and not y.is_floating_point():
             h = self.features(x)
             weight, bias = self.head.weight, self.head.bias
@@ -227,67 +314,65 @@ class Classifier(LightningModule):
             if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
                 dtype = torch.get_autocast_dtype(device_type)
                 h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            ce = fusedce.linear_cross_entropy(
+            loss, stats = fusedce.linear_cross_entropy(
                 h,
                 weight,
                 y,
                 linear_bias=bias,
-                ignore_index=self.hparams.ignore_index,
-                label_smoothing=self.hparams.label_smoothing,
+                ignore_index=hp.ignore_index,
+                label_smoothing=hp.label_smoothing,
+                logit_scale=hp.loss_logit_scale,
+                softcap=hp.logit_softcap,
+                z_loss=hp.z_loss,
+                return_stats=True,
             )
-            acc = n = None
-            if self._logging_step():  # accuracy costs one more head GEMM: only when logged
-                with torch.no_grad():  # row chunks: never all (B, C) logits at once
-                    preds = torch.cat([self.head(c).argmax(-1) for c in h.detach().split(256)])
-                    acc, n = self._correct_preds(preds, y)
         else:
-            logits = self(x)
-            with torch.no_grad():
-                acc, n = self._correct(logits.detach(), y)
-            ce = self.cross_entropy(logits, y)
-        loss = ce + self.regularization()
+            loss, stats = self.cross_entropy_with_stats(self(x), y)
+        objective = loss + self.regularization()
         bs = x.shape[0]
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log("train/ce", ce, on_step=False, on_epoch=True, batch_size=bs)
-        if acc is not None:
-            self.train_acc(acc, n)
-            self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
-        return loss
+        weights = self._valid(y).float()
+        self.log("train/loss", objective, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        self.log(
+            "train/ce", loss.detach() - stats.z_loss, on_step=False, on_epoch=True, batch_size=bs
+        )
+        if hp.z_loss > 0:
+            self.log("train/z_loss", stats.z_loss, on_step=True, on_epoch=True, batch_size=bs)
+        self.train_acc(stats.correct.float(), weights)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
+        self.train_entropy(stats.entropy.float(), weights)
+        self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True, batch_size=bs)
+        return objective
 
-    def _logging_step(self) -> bool:
-        """Whether the trainer logs this step (always true outside a trainer)."""
-        if self._trainer is None:
-            return True
-        return self.trainer.global_step % max(1, self.trainer.log_every_n_steps) == 0
-
-    def _eval_step(
-        self, batch: tuple[Tensor, Tensor], loss_m: MeanMetric, acc_m: MeanMetric
-    ) -> None:
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
-        logits = self(x)
-        ce = self.cross_entropy(logits, y)
-        acc, n = self._correct(logits, y)
-        loss_m.update(ce, n)  # weight = rows that count (ignore_index rows do not)
-        acc_m.update(acc, n)
+        loss, stats = self.cross_entropy_with_stats(self(x), y)
+        weights = self._valid(y).float()
+        n = weights.sum()  # the loss is a mean over the rows that count: weight it by them
+        getattr(self, f"{stage}_loss").update(loss - stats.z_loss, n)
+        getattr(self, f"{stage}_acc").update(stats.correct.float(), weights)
+        getattr(self, f"{stage}_entropy").update(stats.entropy.float(), weights)
+        if self.hparams.z_loss > 0:
+            getattr(self, f"{stage}_z_loss").update(stats.z_loss, n)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulates validation loss and accuracy."""
-        self._eval_step(batch, self.val_loss, self.val_acc)
+        """Accumulates the validation metrics."""
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Accumulates test loss and accuracy."""
-        self._eval_step(batch, self.test_loss, self.test_acc)
+        """Accumulates the test metrics."""
+        self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Tensor]:
         """Predictions for ``x`` of shape ``(B, D)`` (or a batch ``(x, y)`` / ``(x,)``).
 
         Returns:
-            ``{"inputs": (B, D) x, "preds": (B,) int64 class, "confidence": (B,) softmax
-            probability of that class}``, plus ``"targets": (B,) int64`` when the batch has
-            labels (soft targets ``(B, C)``: their argmax), so that predictions can be matched.
+            ``{"inputs": (B, D) x, "preds": (B,) int64 class, "confidence": (B,) probability
+            of that class under ``softmax(loss_logits(logits))``}``, plus ``"targets": (B,)
+            int64`` when the batch has labels (soft targets ``(B, C)``: their argmax), so that
+            predictions can be matched.
         """
         x = batch[0] if isinstance(batch, list | tuple) else batch
-        probs = torch.softmax(self(x).float(), dim=-1)
+        probs = torch.softmax(self.loss_logits(self(x)), dim=-1)
         conf, preds = probs.max(dim=-1)
         out = {"inputs": x.detach(), "preds": preds, "confidence": conf}
         if isinstance(batch, list | tuple) and len(batch) > 1:
@@ -307,30 +392,39 @@ class Classifier(LightningModule):
     # ------------------------------------------------------------------------------ epoch ends
     def on_train_start(self) -> None:
         """Forgets the sanity check's validation values."""
-        self.val_loss.reset()
-        self.val_acc.reset()
-        self.val_acc_best.reset()
+        for name in ("loss", "acc", "acc_best", "entropy", "z_loss"):
+            getattr(self, f"val_{name}").reset()
+
+    def _log_eval_epoch(self, stage: str) -> Tensor | None:
+        """Logs ``{stage}/loss``, ``/acc``, ``/entropy`` (and ``/z_loss``), synchronised over
+        ranks; returns the accuracy (None when nothing was accumulated)."""
+        loss_m = getattr(self, f"{stage}_loss")
+        if loss_m.update_count == 0:
+            return None
+        acc = getattr(self, f"{stage}_acc").compute()
+        prog_bar = stage == "val"
+        self.log(f"{stage}/loss", loss_m.compute(), prog_bar=prog_bar, sync_dist=True)
+        self.log(f"{stage}/acc", acc, prog_bar=prog_bar, sync_dist=True)
+        self.log(f"{stage}/entropy", getattr(self, f"{stage}_entropy").compute(), sync_dist=True)
+        if self.hparams.z_loss > 0:
+            self.log(f"{stage}/z_loss", getattr(self, f"{stage}_z_loss").compute(), sync_dist=True)
+        for name in ("loss", "acc", "entropy", "z_loss"):
+            getattr(self, f"{stage}_{name}").reset()
+        return acc
 
     def on_validation_epoch_end(self) -> None:
-        """Logs ``val/loss``, ``val/acc`` and ``val/acc_best`` (synchronised over ranks)."""
-        if self.val_loss.update_count == 0:
+        """Logs ``val/loss``, ``val/acc``, ``val/entropy``, ``val/z_loss`` (when ``z_loss > 0``)
+        and ``val/acc_best`` (synchronised over ranks)."""
+        acc = self._log_eval_epoch("val")
+        if acc is None:
             return
-        loss, acc = self.val_loss.compute(), self.val_acc.compute()
         self.val_acc_best.update(acc)
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/acc", acc, prog_bar=True, sync_dist=True)
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
-        self.val_loss.reset()
-        self.val_acc.reset()
 
     def on_test_epoch_end(self) -> None:
-        """Logs ``test/loss`` and ``test/acc``."""
-        if self.test_loss.update_count == 0:
-            return
-        self.log("test/loss", self.test_loss.compute(), sync_dist=True)
-        self.log("test/acc", self.test_acc.compute(), sync_dist=True)
-        self.test_loss.reset()
-        self.test_acc.reset()
+        """Logs ``test/loss``, ``test/acc``, ``test/entropy`` and ``test/z_loss`` (when
+        ``z_loss > 0``)."""
+        self._log_eval_epoch("test")
 
     # ------------------------------------------------------------------------------ optim
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -352,3 +446,12 @@ class Classifier(LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             config["monitor"] = self.hparams.scheduler_monitor
         return {"optimizer": optimizer, "lr_scheduler": config}
+
+
+def _check_number(name: str, value: Any, positive: bool) -> None:
+    """Raises ``ValueError`` naming ``name`` unless ``value`` is a finite real number that is
+    > 0 (``positive``) or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < 0 or (positive and value == 0):
+        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")

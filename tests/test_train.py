@@ -222,6 +222,21 @@ def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path
     assert not (tmp_path / "runs").exists()
 
 
+def test_loss_extras_off_by_default_and_z_loss_on_in_the_large_vocab_preset(
+    capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(tmp_path / "runs"))
+    printed = {}
+    for name, args in (("default", []), ("large_vocab", ["--config", LARGE_VOCAB])):
+        with pytest.raises(SystemExit):
+            train.main([*args, "--print_config"])
+        printed[name] = capsys.readouterr().out
+    for line in ("logit_softcap: null", "loss_logit_scale: 1.0"):
+        assert line in printed["default"] and line in printed["large_vocab"]
+    assert "z_loss: 0.0\n" in printed["default"]
+    assert "z_loss: 0.0001\n" in printed["large_vocab"]
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -232,6 +247,9 @@ def test_print_config(capsys: pytest.CaptureFixture, monkeypatch, tmp_path: Path
         (["--model.activation", "swish"], "model.activation"),
         (["--trainer.gradient_clip_algorithm", "foo"], "gradient_clip_algorithm"),
         (["--config", LARGE_VOCAB, "--data.temperature", "0"], "temperature"),
+        (["--model.z_loss", "-1"], "z_loss must be >= 0"),
+        (["--model.logit_softcap", "0"], "logit_softcap must be > 0"),
+        (["--model.loss_logit_scale", "0"], "loss_logit_scale must be > 0"),
     ],
 )
 def test_bad_config_clear_error_and_no_run_dir(
@@ -290,11 +308,14 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
         "val/loss",
         "val/acc",
         "val/acc_best",
+        "train/entropy_step",
+        "val/entropy",
         "lr-AdamW",
         "decision_boundary",
         "epoch",
     ):
         assert key in keys, f"{key} missing from the W&B history: {sorted(keys)}"
+    assert not any("z_loss" in k for k in keys)  # off by default
     val_acc = [row["val/acc"] for row in run["history"] if "val/acc" in row]
     assert len(val_acc) == 3
     summary = run["summary"]
@@ -470,3 +491,47 @@ def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_pat
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(losses) >= 2 and losses[-1] < losses[0]
     assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+    # the preset's z-loss is on and logged, with the statistics of the same pass
+    assert model.hparams.z_loss == 1e-4
+    logged = {k for r in rows for k, v in r.items() if v}
+    for key in ("train/z_loss_step", "train/entropy_step", "train/acc_step", "val/z_loss"):
+        assert key in logged, key
+    z_steps = [float(r["train/z_loss_step"]) for r in rows if r.get("train/z_loss_step")]
+    assert all(0 < v < 1 for v in z_steps)
+
+
+@pytest.mark.slow
+def test_large_vocab_preset_logs_z_loss_to_wandb(tmp_path: Path) -> None:
+    """The large-vocabulary preset (z-loss on), shrunk to a few steps: the W&B run's history
+    holds the z-loss and the one-pass statistics, and its config the model's extras."""
+    proc = run_train(
+        [
+            "--config",
+            LARGE_VOCAB,
+            "--data.vocab_size",
+            "257",
+            "--data.in_features",
+            "16",
+            "--data.num_samples",
+            "1024",
+            "--data.batch_size",
+            "128",
+            "--model.hidden_sizes",
+            "[32]",
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.log_every_n_steps",
+            "2",
+            *FAST,
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    run = wandb_run_contents(run_dir)
+    keys = set().union(*run["history"])
+    for key in ("train/z_loss_step", "train/entropy_step", "train/acc_step", "val/z_loss"):
+        assert key in keys, f"{key} missing from the W&B history: {sorted(keys)}"
+    assert 0 < run["summary"]["val/z_loss"] < 1
+    assert run["config"]["z_loss"] == 1e-4 and run["config"]["loss_logit_scale"] == 1.0
+    assert run["config"]["logit_scale"] == 4.0  # the teacher's, next to the model's
