@@ -446,9 +446,12 @@ def cross_entropy(
     compiling = torch.compiler.is_compiling()
     loss = stats = None
     if not compiling and _small_plain_cpu_call(
-        logits, target, opts, tw, extras, inplace_backward, target_grad
+        logits, target, opts, tw, inplace_backward, target_grad
     ):
         loss = _small_plain_cpu_loss(logits, target, weight, opts)
+        if loss is not None and extras:
+            loss = loss.reshape(out_shape) if opts.per_row else loss
+            return loss, _small_plain_cpu_stats(logits, target, opts, out_shape, loss)
     if loss is not None:
         pass  # torch's own operator took it
     elif compiling:
@@ -502,19 +505,18 @@ def _small_plain_cpu_call(
     target: Tensor,
     opts: LossOptions,
     tw: Tensor | None,
-    extras: bool,
     inplace_backward: bool,
     target_grad: bool,
 ) -> bool:
     """A call that torch's ``F.cross_entropy`` computes exactly as the row contract would: on
     the CPU with the backend left on "auto" (and no Triton interpreter), small, class indices,
-    no extras, nothing in place, and the index check on (a bad index raises before torch sees
-    it)."""
+    no logit transform, z-loss or token weights (``return_stats`` is fine), nothing in place,
+    and the index check on (a bad index raises before torch sees it)."""
     return (
         logits.device.type == "cpu"
         and logits.numel() <= SMALL_CPU_ELEMENTS
         and target.dim() == 1
-        and not (extras or inplace_backward or target_grad or tw is not None)
+        and not (inplace_backward or target_grad or tw is not None)
         and not opts.transforms_logits
         and opts.z_loss == 0.0
         and index_check.target_check_enabled()
@@ -529,14 +531,21 @@ def _small_plain_cpu_loss(
     """The loss of a ``_small_plain_cpu_call`` through ``F.cross_entropy`` (differentiable), or
     None for a mean over nothing (0 here, NaN in torch: the row contract takes it)."""
     M, C = logits.shape
-    index_check.check_class_indices(target, C, opts.ignore_index)
-    acc = accumulation_dtype(logits.dtype)
+    if M == 0:
+        return None
     target = target.long()
-    if opts.mean:
+    # One min / max answers the usual case: every index a class, none ignored (reading them
+    # costs no sync on the CPU).
+    lo, hi = (int(v) for v in torch.aminmax(target))
+    plain = lo >= 0 and hi < C and not lo <= opts.ignore_index <= hi
+    if not plain:
+        index_check.check_class_indices(target, C, opts.ignore_index)
+    if opts.mean and (weight is not None or not plain):
         valid = target != opts.ignore_index
         denom = valid.sum() if weight is None else weight[target[valid]].sum()
-        if M == 0 or not bool(denom != 0):
+        if not bool(denom != 0):
             return None
+    acc = accumulation_dtype(logits.dtype)
     return F.cross_entropy(
         logits.to(acc),
         target,
@@ -544,6 +553,24 @@ def _small_plain_cpu_loss(
         ignore_index=opts.ignore_index,
         reduction=opts.reduction,
         label_smoothing=opts.label_smoothing,
+    )
+
+
+def _small_plain_cpu_stats(
+    logits: Tensor, target: Tensor, opts: LossOptions, out_shape: tuple[int, ...], loss: Tensor
+) -> CrossEntropyStats:
+    """``return_stats`` of a ``_small_plain_cpu_call`` from torch ops (z-loss is off: 0)."""
+    with torch.no_grad():
+        z = logits.to(accumulation_dtype(logits.dtype))
+        lse = torch.logsumexp(z, dim=1)
+        p = torch.softmax(z, dim=1)
+        entropy = lse - torch.where(p > 0, p * z, 0.0).sum(dim=1)  # 0 * -inf counts as 0
+        correct = (z.argmax(dim=1) == target) & (target != opts.ignore_index)
+    return CrossEntropyStats(
+        torch.zeros_like(loss, requires_grad=False),
+        lse.reshape(out_shape),
+        entropy.reshape(out_shape),
+        correct.reshape(out_shape),
     )
 
 

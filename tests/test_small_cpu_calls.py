@@ -67,7 +67,7 @@ def test_what_stays_on_the_row_contract(calls):
     x = make_logits((4, 7), torch.float32)
     t = torch.tensor([0, 1, 3, 2])
     fusedce.cross_entropy(x, t, z_loss=1e-3)
-    fusedce.cross_entropy(x, t, return_stats=True)
+    fusedce.cross_entropy(x, t, softcap=5.0, return_stats=True)
     fusedce.cross_entropy(x, make_target((4, 7), "soft"))
     fusedce.cross_entropy(x * 1.0, t, inplace_backward=True)
     fusedce.cross_entropy(make_logits((4, 1 << 14), torch.float32), t)  # past the size limit
@@ -79,3 +79,18 @@ def test_what_stays_on_the_row_contract(calls):
     finally:
         fusedce.set_target_check(True)
     assert calls == []
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_stats_match_the_row_contract(calls, reduction):
+    x = make_logits((6, 7), torch.float32)
+    x[0, 3] = float("-inf")  # a class of probability 0: its entropy term is 0, not NaN
+    t = torch.tensor([0, 1, -100, 2, 6, 5])
+    loss, stats = fusedce.cross_entropy(x, t, reduction=reduction, return_stats=True)
+    assert len(calls) == 1
+    with fusedce.use_backend("torch"):
+        ref_loss, ref = fusedce.cross_entropy(x, t, reduction=reduction, return_stats=True)
+    torch.testing.assert_close(loss, ref_loss)
+    for got, want in zip(stats, ref, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype and not got.requires_grad
+        torch.testing.assert_close(got, want)
