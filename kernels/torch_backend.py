@@ -55,6 +55,52 @@ def transformed_logits(
     return th.mul_(c), dz
 
 
+def _plain_rows(
+    logits: Tensor,
+    target: Tensor,
+    opts: LossOptions,
+    stats: Tensor,
+    grad: Tensor | None,
+    scale: Tensor | None,
+) -> None:
+    """The row contract for class indices and nothing else (no weights, smoothing or extras),
+    in fewer passes over the logits: one softmax computed in the accumulation dtype straight
+    from the input (no upcast copy), one max, and one multiply that writes the gradient in the
+    logits' dtype (one rounding).
+
+    lse = max - log(p_max): p_max >= 1 / V never underflows, and it is 1 / sum(exp(x - max)) as
+    softmax computed it, so lse is the usual max + log(sum).
+    """
+    M, V = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    y = target.long()
+    valid = y != opts.ignore_index
+    y_ok = valid & (y >= 0) & (y < V)
+    bad = valid & ~y_ok
+    y_safe = torch.where(y_ok, y, 0)[:, None]
+    xmax, imax = logits.max(dim=1)
+    p = torch.softmax(logits, dim=1, dtype=acc)
+    lse = xmax.to(acc) - p.gather(1, imax[:, None])[:, 0].log()
+    x_y = logits.gather(1, y_safe)[:, 0].to(acc)
+    loss = torch.where(valid, lse - x_y, 0.0)
+    if bool(bad.any()):  # CPU: reading the mask costs no sync
+        loss = torch.where(bad, float("nan"), loss)
+    stats[0].copy_(loss)
+    stats[1].copy_(lse)
+    stats[2].copy_(valid.to(acc))
+    if grad is None:
+        return
+    # grad = s * (softmax - onehot(y)) on valid rows: the -1 in the accumulation dtype first,
+    # then one multiply that rounds once into the gradient's dtype.
+    p.scatter_add_(1, y_safe, -y_ok.to(acc)[:, None])
+    factor = scale.to(acc).expand(M) if scale.dim() == 0 else scale.to(acc)
+    torch.mul(p, torch.where(valid, factor, 0.0)[:, None], out=grad)
+    if not bool(valid.all()):  # ignored rows exactly 0, also with NaN logits
+        grad.masked_fill_(~valid[:, None], 0.0)
+    if bool(bad.any()):
+        grad.masked_fill_(bad[:, None], float("nan"))
+
+
 def run_rows(
     logits: Tensor,
     target: Tensor,
@@ -69,6 +115,19 @@ def run_rows(
     """The row contract (see ``core.run_rows``) from torch ops."""
     M, V = logits.shape
     if M == 0:
+        return
+    plain = (
+        not grad_only
+        and target.dim() == 1
+        and weight is None
+        and token_weight is None
+        and stats.shape[0] == 3
+        and opts.label_smoothing == 0.0
+        and opts.z_loss == 0.0
+        and not opts.transforms_logits
+    )
+    if plain:
+        _plain_rows(logits, target, opts, stats, grad, scale)
         return
     acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)  # no copy for float32 / float64 logits
