@@ -91,16 +91,35 @@ def test_uint8_class_indices_as_torch():
 
 @pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
 def test_create_graph_raises_naming_it(fn):
-    """A gradient penalty needs double backward: a clear error, not a silent detached grad."""
+    """A gradient penalty needs double backward: a clear error, not a silent detached grad.
+
+    On the row contract (every GPU call; set_backend("torch") on the CPU); small plain CPU calls
+    on the default backend are torch's own operator, whose double backward works (below)."""
     x = make_logits((4, 6), torch.float32).requires_grad_()
     t = torch.tensor([0, 1, 2, 3])
-    loss = (
-        fusedce.cross_entropy(x, t)
-        if fn == "cross_entropy"
-        else fusedce.linear_cross_entropy(x, torch.eye(6), t)
-    )
+    with fusedce.use_backend(fusedce.get_backend() if fusedce.uses_triton(x) else "torch"):
+        loss = (
+            fusedce.cross_entropy(x, t)
+            if fn == "cross_entropy"
+            else fusedce.linear_cross_entropy(x, torch.eye(6), t)
+        )
     with pytest.raises(RuntimeError, match="create_graph=True"):
         torch.autograd.grad(loss, x, create_graph=True)
+
+
+@pytest.mark.skipif(
+    fusedce.uses_triton(torch.empty(1)), reason="under TRITON_INTERPRET=1 CPU calls take Triton"
+)
+def test_small_cpu_call_double_backward_is_torchs():
+    x = make_logits((4, 6), torch.float32).requires_grad_()
+    t = torch.tensor([0, 1, 2, 3])
+    with fusedce.use_backend("auto"):
+        (g,) = torch.autograd.grad(fusedce.cross_entropy(x, t), x, create_graph=True)
+    (g_ref,) = torch.autograd.grad(F.cross_entropy(x, t), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.square().sum(), x)
+    (h_ref,) = torch.autograd.grad(g_ref.square().sum(), x)
+    torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(h, h_ref)
 
 
 @pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
