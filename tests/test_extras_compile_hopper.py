@@ -10,21 +10,12 @@ from __future__ import annotations
 import pytest
 
 triton = pytest.importorskip("triton")
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+
+from test_compile_hopper import compile_for_hopper  # noqa: E402
 
 from fusedce import triton_backend as tk  # noqa: E402
 
 pytestmark = pytest.mark.slow
-HOPPER = GPUTarget("cuda", 90, 32)
-
-
-def _compile(fn, types, constexprs, num_warps):
-    names = fn.arg_names
-    signature = {name: types.get(name, "constexpr") for name in names}
-    const = {(names.index(k),): v for k, v in constexprs.items()}
-    src = ASTSource(fn=fn, signature=signature, constexprs=const)
-    return triton.compile(src, target=HOPPER, options={"num_warps": num_warps})
 
 
 # (write_loss, write_grad, per_row_scale, write_stats): training forward with the stats,
@@ -65,7 +56,7 @@ def test_extras_kernel_compiles_for_sm90(soft, single, mode):
     V = 16000 if single else 128256
     block_m, block_v, in_regs, warps = tk._launch_config(64, V, 2, interpreted=False)
     assert in_regs == single
-    kernel = _compile(
+    kernel = compile_for_hopper(
         tk._cross_entropy_kernel,
         types,
         dict(
@@ -91,7 +82,7 @@ def test_extras_kernel_compiles_for_sm90(soft, single, mode):
 
 @pytest.mark.parametrize("soft", [False, True])
 def test_mean_scale_with_token_weights_compiles_for_sm90(soft):
-    kernel = _compile(
+    kernel = compile_for_hopper(
         tk._mean_scale_kernel,
         {
             "target_ptr": "*fp32" if soft else "*i64",
