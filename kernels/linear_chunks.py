@@ -96,7 +96,11 @@ class WeightGrad:
             torch.addmm(self.acc, g.t(), x, beta=beta, out=self.acc)
         elif g.is_cuda:
             _addmm_fp32_cuda(self.acc, g, x, beta)
-        else:  # CPU half-precision GEMMs are emulated anyway: do this one in float32
+        elif g.dtype == torch.bfloat16:
+            # No mixed-precision addmm on the CPU; bfloat16 GEMMs (float32 sums inside) run ~4x
+            # faster than float32 ones on upcast copies: round each product once, sum in float32.
+            _addmm_fp32_slabs(self.acc, g, x, beta, CPU_CHUNK_BYTES)
+        else:  # float16 GEMMs are emulated on most CPUs: this one in float32
             torch.addmm(self.acc, g.t().float(), x.float(), beta=beta, out=self.acc)
 
     def result(self) -> Tensor:
@@ -127,7 +131,14 @@ def _addmm_fp32_cuda(acc: Tensor, g: Tensor, x: Tensor, beta: float) -> None:
             if _CUDA_OUT_DTYPE_OK:  # it worked before: a real error, not a missing overload
                 raise
             _CUDA_OUT_DTYPE_OK = False
-    slab = max(1, CHUNK_BYTES // max(x.shape[1] * 4, 1))  # temporary <= CHUNK_BYTES / 2
+    _addmm_fp32_slabs(acc, g, x, beta, CHUNK_BYTES)
+
+
+def _addmm_fp32_slabs(acc: Tensor, g: Tensor, x: Tensor, beta: float, budget: int) -> None:
+    """acc (float32) = beta * acc + g.T @ x, one half-precision GEMM per slab of acc's rows:
+    each product is rounded once to g's dtype, the running sum stays float32. The temporary
+    slab holds at most ``budget / 2`` bytes."""
+    slab = max(1, budget // max(x.shape[1] * 4, 1))
     for start in range(0, acc.shape[0], slab):
         part = torch.mm(g[:, start : start + slab].t(), x)
         dst = acc[start : start + slab]

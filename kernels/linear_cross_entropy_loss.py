@@ -421,7 +421,8 @@ def linear_cross_entropy(
             ``chunk_size * V * element_size`` plus the gradients.
         accumulation: "float32" (default) accumulates the half-precision weight gradient across
             chunks in a float32 (V, D) buffer, cast once at the end: as accurate as one GEMM
-            over all tokens. "input" accumulates straight into the weight's dtype (rounded once
+            over all tokens (on the CPU each chunk's bfloat16 product is rounded once first:
+            within ~1.2x of that). "input" accumulates straight into the weight's dtype (rounded once
             per chunk) and saves those V * D * 4 bytes. No effect for float32 weights.
         logit_scale: s > 0; the loss sees z = s * logits.
         softcap: c > 0 or None; then z = c * tanh(z / c), after the scale.

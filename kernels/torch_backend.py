@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import cpu_compiled
 from .options import LossOptions, accumulation_dtype
 
 
@@ -74,6 +75,13 @@ def _plain_rows(
     M, V = logits.shape
     acc = accumulation_dtype(logits.dtype)
     y = target.long()
+    if cpu_compiled.applies(logits):
+        out = cpu_compiled.run_plain_rows(logits, y, opts.ignore_index, grad, scale)
+        if out is not None:
+            stats[0].copy_(out[0])
+            stats[1].copy_(out[1])
+            stats[2].copy_(y != opts.ignore_index)
+            return
     valid = y != opts.ignore_index
     y_ok = valid & (y >= 0) & (y < V)
     bad = valid & ~y_ok

@@ -235,10 +235,14 @@ def test_bf16_at_least_as_accurate_as_eager_upcast():
     )
     eager = errors(lambda x, W, b: F.cross_entropy(F.linear(x, W, b).float(), t))
     # Triton's interpreter casts float32 -> bfloat16 by truncation (GPUs round to nearest), so
-    # there the kernel's rounded gradient carries up to twice the rounding error.
+    # there the kernel's rounded gradient carries up to twice the rounding error. On the CPU
+    # (no mixed-precision GEMM) each chunk's bfloat16 weight-gradient product is rounded once
+    # before the float32 sum: up to ~1.2x the error of one GEMM (docs/LINEAR_CROSS_ENTROPY.md).
     slack = 2.0 if uses_triton(x) else 1.1
+    weight_slack = 2.0 if uses_triton(x) else 1.25
     for name, o, e in zip(("loss", "input", "weight", "bias"), ours, eager, strict=True):
-        assert o <= slack * e + 1e-6, (name, o, e)
+        s = weight_slack if name == "weight" else slack
+        assert o <= s * e + 1e-6, (name, o, e)
 
 
 @pytest.mark.skipif(

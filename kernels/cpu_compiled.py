@@ -1,0 +1,174 @@
+"""The plain row contract compiled by TorchInductor's C++ backend, for large CPU row blocks.
+
+Eager torch ops make one pass over the block per op (upcast, max, exp, sum, subtract, scale,
+downcast); Inductor fuses them into one loop per row that reads the logits from cache and
+writes the gradient once, vectorised. It covers the common call: class indices with no class
+weights, smoothing or extras, float32 / bfloat16 / float16 logits. Everything else, and any
+machine where compiling fails (no C++ compiler, an unsupported Python), takes the eager ops of
+``torch_backend`` with the same numbers.
+
+The functions are compiled with dynamic shapes: the first large call of each dtype pays a
+compile of a few seconds, later shapes reuse it (Inductor also caches the code on disk, so a
+new process pays far less). ``FUSEDCE_CPU_COMPILE=0`` in the environment, or
+``set_cpu_compile(False)``, turns it off.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+
+import torch
+from torch import Tensor
+
+# Below this many logits in a row block, the eager ops finish sooner than the call into the
+# compiled code (its guards and wrapper cost tens of microseconds).
+MIN_BLOCK_LOGITS = 1 << 16
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_enabled = os.environ.get("FUSEDCE_CPU_COMPILE", "1").strip() != "0"
+_failed = False
+_compiled: dict[tuple[str, torch.dtype], object] = {}
+
+
+def set_cpu_compile(enabled: bool) -> None:
+    """Turns the Inductor-compiled CPU path on or off (default on; ``FUSEDCE_CPU_COMPILE=0``).
+
+    Off, large CPU calls use eager torch ops: same results, slower.
+    """
+    global _enabled, _failed
+    _enabled = bool(enabled)
+    _failed = False
+
+
+def cpu_compile_enabled() -> bool:
+    """Whether large plain CPU calls go through the compiled row function."""
+    return _enabled and not _failed
+
+
+def _loss_lse(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
+    """Per-row lse (M, 1) and loss (M,) (NaN for an out-of-range class), the masks of the
+    non-ignored rows and of the in-range classes, and the class with 0 where there is none."""
+    xf = x.float()
+    m = xf.amax(1, keepdim=True)
+    lse = m + (xf - m).exp().sum(1, keepdim=True).log()
+    valid = y != ignore_index
+    ok = valid & (y >= 0) & (y < x.shape[1])
+    y_safe = torch.where(ok, y, 0)
+    loss = torch.where(valid, lse[:, 0] - xf.gather(1, y_safe[:, None])[:, 0], 0.0)
+    loss = torch.where(valid & ~ok, float("nan"), loss)
+    return lse, loss, valid, ok, y_safe
+
+
+def _gradient(
+    x: Tensor, lse: Tensor, valid: Tensor, ok: Tensor, y_safe: Tensor, scale: Tensor
+) -> Tensor:
+    """scale * (softmax - onehot(y)) in the logits' dtype; 0 on ignored rows, NaN on bad ones."""
+    xf = x.float()
+    cols = torch.arange(x.shape[1], device=x.device)[None, :]
+    onehot = ((cols == y_safe[:, None]) & ok[:, None]).float()
+    g = ((xf - lse).exp() - onehot) * scale[:, None]
+    g = torch.where(valid[:, None], g, 0.0)  # exactly 0, also with NaN logits
+    g = torch.where((valid & ~ok)[:, None], float("nan"), g)
+    return g.to(x.dtype)
+
+
+def _rows_loss(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    lse, loss, _, _, _ = _loss_lse(x, y, ignore_index)
+    return loss, lse[:, 0]
+
+
+def _rows_grad(
+    x: Tensor, y: Tensor, ignore_index: int, scale: Tensor, grad: Tensor
+) -> tuple[Tensor, Tensor]:
+    lse, loss, valid, ok, y_safe = _loss_lse(x, y, ignore_index)
+    grad.copy_(_gradient(x, lse, valid, ok, y_safe, scale))
+    return loss, lse[:, 0]
+
+
+def _rows_grad_inplace(
+    x: Tensor, y: Tensor, ignore_index: int, scale: Tensor
+) -> tuple[Tensor, Tensor]:
+    lse, loss, valid, ok, y_safe = _loss_lse(x, y, ignore_index)
+    x.copy_(_gradient(x, lse, valid, ok, y_safe, scale))
+    return loss, lse[:, 0]
+
+
+_FUNCTIONS = {"loss": _rows_loss, "grad": _rows_grad, "inplace": _rows_grad_inplace}
+
+
+def _compiled_fn(kind: str, dtype: torch.dtype):
+    """The compiled function for one kind of call and one logits dtype.
+
+    Each (kind, dtype) pair gets its own copy of the code object: TorchDynamo keeps its compiled
+    variants (and its recompile limit) per code object, and the shape classes Inductor guards on
+    times the dtypes would otherwise exceed that limit and fall back to uncompiled code.
+    """
+    key = (kind, dtype)
+    fn = _compiled.get(key)
+    if fn is None:
+        base = _FUNCTIONS[kind]
+        name = f"{base.__name__}_{str(dtype).removeprefix('torch.')}"
+        copy = types.FunctionType(base.__code__.replace(co_name=name), base.__globals__, name)
+        fn = torch.compile(copy, dynamic=True, fullgraph=True)
+        _compiled[key] = fn
+    return fn
+
+
+def applies(logits: Tensor) -> bool:
+    """Whether this (M, V) block takes the compiled path (the caller checked the options)."""
+    M, V = logits.shape
+    return (
+        _enabled
+        and not _failed
+        and logits.device.type == "cpu"
+        and logits.dtype in _DTYPES
+        and M >= 2
+        and V >= 2
+        and M * V >= MIN_BLOCK_LOGITS
+        and not torch.compiler.is_compiling()
+    )
+
+
+def run_plain_rows(
+    logits: Tensor,
+    y: Tensor,
+    ignore_index: int,
+    grad: Tensor | None,
+    scale: Tensor | None,
+) -> tuple[Tensor, Tensor] | None:
+    """Loss and lse per row (float32, (M,) each), writing ``grad`` when given.
+
+    Args:
+        logits: (M, V) CPU logits with unit stride along V.
+        y: (M,) int64 class indices.
+        ignore_index: the ignored class index.
+        grad: (M, V) gradient output in the logits' dtype (may be ``logits`` itself), or None.
+        scale: () or (M,) float32 gradient factors (with ``grad``).
+
+    Returns:
+        ``(loss, lse)``, or None when compiling failed here (the caller then runs the eager
+        ops; this path stays off for the rest of the process, with one warning).
+    """
+    global _failed
+    M = logits.shape[0]
+    dt = logits.dtype
+    try:
+        with torch.no_grad():  # one grad mode: Dynamo guards on it
+            if grad is None:
+                return _compiled_fn("loss", dt)(logits, y, ignore_index)
+            s = torch.broadcast_to(scale.float(), (M,)).contiguous()
+            if grad.is_set_to(logits):
+                return _compiled_fn("inplace", dt)(logits, y, ignore_index, s)
+            return _compiled_fn("grad", dt)(logits, y, ignore_index, s, grad)
+    except Exception as err:  # noqa: BLE001 - any compile failure falls back to eager ops
+        _failed = True
+        warnings.warn(
+            f"fusedce: compiling the CPU cross-entropy rows failed ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}); using eager torch ops instead "
+            "(same results, slower). Set FUSEDCE_CPU_COMPILE=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
