@@ -434,7 +434,8 @@ def linear_cross_entropy(
         process_group: a ``torch.distributed`` group over which the vocabulary is split:
             ``linear_weight`` (and ``linear_bias``) are then this rank's rows, ``input`` is
             replicated and ``target`` holds global class indices; the input's gradient comes
-            back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``.
+            back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``
+            (also taken for a ``DTensor`` linear_weight sharded by rows, without a group).
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for

@@ -8,13 +8,18 @@ gathering them:
 * ``vocab_parallel_cross_entropy(local_logits, target, ...)``: logits (N, V_r) (or (C_r,),
   (N, C_r, d1, ...)), or a ``DTensor`` sharded on the class dimension of a 1-D mesh;
 * ``vocab_parallel_linear_cross_entropy(input, local_weight, target, ...)``: replicated hidden
-  states (..., D) and the weight rows (V_r, D) of this rank, chunked over the token rows.
+  states (..., D) and the weight rows (V_r, D) of this rank (or a (V, D) ``DTensor`` sharded by
+  rows), chunked over the token rows.
+
+Both take the one-pass extras of the plain functions (logit scale, softcap, z-loss, token
+weights, ``return_stats``) with the same definitions over the global vocabulary.
 
 Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
 sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
 raise the same exception instead of leaving some rank waiting in a collective); then two
 ``all_reduce`` of O(N) floats in forward (the row maxima; one stacked buffer of the sums of
-exponentials, the target terms and the probability mass of the target coefficients), none in
+exponentials, the target terms, the probability mass of the target coefficients and, with
+``return_stats``, the entropy and argmax terms), none in
 backward for the cross-entropy, and one of the input gradient (N, D) in the backward of the
 linear head. Nothing sent depends on V.
 
