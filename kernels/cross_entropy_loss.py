@@ -415,15 +415,7 @@ def cross_entropy(
     the fused gradient.
     """
     if vocab_parallel.wants_vocab_parallel(input, process_group):
-        vocab_parallel.refuse_unsharded_options(
-            _WHO,
-            inplace_backward=inplace_backward,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            z_loss=z_loss,
-            token_weight=token_weight,
-            return_stats=return_stats,
-        )
+        vocab_parallel.refuse_unsharded_options(_WHO, inplace_backward=inplace_backward)
         return vocab_parallel.vocab_parallel_cross_entropy(
             input,
             target,
@@ -431,6 +423,11 @@ def cross_entropy(
             ignore_index,
             reduction,
             label_smoothing,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            z_loss=z_loss,
+            token_weight=token_weight,
+            return_stats=return_stats,
             process_group=process_group,
         )
     opts = check_options(_WHO, ignore_index, label_smoothing, reduction)

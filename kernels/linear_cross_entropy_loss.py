@@ -435,7 +435,8 @@ def linear_cross_entropy(
         process_group: a ``torch.distributed`` group over which the vocabulary is split:
             ``linear_weight`` (and ``linear_bias``) are then this rank's rows, ``input`` is
             replicated and ``target`` holds global class indices; the input's gradient comes
-            back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``.
+            back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``
+            (also taken for a ``DTensor`` linear_weight sharded by rows, without a group).
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
@@ -452,16 +453,8 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
-    if process_group is not None:
-        vocab_parallel.refuse_unsharded_options(
-            _WHO,
-            accumulation=accumulation,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            z_loss=z_loss,
-            token_weight=token_weight,
-            return_stats=return_stats,
-        )
+    if vocab_parallel.wants_vocab_parallel(linear_weight, process_group):
+        vocab_parallel.refuse_unsharded_options(_WHO, accumulation=accumulation)
         return vocab_parallel.vocab_parallel_linear_cross_entropy(
             input,
             linear_weight,
@@ -472,6 +465,11 @@ def linear_cross_entropy(
             ignore_index=-100 if ignore_index is None else ignore_index,
             label_smoothing=label_smoothing,
             chunk_size=chunk_size,
+            logit_scale=logit_scale,
+            softcap=softcap,
+            z_loss=z_loss,
+            token_weight=token_weight,
+            return_stats=return_stats,
             process_group=process_group,
         )
     opts = check_options(_WHO, ignore_index, label_smoothing, reduction)

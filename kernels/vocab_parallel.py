@@ -8,13 +8,18 @@ gathering them:
 * ``vocab_parallel_cross_entropy(local_logits, target, ...)``: logits (N, V_r) (or (C_r,),
   (N, C_r, d1, ...)), or a ``DTensor`` sharded on the class dimension of a 1-D mesh;
 * ``vocab_parallel_linear_cross_entropy(input, local_weight, target, ...)``: replicated hidden
-  states (..., D) and the weight rows (V_r, D) of this rank, chunked over the token rows.
+  states (..., D) and the weight rows (V_r, D) of this rank (or a (V, D) ``DTensor`` sharded by
+  rows), chunked over the token rows.
+
+Both take the one-pass extras of the plain functions (logit scale, softcap, z-loss, token
+weights, ``return_stats``) with the same definitions over the global vocabulary.
 
 Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
 sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
 raise the same exception instead of leaving some rank waiting in a collective); then two
 ``all_reduce`` of O(N) floats in forward (the row maxima; one stacked buffer of the sums of
-exponentials, the target terms and the probability mass of the target coefficients), none in
+exponentials, the target terms, the probability mass of the target coefficients and, with
+``return_stats``, the entropy and argmax terms), none in
 backward for the cross-entropy, and one of the input gradient (N, D) in the backward of the
 linear head. Nothing sent depends on V.
 
@@ -34,15 +39,21 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import core, index_check
+from .core import CrossEntropyStats
 from .linear_chunks import planned_chunk_rows
 from .options import (
     REDUCTIONS,
+    LossOptions,
     accumulation_dtype,
     check_chunk_size,
     check_class_index_dtype,
+    check_extras,
     check_options,
+    check_token_weight,
     index_target_for_kernels,
+    prepare_token_weight,
 )
+from .torch_backend import transformed_logits
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -122,6 +133,7 @@ class _Meta(NamedTuple):
     dtype: torch.dtype
     weight_numel: int  # -1 without class weights
     opts_key: tuple[int, int, int]  # reduction, ignore_index, smoothing bits
+    extras_key: tuple[int, int, int, int]  # logit_scale, softcap (-1: None), z_loss bits; stats
 
 
 _FIELDS = (
@@ -139,8 +151,14 @@ _FIELDS = (
     "smallest class index",
     "largest class index",
     "class-index fingerprint",
+    "logit_scale",
+    "softcap",
+    "z_loss",
+    "return_stats",
+    "token weights",
 )
-_AGREE = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13)  # columns that must be equal on every rank
+# Columns that must be equal on every rank.
+_AGREE = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 
 
 def _target_summary(target: Tensor | None, ignore_index: int) -> list[Tensor]:
@@ -157,6 +175,16 @@ def _target_summary(target: Tensor | None, ignore_index: int) -> list[Tensor]:
     return [lo, hi, (t * mult).sum()]
 
 
+def _token_weight_fingerprint(token_weight: Tensor | None) -> Tensor:
+    """A device int64 scalar: -1 without token weights, else the bits of a position-weighted
+    float64 sum (the same on every rank when the token weights are)."""
+    if token_weight is None:
+        return torch.full((), -1, dtype=torch.int64)
+    tw = token_weight.detach().reshape(-1).double()
+    mult = (torch.arange(tw.numel(), device=tw.device) % 65521 + 1).double()
+    return (tw * mult).sum().reshape(1).view(torch.int64)[0]
+
+
 def _agree(
     who: str,
     group: object,
@@ -165,6 +193,7 @@ def _agree(
     meta: _Meta | None,
     target: Tensor | None,
     ignore_index: int,
+    token_weight: Tensor | None = None,
 ) -> _Shard:
     """One all_gather of a few int64 per rank: learns the slice sizes and checks that the ranks
     agree. Every rank reaches the same verdict from the same table, so every rank raises the
@@ -187,8 +216,14 @@ def _agree(
             *meta.opts_key,
         ]
         summary = [s.to(device) for s in _target_summary(target, ignore_index)]
+        summary.append(_token_weight_fingerprint(token_weight).to(device))
         row = torch.cat(
-            [torch.tensor(host, dtype=torch.int64, device=device), torch.stack(summary)]
+            [
+                torch.tensor(host, dtype=torch.int64, device=device),
+                torch.stack(summary[:3]),
+                torch.tensor(meta.extras_key, dtype=torch.int64, device=device),
+                torch.stack(summary[3:]),
+            ]
         )
     rows = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(rows, row, group=group)
@@ -210,7 +245,12 @@ def _agree(
                     f"{who}: the class-index target differs across ranks; it must hold the "
                     "same global class indices on every rank"
                 )
-            shown = values if col not in (3, 10) else "they differ"
+            if col == 18:
+                raise ValueError(
+                    f"{who}: token_weight differs across ranks; it must be the same (replicated) "
+                    "tensor on every rank, or None on every rank"
+                )
+            shown = values if col not in (3, 10, 14, 15, 16) else "they differ"
             raise ValueError(f"{who}: the ranks disagree on the {_FIELDS[col]}: {shown}")
     widths = [table[r][1] for r in range(world)]
     vocab = sum(widths)
@@ -282,34 +322,41 @@ def _check_weight(who: str, weight: object, device: torch.device) -> None:
 
 class _Targets:
     """Per-row target terms of a slice. Class indices: ``hard`` = (1 - eps) w_y (0 on ignored
-    and out-of-range rows), ``y_loc`` the class within the slice (0 elsewhere), ``owned``
-    whether this slice holds it, ``valid`` / ``bad`` masks, ``smooth`` = eps / V and ``a`` the
-    coefficient of lse. Probabilities: the slice's coefficients are built per chunk."""
+    and out-of-range rows), ``y`` the global class (0 where there is none), ``y_loc`` the class
+    within the slice (0 elsewhere), ``owned`` whether this slice holds it, ``valid`` / ``bad``
+    masks, ``smooth`` = eps / V and ``a`` the coefficient of lse. Probabilities: the slice's
+    coefficients are built per chunk. Also the options (the logit transform, the z-loss), the
+    (M,) token weights ``tw`` (or None) and whether the statistics are wanted."""
 
     def __init__(
         self,
         target: Tensor,
         weight: Tensor | None,
-        eps: float,
-        ignore_index: int,
+        opts: LossOptions,
         sh: _Shard,
         acc: torch.dtype,
+        token_weight: Tensor | None = None,
+        want_stats: bool = False,
     ) -> None:
+        eps = opts.label_smoothing
+        self.opts, self.start, self.stats = opts, sh.start, want_stats
+        self.tw = token_weight
         self.soft = target.dim() == 2
         self.eps, self.smooth = eps, eps / sh.vocab
         self.w_loc = None if weight is None else weight[sh.start : sh.start + sh.width]
         if self.soft:
+            self.valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
             return
         y = target.long()
-        self.valid = y != ignore_index
+        self.valid = y != opts.ignore_index
         y_ok = self.valid & (y >= 0) & (y < sh.vocab)
         self.bad = self.valid & ~y_ok
-        y_safe = torch.where(y_ok, y, 0)
+        self.y = torch.where(y_ok, y, 0)
         self.owned = y_ok & (y >= sh.start) & (y < sh.start + sh.width)
         self.y_loc = torch.where(self.owned, y - sh.start, 0)
         hard = y_ok.to(acc) * (1.0 - eps)
         if weight is not None:
-            hard = hard * weight[y_safe]
+            hard = hard * weight[self.y]
         self.hard = hard
         w_sum = float(sh.vocab) if weight is None else weight.sum()
         self.a = torch.where(self.valid, hard + self.smooth * w_sum, 0.0)
@@ -319,92 +366,199 @@ class _Targets:
         return coef.mul_(self.w_loc) if self.w_loc is not None else coef
 
 
+# The argmax of probability targets travels in the row-max all-reduce as a float64 whose bits
+# are the int64 key 2**52 + u * 2**30 + (2**30 - 1 - c): u the order-preserving uint32 of the
+# probability (as float32) and c the global class. Such keys are positive normal float64
+# values, ordered as the integers: their MAX is the largest probability, then the lowest class
+# (torch.argmax's first maximum). It needs V <= 2**30.
+_KEY_BASE, _KEY_CLASS_BITS = 2**52, 30
+
+
+def _target_key(t: Tensor, start: int) -> Tensor:
+    """(m,) float64 keys of the row maxima of probability rows t (m, V_r) (0.0 for V_r = 0)."""
+    if t.shape[1] == 0:
+        return torch.zeros(t.shape[0], dtype=torch.float64, device=t.device)
+    bits = t.float().view(torch.int32).long()
+    u = torch.where(bits >= 0, bits, -(2**31) - 1 - bits) + 2**31
+    cls = torch.arange(start, start + t.shape[1], device=t.device)
+    key = (u << _KEY_CLASS_BITS) + (2**_KEY_CLASS_BITS - 1 - cls) + _KEY_BASE
+    return key.amax(1).view(torch.float64)
+
+
+def _key_class(key: Tensor) -> Tensor:
+    """The global class of float64 keys of ``_target_key``."""
+    low = key.view(torch.int64) & (2**_KEY_CLASS_BITS - 1)
+    return 2**_KEY_CLASS_BITS - 1 - low
+
+
 def _local_stats(x: Tensor, rows: slice, tt: _Targets, target: Tensor) -> tuple[Tensor, ...]:
-    """For a chunk of rows x (m, V_r) in the accumulation dtype: the row max, the sum of
-    exp(x - max), B = sum_c b_c (x_c - max) and S = sum_c b_c, with b_c the coefficient of x_c
-    in the loss (true class, smoothing, or probability)."""
-    m = x.amax(1) if x.shape[1] else x.new_full((x.shape[0],), float("-inf"))
+    """For a chunk of rows x (m, V_r) in the accumulation dtype, with z = the transformed
+    logits: the row max of z, the sum of exp(z - max), B = sum_c b_c (z_c - max) and
+    S = sum_c b_c, with b_c the coefficient of z_c in the loss (true class, smoothing, or
+    probability). With the statistics also E = sum_c exp(z_c - max) (z_c - max) (entropy), the
+    global index of the first maximum of z and, for probabilities, the key of their argmax."""
+    z, _ = transformed_logits(x, tt.opts, need_derivative=False)
+    width = z.shape[1]
+    m = z.amax(1) if width else z.new_full((z.shape[0],), float("-inf"))
     m_safe = torch.where(m == float("-inf"), 0.0, m)
-    xs = x - m_safe[:, None]
-    sumexp = xs.exp().sum(1)
+    zs = z - m_safe[:, None]
+    e = zs.exp()
+    sumexp = e.sum(1)
     if tt.soft:
-        coef = tt.soft_coef(target[rows], x.dtype)
-        B = torch.where(coef != 0, coef * xs, 0.0).sum(1)
+        coef = tt.soft_coef(target[rows], z.dtype)
+        B = torch.where(coef != 0, coef * zs, 0.0).sum(1)
         S = coef.sum(1)
-        return m, m_safe, sumexp, B, S
-    owned, valid = tt.owned[rows], tt.valid[rows]
-    hard = torch.where(owned, tt.hard[rows], 0.0)
-    B = hard * xs.gather(1, tt.y_loc[rows, None])[:, 0] if x.shape[1] else torch.zeros_like(m)
-    S = hard
-    if tt.eps > 0.0:
-        w = tt.w_loc
-        if w is None:
-            wx, ws = xs.sum(1), float(x.shape[1])
-        else:  # 0 * -inf counts as 0 where a class weight is 0
-            wx, ws = torch.where(w != 0, xs, 0.0) @ w, w.sum()
-        B = B + torch.where(valid, tt.smooth * wx, 0.0)
-        S = S + torch.where(valid, tt.smooth * ws, 0.0)
-    return m, m_safe, sumexp, B, S
+    else:
+        owned, valid = tt.owned[rows], tt.valid[rows]
+        hard = torch.where(owned, tt.hard[rows], 0.0)
+        B = hard * zs.gather(1, tt.y_loc[rows, None])[:, 0] if width else torch.zeros_like(m)
+        S = hard
+        if tt.eps > 0.0:
+            w = tt.w_loc
+            if w is None:
+                wx, ws = zs.sum(1), float(width)
+            else:  # 0 * -inf counts as 0 where a class weight is 0
+                wx, ws = torch.where(w != 0, zs, 0.0) @ w, w.sum()
+            B = B + torch.where(valid, tt.smooth * wx, 0.0)
+            S = S + torch.where(valid, tt.smooth * ws, 0.0)
+    out = [m, m_safe, sumexp, B, S]
+    if tt.stats:
+        out.append(torch.where(e > 0, e * zs, 0.0).sum(1))  # 0 * log 0 = 0
+        first = z.argmax(1) if width else torch.zeros(z.shape[0], dtype=torch.int64)
+        out.append(first.to(z.device) + tt.start)
+        if tt.soft:
+            out.append(_target_key(target[rows], tt.start))
+    return tuple(out)
 
 
 def _local_grad(
     x: Tensor, rows: slice, tt: _Targets, target: Tensor, lse: Tensor, a: Tensor, f: Tensor
 ) -> Tensor:
-    """d(f_i l_i) / d x for a chunk of rows (m, V_r), in the accumulation dtype; ``f`` is ()
-    or (m,)."""
+    """d(f_i l_i) / d x for a chunk of rows (m, V_r), in the accumulation dtype: through the
+    logit transform; ``a`` the coefficient of softmax(z) (with the z-loss's 2 lambda lse);
+    ``f`` () or (m,) (token weights included)."""
+    z, dz = transformed_logits(x, tt.opts, need_derivative=True)
     f_row = f[:, None] if f.dim() else f
-    g = (x - lse[rows, None]).exp_().mul_(a[rows, None] * f_row)
+    g = (z - lse[rows, None]).exp_().mul_(a[rows, None] * f_row)
     if tt.soft:
-        return g.sub_(tt.soft_coef(target[rows], x.dtype).mul_(f_row))
+        g.sub_(tt.soft_coef(target[rows], z.dtype).mul_(f_row))
+        return g.mul_(dz) if dz is not None else g
     valid, bad = tt.valid[rows], tt.bad[rows]
-    fm = f.expand(x.shape[0]) if f.dim() == 0 else f
-    if x.shape[1]:
+    fm = f.expand(z.shape[0]) if f.dim() == 0 else f
+    if z.shape[1]:
         hard = torch.where(tt.owned[rows], tt.hard[rows], 0.0) * fm
         g.scatter_add_(1, tt.y_loc[rows, None], -hard[:, None])
     if tt.eps > 0.0:
         w = (
             tt.w_loc
             if tt.w_loc is not None
-            else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+            else torch.ones(z.shape[1], dtype=z.dtype, device=z.device)
         )
-        g.addr_(torch.where(valid, tt.smooth * fm, 0.0), w.to(x.device), alpha=-1.0)
+        g.addr_(torch.where(valid, tt.smooth * fm, 0.0), w.to(z.device), alpha=-1.0)
+    if dz is not None:
+        g.mul_(dz)  # the chain rule through the scale and the softcap
     g.masked_fill_(~valid[:, None], 0.0)
     return g.masked_fill_(bad[:, None], float("nan"))
 
 
-def _join_chunks(parts: list[tuple[Tensor, ...]], acc: torch.dtype, device) -> list[Tensor]:
-    """The per-chunk statistics of ``_local_stats`` as five (M,) tensors."""
+def _join_chunks(
+    parts: list[tuple[Tensor, ...]], tt: _Targets, acc: torch.dtype, device
+) -> list[Tensor]:
+    """The per-chunk statistics of ``_local_stats`` as (M,) tensors."""
     if not parts:
-        return [torch.empty(0, dtype=acc, device=device)] * 5
+        n = 5 + (2 + tt.soft if tt.stats else 0)
+        cols = [torch.empty(0, dtype=acc, device=device) for _ in range(n)]
+        if tt.stats:
+            cols[6] = torch.empty(0, dtype=torch.int64, device=device)
+            if tt.soft:
+                cols[7] = torch.empty(0, dtype=torch.float64, device=device)
+        return cols
     return [torch.cat(column) for column in zip(*parts, strict=True)]
 
 
-def _combine(stats: list[Tensor], tt: _Targets, sh: _Shard, acc: torch.dtype) -> tuple[Tensor, ...]:
-    """The two all-reduces: the row max, then ONE stacked sum. Returns (per-row loss, lse, a)."""
-    m, m_safe, sumexp, B, S = stats
-    g_max = m.clone()
-    dist.all_reduce(g_max, op=dist.ReduceOp.MAX, group=sh.group)
-    g_safe = torch.where(g_max == float("-inf"), 0.0, g_max)
-    shift = m_safe - g_safe
-    parts = [sumexp * shift.exp(), B + torch.where(S != 0, shift * S, 0.0)]
+class _Combined(NamedTuple):
+    """The rows after the two all-reduces."""
+
+    loss: Tensor  # (M,) t_i (l_i + lambda lse_i**2), NaN on bad rows
+    lse: Tensor  # (M,)
+    a: Tensor  # (M,) coefficient of softmax(z) in the gradient (with 2 lambda lse)
+    extras: Tensor | None  # (4, M): z-loss part, lse, entropy, correct (1.0 / 0.0)
+
+
+def _combine(stats: list[Tensor], tt: _Targets, sh: _Shard, acc: torch.dtype) -> _Combined:
+    """The two all-reduces: the row max (with the probability argmax key when the statistics
+    are wanted), then ONE stacked sum."""
+    m, m_safe, sumexp, B, S = stats[:5]
+    inf = float("-inf")
+    if tt.stats and tt.soft:
+        top = torch.stack([m.to(torch.float64), stats[7]])
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=sh.group)
+        g_max, y_top = top[0].to(acc), _key_class(top[1])
+    else:
+        g_max = m.clone()
+        dist.all_reduce(g_max, op=dist.ReduceOp.MAX, group=sh.group)
+    g_safe = torch.where(g_max == inf, 0.0, g_max)
+    empty = m == inf  # no finite logit in this slice's row: it adds nothing
+    shift = torch.where(empty, 0.0, m_safe - g_safe)
+    factor = torch.where(empty, 0.0, shift.exp())
+    parts = [sumexp * factor, B + torch.where(S != 0, shift * S, 0.0)]
     if tt.soft:
         parts.append(S)  # a = sum of all coefficients: spread over the slices
+    if tt.stats:
+        # Relative to the global max: sum_c e^(z_c - g) (z_c - g), for the entropy.
+        parts.append(factor * (stats[5] + shift * sumexp))
+        # torch.argmax takes the first maximum: the slice's first maximum counts when the
+        # slice holds the global max; y is right when it is such a first maximum and no lower
+        # class is one (the slices are contiguous in rank order).
+        y = y_top if tt.soft else tt.y
+        top_here = (m == g_max) & (sh.width > 0)
+        first = stats[6]
+        parts.append((top_here & (first == y)).to(acc))
+        parts.append((top_here & (first < y)).to(acc))
     buf = torch.stack(parts).to(acc)
     dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=sh.group)
     log_sum = buf[0].log()
     a = buf[2] if tt.soft else tt.a.to(acc)
-    # l = a * lse - sum_c b_c x_c, both relative to the global max.
+    # l = a * lse - sum_c b_c z_c, both relative to the global max.
     loss = a * log_sum - buf[1]
     if not tt.soft:
         loss = torch.where(tt.valid, loss, 0.0)
+    lse = g_safe + log_sum
+    lam = tt.opts.z_loss
+    z_part = torch.where(tt.valid, lam * lse * lse, 0.0) if lam > 0.0 else None
+    a_grad = a + torch.where(tt.valid, (2.0 * lam) * lse, 0.0) if lam > 0.0 else a
+    if z_part is not None:
+        loss = loss + z_part
+    if tt.tw is not None:
+        loss = loss * tt.tw
+        z_part = z_part * tt.tw if z_part is not None else None
+    if not tt.soft:
         loss = torch.where(tt.bad, float("nan"), loss)
-    return loss, g_safe + log_sum, a
+    extras = None
+    if tt.stats:
+        k = 3 if tt.soft else 2
+        entropy = log_sum - buf[k] / buf[0]
+        correct = (buf[k + 1] > 0.5) & (buf[k + 2] < 0.5)
+        if not tt.soft:
+            correct = correct & tt.valid & ~tt.bad
+        if z_part is None:
+            z_part = torch.zeros_like(lse)
+        extras = torch.stack([z_part, lse, entropy, correct.to(acc)])
+    return _Combined(loss, lse, a_grad, extras)
 
 
-def _normaliser(target: Tensor, weight: Tensor | None, ignore_index: int, acc, mean: bool):
+def _normaliser(
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    acc,
+    mean: bool,
+    token_weight: Tensor | None = None,
+):
     if not mean:
         return torch.ones((), dtype=acc, device=target.device)
-    return core.inverse_normaliser(core.mean_normaliser(target, weight, ignore_index, acc))
+    denom = core.mean_normaliser(target, weight, ignore_index, acc, token_weight)
+    return core.inverse_normaliser(denom)
 
 
 def _reduce(loss_rows: Tensor, inv: Tensor, reduction: str) -> Tensor:
@@ -414,19 +568,36 @@ def _reduce(loss_rows: Tensor, inv: Tensor, reduction: str) -> Tensor:
     return total * inv.to(total.dtype) if reduction == "mean" else total
 
 
-def _row_factor(grad_output: Tensor, inv: Tensor, reduction: str, acc) -> Tensor:
+def _row_factor(
+    grad_output: Tensor, inv: Tensor, reduction: str, acc, token_weight: Tensor | None
+) -> Tensor:
     if reduction == "none":
-        return grad_output.reshape(-1).to(acc)
-    return (grad_output.reshape(()) * inv).to(acc)
+        f = grad_output.reshape(-1).to(acc)
+    else:
+        f = (grad_output.reshape(()) * inv).to(acc)
+    return f * token_weight if token_weight is not None else f
+
+
+def _outputs(ctx, c: _Combined, inv: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, (4, M) statistics or an empty tensor, () reduced z-loss part): the last two are
+    non-differentiable outputs."""
+    loss = _reduce(c.loss, inv, reduction)
+    if c.extras is None:
+        extras = z_red = loss.new_empty(0)
+    else:
+        extras = c.extras
+        z_red = extras[0].sum() * (inv if reduction == "mean" else 1.0)
+    ctx.mark_non_differentiable(extras, z_red)
+    return loss, extras, z_red
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward: local pass, two all-reduces. Backward: the local slice of the gradient."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, sh, ignore_index, eps, reduction):  # type: ignore[override]
+    def forward(ctx, logits, target, weight, token_weight, sh, opts, want_stats):  # type: ignore[override]
         acc = accumulation_dtype(logits.dtype)
-        tt = _Targets(target, weight, eps, ignore_index, sh, acc)
+        tt = _Targets(target, weight, opts, sh, acc, token_weight, want_stats)
         M, width = logits.shape
         # Row chunks bound the float32 temporaries (the plain head's budget for its logits).
         step = planned_chunk_rows(M, max(width, 1), torch.float32, None, logits.device)
@@ -434,18 +605,17 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         for r0 in range(0, M, step):
             rows = slice(r0, min(M, r0 + step))
             parts.append(_local_stats(logits[rows].to(acc), rows, tt, target))
-        stats = _join_chunks(parts, acc, logits.device)
-        loss_rows, lse, a = _combine(stats, tt, sh, acc)
-        inv = _normaliser(target, weight, ignore_index, acc, reduction == "mean")
-        ctx.save_for_backward(logits, target, lse, a, inv)
-        ctx.tt, ctx.reduction, ctx.step = tt, reduction, step
-        return _reduce(loss_rows, inv, reduction)
+        c = _combine(_join_chunks(parts, tt, acc, logits.device), tt, sh, acc)
+        inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
+        ctx.save_for_backward(logits, target, c.lse, c.a, inv)
+        ctx.tt, ctx.reduction, ctx.step = tt, opts.reduction, step
+        return _outputs(ctx, c, inv, opts.reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output, _grad_extras=None, _grad_z=None):  # type: ignore[override]
         logits, target, lse, a, inv = ctx.saved_tensors
         tt, acc = ctx.tt, lse.dtype
-        f_all = _row_factor(grad_output, inv, ctx.reduction, acc)
+        f_all = _row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
         grad_logits = grad_target = None
         M = logits.shape[0]
         if ctx.needs_input_grad[0]:
@@ -457,8 +627,9 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             f = f_all[rows] if f_all.dim() else f_all
             x = logits[rows].to(acc)
             if grad_target is not None:
-                # d l / d t_c = -(1 - eps) w_c (x_c - lse)
-                gt = (x - lse[rows, None]).mul_(-(1.0 - tt.eps))
+                # d l / d t_c = -(1 - eps) w_c (z_c - lse) (the z-loss does not depend on t)
+                z, _ = transformed_logits(x, tt.opts, need_derivative=False)
+                gt = (z - lse[rows, None]).mul_(-(1.0 - tt.eps))
                 if tt.w_loc is not None:
                     gt.mul_(tt.w_loc)
                 grad_target[rows] = gt.mul_(f[:, None] if f.dim() else f)
@@ -514,18 +685,49 @@ def _flatten_ce(
     return logits, target, out_shape, soft
 
 
-def _dtensor_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, process_group, sizes
-) -> Tensor:
-    """A DTensor sharded on the class dimension of a 1-D mesh: the local slices on the mesh's
-    group; the loss comes back as a replicated DTensor (as under ``loss_parallel()``)."""
+def _local_part(who: str, t: object, name: str, shard_dim: int | None = None) -> object:
+    """A DTensor argument's local tensor: replicated ones (or sharded on ``shard_dim``)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        return t
+    ok = all(p.is_replicate() for p in t.placements)
+    if shard_dim is not None:
+        ok = ok or all(p.is_shard() and p.dim % t.dim() == shard_dim for p in t.placements)
+    if not ok:
+        kind = "replicated" if shard_dim is None else f"sharded Shard({shard_dim})"
+        raise ValueError(f"{who}: a DTensor {name} must be {kind}, got {t.placements}")
+    return t.to_local()
+
+
+def _replicated(result: object, mesh: object) -> object:
+    """The loss (and the stats) of a DTensor call as replicated DTensors of ``mesh``."""
     from torch.distributed.tensor import DTensor, Replicate
 
-    mesh = input.device_mesh
+    def wrap(t: Tensor) -> Tensor:
+        return DTensor.from_local(t, mesh, [Replicate()], run_check=False)
+
+    if isinstance(result, tuple):
+        loss, stats = result
+        return wrap(loss), CrossEntropyStats(*(wrap(t) for t in stats))
+    return wrap(result)
+
+
+def _mesh_of(who: str, dt: Tensor, process_group: object) -> object:
+    mesh = dt.device_mesh
     if mesh.ndim != 1:
-        raise NotImplementedError(f"{_CE}: a DTensor input must live on a 1-D device mesh")
+        raise NotImplementedError(f"{who}: a DTensor input must live on a 1-D device mesh")
     if process_group is not None:
-        raise ValueError(f"{_CE}: a DTensor input reduces over its mesh; pass no process_group")
+        raise ValueError(f"{who}: a DTensor input reduces over its mesh; pass no process_group")
+    return mesh
+
+
+def _dtensor_cross_entropy(
+    input, target, weight, ignore_index, reduction, label_smoothing, extras, process_group, sizes
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """A DTensor sharded on the class dimension of a 1-D mesh: the local slices on the mesh's
+    group; the loss (and stats) come back as replicated DTensors (as under ``loss_parallel()``)."""
+    mesh = _mesh_of(_CE, input, process_group)
     class_dim = 1 if input.dim() >= 2 else 0
     (place,) = input.placements
     if not place.is_shard() or place.dim % input.dim() != class_dim:
@@ -533,26 +735,49 @@ def _dtensor_cross_entropy(
             f"{_CE}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
             f"), got {input.placements}"
         )
-
-    def local(t, name):
-        if isinstance(t, DTensor):
-            if not all(p.is_replicate() for p in t.placements):
-                raise ValueError(f"{_CE}: a DTensor {name} must be replicated")
-            return t.to_local()
-        return t
-
-    loss = vocab_parallel_cross_entropy(
+    extras = dict(extras, token_weight=_local_part(_CE, extras["token_weight"], "token_weight"))
+    result = vocab_parallel_cross_entropy(
         input.to_local(),
-        local(target, "target"),
-        local(weight, "weight"),
+        _local_part(_CE, target, "target", class_dim),
+        _local_part(_CE, weight, "weight"),
         ignore_index,
         reduction,
         label_smoothing,
+        **extras,
         process_group=mesh.get_group(),
         vocab_start=sizes[0] if sizes else None,
         vocab_size=sizes[1] if sizes else None,
     )
-    return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
+    return _replicated(result, mesh)
+
+
+def _extras_key(opts: LossOptions, return_stats: bool) -> tuple[int, int, int, int]:
+    cap = -1 if opts.softcap is None else _float_bits(opts.softcap)
+    return (_float_bits(opts.logit_scale), cap, _float_bits(opts.z_loss), int(return_stats))
+
+
+def _check_return_stats(who: str, return_stats: object) -> bool:
+    if not isinstance(return_stats, bool):
+        raise TypeError(f"{who}: return_stats must be a bool, got {type(return_stats).__name__}")
+    return return_stats
+
+
+def _public_stats(extras: Tensor, z_red: Tensor, per_row: bool, shape: tuple[int, ...]):
+    """``CrossEntropyStats`` from the (4, M) rows (z-loss part, lse, entropy, correct)."""
+    return CrossEntropyStats(
+        extras[0].reshape(shape) if per_row else z_red,
+        extras[1].reshape(shape),
+        extras[2].reshape(shape),
+        (extras[3] != 0).reshape(shape),
+    )
+
+
+def _check_soft_stats_vocab(who: str, sh: _Shard, soft: bool, want_stats: bool) -> None:
+    # The same verdict on every rank: V is global.
+    if soft and want_stats and sh.vocab > 2**_KEY_CLASS_BITS:
+        raise NotImplementedError(
+            f"{who}: return_stats with probability targets needs V <= 2**30 classes, got {sh.vocab}"
+        )
 
 
 def vocab_parallel_cross_entropy(
@@ -563,21 +788,28 @@ def vocab_parallel_cross_entropy(
     reduction: str = "mean",
     label_smoothing: float = 0.0,
     *,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
+    return_stats: bool = False,
     process_group: object = None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """Cross-entropy of logits split by class over the ranks of ``process_group``.
 
     Rank r holds the logits of the classes [start_r, start_r + V_r): contiguous ranges in rank
     order, any sizes. The result is the same on every rank and equals
-    ``fusedce.cross_entropy`` of the concatenated logits; each rank's gradient is its slice of
-    that function's gradient.
+    ``fusedce.cross_entropy`` of the concatenated logits (with the same options); each rank's
+    gradient is its slice of that function's gradient.
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (M,) row maxima
-    and then (SUM) one stacked (2, M) buffer ((3, M) for probabilities); backward communicates
-    nothing: each rank gets exactly its slice of the gradient. Without ``vocab_start`` /
-    ``vocab_size`` one all_gather of a few int64 per rank comes first (see Raises).
+    (float64 (2, M) with the argmax key of probability targets when ``return_stats``) and then
+    (SUM) one stacked (k, M) buffer: k = 2 ((3 for probabilities), + 3 with ``return_stats``);
+    backward communicates nothing: each rank gets exactly its slice of the gradient. Without
+    ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first (see
+    Raises). Under ``torch.compile`` the call runs eagerly (a graph break).
 
     Args:
         local_logits: this rank's logits: (C_r,), (N, C_r) or (N, C_r, d1, ..., dk); float32,
@@ -591,6 +823,16 @@ def vocab_parallel_cross_entropy(
         ignore_index: class index that contributes neither loss nor gradient.
         reduction: "none" (loss of the target's shape), "mean" or "sum".
         label_smoothing: amount in [0, 1] of uniform smoothing over all V classes.
+        logit_scale: s > 0; the loss sees z = s * x.
+        softcap: c > 0 or None; then z = c * tanh(z / c), after the scale.
+        z_loss: lambda >= 0; each non-ignored element adds lambda * lse(z)**2 (lse over all V).
+        token_weight: optional float tensor of the per-element loss shape, finite and >= 0,
+            the same on every rank (replicated), not differentiated: element i contributes
+            t_i * (l_i + lambda * lse_i**2); "mean" divides by sum_i t_i * w_{y_i}.
+        return_stats: also return ``CrossEntropyStats`` (z-loss part, lse, entropy, correct)
+            of the full vocabulary, identical on every rank (``correct``: the first maximum
+            over all V classes, as ``torch.argmax``; for probability targets the target's
+            argmax compares the probabilities rounded to float32).
         process_group: the group the vocabulary is split over; None: the default group when
             ``torch.distributed`` is initialised, else the plain function. A group of size 1 is
             the plain ``fusedce.cross_entropy``.
@@ -600,11 +842,13 @@ def vocab_parallel_cross_entropy(
 
     Returns:
         The loss, float32 (float64 for float64 logits): a scalar, or the target's shape for
-        reduction="none"; identical on every rank.
+        reduction="none"; identical on every rank. With ``return_stats`` the tuple
+        ``(loss, stats)``.
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes or options; ranks that disagree on the number
-            of rows, the target, the options or the dtype; a weight that is not (V,).
+            of rows, the target, the token weights, the options or the dtype; a weight that is
+            not (V,).
         IndexError: a class index outside [0, V) other than ignore_index.
         With the sizes learnt (the default) every rank raises the same exception, also when
         only one rank's arguments are bad, and none is left waiting in a collective. With
@@ -612,6 +856,13 @@ def vocab_parallel_cross_entropy(
         in the (replicated) target or weight still raise on every rank, but a rank-specific
         one raises on that rank alone, and the others wait until the group's timeout.
     """
+    extras = {
+        "logit_scale": logit_scale,
+        "softcap": softcap,
+        "z_loss": z_loss,
+        "token_weight": token_weight,
+        "return_stats": return_stats,
+    }
     sizes_given = vocab_start is not None or vocab_size is not None
     if dist.is_available():
         from torch.distributed.tensor import DTensor
@@ -625,6 +876,7 @@ def vocab_parallel_cross_entropy(
                 ignore_index,
                 reduction,
                 label_smoothing,
+                extras,
                 process_group,
                 sizes,
             )
@@ -637,14 +889,49 @@ def vocab_parallel_cross_entropy(
             _check_explicit_sizes(_CE, vocab_start, vocab_size, width)
             if sizes_given and (vocab_start, vocab_size) != (0, width):
                 raise ValueError(f"{_CE}: one rank holds all classes: vocab_start=0, V={width}")
-        return cross_entropy(local_logits, target, weight, ignore_index, reduction, label_smoothing)
+        return cross_entropy(
+            local_logits, target, weight, ignore_index, reduction, label_smoothing, **extras
+        )
+    return _sharded_cross_entropy(
+        local_logits,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        extras,
+        group,
+        vocab_start,
+        vocab_size,
+    )
 
+
+@torch.compiler.disable
+def _sharded_cross_entropy(
+    local_logits,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    extras,
+    group,
+    vocab_start,
+    vocab_size,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """The sharded call. Run eagerly under ``torch.compile`` (a graph break): the metadata
+    exchange reads values back to the host and the autograd Function holds collectives."""
+    sizes_given = vocab_start is not None or vocab_size is not None
     error: Exception | None = None
-    meta = logits = t = None
+    meta = logits = t = tw = None
     explicit = None
     try:
         opts = check_options(_CE, ignore_index, label_smoothing, reduction)
+        opts = check_extras(_CE, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(_CE, extras["return_stats"])
         logits, t, out_shape, soft = _flatten_ce(local_logits, target, weight, opts.ignore_index)
+        tw = extras["token_weight"]
+        check_token_weight(_CE, tw, out_shape, logits.device)
         explicit = _check_explicit_sizes(_CE, vocab_start, vocab_size, logits.shape[1])
         meta = _Meta(
             width=logits.shape[1],
@@ -659,6 +946,7 @@ def vocab_parallel_cross_entropy(
                 opts.ignore_index,
                 _float_bits(opts.label_smoothing),
             ),
+            extras_key=_extras_key(opts, want_stats),
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
         if sizes_given:
@@ -667,14 +955,17 @@ def vocab_parallel_cross_entropy(
     if explicit is None:
         device = local_logits.device if isinstance(local_logits, Tensor) else torch.device("cpu")
         ii = ignore_index if isinstance(ignore_index, int) else -100
-        sh = _agree(_CE, group, device, error, meta, t if meta else None, ii)
+        sh = _agree(_CE, group, device, error, meta, t if meta else None, ii, tw)
     else:
         sh = _explicit_shard(_CE, group, explicit, meta.width, weight, t, opts.ignore_index)
+    _check_soft_stats_vocab(_CE, sh, meta.soft, want_stats)
     w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
-    loss = _VocabParallelCrossEntropy.apply(
-        logits, t, w, sh, opts.ignore_index, opts.label_smoothing, opts.reduction
-    )
-    return loss.reshape(meta.out_shape) if opts.per_row else loss
+    tw = prepare_token_weight(tw, logits.dtype)
+    loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
+    loss = loss.reshape(meta.out_shape) if opts.per_row else loss
+    if not want_stats:
+        return loss
+    return loss, _public_stats(rows, z_red, opts.per_row, meta.out_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,26 +983,25 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     input gradient."""
 
     @staticmethod
-    def forward(ctx, x, W, b, target, weight, sh, ignore_index, eps, reduction, step):  # type: ignore[override]
+    def forward(ctx, x, W, b, target, weight, token_weight, sh, opts, want_stats, step):  # type: ignore[override]
         acc = accumulation_dtype(x.dtype)
-        tt = _Targets(target, weight, eps, ignore_index, sh, acc)
+        tt = _Targets(target, weight, opts, sh, acc, token_weight, want_stats)
         M = x.shape[0]
         parts = []
         for r0 in range(0, M, step):
             rows = slice(r0, min(M, r0 + step))
             parts.append(_local_stats(_linear_logits(x[rows], W, b, acc), rows, tt, target))
-        stats = _join_chunks(parts, acc, x.device)
-        loss_rows, lse, a = _combine(stats, tt, sh, acc)
-        inv = _normaliser(target, weight, ignore_index, acc, reduction == "mean")
-        ctx.save_for_backward(x, W, b, target, lse, a, inv)
-        ctx.tt, ctx.reduction, ctx.step, ctx.sh = tt, reduction, step, sh
-        return _reduce(loss_rows, inv, reduction)
+        c = _combine(_join_chunks(parts, tt, acc, x.device), tt, sh, acc)
+        inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
+        ctx.save_for_backward(x, W, b, target, c.lse, c.a, inv)
+        ctx.tt, ctx.reduction, ctx.step, ctx.sh = tt, opts.reduction, step, sh
+        return _outputs(ctx, c, inv, opts.reduction)
 
     @staticmethod
-    def backward(ctx, grad_output):  # type: ignore[override]
+    def backward(ctx, grad_output, _grad_extras=None, _grad_z=None):  # type: ignore[override]
         x, W, b, target, lse, a, inv = ctx.saved_tensors
         tt, acc, sh = ctx.tt, lse.dtype, ctx.sh
-        f_all = _row_factor(grad_output, inv, ctx.reduction, acc)
+        f_all = _row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         M = x.shape[0]
         gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
@@ -797,28 +1087,37 @@ def vocab_parallel_linear_cross_entropy(
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     chunk_size: int | None = None,
+    logit_scale: float = 1.0,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    token_weight: Tensor | None = None,
+    return_stats: bool = False,
     process_group: object = None,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
-) -> Tensor:
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``cross_entropy(linear(input, W, b), target)`` with W split by rows over the ranks.
 
     Rank r holds the rows [start_r, start_r + V_r) of the (V, D) output weight (contiguous
     ranges in rank order, any sizes) and of the bias; ``input`` is replicated. The loss is the
-    same on every rank and equals ``fusedce.linear_cross_entropy`` with the full weight. The
-    (N, V_r) logits are never materialised: at most ``chunk_size`` rows at a time.
+    same on every rank and equals ``fusedce.linear_cross_entropy`` with the full weight (and
+    the same options). The (N, V_r) logits are never materialised: at most ``chunk_size`` rows
+    at a time.
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row
-    maxima and then (SUM) one stacked (2, N) buffer; backward all-reduces (SUM) the (N, D) input
-    gradient in float32, so ``input.grad`` is the FULL gradient on every rank (``input`` must
-    then require grad on every rank or on none). The gradients of
-    ``local_weight`` and ``linear_bias`` are this rank's slices and are not reduced. Without
-    ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first.
+    maxima and then (SUM) one stacked (2, N) buffer ((5, N) with ``return_stats``); backward
+    all-reduces (SUM) the (N, D) input gradient in float32, so ``input.grad`` is the FULL
+    gradient on every rank (``input`` must then require grad on every rank or on none). The
+    gradients of ``local_weight`` and ``linear_bias`` are this rank's slices and are not
+    reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank
+    comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
 
     Args:
         input: (D,), (N, D) or (..., D) hidden states, the same on every rank; float32,
             float16, bfloat16 or float64.
-        local_weight: (V_r, D) this rank's rows of the output weight; input's dtype.
+        local_weight: (V_r, D) this rank's rows of the output weight; input's dtype. Or a
+            ``DTensor`` (V, D) sharded ``Shard(0)`` on a 1-D mesh: its mesh's group is used
+            and the loss (and stats) come back as replicated DTensors.
         target: GLOBAL class indices (int64, int32 or uint8) of shape ``input.shape[:-1]``,
             the same on every rank.
         linear_bias: optional (V_r,) this rank's slice of the bias; input's dtype.
@@ -827,6 +1126,8 @@ def vocab_parallel_linear_cross_entropy(
         ignore_index: class index that contributes neither loss nor gradient (None: -100).
         label_smoothing: amount in [0, 1] of uniform smoothing over all V classes.
         chunk_size: token rows per chunk; None picks the plain function's default for V_r.
+        logit_scale, softcap, z_loss, token_weight, return_stats: as in
+            :func:`vocab_parallel_cross_entropy` (``token_weight`` of the target's shape).
         process_group: as in :func:`vocab_parallel_cross_entropy`; a group of size 1 is the
             plain ``fusedce.linear_cross_entropy``.
         vocab_start: first global class of this rank's rows (with ``vocab_size``: no
@@ -835,12 +1136,44 @@ def vocab_parallel_linear_cross_entropy(
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
-        reduction="none"; identical on every rank.
+        reduction="none"; identical on every rank. With ``return_stats`` the tuple
+        ``(loss, stats)``.
 
     Raises:
         As :func:`vocab_parallel_cross_entropy` (the ranks also agree on D);
         NotImplementedError: probability targets.
     """
+    extras = {
+        "logit_scale": logit_scale,
+        "softcap": softcap,
+        "z_loss": z_loss,
+        "token_weight": token_weight,
+        "return_stats": return_stats,
+    }
+    if wants_vocab_parallel(local_weight, None):  # a DTensor weight
+        mesh = _mesh_of(_LCE, local_weight, process_group)
+        if not all(p.is_shard() and p.dim % 2 == 0 for p in local_weight.placements):
+            raise ValueError(
+                f"{_LCE}: a DTensor local_weight must be sharded by rows (Shard(0)), got "
+                f"{local_weight.placements}"
+            )
+        extras["token_weight"] = _local_part(_LCE, token_weight, "token_weight")
+        result = vocab_parallel_linear_cross_entropy(
+            _local_part(_LCE, input, "input"),
+            local_weight.to_local(),
+            _local_part(_LCE, target, "target"),
+            linear_bias=_local_part(_LCE, linear_bias, "linear_bias", 0),
+            weight=_local_part(_LCE, weight, "weight"),
+            reduction=reduction,
+            ignore_index=ignore_index,
+            label_smoothing=label_smoothing,
+            chunk_size=chunk_size,
+            **extras,
+            process_group=mesh.get_group(),
+            vocab_start=vocab_start,
+            vocab_size=vocab_size,
+        )
+        return _replicated(result, mesh)
     group = _resolve_group(process_group)
     if group is None or dist.get_world_size(group) == 1:
         from .linear_cross_entropy_loss import linear_cross_entropy
@@ -860,16 +1193,54 @@ def vocab_parallel_linear_cross_entropy(
             ignore_index=ignore_index,
             label_smoothing=label_smoothing,
             chunk_size=chunk_size,
+            **extras,
         )
+    return _sharded_linear_cross_entropy(
+        input,
+        local_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
+        extras,
+        group,
+        vocab_start,
+        vocab_size,
+    )
 
+
+@torch.compiler.disable
+def _sharded_linear_cross_entropy(
+    input,
+    local_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    extras,
+    group,
+    vocab_start,
+    vocab_size,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """The sharded call of the linear head (run eagerly under ``torch.compile``)."""
     sizes_given = vocab_start is not None or vocab_size is not None
     error: Exception | None = None
-    meta = t = None
+    meta = t = tw = None
     explicit = None
     try:
         opts = check_options(_LCE, ignore_index, label_smoothing, reduction)
+        opts = check_extras(_LCE, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(_LCE, extras["return_stats"])
         check_chunk_size(_LCE, chunk_size)
         _check_linear(_LCE, input, local_weight, target, linear_bias, weight)
+        tw = extras["token_weight"]
+        check_token_weight(_LCE, tw, tuple(target.shape), input.device)
         width, D = local_weight.shape
         explicit = _check_explicit_sizes(_LCE, vocab_start, vocab_size, width)
         x = input.reshape(-1, D)
@@ -887,6 +1258,7 @@ def vocab_parallel_linear_cross_entropy(
                 opts.ignore_index,
                 _float_bits(opts.label_smoothing),
             ),
+            extras_key=_extras_key(opts, want_stats),
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
         if sizes_given:
@@ -896,29 +1268,24 @@ def vocab_parallel_linear_cross_entropy(
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         ii = -100 if ignore_index is None else ignore_index
         ii = ii if isinstance(ii, int) else -100
-        sh = _agree(_LCE, group, device, error, meta, t if meta else None, ii)
+        sh = _agree(_LCE, group, device, error, meta, t if meta else None, ii, tw)
     else:
         sh = _explicit_shard(_LCE, group, explicit, meta.width, weight, t, opts.ignore_index)
     w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
+    tw = prepare_token_weight(tw, x.dtype)
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, chunk_size, x.device)
-    loss = _VocabParallelLinearCrossEntropy.apply(
-        x,
-        local_weight,
-        linear_bias,
-        t,
-        w,
-        sh,
-        opts.ignore_index,
-        opts.label_smoothing,
-        opts.reduction,
-        step,
+    loss, rows, z_red = _VocabParallelLinearCrossEntropy.apply(
+        x, local_weight, linear_bias, t, w, tw, sh, opts, want_stats, step
     )
-    return loss.reshape(meta.out_shape) if opts.per_row else loss
+    loss = loss.reshape(meta.out_shape) if opts.per_row else loss
+    if not want_stats:
+        return loss
+    return loss, _public_stats(rows, z_red, opts.per_row, meta.out_shape)
 
 
 def wants_vocab_parallel(input: Tensor, process_group: object) -> bool:
     """Whether a call of the plain functions goes here: a process group was given, or the input
-    is a ``DTensor`` (``torch.distributed.tensor``)."""
+    (the logits, or the linear head's weight) is a ``DTensor`` (``torch.distributed.tensor``)."""
     if process_group is not None:
         return True
     if type(input) is Tensor or not isinstance(input, Tensor):
@@ -930,29 +1297,23 @@ def wants_vocab_parallel(input: Tensor, process_group: object) -> bool:
     return isinstance(input, DTensor)
 
 
+# Options of the plain functions with no sharded meaning: the sharded loss refuses them.
 _UNSHARDED_DEFAULTS = {
     "inplace_backward": False,
-    "logit_scale": 1.0,
-    "softcap": None,
-    "z_loss": 0.0,
-    "token_weight": None,
-    "return_stats": False,
     "accumulation": "float32",
 }
 
 
 def refuse_unsharded_options(who: str, **options: object) -> None:
     """Raises NotImplementedError naming the options, among those of ``_UNSHARDED_DEFAULTS``,
-    that are not at their defaults: the sharded loss does not take them (yet)."""
-    asked = []
-    for name, value in options.items():
-        default = _UNSHARDED_DEFAULTS[name]
-        same = value is None if default is None else (value is not None and value == default)
-        if not same:
-            asked.append(name)
+    that are not at their defaults: ``inplace_backward`` (the slices' gradient is written per
+    chunk from the saved logits, which backward still reads) and ``accumulation="input"`` (the
+    local weight gradient is accumulated in float32)."""
+    asked = [name for name, value in options.items() if value != _UNSHARDED_DEFAULTS[name]]
     if asked:
         raise NotImplementedError(
             f"{who}: {', '.join(asked)} not supported with a process_group or a DTensor input; "
-            "the vocabulary-parallel loss takes weight, ignore_index, reduction and "
-            "label_smoothing (and chunk_size, linear_bias for the linear head)"
+            "the vocabulary-parallel loss takes every other option (weight, ignore_index, "
+            "reduction, label_smoothing, logit_scale, softcap, z_loss, token_weight, "
+            "return_stats; chunk_size and linear_bias for the linear head)"
         )

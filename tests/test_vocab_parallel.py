@@ -178,6 +178,227 @@ def _check_linear(
         _close(bl.grad, br.grad[rows], tol, f"bias grad {what}")
 
 
+# The one-pass extras, alone and together ("token_weight": True draws random token weights).
+EXTRA_SETS = (
+    {"logit_scale": 0.7},
+    {"softcap": 5.0},
+    {"z_loss": 1e-3},
+    {"token_weight": True},
+    {},  # return_stats alone
+    {"logit_scale": 1.3, "softcap": 4.0, "z_loss": 2e-3, "token_weight": True},
+)
+ALL_EXTRAS = EXTRA_SETS[-1]
+
+
+def _token_weights(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 100)
+    tw = torch.rand(shape, generator=g, dtype=torch.float64) * 2
+    if tw.dim():
+        tw.view(-1)[::5] = 0.0  # some zero weights
+    return tw
+
+
+def _close_stats(got, ref, tol: float, what: str) -> None:
+    _close(got.z_loss, ref.z_loss.detach(), tol, f"stats.z_loss {what}")
+    _close(got.lse, ref.lse, tol, f"stats.lse {what}")
+    _close(got.entropy, ref.entropy, tol, f"stats.entropy {what}")
+    assert torch.equal(got.correct, ref.correct), f"stats.correct {what}"
+    assert got.correct.dtype == torch.bool and not got.lse.requires_grad, what
+
+
+def _check_extras(
+    rank: int,
+    widths: list[int],
+    extras: dict,
+    dtype: torch.dtype = torch.float32,
+    soft: bool = False,
+    reduction: str = "mean",
+    shape_in: tuple[int, ...] = (N, V),
+    use_weight: bool = True,
+    eps: float = 0.1,
+    return_stats: bool = True,
+    seed: int = 11,
+) -> None:
+    """fusedce.cross_entropy(slice, process_group=) with the extras against the unsharded
+    fusedce.cross_entropy of the full logits in float64: loss, gradients and statistics."""
+    logits, target, weight = _data(seed, shape_in, soft)
+    logits = logits.to(dtype).double()
+    class_dim = 1 if logits.dim() > 1 else 0
+    if not soft and target.dim():
+        # Some rows whose class is the argmax, so that `correct` is True somewhere.
+        target.view(-1)[1::3] = logits.argmax(class_dim).reshape(-1)[1::3]
+    out_shape = tuple(logits.shape[:class_dim]) + tuple(logits.shape[class_dim + 1 :])
+    opts = dict(extras)
+    if opts.get("token_weight"):
+        opts["token_weight"] = _token_weights(out_shape, seed)
+    w = weight if use_weight else None
+    start = sum(widths[:rank])
+    cols = slice(start, start + widths[rank])
+    idx = (slice(None), cols) if class_dim else (cols,)
+
+    ref_in = logits.clone().requires_grad_()
+    ref_t = target.clone().requires_grad_(soft)
+    ref, ref_stats = fusedce.cross_entropy(
+        ref_in, ref_t, w, IGNORE, reduction, eps, **opts, return_stats=True
+    )
+    factor = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    (ref * factor).sum().backward()
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    local = logits[idx].to(dtype).clone().requires_grad_()
+    local_t = target[idx].clone().requires_grad_() if soft else target
+    mine = {k: (v.to(acc) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    out = fusedce.cross_entropy(
+        local,
+        local_t,
+        w.to(acc) if w is not None else None,
+        IGNORE,
+        reduction,
+        eps,
+        **mine,
+        return_stats=return_stats,
+        process_group=dist.group.WORLD,
+    )
+    loss, stats = out if return_stats else (out, None)
+    what = f"extras {extras} {dtype} soft={soft} {reduction} shape={shape_in} widths={widths}"
+    assert isinstance(loss, torch.Tensor) and loss.dtype == acc, what
+    assert loss.shape == ref.shape, what
+    (loss * factor.to(acc)).sum().backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    _close(loss, ref.detach(), tol, f"loss {what}")
+    _close(local.grad, ref_in.grad[idx], GRAD_TOL[dtype], f"grad {what}")
+    if soft:
+        _close(local_t.grad, ref_t.grad[idx], 1e-5, f"target grad {what}")
+    if stats is not None:
+        _close_stats(stats, ref_stats, tol, what)
+        # Identical on every rank.
+        gathered: list[object] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, [loss.detach(), *stats])
+        assert all(
+            all(torch.equal(a, b) for a, b in zip(other, gathered[0], strict=True))
+            for other in gathered
+        ), what
+
+
+def _check_argmax_ties(rank: int, widths: list[int]) -> None:
+    """`correct` resolves ties of the maximum across slices toward the lowest global class, as
+    torch.argmax: rows whose maximum appears in several slices."""
+    vocab = sum(widths)
+    starts = [sum(widths[:r]) for r in range(len(widths)) if widths[r]]
+    lo, hi = starts[0], starts[-1] + 1  # in the first and the last non-empty slice
+    logits = torch.zeros(6, vocab, dtype=torch.float64)
+    logits[:, lo] = logits[:, hi] = 4.0
+    logits[3:, lo] = 3.0  # rows 3..5: the maximum is in the last slice alone
+    hard = torch.tensor([lo, hi, 0, lo, hi, 1])
+    soft = torch.full((6, vocab), 0.1 / vocab, dtype=torch.float64)
+    soft[:, lo] = soft[:, hi] = 0.5  # a tie in the target too: its argmax is `lo`
+    soft[1::2, lo] = 0.2
+    cols = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    for target, local_t in ((hard, hard), (soft, soft[:, cols])):
+        _, ref = fusedce.cross_entropy(logits, target, reduction="none", return_stats=True)
+        _, got = fusedce.cross_entropy(
+            logits[:, cols].float(),
+            local_t.float() if local_t.is_floating_point() else local_t,
+            reduction="none",
+            return_stats=True,
+            process_group=dist.group.WORLD,
+        )
+        assert torch.equal(got.correct, ref.correct), (got.correct, ref.correct)
+    assert ref.correct.tolist() != [False] * 6 and ref.correct.tolist() != [True] * 6
+
+
+def _check_linear_extras(
+    rank: int,
+    widths: list[int],
+    extras: dict,
+    dtype: torch.dtype,
+    reduction: str,
+    return_stats: bool = True,
+) -> None:
+    """fusedce.linear_cross_entropy(x, W slice, process_group=) with the extras against the
+    unsharded fused head in float64."""
+    D = 7
+    g = torch.Generator().manual_seed(2)
+    vocab = sum(widths)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64).to(dtype)
+    W = (torch.randn(vocab, D, generator=g, dtype=torch.float64) * 0.7).to(dtype)
+    b = torch.randn(vocab, generator=g, dtype=torch.float64).to(dtype)
+    target = torch.randint(vocab, (N,), generator=g)
+    target[::4] = IGNORE
+    target[1::4] = F.linear(x.double(), W.double(), b.double()).argmax(1)[1::4]
+    w = torch.rand(vocab, generator=g, dtype=torch.float64) + 0.1
+    opts = dict(extras)
+    if opts.get("token_weight"):
+        opts["token_weight"] = _token_weights((N,), 2)
+
+    xr, Wr, br = (t.double().clone().requires_grad_() for t in (x, W, b))
+    # The reference: the unsharded cross-entropy of the float64 logits.
+    ref, ref_stats = fusedce.cross_entropy(
+        F.linear(xr, Wr, br),
+        target,
+        w,
+        reduction=reduction,
+        label_smoothing=0.1,
+        **opts,
+        return_stats=True,
+    )
+    factor = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+    (ref * factor).sum().backward()
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    rows = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    xl = x.clone().requires_grad_()
+    Wl = W[rows].clone().requires_grad_()
+    bl = b[rows].clone().requires_grad_()
+    mine = {k: (v.to(acc) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+    out = fusedce.linear_cross_entropy(
+        xl,
+        Wl,
+        target,
+        linear_bias=bl,
+        weight=w.to(acc),
+        reduction=reduction,
+        label_smoothing=0.1,
+        chunk_size=3,
+        **mine,
+        return_stats=return_stats,
+        process_group=dist.group.WORLD,
+    )
+    loss, stats = out if return_stats else (out, None)
+    (loss * factor.to(acc)).sum().backward()
+    what = f"linear extras {extras} {dtype} {reduction} widths={widths}"
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    _close(loss, ref.detach(), tol, f"loss {what}")
+    _close(xl.grad, xr.grad, tol, f"input grad {what}")
+    _close(Wl.grad, Wr.grad[rows], tol, f"weight grad {what}")
+    _close(bl.grad, br.grad[rows], tol, f"bias grad {what}")
+    if stats is not None and dtype != torch.bfloat16:
+        _close_stats(stats, ref_stats, tol, what)
+
+
+def _check_all_extras(rank: int, world: int, widths: list[int], skewed: list[int]) -> None:
+    for extras in EXTRA_SETS:
+        _check_extras(rank, widths, extras)
+        _check_extras(rank, widths, extras, soft=True, reduction="sum")
+    for reduction in ("none", "mean", "sum"):
+        _check_extras(rank, widths, ALL_EXTRAS, reduction=reduction, use_weight=False, eps=0.0)
+    _check_extras(rank, widths, ALL_EXTRAS, torch.float64, reduction="none")
+    _check_extras(rank, widths, ALL_EXTRAS, torch.float64, soft=True)
+    _check_extras(rank, widths, ALL_EXTRAS, torch.bfloat16, reduction="sum")
+    _check_extras(rank, widths, ALL_EXTRAS, torch.bfloat16, soft=True, reduction="none")
+    _check_extras(rank, widths, ALL_EXTRAS, shape_in=(3, V, 4), reduction="none")
+    _check_extras(rank, widths, ALL_EXTRAS, shape_in=(V,), reduction="sum")
+    _check_extras(rank, widths, ALL_EXTRAS, return_stats=False)
+    _check_extras(rank, skewed, ALL_EXTRAS, reduction="none")
+    _check_extras(rank, skewed, ALL_EXTRAS, soft=True)
+    _check_argmax_ties(rank, widths)
+    _check_argmax_ties(rank, skewed)
+    for dtype, reduction in ((torch.float32, "mean"), (torch.float64, "none")):
+        _check_linear_extras(rank, widths, ALL_EXTRAS, dtype, reduction)
+    _check_linear_extras(rank, widths, {"softcap": 3.0}, torch.bfloat16, "sum")
+    _check_linear_extras(rank, skewed, ALL_EXTRAS, torch.float32, "sum", return_stats=False)
+
+
 def _collectives(fn) -> tuple[dict[str, int], dict[str, int]]:
     """Collectives issued by ``fn()`` (forward) and by the backward of what it returns, read
     from the profiler's record of the gloo calls."""
@@ -264,6 +485,29 @@ def _check_errors(rank: int, world: int) -> None:
         "out of bounds",
         lambda: vpce(local, bad, vocab_start=start, vocab_size=V),
     )
+    # The ranks disagree on an extra, or on the (replicated) token weights.
+    cap = 5.0 if rank == 0 else 6.0
+    _expect_same_error(
+        rank, world, ValueError, "disagree on the softcap", lambda: vpce(local, target, softcap=cap)
+    )
+    stats = rank == world - 1
+    _expect_same_error(
+        rank, world, ValueError, "return_stats", lambda: vpce(local, target, return_stats=stats)
+    )
+    tw = torch.ones(N)
+    tw[0] = 1.0 + rank
+    _expect_same_error(
+        rank,
+        world,
+        ValueError,
+        "token_weight differs",
+        lambda: vpce(local, target, token_weight=tw),
+    )
+    # A bad extra on one rank.
+    scale = -1.0 if rank == 1 else 1.0
+    _expect_same_error(
+        rank, world, ValueError, "logit_scale", lambda: vpce(local, target, logit_scale=scale)
+    )
     # The group is still in step: a good call after all those errors.
     ref = F.cross_entropy(logits, target)
     _close(vpce(local, target), ref, 1e-5, "after errors")
@@ -308,6 +552,52 @@ def _check_dtensor(rank: int, world: int) -> None:
         _close(loss.full_tensor(), f64, 1e-5, f"f64 {what}")
 
 
+def _check_dtensor_extras(rank: int, world: int) -> None:
+    """DTensor logits with the extras (stats as replicated DTensors), and a DTensor (V, D)
+    weight sharded Shard(0) for the linear head."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full, target, weight = _data(4, (N, V), soft=False)
+    tw = _token_weights((N,), 4)
+    opts = {"logit_scale": 1.3, "softcap": 4.0, "z_loss": 2e-3}
+    ref_in = full.clone().requires_grad_()
+    ref, ref_stats = fusedce.cross_entropy(
+        ref_in, target, weight, **opts, token_weight=tw, return_stats=True
+    )
+    ref.backward()
+    d = distribute_tensor(full.float(), mesh, [Shard(1)]).requires_grad_()
+    loss, stats = fusedce.cross_entropy(
+        d, target, weight.float(), **opts, token_weight=tw.float(), return_stats=True
+    )
+    loss.backward()
+    assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+    assert all(isinstance(t, DTensor) for t in stats)
+    _close(loss.full_tensor(), ref.detach(), 1e-5, "DTensor extras loss")
+    _close(d.grad.full_tensor(), ref_in.grad, 1e-5, "DTensor extras grad")
+    _close_stats(type(stats)(*(t.full_tensor() for t in stats)), ref_stats, 1e-5, "DTensor")
+
+    # The linear head: a DTensor weight sharded by rows, replicated input and target.
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(N, 6, generator=g, dtype=torch.float64)
+    W = torch.randn(V, 6, generator=g, dtype=torch.float64)
+    hr, Wr = h.clone().requires_grad_(), W.clone().requires_grad_()
+    ref = fusedce.cross_entropy(F.linear(hr, Wr), target, **opts)
+    ref.backward()
+    hl = h.float().requires_grad_()
+    Wd = distribute_tensor(W.float(), mesh, [Shard(0)]).requires_grad_()
+    loss = fusedce.linear_cross_entropy(hl, Wd, target, **opts)
+    loss.backward()
+    assert isinstance(loss, DTensor) and loss.placements == (Replicate(),)
+    assert isinstance(Wd.grad, DTensor) and Wd.grad.placements == (Shard(0),)
+    _close(loss.full_tensor(), ref.detach(), 1e-5, "DTensor linear loss")
+    _close(hl.grad, hr.grad, 1e-5, "DTensor linear input grad")
+    _close(Wd.grad.full_tensor(), Wr.grad, 1e-5, "DTensor linear weight grad")
+    with pytest.raises(ValueError, match="Shard"):
+        fusedce.linear_cross_entropy(hl, distribute_tensor(W.float(), mesh, [Shard(1)]), target)
+
+
 def _check_group_of_one(rank: int, world: int) -> None:
     groups = [dist.new_group([r]) for r in range(world)]  # every rank creates every group
     mine = groups[rank]
@@ -326,6 +616,19 @@ def _check_group_of_one(rank: int, world: int) -> None:
         ref.sum().backward()
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    a = x.clone().requires_grad_()
+    b = x.clone().requires_grad_()
+    tw = _token_weights((N,), 5).float()
+    opts = {"logit_scale": 0.5, "softcap": 3.0, "z_loss": 1e-3, "token_weight": tw}
+    got, got_stats = vocab_parallel_cross_entropy(
+        a, target, **opts, return_stats=True, process_group=mine
+    )
+    ref, ref_stats = fusedce.cross_entropy(b, target, **opts, return_stats=True)
+    got.backward()
+    ref.backward()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert all(torch.equal(u, v) for u, v in zip(got_stats, ref_stats, strict=True))
     h, W = torch.randn(N, 5), torch.randn(37, 5)
     torch.testing.assert_close(
         vocab_parallel_linear_cross_entropy(h, W, target, process_group=mine),
@@ -370,9 +673,11 @@ def _check_public_entry_points(rank: int, widths: list[int]) -> None:
         rtol=0,
         atol=0,
     )
-    for kwargs in ({"z_loss": 1e-4}, {"softcap": 30.0}, {"return_stats": True}):
-        with pytest.raises(NotImplementedError, match=next(iter(kwargs))):
-            fusedce.cross_entropy(x, target, process_group=dist.group.WORLD, **kwargs)
+    # The options without a sharded meaning are refused by name (the one-pass extras work).
+    with pytest.raises(NotImplementedError, match="inplace_backward"):
+        fusedce.cross_entropy(
+            x.clone(), target, inplace_backward=True, process_group=dist.group.WORLD
+        )
     with pytest.raises(NotImplementedError, match="accumulation"):
         fusedce.linear_cross_entropy(
             h, W, target, accumulation="input", process_group=dist.group.WORLD
@@ -442,13 +747,25 @@ def _worker(rank: int, world: int, init_file: str) -> None:
             lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
         )
         assert fwd == {"gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+        # The extras add rows to the same two all-reduces (probability targets too).
+        tw = _token_weights((N,), 0).float()
+        soft = logits.softmax(1)[:, start : start + widths[rank]].float()
+        for t in (target, soft):
+            fwd, bwd = _collectives(
+                lambda t=t: vocab_parallel_cross_entropy(
+                    local, t, **ALL_EXTRAS | {"token_weight": tw}, return_stats=True
+                )[0]
+            )
+            assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
         h = torch.randn(N, 6, requires_grad=True)
         Wl = torch.randn(widths[rank], 6, requires_grad=True)
         fwd, bwd = _collectives(lambda: vocab_parallel_linear_cross_entropy(h, Wl, target))
         assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2}, fwd
         assert bwd == {"gloo:all_reduce": 1}, bwd
 
+        _check_all_extras(rank, world, widths, skewed)
         _check_dtensor(rank, world)
+        _check_dtensor_extras(rank, world)
         _check_public_entry_points(rank, widths)
         _check_group_of_one(rank, world)
         _check_errors(rank, world)
