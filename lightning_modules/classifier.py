@@ -534,7 +534,9 @@ class Classifier(LightningModule):
         """Lightning's clipping; with ``vocab_parallel`` the same over the sharded head's and
         the replicated layers' gradients together (torch's clips refuse the mix)."""
         if self._shard is None or not gradient_clip_val:
-            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
             return
         clip_gradients(
             self.parameters(), self._shard, gradient_clip_val, gradient_clip_algorithm or "norm"

@@ -67,8 +67,8 @@ def shard_head(head: nn.Linear, mesh: object) -> HeadShard:
         This rank's `HeadShard`.
 
     Raises:
-        ValueError: If the mesh is not 1-D, or has more ranks than ``head`` has classes (every
-            rank must hold at least one class).
+        ValueError: If the mesh is not 1-D, or a rank would hold no class (more ranks than
+            classes, or chunk sizes that leave the last ranks none); raised on every rank.
     """
     from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
 
@@ -80,16 +80,20 @@ def shard_head(head: nn.Linear, mesh: object) -> HeadShard:
             f"vocab_parallel: {world} tensor-parallel ranks for {vocab} classes; every rank "
             "must hold at least one class (use at most num_classes ranks)"
         )
-    start, width = chunk_bounds(vocab, world, mesh.get_local_rank())
-    if width < 1:
+    # Every rank checks the last (smallest) chunk, so that all raise together: e.g. 8 classes
+    # over 5 ranks are chunks of 2 and leave the fifth rank none.
+    if chunk_bounds(vocab, world, world - 1)[1] < 1:
         raise ValueError(
-            f"vocab_parallel: {vocab} classes over {world} ranks leaves rank "
-            f"{mesh.get_local_rank()} without classes (torch.chunk sizes of {math.ceil(vocab / world)})"
+            f"vocab_parallel: {vocab} classes over {world} ranks in chunks of "
+            f"{math.ceil(vocab / world)} leave rank {world - 1} without classes"
         )
+    start, width = chunk_bounds(vocab, world, mesh.get_local_rank())
     parallelize_module(head, mesh, ColwiseParallel())
     local = head.weight.to_local()
     if local.shape[0] != width:  # torch's split rule changed: fail loudly, not silently wrong
-        raise RuntimeError(f"vocab_parallel: expected {width} local rows, DTensor holds {local.shape}")
+        raise RuntimeError(
+            f"vocab_parallel: expected {width} local rows, DTensor holds {local.shape}"
+        )
     return HeadShard(mesh.get_group(), mesh.get_local_rank(), world, start, width, vocab)
 
 
