@@ -18,6 +18,14 @@ import fusedce
 from fusedce import CrossEntropyStats
 
 from .networks import MLP, Activation, Init
+from .vocab_parallel import (
+    HeadShard,
+    clip_gradients,
+    grad_total_norm,
+    shard_head,
+    sharded_stats,
+    split_params,
+)
 
 LossImpl = Literal["fused", "torch"]
 
@@ -93,6 +101,14 @@ class Classifier(LightningModule):
         scheduler_interval: Step the scheduler every ``"epoch"`` or every ``"step"``.
         compile: ``torch.compile`` the network's forward (logits ``(B, D) -> (B, C)``; the fused
             head's features too). Weights and checkpoints are the same as without it.
+        vocab_parallel: Split the output layer by class rows over the ranks (Lightning's
+            ``ModelParallelStrategy``, its ``tensor_parallel`` mesh dimension; see
+            ``configs/large_vocab_tp.yaml``): each rank holds ``(C_r, H)`` rows of the head
+            and the loss is fusedce's vocabulary-parallel loss; the hidden layers are
+            replicated. Only with ``loss_impl="fused"``, no z-loss, softcap, logit scale, l1 /
+            l2 or ``inplace_backward`` (the sharded loss does not take them yet); no
+            ``predict``. Statistics cost three ``(B,)`` all-reduces (and, with the fused
+            head, one ``(B, C_r)`` logits GEMM without gradient).
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
@@ -126,6 +142,7 @@ class Classifier(LightningModule):
         scheduler_monitor: str = "val/loss",
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         compile: bool = False,
+        vocab_parallel: bool = False,
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -153,6 +170,9 @@ class Classifier(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self._fuse_head = loss_impl == "fused" and fused_head
+        if vocab_parallel:
+            _check_vocab_parallel(self.hparams)
+        self._shard: HeadShard | None = None  # set by configure_model when vocab_parallel
         # Compiled functions, not modules: the state dict keeps the plain `net.*` names.
         self._compiled: tuple[Any, Any] | None = None
         if compile:
@@ -193,6 +213,64 @@ class Classifier(LightningModule):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(("body.", "head."))]:
             state[f"net.{key}"] = state.pop(key)
+
+    def configure_model(self) -> None:
+        """With ``vocab_parallel``: splits the head over the strategy's ``tensor_parallel``
+        mesh dimension (all other layers stay replicated); otherwise nothing.
+
+        Raises:
+            ValueError: If the strategy has no device mesh, or more tensor-parallel ranks than
+                classes.
+        """
+        if not self.hparams.get("vocab_parallel") or self._shard is not None:
+            return
+        mesh = self.device_mesh
+        if mesh is None:
+            raise ValueError(
+                "vocab_parallel needs trainer.strategy "
+                "lightning.pytorch.strategies.ModelParallelStrategy (no device mesh); see "
+                "configs/large_vocab_tp.yaml"
+            )
+        if mesh["data_parallel"].size() != 1:
+            raise ValueError(
+                "vocab_parallel: data_parallel_size must be 1 (tensor parallelism only), got "
+                f"{mesh['data_parallel'].size()}"
+            )
+        self._shard = shard_head(self.head, mesh["tensor_parallel"])
+
+    def _sharded_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, CrossEntropyStats]:
+        """Loss and statistics with the head split over ranks: ``x`` ``(B, D)``, ``y`` global
+        class indices ``(B,)`` or full probabilities ``(B, C)``, the same on every rank."""
+        sh, hp = self._shard, self.hparams
+        h = self.features(x)
+        weight, bias = self.head.weight.to_local(), self.head.bias.to_local()
+        if self._fuse_head and not y.is_floating_point():
+            device_type = h.device.type
+            if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
+                dtype = torch.get_autocast_dtype(device_type)
+                h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+            loss = fusedce.linear_cross_entropy(
+                h,
+                weight,
+                y,
+                linear_bias=bias,
+                ignore_index=hp.ignore_index,
+                label_smoothing=hp.label_smoothing,
+                process_group=sh.group,
+            )
+            with torch.no_grad():
+                local_logits = F.linear(h, weight, bias)
+        else:
+            local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
+            target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
+            loss = fusedce.cross_entropy(
+                local_logits,
+                target,
+                ignore_index=hp.ignore_index,
+                label_smoothing=hp.label_smoothing,
+                process_group=sh.group,
+            )
+        return loss, sharded_stats(local_logits.detach(), y, sh, hp.ignore_index)
 
     # ------------------------------------------------------------------------------ loss
     def loss_logits(self, logits: Tensor) -> Tensor:
@@ -307,7 +385,9 @@ class Classifier(LightningModule):
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
         hp = self.hparams
-        if self._fuse_head and not y.is_floating_point():
+        if self._shard is not None:
+            loss, stats = self._sharded_loss(x, y)
+        elif self._fuse_head and not y.is_floating_point():
             h = self.features(x)
             weight, bias = self.head.weight, self.head.bias
             device_type = h.device.type
@@ -345,7 +425,10 @@ class Classifier(LightningModule):
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
-        loss, stats = self.cross_entropy_with_stats(self(x), y)
+        if self._shard is not None:
+            loss, stats = self._sharded_loss(x, y)
+        else:
+            loss, stats = self.cross_entropy_with_stats(self(x), y)
         weights = self._valid(y).float()
         n = weights.sum()  # the loss is a mean over the rows that count: weight it by them
         getattr(self, f"{stage}_loss").update(loss - stats.z_loss, n)
@@ -371,6 +454,11 @@ class Classifier(LightningModule):
             int64`` when the batch has labels (soft targets ``(B, C)``: their argmax), so that
             predictions can be matched.
         """
+        if self._shard is not None:
+            raise NotImplementedError(
+                "predict with vocab_parallel: the head is split over ranks; predict with the "
+                "checkpoint on one device (vocab_parallel false)"
+            )
         x = batch[0] if isinstance(batch, list | tuple) else batch
         probs = torch.softmax(self.loss_logits(self(x)), dim=-1)
         conf, preds = probs.max(dim=-1)
@@ -429,13 +517,35 @@ class Classifier(LightningModule):
     # ------------------------------------------------------------------------------ optim
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Logs the gradients' total 2-norm as ``train/grad_norm`` (Lightning clips after this)."""
+        if self._shard is not None:
+            norm = grad_total_norm(self.parameters(), self._shard)
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+            return
         norms = grad_norm(self, norm_type=2)
         if norms:
             self.log("train/grad_norm", norms[_GRAD_NORM_TOTAL], on_step=True, on_epoch=False)
 
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's clipping; with ``vocab_parallel`` the same over the sharded head's and
+        the replicated layers' gradients together (torch's clips refuse the mix)."""
+        if self._shard is None or not gradient_clip_val:
+            super().configure_gradient_clipping(
+                optimizer, gradient_clip_val, gradient_clip_algorithm
+            )
+            return
+        clip_gradients(
+            self.parameters(), self._shard, gradient_clip_val, gradient_clip_algorithm or "norm"
+        )
+
     def configure_optimizers(self) -> Any:
         """Builds the injected optimizer and (optional) scheduler."""
-        optimizer = self.optimizer_factory(self.parameters())
+        params = split_params(self) if self._shard is not None else self.parameters()
+        optimizer = self.optimizer_factory(params)
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
@@ -455,3 +565,26 @@ def _check_number(name: str, value: Any, positive: bool) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _check_vocab_parallel(hp: Any) -> None:
+    """Raises ``ValueError`` naming the options that ``vocab_parallel=True`` does not take."""
+    refused = [
+        name
+        for name, off in (
+            ("loss_impl", hp.loss_impl == "fused"),
+            ("z_loss", hp.z_loss == 0),
+            ("logit_softcap", hp.logit_softcap is None),
+            ("loss_logit_scale", hp.loss_logit_scale == 1.0),
+            ("l1", hp.l1 == 0),
+            ("l2", hp.l2 == 0),
+            ("inplace_backward", not hp.inplace_backward),
+        )
+        if not off
+    ]
+    if refused:
+        raise ValueError(
+            "vocab_parallel=True takes loss_impl='fused' and no z_loss, logit_softcap, "
+            "loss_logit_scale, l1, l2 or inplace_backward (the sharded loss does not take them "
+            f"yet); set: {', '.join(f'{k}={hp[k]!r}' for k in refused)}"
+        )
