@@ -119,7 +119,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if plan.opts.per_row:
             x, W, b, target, weight, token_weight = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
-            factor = grad_output.reshape(-1).float().contiguous()
+            factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
             # The stats are not needed again: recompute without the extras.
             replan = _Plan(plan.opts, plan.chunk_rows, plan.accumulation)
             _, gx, gw, gb = _pass(x, W, b, target, weight, replan, factor, needs, token_weight)
@@ -242,7 +242,7 @@ def _lce_backward_op(
     """reduction="none": recompute the chunks with one upstream factor per row."""
     opts = LossOptions(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
     plan = _Plan(opts, chunk_rows, accumulation)
-    factor = grad_output.reshape(-1).float().contiguous()
+    factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
     _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs), token_weight)
     return tuple(g if g is not None else _empty(x) for g in (gx, gw, gb))
 
@@ -422,8 +422,8 @@ def linear_cross_entropy(
         accumulation: "float32" (default) accumulates the half-precision weight gradient across
             chunks in a float32 (V, D) buffer, cast once at the end: as accurate as one GEMM
             over all tokens (on the CPU each chunk's bfloat16 product is rounded once first:
-            within ~1.2x of that). "input" accumulates straight into the weight's dtype (rounded once
-            per chunk) and saves those V * D * 4 bytes. No effect for float32 weights.
+            within ~1.2x of that). "input" accumulates straight into the weight's dtype (rounded
+            once per chunk) and saves those V * D * 4 bytes. No effect for float32 weights.
         logit_scale: s > 0; the loss sees z = s * logits.
         softcap: c > 0 or None; then z = c * tanh(z / c), after the scale.
         z_loss: lambda >= 0; each non-ignored token adds lambda * logsumexp(z)**2.
