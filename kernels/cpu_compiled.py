@@ -30,6 +30,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _enabled = os.environ.get("FUSEDCE_CPU_COMPILE", "1").strip() != "0"
 _failed = False
 _compiled: dict[tuple[str, torch.dtype], object] = {}
+_calls = 0  # row blocks the compiled functions handled in this process
 
 
 def set_cpu_compile(enabled: bool) -> None:
@@ -45,6 +46,11 @@ def set_cpu_compile(enabled: bool) -> None:
 def cpu_compile_enabled() -> bool:
     """Whether large plain CPU calls go through the compiled row function."""
     return _enabled and not _failed
+
+
+def compiled_calls() -> int:
+    """How many row blocks the compiled functions have handled in this process."""
+    return _calls
 
 
 def _loss_lse(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
@@ -151,17 +157,19 @@ def run_plain_rows(
         ``(loss, lse)``, or None when compiling failed here (the caller then runs the eager
         ops; this path stays off for the rest of the process, with one warning).
     """
-    global _failed
+    global _failed, _calls
     M = logits.shape[0]
     dt = logits.dtype
     try:
         with torch.no_grad():  # one grad mode: Dynamo guards on it
             if grad is None:
-                return _compiled_fn("loss", dt)(logits, y, ignore_index)
-            s = torch.broadcast_to(scale.float(), (M,)).contiguous()
-            if grad.is_set_to(logits):
-                return _compiled_fn("inplace", dt)(logits, y, ignore_index, s)
-            return _compiled_fn("grad", dt)(logits, y, ignore_index, s, grad)
+                out = _compiled_fn("loss", dt)(logits, y, ignore_index)
+            else:
+                s = torch.broadcast_to(scale.float(), (M,)).contiguous()
+                if grad.is_set_to(logits):
+                    out = _compiled_fn("inplace", dt)(logits, y, ignore_index, s)
+                else:
+                    out = _compiled_fn("grad", dt)(logits, y, ignore_index, s, grad)
     except Exception as err:
         _failed = True
         warnings.warn(
@@ -172,3 +180,5 @@ def run_plain_rows(
             stacklevel=2,
         )
         return None
+    _calls += 1
+    return out
