@@ -703,6 +703,19 @@ def main(argv: list[str] | None = None) -> int:
         "pg_timeout_s": 300,
     }
     notes = list(args.note)
+    if not cuda:
+        notes.append(
+            "On the CPU every rank of the gather path computes the loss over all V classes (W "
+            "times the sharded path's work) and copies the gathered logits: its extra time is "
+            "mostly that, not the transfer."
+        )
+        crowded = [w for w in args.worlds if w * max(args.cpu_threads, 1) > (os.cpu_count() or 1)]
+        if crowded:
+            notes.append(
+                f"W={', '.join(map(str, crowded))}: more threads than the machine's "
+                f"{os.cpu_count()} cores, so the ranks also wait for a core; the times of both "
+                "paths include it."
+            )
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for world in args.worlds:
