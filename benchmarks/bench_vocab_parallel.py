@@ -591,6 +591,14 @@ def plot(report: dict[str, Any], path: Path) -> bool:
             color=f"C{groups.index((world, n)) % 10}",  # one colour per (W, N): both paths
             label=f"{name}, W={world}, N={n}",
         )
+    if len({world for _, world, _ in series}) > 1:
+        ax.text(
+            0.02,
+            0.22,
+            "sharded: the same bytes for every W (its lines overlap)",
+            transform=ax.transAxes,
+            fontsize=7,
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("V (classes)")
