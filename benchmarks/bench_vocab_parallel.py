@@ -65,6 +65,7 @@ DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
+    "fp64": torch.float64,
 }
 # Grids (N values, V values): the CPU one fits a few minutes on 2 shared cores.
 GRID_CPU = ((256, 1024), (8192, 32000, 128256))
