@@ -10,15 +10,17 @@
 # Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,host,train,ce,lce"; also "tune" = a sweep
 # of the kernel's launch configurations and "integ" = benchmarks/bench_integrations.py, peak
 # memory of a Llama training step with and without fusedce.integrations.transformers.apply;
-# FUSEDCE_INTEG_ARGS adds options to it; a rerun can name fewer), FUSEDCE_GPU_CHECK_TOTAL_S
-# (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the copy on the device has no
+# FUSEDCE_INTEG_ARGS adds options to it; "vp" = benchmarks/bench_vocab_parallel.py, bytes and
+# time of the vocabulary-parallel loss vs gathering the logits over NCCL, needs >= 2 GPUs and is
+# skipped with a note otherwise, FUSEDCE_VP_ARGS adds options to it; a rerun can name fewer),
+# FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the copy on the device has no
 # .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the backend of the tests and of
 # the benchmarks' fusedce columns).
 #
 # Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
 # Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, profile_host.log,
-# train_compare.log, <card>-<date>.{md,json,png} and the linear and integration benchmarks' files
-# (tarred into one if they would pass the limit).
+# train_compare.log, <card>-<date>.{md,json,png} and the linear, integration and vocab-parallel
+# benchmarks' files (tarred into one if they would pass the limit).
 # Every step runs under `timeout`; the whole script stays under ~9 minutes. Exit status: 0 when
 # every step passed, else the number of failed steps.
 set -uo pipefail # no -e: a failing step must not stop the ones after it
@@ -185,6 +187,25 @@ if wanted integ; then
   timeout -k 10 "$INTEG_LIMIT" "$PY" -m benchmarks.bench_integrations "${INTEG_ARGS[@]}" 2>&1 |
     tee -a "$LOG"
   record "bench_integrations" $?
+fi
+
+# --- vocabulary-parallel loss: bytes and time vs gathering the logits (asked for by name) -----
+if wanted vp; then
+  VP_ARGS=(--out "$EXTRA_OUT")
+  [ "$DRY" = "1" ] && VP_ARGS+=(--quick --device cpu)
+  NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+  if [ "$DRY" != "1" ] && [ "${NGPU:-0}" -lt 2 ]; then
+    step "vocab-parallel benchmark: skipped, it needs >= 2 GPUs (NCCL, one per rank); found ${NGPU:-0}"
+  else
+    step "vocab-parallel benchmark: python -m benchmarks.bench_vocab_parallel"
+    VP_LIMIT=$(clamp $(($(left) - 5)) 30 "${FUSEDCE_VP_S:-150}")
+    read -r -a VP_EXTRA <<<"${FUSEDCE_VP_ARGS:-}"
+    VP_ARGS+=("${VP_EXTRA[@]}")
+    log "limit ${VP_LIMIT} s: $PY -m benchmarks.bench_vocab_parallel ${VP_ARGS[*]}"
+    timeout -k 10 "$VP_LIMIT" "$PY" -m benchmarks.bench_vocab_parallel "${VP_ARGS[@]}" 2>&1 |
+      tee -a "$LOG"
+    record "bench_vocab_parallel" $?
+  fi
 fi
 
 # At most 8 files come back: copy the linear / integration files if they fit, else one tarball.
