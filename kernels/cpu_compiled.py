@@ -53,52 +53,51 @@ def compiled_calls() -> int:
     return _calls
 
 
-def _loss_lse(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, ...]:
-    """Per-row lse (M, 1) and loss (M,) (NaN for an out-of-range class), the masks of the
-    non-ignored rows and of the in-range classes, and the class with 0 where there is none."""
+def _rows(x: Tensor, y: Tensor, ignore_index: int, scale: Tensor | None):
+    """Per-row loss and lse (float32, (M,) each) and, with ``scale``, the gradient
+    scale * (softmax - onehot(y)) in the logits' dtype: 0 on ignored rows (also with NaN
+    logits), NaN on rows whose class is out of range (the loss too)."""
     xf = x.float()
     m = xf.amax(1, keepdim=True)
-    lse = m + (xf - m).exp().sum(1, keepdim=True).log()
+    # One exp per logit, shared by the sum and the gradient (Inductor keeps e in cache).
+    e = (xf - m).exp()
+    s = e.sum(1, keepdim=True)
+    lse = m + s.log()
     valid = y != ignore_index
     ok = valid & (y >= 0) & (y < x.shape[1])
+    bad = valid & ~ok
     y_safe = torch.where(ok, y, 0)
     loss = torch.where(valid, lse[:, 0] - xf.gather(1, y_safe[:, None])[:, 0], 0.0)
-    loss = torch.where(valid & ~ok, float("nan"), loss)
-    return lse, loss, valid, ok, y_safe
-
-
-def _gradient(
-    x: Tensor, lse: Tensor, valid: Tensor, ok: Tensor, y_safe: Tensor, scale: Tensor
-) -> Tensor:
-    """scale * (softmax - onehot(y)) in the logits' dtype; 0 on ignored rows, NaN on bad ones."""
-    xf = x.float()
+    loss = torch.where(bad, float("nan"), loss)
+    if scale is None:
+        return loss, lse[:, 0], None
     cols = torch.arange(x.shape[1], device=x.device)[None, :]
     onehot = ((cols == y_safe[:, None]) & ok[:, None]).float()
-    g = ((xf - lse).exp() - onehot) * scale[:, None]
-    g = torch.where(valid[:, None], g, 0.0)  # exactly 0, also with NaN logits
-    g = torch.where((valid & ~ok)[:, None], float("nan"), g)
-    return g.to(x.dtype)
+    g = (e / s - onehot) * scale[:, None]
+    g = torch.where(valid[:, None], g, 0.0)
+    g = torch.where(bad[:, None], float("nan"), g)
+    return loss, lse[:, 0], g.to(x.dtype)
 
 
 def _rows_loss(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    lse, loss, _, _, _ = _loss_lse(x, y, ignore_index)
-    return loss, lse[:, 0]
+    loss, lse, _ = _rows(x, y, ignore_index, None)
+    return loss, lse
 
 
 def _rows_grad(
     x: Tensor, y: Tensor, ignore_index: int, scale: Tensor, grad: Tensor
 ) -> tuple[Tensor, Tensor]:
-    lse, loss, valid, ok, y_safe = _loss_lse(x, y, ignore_index)
-    grad.copy_(_gradient(x, lse, valid, ok, y_safe, scale))
-    return loss, lse[:, 0]
+    loss, lse, g = _rows(x, y, ignore_index, scale)
+    grad.copy_(g)
+    return loss, lse
 
 
 def _rows_grad_inplace(
     x: Tensor, y: Tensor, ignore_index: int, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
-    lse, loss, valid, ok, y_safe = _loss_lse(x, y, ignore_index)
-    x.copy_(_gradient(x, lse, valid, ok, y_safe, scale))
-    return loss, lse[:, 0]
+    loss, lse, g = _rows(x, y, ignore_index, scale)
+    x.copy_(g)
+    return loss, lse
 
 
 _FUNCTIONS = {"loss": _rows_loss, "grad": _rows_grad, "inplace": _rows_grad_inplace}
