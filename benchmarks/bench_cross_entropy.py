@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_PROVIDERS),
         help=f"comma-separated, from {', '.join(ALL_PROVIDERS)}",
     )
-    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp32")
+    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated: bf16, fp16, fp32")
     p.add_argument("--modes", default="fwd_bwd,fwd", help="comma-separated: fwd_bwd, fwd")
     p.add_argument("--shapes", help="shapes instead of the sweep, e.g. 8192x128256,16x32000")
     p.add_argument("--max-seconds", type=float, help="time budget: skip cells that would not fit")

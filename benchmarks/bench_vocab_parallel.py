@@ -21,7 +21,7 @@ Bytes are counted, not estimated: one call of each path (forward, then backward)
 collective: the all_reduce buffer, its own all_gather input), and under ``torch.profiler``, whose
 record of the process group's own calls (``gloo:*`` / ``nccl:*`` with their input shapes) is
 compared element for element with the shim. The sharded counts are checked against the formula of
-docs/VOCAB_PARALLEL.md: 14 int64 (sizes learnt) + (N,) + (2, N) float32 = 112 + 12 N bytes per
+docs/VOCAB_PARALLEL.md: 19 int64 (sizes learnt) + (N,) + (2, N) float32 = 152 + 12 N bytes per
 rank per call, none in backward. Also reported: the bytes a ring algorithm puts on the wire per
 rank (all_reduce 2 (W - 1) / W B, all_gather (W - 1) B).
 
@@ -91,7 +91,7 @@ COLLECTIVES = (
     "isend",
     "irecv",
 )
-META_INT64 = 14  # the int64 row per rank of the sizes' all_gather (docs/VOCAB_PARALLEL.md)
+META_INT64 = 19  # the int64 row per rank of the sizes' all_gather (docs/VOCAB_PARALLEL.md)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ def _profiler_log_filtered() -> Iterator[None]:
 
 def sharded_formula_bytes(n: int, world: int, sizes_learnt: bool, dtype: torch.dtype) -> int:
     """Bytes each rank hands to the collectives in one call of the sharded loss, as documented:
-    the sizes' all_gather of 14 int64 (unless given), the (N,) row maxima and the (2, N) sums in
+    the sizes' all_gather of 19 int64 (unless given), the (N,) row maxima and the (2, N) sums in
     the accumulation dtype (float32; float64 for float64 logits); nothing in backward."""
     acc = 8 if dtype == torch.float64 else 4
     return (META_INT64 * 8 if sizes_learnt else 0) + 3 * n * acc
@@ -510,7 +510,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Bytes: what each rank hands to the collectives in one call (forward + backward), "
         "counted by a shim around `torch.distributed` and checked element for element against "
-        "torch.profiler's record of the process group's calls; `formula`: sharded 112 + 12 N "
+        "torch.profiler's record of the process group's calls; `formula`: sharded 152 + 12 N "
         "(docs/VOCAB_PARALLEL.md), gather N x max V_r x element size. `ring` = the bytes a ring "
         "algorithm puts on the wire per rank (all_reduce 2 (W-1)/W B, all_gather (W-1) B). "
         f"Time: {env['timing']}.",

@@ -1,6 +1,6 @@
 """The vocabulary-parallel benchmark: a tiny run on 2 CPU processes (gloo) counts the bytes each
 rank sends per call. The sharded loss sends the same bytes whatever V (the documented
-112 + 12 N), the gathered logits grow with V."""
+152 + 12 N), the gathered logits grow with V."""
 
 from __future__ import annotations
 
