@@ -26,7 +26,7 @@ N, VS = 48, (999, 4000)
 def test_formulas_and_command_line() -> None:
     import torch
 
-    assert sharded_formula_bytes(N, 2, True, torch.float32) == 14 * 8 + 3 * N * 4
+    assert sharded_formula_bytes(N, 2, True, torch.float32) == 19 * 8 + 3 * N * 4
     assert sharded_formula_bytes(N, 3, False, torch.bfloat16) == 3 * N * 4
     assert sharded_formula_bytes(N, 2, False, torch.float64) == 3 * N * 8
     assert split_widths(1001, 3) == [334, 334, 333]
