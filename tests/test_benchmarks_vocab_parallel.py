@@ -66,14 +66,14 @@ def test_bytes_per_call_sharded_constant_gather_grows(tmp_path: Path) -> None:
     gather = [rows[v]["paths"]["gather"] for v in VS]
     # Sharded: identical on both ranks and for both V, equal to the documented formula, nothing
     # in backward; the shim's count matches the profiler's record of the gloo calls.
-    assert sharded[0]["bytes_per_rank"] == sharded[1]["bytes_per_rank"] == [14 * 8 + 12 * N] * 2
+    assert sharded[0]["bytes_per_rank"] == sharded[1]["bytes_per_rank"] == [19 * 8 + 12 * N] * 2
     assert sizes[0]["bytes_per_rank"] == sizes[1]["bytes_per_rank"] == [12 * N] * 2
     for rec in sharded + sizes + gather:
         assert rec["formula_ok"] and rec["profiler_agrees"] is True, rec
         assert rec["bytes_bwd"] == 0
     ops = [(c["op"], c["dtype"], c["shape"]) for c in sharded[0]["collectives_rank0"]]
     assert ops == [
-        ("all_gather", "int64", [[14]]),
+        ("all_gather", "int64", [[19]]),
         ("all_reduce", "float32", [[N]]),
         ("all_reduce", "float32", [[2, N]]),
     ]
