@@ -23,7 +23,6 @@ from .vocab_parallel import (
     clip_gradients,
     grad_total_norm,
     shard_head,
-    sharded_stats,
     split_params,
 )
 
@@ -105,10 +104,10 @@ class Classifier(LightningModule):
             ``ModelParallelStrategy``, its ``tensor_parallel`` mesh dimension; see
             ``configs/large_vocab_tp.yaml``): each rank holds ``(C_r, H)`` rows of the head
             and the loss is fusedce's vocabulary-parallel loss; the hidden layers are
-            replicated. Only with ``loss_impl="fused"``, no z-loss, softcap, logit scale, l1 /
-            l2 or ``inplace_backward`` (the sharded loss does not take them yet); no
-            ``predict``. Statistics cost three ``(B,)`` all-reduces (and, with the fused
-            head, one ``(B, C_r)`` logits GEMM without gradient).
+            replicated. The z-loss, softcap and logit scale go to the sharded loss, and the
+            statistics come from its pass (the full rows, no extra communication); l1 / l2 of
+            the head cost one scalar all-reduce. Only with ``loss_impl="fused"``, no
+            ``inplace_backward``; no ``predict``.
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
@@ -240,37 +239,32 @@ class Classifier(LightningModule):
 
     def _sharded_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, CrossEntropyStats]:
         """Loss and statistics with the head split over ranks: ``x`` ``(B, D)``, ``y`` global
-        class indices ``(B,)`` or full probabilities ``(B, C)``, the same on every rank."""
+        class indices ``(B,)`` or full probabilities ``(B, C)``, the same on every rank.
+
+        The statistics come from the sharded loss's own pass (``return_stats=True``): they are
+        those of the full rows, identical on every rank, at no extra communication or GEMM.
+        """
         sh, hp = self._shard, self.hparams
         h = self.features(x)
         weight, bias = self.head.weight.to_local(), self.head.bias.to_local()
+        options = {
+            "ignore_index": hp.ignore_index,
+            "label_smoothing": hp.label_smoothing,
+            "logit_scale": hp.loss_logit_scale,
+            "softcap": hp.logit_softcap,
+            "z_loss": hp.z_loss,
+            "return_stats": True,
+            "process_group": sh.group,
+        }
         if self._fuse_head and not y.is_floating_point():
             device_type = h.device.type
             if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
                 dtype = torch.get_autocast_dtype(device_type)
                 h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            loss = fusedce.linear_cross_entropy(
-                h,
-                weight,
-                y,
-                linear_bias=bias,
-                ignore_index=hp.ignore_index,
-                label_smoothing=hp.label_smoothing,
-                process_group=sh.group,
-            )
-            with torch.no_grad():
-                local_logits = F.linear(h, weight, bias)
-        else:
-            local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
-            target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
-            loss = fusedce.cross_entropy(
-                local_logits,
-                target,
-                ignore_index=hp.ignore_index,
-                label_smoothing=hp.label_smoothing,
-                process_group=sh.group,
-            )
-        return loss, sharded_stats(local_logits.detach(), y, sh, hp.ignore_index)
+            return fusedce.linear_cross_entropy(h, weight, y, linear_bias=bias, **options)
+        local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
+        target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
+        return fusedce.cross_entropy(local_logits, target, **options)
 
     # ------------------------------------------------------------------------------ loss
     def loss_logits(self, logits: Tensor) -> Tensor:
@@ -354,6 +348,12 @@ class Classifier(LightningModule):
             return reg
         for m in self.net.linears():
             w = m.weight
+            if self._shard is not None and m is self.head:
+                # The sharded head (a DTensor): each rank sums its rows (a partial sum), made
+                # whole by one scalar all-reduce; backward gives each rank its rows' gradient.
+                term = hp.l1 * w.abs().sum() + hp.l2 * w.pow(2).sum()
+                reg = reg + term.full_tensor()
+                continue
             if hp.l1:
                 reg = reg + hp.l1 * w.abs().sum()
             if hp.l2:
@@ -571,20 +571,14 @@ def _check_vocab_parallel(hp: Any) -> None:
     """Raises ``ValueError`` naming the options that ``vocab_parallel=True`` does not take."""
     refused = [
         name
-        for name, off in (
+        for name, ok in (
             ("loss_impl", hp.loss_impl == "fused"),
-            ("z_loss", hp.z_loss == 0),
-            ("logit_softcap", hp.logit_softcap is None),
-            ("loss_logit_scale", hp.loss_logit_scale == 1.0),
-            ("l1", hp.l1 == 0),
-            ("l2", hp.l2 == 0),
             ("inplace_backward", not hp.inplace_backward),
         )
-        if not off
+        if not ok
     ]
     if refused:
         raise ValueError(
-            "vocab_parallel=True takes loss_impl='fused' and no z_loss, logit_softcap, "
-            "loss_logit_scale, l1, l2 or inplace_backward (the sharded loss does not take them "
-            f"yet); set: {', '.join(f'{k}={hp[k]!r}' for k in refused)}"
+            "vocab_parallel=True takes loss_impl='fused' and no inplace_backward (the sharded "
+            f"loss computes its own gradient); set: {', '.join(f'{k}={hp[k]!r}' for k in refused)}"
         )

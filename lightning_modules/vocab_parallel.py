@@ -5,9 +5,11 @@ Rank r of the group holds the rows ``[start_r, start_r + V_r)`` of the ``(V, H)`
 and of its bias (``torch.chunk`` sizes: ``ceil(V / R)`` per rank, the last ranks fewer), as
 DTensors sharded on dimension 0. The hidden layers are replicated: every rank holds them whole
 and computes the same features. The loss comes from ``fusedce.linear_cross_entropy`` (fused
-head) or ``fusedce.cross_entropy`` (local ``(B, V_r)`` logits) with ``process_group=``; the
-statistics (lse, entropy, top-1) from the local logits with three all-reduces of ``(B,)``
-rows. Nothing of size V is ever sent between ranks.
+head) or ``fusedce.cross_entropy`` (local ``(B, V_r)`` logits) with ``process_group=``, the
+z-loss, softcap and logit scale included; the statistics (z-loss, lse, entropy, top-1) come
+from the same call (``return_stats=True``, within its two forward all-reduces). Nothing of
+size V is ever sent between ranks. This module holds the rest: the split of the head and the
+gradient norm and clipping over sharded and replicated gradients together.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-
-from fusedce import CrossEntropyStats
 
 
 class HeadShard(NamedTuple):
@@ -95,44 +95,6 @@ def shard_head(head: nn.Linear, mesh: object) -> HeadShard:
             f"vocab_parallel: expected {width} local rows, DTensor holds {local.shape}"
         )
     return HeadShard(mesh.get_group(), mesh.get_local_rank(), world, start, width, vocab)
-
-
-@torch.no_grad()
-def sharded_stats(
-    local_logits: Tensor, target: Tensor, shard: HeadShard, ignore_index: int
-) -> CrossEntropyStats:
-    """Statistics of the full rows from this rank's logits, as ``return_stats`` gives them.
-
-    Three all-reduces over ``shard.group``: the ``(B,)`` row maxima (MAX), a stacked ``(2, B)``
-    buffer of the sums of exponentials and of ``exp(z - max) * z`` (SUM), and the ``(B,)``
-    first global argmax (MIN over the ranks that hold the maximum).
-
-    Args:
-        local_logits: ``(B, V_r)`` this rank's logits.
-        target: Class indices ``(B,)`` (global) or probabilities ``(B, V)`` (the full rows).
-        shard: This rank's `HeadShard`.
-        ignore_index: Hard-target value whose rows are not ``correct``.
-
-    Returns:
-        ``CrossEntropyStats(z_loss=0, lse (B,), entropy (B,), correct (B,) bool)``.
-    """
-    z = local_logits.float()
-    row_max = z.max(dim=-1).values
-    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=shard.group)
-    e = torch.exp(z - row_max[:, None])
-    sums = torch.stack((e.sum(dim=-1), (e * z).sum(dim=-1)))
-    dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=shard.group)
-    lse = row_max + sums[0].log()
-    entropy = lse - sums[1] / sums[0]
-    local_max, local_arg = z.max(dim=-1)
-    # The smallest global index among the ranks holding the row maximum, as argmax returns.
-    pred = torch.where(local_max == row_max, local_arg + shard.start, shard.vocab)
-    dist.all_reduce(pred, op=dist.ReduceOp.MIN, group=shard.group)
-    if target.is_floating_point():
-        correct = pred == target.argmax(dim=-1)
-    else:
-        correct = (pred == target) & (target != ignore_index)
-    return CrossEntropyStats(torch.zeros((), device=z.device), lse, entropy, correct)
 
 
 def _grads(params: Iterable[nn.Parameter]) -> tuple[list[Tensor], list[Tensor]]:

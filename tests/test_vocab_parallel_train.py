@@ -1,6 +1,7 @@
 """The large-vocabulary task with its output layer split over 2 CPU processes (gloo, Lightning's
 ModelParallelStrategy, ``configs/large_vocab_tp.yaml``) trains along the same loss curve as the
-unsharded run; each rank holds only its rows of the head; bad settings raise clear errors."""
+unsharded run, z-loss, softcap, logit scale and l1 / l2 included; its logged statistics are those
+of the full rows; each rank holds only its rows of the head; bad settings raise clear errors."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from fusedce.lightning_modules import Classifier
-from fusedce.lightning_modules.vocab_parallel import chunk_bounds, shard_head, sharded_stats
+from fusedce.lightning_modules.vocab_parallel import chunk_bounds, shard_head
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 180  # a hang fails the test instead of blocking the suite
@@ -46,8 +47,19 @@ SMALL = [
     "--trainer.enable_model_summary", "false",
     "--run.wandb_mode", "disabled",
     "--trainer.callbacks+=test_vocab_parallel_train.RecordHead",
+    # Every one-pass extra of the loss, and both penalties (the preset keeps z_loss 1e-4).
+    "--model.logit_softcap", "4.0",
+    "--model.loss_logit_scale", "1.5",
+    "--model.l1", "1e-6",
+    "--model.l2", "1e-5",
 ]  # fmt: skip
-CURVES = ("train/loss_step", "train/grad_norm", "train/entropy_step", "train/acc_step")
+CURVES = (
+    "train/loss_step",
+    "train/z_loss_step",
+    "train/grad_norm",
+    "train/entropy_step",
+    "train/acc_step",
+)
 
 
 class RecordHead(Callback):
@@ -104,7 +116,6 @@ def test_sharded_head_follows_the_unsharded_loss_curve(tmp_path: Path) -> None:
         tmp_path,
         "unsharded",
         [
-            "--model.z_loss", "0",
             "--trainer.strategy", "ddp",
             "--trainer.devices", "1",
             "--trainer.use_distributed_sampler", "false",
@@ -127,6 +138,7 @@ def test_sharded_head_follows_the_unsharded_loss_curve(tmp_path: Path) -> None:
             atol=1e-5,
             msg=lambda m, key=key: f"{key}: {m}",
         )
+    assert min(_curve(tp, "train/z_loss_step").values()) > 1e-4  # the z-loss is really on
     loss = _curve(tp, "train/loss_step")
     assert loss[STEPS - 1] < loss[0] - 0.1  # it trains, so the comparison is not vacuous
 
@@ -173,29 +185,70 @@ def _job_too_many_ranks(rank: int, world: int) -> dict:
     return {"error": None}
 
 
-def _job_stats(rank: int, world: int) -> dict:
-    torch.manual_seed(0)
-    logits, target = torch.randn(64, 37), torch.randint(37, (64,))
-    logits[:4, 5] = logits[:4, 30] = 50.0  # ties across ranks: the smaller index wins
-    target[:4] = 5
-    target[4] = -100
-    start, width = chunk_bounds(37, world, rank)
-    group = dist.group.WORLD
-    from fusedce.lightning_modules.vocab_parallel import HeadShard
+EXTRAS = {"z_loss": 1e-3, "logit_softcap": 4.0, "loss_logit_scale": 1.5, "l1": 1e-4, "l2": 1e-3}
 
-    shard = HeadShard(group, rank, world, start, width, 37)
-    got = sharded_stats(logits[:, start : start + width], target, shard, ignore_index=-100)
-    lse = torch.logsumexp(logits, dim=-1)
-    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(dim=-1)
-    correct = (logits.argmax(dim=-1) == target) & (target != -100)
-    torch.testing.assert_close(got.lse, lse)
-    torch.testing.assert_close(got.entropy, entropy, rtol=1e-5, atol=1e-5)
-    assert torch.equal(got.correct, correct) and got.correct[:4].all()
-    return {"error": None, "width": width}
+
+def _job_stats(rank: int, world: int) -> dict:
+    """`Classifier`'s sharded loss, statistics and gradients against the unsharded model's with
+    the same weights, for the fused and the unfused head, hard and soft targets, with and
+    without the extras."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    vocab = 37
+    mesh = init_device_mesh("cpu", (1, world), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    start, width = chunk_bounds(vocab, world, rank)
+    # (fused_head, soft targets, options): the unfused head is checked here only.
+    cases = [
+        (True, False, {}),
+        (True, False, EXTRAS),
+        (False, False, EXTRAS),
+        (False, True, EXTRAS),
+    ]
+    for fused_head, soft, extras in cases:
+        torch.manual_seed(0)
+        kwargs = dict(in_features=8, num_classes=vocab, hidden_sizes=[16], **extras)
+        ref = Classifier(fused_head=fused_head, **kwargs)
+        x = torch.randn(64, 8)
+        if soft:
+            y = torch.softmax(3 * torch.randn(64, vocab), dim=-1)
+        else:
+            y = torch.randint(vocab, (64,))
+            y[4] = -100
+        if not extras:  # ties across ranks (class 5 on rank 0, 30 on rank 1): 5 wins
+            with torch.no_grad():
+                ref.head.weight[30] = ref.head.weight[5]
+                ref.head.bias[5] = ref.head.bias[30] = 50.0
+            y[:4] = 5
+        model = Classifier(fused_head=fused_head, vocab_parallel=True, **kwargs)
+        model.load_state_dict(ref.state_dict())
+        model._device_mesh = mesh  # what ModelParallelStrategy sets before configure_model
+        model.configure_model()
+
+        loss, stats = model._sharded_loss(x, y)
+        (loss + model.regularization()).backward()
+        ref_loss, ref_stats = ref.cross_entropy_with_stats(ref(x), y)
+        (ref_loss + ref.regularization()).backward()
+
+        case = f"fused_head={fused_head} soft={soft} extras={bool(extras)}"
+        close = dict(rtol=1e-5, atol=1e-6, msg=lambda m, case=case: f"{case}: {m}")
+        torch.testing.assert_close(loss, ref_loss, **close)
+        torch.testing.assert_close(model.regularization(), ref.regularization(), **close)
+        for name in ("z_loss", "lse", "entropy"):
+            torch.testing.assert_close(getattr(stats, name), getattr(ref_stats, name), **close)
+        assert torch.equal(stats.correct, ref_stats.correct), case
+        assert stats.correct[:4].all() or extras, case
+        # Each rank: its rows of the head's gradient; the replicated layer's whole gradient.
+        for got, want in [
+            (model.head.weight.grad.to_local(), ref.head.weight.grad[start : start + width]),
+            (model.head.bias.grad.to_local(), ref.head.bias.grad[start : start + width]),
+            (model.net.body[0].weight.grad, ref.net.body[0].weight.grad),
+        ]:
+            torch.testing.assert_close(got, want, **close)
+    return {"error": None, "width": width, "cases": len(cases)}
 
 
 def _job_both(rank: int, world: int) -> dict:
-    """The statistics, then more ranks than classes, on one 2-process group."""
+    """The sharded `Classifier` loss, then more ranks than classes, on one 2-process group."""
     result = _job_stats(rank, world)
     try:
         _job_too_many_ranks(rank, world)
@@ -229,9 +282,10 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-def test_sharded_stats_match_the_full_rows(two_ranks: list[dict]) -> None:
+def test_sharded_loss_stats_and_gradients_match_the_full_rows(two_ranks: list[dict]) -> None:
     assert [r["error"] for r in two_ranks] == [None, None]
     assert [r["width"] for r in two_ranks] == [19, 18]
+    assert [r["cases"] for r in two_ranks] == [4, 4]
 
 
 def test_more_ranks_than_classes_raise_on_every_rank(two_ranks: list[dict]) -> None:
@@ -250,15 +304,23 @@ def test_chunk_bounds_follow_torch_chunk() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [
-        ({"z_loss": 1e-4}, "z_loss=0.0001"),
         ({"loss_impl": "torch"}, "loss_impl='torch'"),
-        ({"logit_softcap": 30.0, "l2": 0.1}, "logit_softcap=30.0, l2=0.1"),
+        ({"inplace_backward": True}, "inplace_backward=True"),
+        (
+            {"loss_impl": "torch", "inplace_backward": True, "z_loss": 1e-4},
+            "loss_impl='torch', inplace_backward=True",
+        ),
     ],
 )
 def test_vocab_parallel_refuses_options_it_cannot_shard(kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match="vocab_parallel=True takes") as info:
         Classifier(in_features=4, num_classes=10, vocab_parallel=True, **kwargs)
-    assert named in str(info.value)
+    assert str(info.value).endswith(f"set: {named}")
+
+
+def test_vocab_parallel_takes_the_loss_extras_and_penalties() -> None:
+    model = Classifier(in_features=4, num_classes=10, vocab_parallel=True, **EXTRAS)
+    assert {k: model.hparams[k] for k in EXTRAS} == EXTRAS
 
 
 def test_vocab_parallel_without_a_device_mesh_says_which_strategy() -> None:
