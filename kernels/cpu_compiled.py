@@ -22,9 +22,10 @@ import warnings
 import torch
 from torch import Tensor
 
-# Below this many logits in a row block, the eager ops finish sooner than the call into the
-# compiled code (its guards and wrapper cost tens of microseconds).
-MIN_BLOCK_LOGITS = 1 << 16
+# Below this many logits in a row block the eager ops are as fast as the call into the
+# compiled code (its guards and wrapper cost tens of microseconds); smaller plain calls on the
+# default backend go to F.cross_entropy anyway (cross_entropy_loss.SMALL_CPU_ELEMENTS).
+MIN_BLOCK_LOGITS = 1 << 15
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _enabled = os.environ.get("FUSEDCE_CPU_COMPILE", "1").strip() != "0"
