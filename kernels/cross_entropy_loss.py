@@ -495,6 +495,10 @@ def cross_entropy(
 # 30 small ops), which dominates at this size (128 x 2 float32, 2-core development machine: 166
 # us a forward + backward through the row contract, 20 us through F.cross_entropy).
 SMALL_CPU_ELEMENTS = 1 << 15
+# Small calls with at most this many classes and at least this many rows take torch's K-dim
+# layout (see _small_plain_cpu_loss).
+_FEW_CLASSES = 8
+_MANY_ROWS = 512
 
 
 def _small_plain_cpu_call(
@@ -543,8 +547,22 @@ def _small_plain_cpu_loss(
         if not bool(denom != 0):
             return None
     acc = accumulation_dtype(logits.dtype)
+    x = logits.to(acc)
+    if C <= _FEW_CLASSES and M >= _MANY_ROWS:
+        # A few classes and many rows: the same loss as K-dim input (1, C, M), whose softmax
+        # runs vectorised along the rows instead of a short loop per row (2-core development
+        # machine, 8192 x 2 float32 forward + backward: 98 us against 239 us).
+        loss = F.cross_entropy(
+            x.t().unsqueeze(0),
+            target.unsqueeze(0),
+            weight,
+            ignore_index=opts.ignore_index,
+            reduction=opts.reduction,
+            label_smoothing=opts.label_smoothing,
+        )
+        return loss.squeeze(0) if opts.reduction == "none" else loss
     return F.cross_entropy(
-        logits.to(acc),
+        x,
         target,
         weight,
         ignore_index=opts.ignore_index,

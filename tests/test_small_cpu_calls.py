@@ -46,6 +46,24 @@ def test_small_calls_match_float64(calls, shape, dtype, reduction):
     assert len(calls) == 3
 
 
+# Few classes and many rows take torch's K-dim layout (1, C, M): (600, 2) the binary case,
+# (700, 8) the most classes that layout takes, (3, 5, 200) K-dim input flattened to 600 rows.
+@pytest.mark.parametrize("shape", [(600, 2), (700, 8), (3, 5, 200)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_few_classes_many_rows_match_float64(calls, shape, dtype, reduction):
+    C = shape[1]
+    x = make_logits(shape, dtype)
+    target = make_target(shape, "hard", ignore_frac=0.3)
+    check(x, target, reduction=reduction)
+    check(x, target, reduction=reduction, label_smoothing=0.1, weight=torch.rand(C) + 0.5)
+    check(x, target.clamp(min=0), reduction=reduction, ignore_index=1)  # a real class ignored
+    loss, stats = fusedce.cross_entropy(x, target, reduction=reduction, return_stats=True)
+    z = x.double().movedim(1, -1)
+    torch.testing.assert_close(stats.lse.double(), torch.logsumexp(z, -1), rtol=1e-6, atol=1e-6)
+    assert len(calls) == 4
+
+
 def test_mean_over_nothing_is_zero(calls):
     x = make_logits((4, 7), torch.float32).requires_grad_()
     target = torch.full((4,), -100)
