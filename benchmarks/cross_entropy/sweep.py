@@ -9,7 +9,11 @@ from dataclasses import dataclass
 import torch
 
 MODES = ("fwd_bwd", "fwd")
-DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES: dict[str, torch.dtype] = {
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp32": torch.float32,
+}
 SWEEP_V = (2, 1024, 32000, 50257, 128256, 256000)
 LATENCY_V = 32000
 LATENCY_N_GPU = (1, 16, 256, 2048)
