@@ -9,7 +9,8 @@ Public API, mirroring torch's own:
 
 and the switches: ``set_target_check`` / ``wait_target_check`` (the class-index range check) and
 the backend choice
-(``available_backends``, ``get_backend``, ``set_backend``, ``use_backend``, ``uses_triton``).
+(``available_backends``, ``get_backend``, ``set_backend``, ``use_backend``, ``uses_triton``;
+``set_cpu_compile`` for the Inductor-compiled CPU rows).
 The training stack lives in ``fusedce.lightning_modules`` and ``fusedce.datamodules`` (the
 ``fusedce[train]`` extra); importing ``fusedce`` alone needs only torch (and triton on GPUs).
 """
@@ -26,6 +27,7 @@ if __name__ != "fusedce":
 
 from .backends import available_backends, get_backend, set_backend, use_backend, uses_triton
 from .core import CrossEntropyStats
+from .cpu_compiled import set_cpu_compile
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
@@ -40,6 +42,7 @@ __all__ = [
     "get_backend",
     "linear_cross_entropy",
     "set_backend",
+    "set_cpu_compile",
     "set_target_check",
     "use_backend",
     "uses_triton",

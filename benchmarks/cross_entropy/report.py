@@ -157,7 +157,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     """GB/s against V per provider, one panel per (dtype, mode); the copy rate dashed."""
     plt = pyplot()
     cells = [c for c in report["cells"] if c.get("status") == "ok" and c["kind"] != "latency"]
-    rank = {"bf16": 0, "fp32": 1, "fwd_bwd": 0, "fwd": 1}
+    rank = {"bf16": 0, "fp16": 1, "fp32": 2, "fwd_bwd": 0, "fwd": 1}
     panels = sorted(
         {(c["dtype"], c["mode"]) for c in cells}, key=lambda p: (rank[p[0]], rank[p[1]])
     )
