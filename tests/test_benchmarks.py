@@ -130,3 +130,17 @@ def test_command_line_flags() -> None:
     for bad in (["--dtypes", "fp64"], ["--modes", "bwd"], ["--shapes", "8x"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+def test_cpu_memory_report(tmp_path):
+    """benchmarks.cpu_memory: one row per (dtype, shape), both providers measured in fresh
+    processes, the gradient's size stated."""
+    from benchmarks import cpu_memory
+
+    out = tmp_path / "mem.md"
+    assert cpu_memory.main(["--shapes", "64x4096", "--dtypes", "fp32", "--out", str(out)]) == 0
+    text = out.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| fp32 | 64 | 4096 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == "1"  # 64 x 4096 x 4 bytes = 1 MiB of gradient
+    assert "failed" not in row and float(cells[4]) >= 0 and float(cells[5]) >= 0
