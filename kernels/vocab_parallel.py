@@ -459,7 +459,9 @@ def _local_stats(x: Tensor, rows: slice, tt: _Targets, target: Tensor) -> tuple[
     else:
         owned, valid = tt.owned[rows], tt.valid[rows]
         hard = torch.where(owned, tt.hard[rows], 0.0)
-        B = hard * zs.gather(1, tt.y_loc[rows, None])[:, 0] if width else torch.zeros_like(m)
+        # Only where the slice holds the class (elsewhere 0 * a -inf logit would give NaN).
+        z_y = zs.gather(1, tt.y_loc[rows, None])[:, 0] if width else torch.zeros_like(m)
+        B = torch.where(hard != 0, hard * z_y, 0.0)
         S = hard
         if tt.eps > 0.0:
             w = tt.w_loc
