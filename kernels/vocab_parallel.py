@@ -17,16 +17,24 @@ weights, ``return_stats``) with the same definitions over the global vocabulary.
 Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
 sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
 raise the same exception instead of leaving some rank waiting in a collective); then two
-``all_reduce`` of O(N) floats in forward (the row maxima; one stacked buffer of the sums of
+``all_reduce`` of O(N) floats in forward (the row maxima, or the slices' log-sum-exp on the row
+contract; one stacked buffer of the sums of
 exponentials, the target terms, the probability mass of the target coefficients and, with
 ``return_stats``, the entropy and argmax terms), none in
 backward for the cross-entropy, and one of the input gradient (N, D) in the backward of the
 linear head. Nothing sent depends on V.
 
-The local math uses torch ops in float32 (float64 for float64 input), in row chunks. The fused
-row contract of ``fusedce.core`` is not used for the slices: its statistics are those of whole
-rows (the log-sum-exp of the row, smoothing over the row's width, class indices inside the row),
-while a slice needs partial sums to combine across ranks first.
+The local math of the common case -- class indices, with or without class weights, logit
+scale, softcap, z-loss and token weights, but no label smoothing and no ``return_stats`` --
+runs on the row contract of ``fusedce.core`` (``core.run_rows``: the fused Triton kernel on
+GPUs and under ``TRITON_INTERPRET=1``, the torch backend on the CPU): one forward launch per
+slice treats the slice as a whole row (targets elsewhere ignored) and gives the slice's lse
+and, where the slice holds the target, lse - z_y, which combine across ranks as partial sums
+relative to the largest slice lse; one gradient-only launch reads back the GLOBAL lse and lse
+coefficient and writes exactly this slice of the global gradient (``_rows_stats``,
+``_rows_grad``). Everything else (smoothing over the global V, probability targets, the
+statistics' global argmax) uses torch ops in float32 (float64 for float64 input), in row
+chunks. The communication is the same either way.
 """
 
 from __future__ import annotations
@@ -914,8 +922,9 @@ def vocab_parallel_cross_entropy(
     gradient is its slice of that function's gradient.
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (M,) row maxima
-    (float64 (2, M) with the argmax key of probability targets when ``return_stats``) and then
-    (SUM) one stacked (k, M) buffer: k = 2 ((3 for probabilities), + 3 with ``return_stats``);
+    (the slices' lse where the row contract computes them; float64 (2, M) with the argmax key
+    of probability targets when ``return_stats``) and then (SUM) one stacked (k, M) buffer:
+    k = 2 ((3 for probabilities), + 3 with ``return_stats``);
     backward communicates nothing: each rank gets exactly its slice of the gradient. Without
     ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first (see
     Raises). Under ``torch.compile`` the call runs eagerly (a graph break).
@@ -1223,13 +1232,13 @@ def vocab_parallel_linear_cross_entropy(
     the same options). The (N, V_r) logits are never materialised: at most ``chunk_size`` rows
     at a time.
 
-    Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row
-    maxima and then (SUM) one stacked (2, N) buffer ((5, N) with ``return_stats``); backward
-    all-reduces (SUM) the (N, D) input gradient in float32, so ``input.grad`` is the FULL
-    gradient on every rank (``input`` must then require grad on every rank or on none). The
-    gradients of ``local_weight`` and ``linear_bias`` are this rank's slices and are not
-    reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank
-    comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
+    Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row maxima
+    (or the slices' lse, as for the cross-entropy) and then (SUM) one stacked (2, N) buffer ((5, N)
+    with ``return_stats``); backward all-reduces (SUM) the (N, D) input gradient in float32, so
+    ``input.grad`` is the FULL gradient on every rank (``input`` must then require grad on every
+    rank or on none). The gradients of ``local_weight`` and ``linear_bias`` are this rank's slices
+    and are not reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per
+    rank comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
 
     Args:
         input: (D,), (N, D) or (..., D) hidden states, the same on every rank; float32,
