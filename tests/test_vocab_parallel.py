@@ -869,12 +869,16 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
         _check_cross_entropy(rank, widths, (3, V, 4), torch.float32, False, "none", True, 0.1)
         _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, True, "mean", False, 0.1)
         _check_cross_entropy(rank, widths, (V,), torch.float32, False, "sum", True, 0.1)
+        # The same shapes without smoothing: their slices on the row contract.
+        _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, False, "none", True, 0.0)
+        _check_cross_entropy(rank, widths, (V,), torch.float32, False, "mean", False, 0.0)
         # Very uneven slices (one of a single class, one empty), learnt or given explicitly.
         _check_cross_entropy(rank, skewed, (N, V), torch.float32, False, "mean", True, 0.1)
         _check_cross_entropy(rank, skewed, (N, V), torch.float32, True, "sum", False, 0.1)
-        _check_cross_entropy(
-            rank, skewed, (N, V), torch.float32, False, "none", False, 0.1, explicit=True
-        )
+        for eps in (0.1, 0.0):
+            _check_cross_entropy(
+                rank, skewed, (N, V), torch.float32, False, "none", False, eps, explicit=True
+            )
 
         # The linear head.
         for reduction, use_weight, eps, bias in (
