@@ -17,20 +17,29 @@ weights, ``return_stats``) with the same definitions over the global vocabulary.
 Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
 sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
 raise the same exception instead of leaving some rank waiting in a collective); then two
-``all_reduce`` of O(N) floats in forward (the row maxima; one stacked buffer of the sums of
+``all_reduce`` of O(N) floats in forward (the row maxima, or the slices' log-sum-exp on the row
+contract; one stacked buffer of the sums of
 exponentials, the target terms, the probability mass of the target coefficients and, with
 ``return_stats``, the entropy and argmax terms), none in
 backward for the cross-entropy, and one of the input gradient (N, D) in the backward of the
 linear head. Nothing sent depends on V.
 
-The local math uses torch ops in float32 (float64 for float64 input), in row chunks. The fused
-row contract of ``fusedce.core`` is not used for the slices: its statistics are those of whole
-rows (the log-sum-exp of the row, smoothing over the row's width, class indices inside the row),
-while a slice needs partial sums to combine across ranks first.
+The local math of the common case -- class indices, with or without class weights, logit
+scale, softcap, z-loss and token weights, but no label smoothing and no ``return_stats`` --
+runs on the row contract of ``fusedce.core`` (``core.run_rows``: the fused Triton kernel on
+GPUs and under ``TRITON_INTERPRET=1``, the torch backend on the CPU): one forward launch per
+slice treats the slice as a whole row (targets elsewhere ignored) and gives the slice's lse
+and, where the slice holds the target, lse - z_y, which combine across ranks as partial sums
+relative to the largest slice lse; one gradient-only launch reads back the GLOBAL lse and lse
+coefficient and writes exactly this slice of the global gradient (``_rows_stats``,
+``_rows_grad``). Everything else (smoothing over the global V, probability targets, the
+statistics' global argmax) uses torch ops in float32 (float64 for float64 input), in row
+chunks. The communication is the same either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from typing import NamedTuple
 
@@ -38,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import core, index_check
+from . import backends, core, index_check
 from .core import CrossEntropyStats
 from .linear_chunks import planned_chunk_rows
 from .options import (
@@ -69,6 +78,12 @@ _ERRORS: tuple[type[Exception], ...] = (
 )
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT64_MAX = 2**63 - 1
+# Class indices without label smoothing or return_stats: the slices' rows go through the row
+# contract (``core.run_rows``: the Triton kernel, or the torch backend). Off: torch ops for
+# every call (the tests compare both).
+_ROWS_ON_BACKEND = True
+# The ignored class of the launches on a slice: never a local class (those are >= 0).
+_LOCAL_IGNORE = -1
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,6 +359,7 @@ class _Targets:
         self.soft = target.dim() == 2
         self.eps, self.smooth = eps, eps / sh.vocab
         self.w_loc = None if weight is None else weight[sh.start : sh.start + sh.width]
+        self.on_rows = False
         if self.soft:
             self.valid = torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
             return
@@ -360,6 +376,46 @@ class _Targets:
         self.hard = hard
         w_sum = float(sh.vocab) if weight is None else weight.sum()
         self.a = torch.where(self.valid, hard + self.smooth * w_sum, 0.0)
+        self.width = sh.width
+        # The slice's rows go through the backend's row contract (see _rows_stats).
+        self.on_rows = _ROWS_ON_BACKEND and eps == 0.0 and not want_stats and sh.width > 0
+        if self.on_rows:
+            self.local_opts = dataclasses.replace(
+                opts, ignore_index=_LOCAL_IGNORE, label_smoothing=0.0, z_loss=0.0
+            )
+            self.y_fwd = torch.where(self.owned, self.y_loc, _LOCAL_IGNORE)
+            self._grad_rows: tuple[Tensor, Tensor] | None = None
+            self._grad_rows_known = False
+
+    def grad_rows(self) -> tuple[Tensor, Tensor] | None:
+        """(M,) local targets and (V_r,) weights of the gradient launch on the row contract, or
+        None when it cannot be mapped (then the torch ops write the gradient).
+
+        The launch must give a row whose class lies in another slice a * softmax(z) and no
+        true-class term: such a row points at a local class ``c`` whose weight is set to 0 in
+        this launch, a class that no row of this slice targets with a non-zero weight (so no
+        row of the slice loses its true-class term). With more classes than rows one always
+        exists; otherwise one host read decides."""
+        if self._grad_rows_known:
+            return self._grad_rows
+        self._grad_rows_known = True
+        width, dev = self.width, self.y.device
+        w = (
+            self.w_loc.clone()
+            if self.w_loc is not None
+            else torch.ones(width, dtype=self.hard.dtype, device=dev)
+        )
+        targeted = torch.zeros(width + 1, dtype=torch.bool, device=dev)
+        targeted[torch.where(self.owned, self.y_loc, width)] = True
+        free = ~targeted[:width] | (w == 0)
+        c = free.to(torch.uint8).argmax()  # the first free class
+        if width <= self.y.shape[0] and not bool(free[c]):
+            return None
+        w.index_fill_(0, c.reshape(1), 0.0)
+        y = torch.where(self.valid, c, _LOCAL_IGNORE)
+        y = torch.where(self.bad, width, y)  # out of range here too: NaN rows, as the torch ops
+        self._grad_rows = (torch.where(self.owned, self.y_loc, y), w)
+        return self._grad_rows
 
     def soft_coef(self, t: Tensor, acc: torch.dtype) -> Tensor:
         coef = (1.0 - self.eps) * t.to(acc) + self.smooth
@@ -411,7 +467,9 @@ def _local_stats(x: Tensor, rows: slice, tt: _Targets, target: Tensor) -> tuple[
     else:
         owned, valid = tt.owned[rows], tt.valid[rows]
         hard = torch.where(owned, tt.hard[rows], 0.0)
-        B = hard * zs.gather(1, tt.y_loc[rows, None])[:, 0] if width else torch.zeros_like(m)
+        # Only where the slice holds the class (elsewhere 0 * a -inf logit would give NaN).
+        z_y = zs.gather(1, tt.y_loc[rows, None])[:, 0] if width else torch.zeros_like(m)
+        B = torch.where(hard != 0, hard * z_y, 0.0)
         S = hard
         if tt.eps > 0.0:
             w = tt.w_loc
@@ -429,6 +487,57 @@ def _local_stats(x: Tensor, rows: slice, tt: _Targets, target: Tensor) -> tuple[
         if tt.soft:
             out.append(_target_key(target[rows], tt.start))
     return tuple(out)
+
+
+def _unit_stride(x: Tensor) -> Tensor:
+    """x (m, V_r) with unit stride along the classes, as the row contract takes it."""
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _rows_stats(x: Tensor, rows: slice, tt: _Targets) -> tuple[Tensor, ...]:
+    """``_local_stats`` of a chunk of rows x (m, V_r) from one forward launch of the row
+    contract (``core.run_rows``), for class indices without smoothing or statistics.
+
+    The launch sees the slice as a whole row: targets outside it are ignored there, no class
+    weights, no z-loss or token weights (``_combine`` adds those from the global lse). It gives
+    per row L = the slice's lse of z and, where the slice holds the target, L - z_y. Relative to
+    L: the sum of exp(z - L) is 1 and B = w_y (z_y - L) = -w_y (L - z_y), so L takes the place
+    of the row max in the combination (the MAX all-reduce then runs over the slices' lse)."""
+    x = _unit_stride(x)
+    stats = core.new_stats(x.shape[0], x.dtype, x.device)
+    core.run_rows(x, tt.y_fwd[rows], None, tt.local_opts, stats)
+    lse = stats[1]
+    if tt.opts.softcap is None and not backends.uses_triton(x):
+        # A slice whose row is all -inf (a masked or padded part of the vocabulary) adds
+        # nothing: lse -inf, also where the torch ops' softmax of such a row gives NaN.
+        lse = torch.where(x.amax(1) == float("-inf"), float("-inf"), lse)
+    hard = torch.where(tt.owned[rows], tt.hard[rows], 0.0)
+    lse_safe = torch.where(lse == float("-inf"), 0.0, lse)
+    B = torch.where(hard != 0, -hard * stats[0], 0.0)
+    return lse, lse_safe, torch.ones_like(lse), B, hard
+
+
+def _rows_grad(
+    x: Tensor,
+    rows: slice,
+    tt: _Targets,
+    mapped: tuple[Tensor, Tensor],
+    lse: Tensor,
+    a: Tensor,
+    f: Tensor,
+    out: Tensor,
+) -> None:
+    """``_local_grad`` written into ``out`` (m, V_r) by one gradient-only launch of the row
+    contract: it reads the GLOBAL lse and coefficient a (with the z-loss's 2 lambda lse) and
+    writes f * (a softmax(z) - w_y onehot) dz/dx, which is this slice of the global gradient
+    (``mapped``: the targets and weights of ``_Targets.grad_rows``)."""
+    x = _unit_stride(x)
+    stats = core.new_stats(x.shape[0], x.dtype, x.device)
+    stats[1].copy_(lse[rows])
+    stats[2].copy_(a[rows])
+    y, w = mapped
+    scale = f.to(stats.dtype).contiguous()
+    core.run_rows(x, y[rows], w, tt.local_opts, stats, out, scale, grad_only=True)
 
 
 def _local_grad(
@@ -602,9 +711,13 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         # Row chunks bound the float32 temporaries (the plain head's budget for its logits).
         step = planned_chunk_rows(M, max(width, 1), torch.float32, None, logits.device)
         parts = []
-        for r0 in range(0, M, step):
-            rows = slice(r0, min(M, r0 + step))
-            parts.append(_local_stats(logits[rows].to(acc), rows, tt, target))
+        if tt.on_rows:
+            # One launch over all rows (the torch backend works through them in blocks).
+            parts = [_rows_stats(logits, slice(0, M), tt)] if M else []
+        else:
+            for r0 in range(0, M, step):
+                rows = slice(r0, min(M, r0 + step))
+                parts.append(_local_stats(logits[rows].to(acc), rows, tt, target))
         c = _combine(_join_chunks(parts, tt, acc, logits.device), tt, sh, acc)
         inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
         ctx.save_for_backward(logits, target, c.lse, c.a, inv)
@@ -622,6 +735,10 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
         if ctx.needs_input_grad[1]:
             grad_target = torch.empty_like(target, memory_format=torch.contiguous_format)
+        mapped = tt.grad_rows() if tt.on_rows and grad_logits is not None else None
+        if mapped is not None:  # class indices: no target gradient
+            _rows_grad(logits, slice(0, M), tt, mapped, lse, a, f_all, grad_logits)
+            return grad_logits, None, None, None, None, None, None
         for r0 in range(0, M, ctx.step):
             rows = slice(r0, min(M, r0 + ctx.step))
             f = f_all[rows] if f_all.dim() else f_all
@@ -805,8 +922,9 @@ def vocab_parallel_cross_entropy(
     gradient is its slice of that function's gradient.
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (M,) row maxima
-    (float64 (2, M) with the argmax key of probability targets when ``return_stats``) and then
-    (SUM) one stacked (k, M) buffer: k = 2 ((3 for probabilities), + 3 with ``return_stats``);
+    (the slices' lse where the row contract computes them; float64 (2, M) with the argmax key
+    of probability targets when ``return_stats``) and then (SUM) one stacked (k, M) buffer:
+    k = 2 ((3 for probabilities), + 3 with ``return_stats``);
     backward communicates nothing: each rank gets exactly its slice of the gradient. Without
     ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first (see
     Raises). Under ``torch.compile`` the call runs eagerly (a graph break).
@@ -990,7 +1108,11 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         parts = []
         for r0 in range(0, M, step):
             rows = slice(r0, min(M, r0 + step))
-            parts.append(_local_stats(_linear_logits(x[rows], W, b, acc), rows, tt, target))
+            logits = _linear_logits(x[rows], W, b, acc)
+            if tt.on_rows:
+                parts.append(_rows_stats(logits, rows, tt))
+            else:
+                parts.append(_local_stats(logits, rows, tt, target))
         c = _combine(_join_chunks(parts, tt, acc, x.device), tt, sh, acc)
         inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
         ctx.save_for_backward(x, W, b, target, c.lse, c.a, inv)
@@ -1011,10 +1133,16 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             if need_b and b is not None
             else None
         )
+        mapped = tt.grad_rows() if tt.on_rows else None
         for r0 in range(0, M, ctx.step):
             rows = slice(r0, min(M, r0 + ctx.step))
             f = f_all[rows] if f_all.dim() else f_all
-            g = _local_grad(_linear_logits(x[rows], W, b, acc), rows, tt, target, lse, a, f)
+            logits = _linear_logits(x[rows], W, b, acc)
+            if mapped is not None:
+                g = torch.empty_like(logits, memory_format=torch.contiguous_format)
+                _rows_grad(logits, rows, tt, mapped, lse, a, f, g)
+            else:
+                g = _local_grad(logits, rows, tt, target, lse, a, f)
             g_lp = g.to(x.dtype)  # the GEMMs run in the input's dtype, as F.linear's backward
             if gx is not None:
                 gx[rows] = g_lp @ W
@@ -1104,13 +1232,13 @@ def vocab_parallel_linear_cross_entropy(
     the same options). The (N, V_r) logits are never materialised: at most ``chunk_size`` rows
     at a time.
 
-    Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row
-    maxima and then (SUM) one stacked (2, N) buffer ((5, N) with ``return_stats``); backward
-    all-reduces (SUM) the (N, D) input gradient in float32, so ``input.grad`` is the FULL
-    gradient on every rank (``input`` must then require grad on every rank or on none). The
-    gradients of ``local_weight`` and ``linear_bias`` are this rank's slices and are not
-    reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank
-    comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
+    Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row maxima
+    (or the slices' lse, as for the cross-entropy) and then (SUM) one stacked (2, N) buffer ((5, N)
+    with ``return_stats``); backward all-reduces (SUM) the (N, D) input gradient in float32, so
+    ``input.grad`` is the FULL gradient on every rank (``input`` must then require grad on every
+    rank or on none). The gradients of ``local_weight`` and ``linear_bias`` are this rank's slices
+    and are not reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per
+    rank comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
 
     Args:
         input: (D,), (N, D) or (..., D) hidden states, the same on every rank; float32,

@@ -9,6 +9,7 @@ of the UNSHARDED loss and gradients with torch, and compares its own slice.
 from __future__ import annotations
 
 import datetime
+import os
 import time
 
 import pytest
@@ -18,6 +19,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedce
+import fusedce.vocab_parallel
+from fusedce import backends, core
 from fusedce.vocab_parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -684,7 +687,149 @@ def _check_public_entry_points(rank: int, widths: list[int]) -> None:
         )
 
 
-def _worker(rank: int, world: int, init_file: str) -> None:
+# (backend, grad_only) of every launch of the row contract, recorded by _record_launches.
+_LAUNCHES: list[tuple[str, bool]] = []
+
+
+def _record_launches() -> None:
+    """Makes ``fusedce.core.run_rows`` (still the real function) record each launch."""
+    real = core.run_rows
+
+    def run_rows(
+        logits, target, weight, opts, stats, grad=None, scale=None, grad_only=False, tw=None
+    ):
+        per_row = scale is not None and scale.dim() == 1
+        chosen = backends.select(logits, target, weight, grad, per_row, grad_only)
+        _LAUNCHES.append((chosen.name, grad_only))
+        real(logits, target, weight, opts, stats, grad, scale, grad_only, tw)
+
+    core.run_rows = run_rows
+
+
+def _launches(fn) -> tuple[list[tuple[str, bool]], object]:
+    """The row-contract launches of ``fn()``, and what it returned."""
+    _LAUNCHES.clear()
+    value = fn()
+    return list(_LAUNCHES), value
+
+
+def _expected_backend(dtype: torch.dtype) -> str:
+    """The backend of the slices' launches: the Triton kernel under the interpreter (unless
+    FUSEDCE_BACKEND=torch), else the torch backend; float64 always the torch backend."""
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    kernel_dtype = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return (
+        "triton" if interpreted and kernel_dtype and fusedce.get_backend() != "torch" else "torch"
+    )
+
+
+def _check_rows(rank: int, widths: list[int], on_rows: bool) -> None:
+    """Class indices without smoothing or stats: the slice's loss takes ONE forward launch of
+    the row contract and its gradient ONE gradient-only launch (the torch ops where
+    ``on_rows`` is off), with the extras that map (logit scale, softcap, z-loss, token weights)
+    and slices whose rows are partly or wholly -inf; the float64 reference of the unsharded
+    loss. Then a slice where every class is some row's target: the gradient falls back to the
+    torch ops (a zero class weight frees a class again)."""
+    vocab = sum(widths)
+    start = sum(widths[:rank])
+    cols = slice(start, start + widths[rank])
+    last = len(widths) - 1
+    cases = (
+        (torch.float32, "mean", True, {}),
+        (torch.bfloat16, "none", False, {}),
+        (torch.float64, "sum", True, {}),
+        (torch.float32, "mean", True, ALL_EXTRAS),
+        (torch.bfloat16, "none", True, {"z_loss": 1e-3, "token_weight": True}),
+        (torch.float32, "sum", False, {"logit_scale": 0.7}),
+        (torch.float64, "none", False, {"softcap": 3.0, "token_weight": True}),
+    )
+    for dtype, reduction, use_weight, extras in cases:
+        logits, target, weight = _data(12, (N, vocab), soft=False)
+        logits[:, -3:] = float("-inf")  # a padded vocabulary
+        target = torch.where(target >= vocab - 3, target - 3, target)
+        # Row 1: the last slice all -inf, the target elsewhere.
+        logits[1, sum(widths[:last]) :] = float("-inf")
+        target[1] = 0
+        logits = logits.to(dtype).double()
+        opts = dict(extras)
+        if opts.get("token_weight"):
+            opts["token_weight"] = _token_weights((N,), 12)
+        w = weight if use_weight else None
+        ref_in = logits.clone().requires_grad_()
+        ref = fusedce.cross_entropy(ref_in, target, w, IGNORE, reduction, **opts)
+        factor = torch.linspace(0.5, 1.5, ref.numel(), dtype=torch.float64).reshape(ref.shape)
+        (ref * factor).sum().backward()
+
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        local = logits[:, cols].to(dtype).clone().requires_grad_()
+        mine = {k: (v.to(acc) if isinstance(v, torch.Tensor) else v) for k, v in opts.items()}
+
+        def call(local=local, target=target, w=w, mine=mine, factor=factor, red=reduction, acc=acc):
+            loss = vocab_parallel_cross_entropy(
+                local,
+                target,
+                w.to(acc) if w is not None else None,
+                reduction=red,
+                **mine,
+                process_group=dist.group.WORLD,
+            )
+            (loss * factor.to(acc)).sum().backward()
+            return loss.detach()
+
+        what = f"rows {dtype} {reduction} w={use_weight} {extras} widths={widths}"
+        launches, loss = _launches(call)
+        # The gradient launch needs a local class that no row targets (see grad_rows).
+        targeted = {int(t) - start for t in target if start <= int(t) < cols.stop}
+        backend = _expected_backend(dtype)
+        expected = [(backend, False)] if widths[rank] and on_rows else []
+        expected += [(backend, True)] if expected and widths[rank] > len(targeted) else []
+        assert launches == expected, (what, launches)
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        _close(loss, ref.detach(), tol, f"loss {what}")
+        _close(local.grad, ref_in.grad[:, cols], GRAD_TOL[dtype], f"grad {what}")
+
+    if min(widths) > N:
+        # The linear head: one forward and one gradient-only launch per chunk of rows.
+        launches, _ = _launches(
+            lambda: _check_linear(
+                rank, widths, torch.float32, "none", True, 0.0, True, chunk_size=3
+            )
+        )
+        per_chunk = [(_expected_backend(torch.float32), False)] * 3
+        per_chunk += [(_expected_backend(torch.float32), True)] * 3
+        assert launches == (per_chunk if on_rows else []), launches
+
+    # Every class of every slice is a target: no class is free for the rows whose class lies
+    # elsewhere, so the gradient takes the torch ops; a zero class weight frees one.
+    small = [2, 3] if len(widths) == 2 else [2, 1, 3]
+    s0 = sum(small[:rank])
+    logits = torch.randn(N, sum(small), generator=torch.Generator().manual_seed(3)).double()
+    target = torch.arange(N) % sum(small)
+    for zero_weight in (False, True):
+        weight = torch.rand(sum(small), generator=torch.Generator().manual_seed(4)) + 0.5
+        if zero_weight:
+            weight[[sum(small[:r]) for r in range(len(small))]] = 0.0
+        ref_in = logits.clone().requires_grad_()
+        F.cross_entropy(ref_in, target, weight.double()).backward()
+        local = logits[:, s0 : s0 + small[rank]].float().requires_grad_()
+
+        def call(local=local, weight=weight):
+            loss = vocab_parallel_cross_entropy(
+                local, target, weight, process_group=dist.group.WORLD
+            )
+            loss.backward()
+            return loss.detach()
+
+        launches, loss = _launches(call)
+        backend = _expected_backend(torch.float32)
+        expected = [(backend, False)] + ([(backend, True)] if zero_weight else [])
+        assert launches == (expected if on_rows else []), (zero_weight, launches)
+        loss_ref = F.cross_entropy(logits, target, weight.double())
+        _close(loss, loss_ref, 1e-5, f"every class a target, zero weight {zero_weight}")
+        _close(local.grad, ref_in.grad[:, s0 : s0 + small[rank]], 1e-5, "every class: grad")
+
+
+def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -694,7 +839,13 @@ def _worker(rank: int, world: int, init_file: str) -> None:
     )
     try:
         torch.set_num_threads(1)
+        # "rows": the slices' common case on the row contract (the default); "torch": torch ops.
+        fusedce.vocab_parallel._ROWS_ON_BACKEND = local == "rows"
+        _record_launches()
         widths = _even_widths(world)
+        skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
+        _check_rows(rank, widths, local == "rows")
+        _check_rows(rank, skewed, local == "rows")
         # Every option on float32 (class indices).
         for reduction in ("mean", "sum", "none"):
             for use_weight in (False, True):
@@ -718,13 +869,16 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         _check_cross_entropy(rank, widths, (3, V, 4), torch.float32, False, "none", True, 0.1)
         _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, True, "mean", False, 0.1)
         _check_cross_entropy(rank, widths, (V,), torch.float32, False, "sum", True, 0.1)
+        # The same shapes without smoothing: their slices on the row contract.
+        _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, False, "none", True, 0.0)
+        _check_cross_entropy(rank, widths, (V,), torch.float32, False, "mean", False, 0.0)
         # Very uneven slices (one of a single class, one empty), learnt or given explicitly.
-        skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
         _check_cross_entropy(rank, skewed, (N, V), torch.float32, False, "mean", True, 0.1)
         _check_cross_entropy(rank, skewed, (N, V), torch.float32, True, "sum", False, 0.1)
-        _check_cross_entropy(
-            rank, skewed, (N, V), torch.float32, False, "none", False, 0.1, explicit=True
-        )
+        for eps in (0.1, 0.0):
+            _check_cross_entropy(
+                rank, skewed, (N, V), torch.float32, False, "none", False, eps, explicit=True
+            )
 
         # The linear head.
         for reduction, use_weight, eps, bias in (
@@ -773,12 +927,12 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path, timeout_s: float = 150.0) -> None:
+def _spawn(world: int, tmp_path, timeout_s: float = 150.0, local: str = "rows") -> None:
     """Runs ``_worker`` on ``world`` processes; fails (killing them) past ``timeout_s``, so that
     a deadlock fails the test instead of hanging it."""
     ctx = mp.start_processes(
         _worker,
-        args=(world, str(tmp_path / "pg_init")),
+        args=(world, str(tmp_path / "pg_init"), local),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -794,10 +948,20 @@ def _spawn(world: int, tmp_path, timeout_s: float = 150.0) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
-def test_vocab_parallel_matches_unsharded(world: int, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "local",
+    [
+        # The slices' rows on the row contract: part of the kernel suite, so that `make test`
+        # runs it through the Triton kernel (TRITON_INTERPRET=1) and the torch backend.
+        pytest.param("rows", marks=pytest.mark.kernel),
+        "torch",  # every slice through torch ops
+    ],
+)
+def test_vocab_parallel_matches_unsharded(local: str, world: int, tmp_path) -> None:
     """Every option, dtype, shape and split; the linear head; DTensor input; collectives per
-    call; a group of size 1; bad input on some rank raises the same error on every rank."""
-    _spawn(world, tmp_path)
+    call; a group of size 1; bad input on some rank raises the same error on every rank; the
+    launches of the row contract for the slices' common case."""
+    _spawn(world, tmp_path, local=local)
 
 
 def test_without_process_group_is_the_plain_function() -> None:
