@@ -57,7 +57,7 @@ def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
     assert not report["skipped"]
     cells = report["cells"]
     modes_dtypes = {(c["mode"], c["dtype"]) for c in cells}
-    assert modes_dtypes == {(m, d) for m in sweep.MODES for d in sweep.DTYPES}
+    assert modes_dtypes == {(m, d) for m in sweep.MODES for d in ("bf16", "fp32")}  # the defaults
     for cell in cells:
         assert cell["status"] == "ok", cell
         assert cell["copy"]["ms"] > 0 and cell["copy"]["GBps"] > 0
