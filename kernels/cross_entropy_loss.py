@@ -576,13 +576,17 @@ def _small_plain_cpu_stats(
 ) -> CrossEntropyStats:
     """``return_stats`` of a ``_small_plain_cpu_call`` from torch ops (z-loss is off: 0)."""
     with torch.no_grad():
+        # Few ops: at these sizes each op's overhead is the cost.
         z = logits.to(accumulation_dtype(logits.dtype))
-        lse = torch.logsumexp(z, dim=1)
+        z_max, i_max = z.max(dim=1, keepdim=True)
         p = torch.softmax(z, dim=1)
-        entropy = lse - torch.where(p > 0, p * z, 0.0).sum(dim=1)  # 0 * -inf counts as 0
-        correct = (z.argmax(dim=1) == target) & (target != opts.ignore_index)
+        # lse = max - log p_max (p_max >= 1 / C never underflows); H = -sum p log p, entr(0) = 0
+        # so a logit of -inf contributes 0.
+        lse = (z_max - p.gather(1, i_max).log_()).squeeze(1)
+        entropy = torch.special.entr(p).sum(dim=1)
+        correct = (i_max.squeeze(1) == target) & (target != opts.ignore_index)
     return CrossEntropyStats(
-        torch.zeros_like(loss, requires_grad=False),
+        loss.new_zeros(loss.shape),
         lse.reshape(out_shape),
         entropy.reshape(out_shape),
         correct.reshape(out_shape),

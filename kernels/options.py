@@ -113,6 +113,15 @@ def check_extras(
         TypeError: a non-number. ValueError: ``logit_scale <= 0``, ``softcap <= 0``,
             ``z_loss < 0``, or a non-finite value.
     """
+    plain = (float, int)  # exact types: bool and tensors take the checks below
+    if (
+        softcap is None
+        and type(logit_scale) in plain
+        and logit_scale == 1.0
+        and type(z_loss) in plain
+        and z_loss == 0.0
+    ):
+        return opts  # the defaults (opts holds them): dataclasses.replace costs microseconds
     scale = _positive_float(who, "logit_scale", logit_scale)
     cap = None if softcap is None else _positive_float(who, "softcap", softcap)
     lam = _positive_float(who, "z_loss", z_loss, allow_zero=True)
