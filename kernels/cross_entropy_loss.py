@@ -445,10 +445,11 @@ def cross_entropy(
     if not compiling and _small_plain_cpu_call(
         logits, target, opts, tw, inplace_backward, target_grad
     ):
-        loss = _small_plain_cpu_loss(logits, target, weight, opts)
+        loss, all_valid = _small_plain_cpu_loss(logits, target, weight, opts)
         if loss is not None and extras:
             loss = loss.reshape(out_shape) if opts.per_row else loss
-            return loss, _small_plain_cpu_stats(logits, target, opts, out_shape, loss)
+            stats = _small_plain_cpu_stats(logits, target, opts, out_shape, loss, all_valid)
+            return loss, stats
     if loss is not None:
         pass  # torch's own operator took it
     elif compiling:
@@ -528,12 +529,13 @@ def _small_plain_cpu_call(
 
 def _small_plain_cpu_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
-) -> Tensor | None:
+) -> tuple[Tensor | None, bool]:
     """The loss of a ``_small_plain_cpu_call`` through ``F.cross_entropy`` (differentiable), or
-    None for a mean over nothing (0 here, NaN in torch: the row contract takes it)."""
+    None for a mean over nothing (0 here, NaN in torch: the row contract takes it); and whether
+    every target is a class (none ignored)."""
     M, C = logits.shape
     if M == 0:
-        return None
+        return None, False
     target = target.long()
     # One min / max answers the usual case: every index a class, none ignored (reading them
     # costs no sync on the CPU).
@@ -545,7 +547,7 @@ def _small_plain_cpu_loss(
         valid = target != opts.ignore_index
         denom = valid.sum() if weight is None else weight[target[valid]].sum()
         if not bool(denom != 0):
-            return None
+            return None, plain
     acc = accumulation_dtype(logits.dtype)
     x = logits.to(acc)
     if C <= _FEW_CLASSES and M >= _MANY_ROWS:
@@ -560,8 +562,8 @@ def _small_plain_cpu_loss(
             reduction=opts.reduction,
             label_smoothing=opts.label_smoothing,
         )
-        return loss.squeeze(0) if opts.reduction == "none" else loss
-    return F.cross_entropy(
+        return (loss.squeeze(0) if opts.reduction == "none" else loss), plain
+    loss = F.cross_entropy(
         x,
         target,
         weight,
@@ -569,12 +571,19 @@ def _small_plain_cpu_loss(
         reduction=opts.reduction,
         label_smoothing=opts.label_smoothing,
     )
+    return loss, plain
 
 
 def _small_plain_cpu_stats(
-    logits: Tensor, target: Tensor, opts: LossOptions, out_shape: tuple[int, ...], loss: Tensor
+    logits: Tensor,
+    target: Tensor,
+    opts: LossOptions,
+    out_shape: tuple[int, ...],
+    loss: Tensor,
+    all_valid: bool,
 ) -> CrossEntropyStats:
-    """``return_stats`` of a ``_small_plain_cpu_call`` from torch ops (z-loss is off: 0)."""
+    """``return_stats`` of a ``_small_plain_cpu_call`` from torch ops (z-loss is off: 0);
+    ``all_valid``: no target is ignored."""
     with torch.no_grad():
         # Few ops: at these sizes each op's overhead is the cost.
         z = logits.to(accumulation_dtype(logits.dtype))
@@ -584,13 +593,12 @@ def _small_plain_cpu_stats(
         # so a logit of -inf contributes 0.
         lse = (z_max - p.gather(1, i_max).log_()).squeeze(1)
         entropy = torch.special.entr(p).sum(dim=1)
-        correct = (i_max.squeeze(1) == target) & (target != opts.ignore_index)
-    return CrossEntropyStats(
-        loss.new_zeros(loss.shape),
-        lse.reshape(out_shape),
-        entropy.reshape(out_shape),
-        correct.reshape(out_shape),
-    )
+        correct = i_max.squeeze(1) == target
+        if not all_valid:
+            correct &= target != opts.ignore_index
+    if lse.shape != out_shape:
+        lse, entropy, correct = (t.reshape(out_shape) for t in (lse, entropy, correct))
+    return CrossEntropyStats(loss.new_zeros(loss.shape), lse, entropy, correct)
 
 
 class CrossEntropyLoss(nn.Module):
