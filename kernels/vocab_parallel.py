@@ -868,6 +868,11 @@ def _dtensor_cross_entropy(
     return _replicated(result, mesh)
 
 
+def _opts_key(opts: LossOptions) -> tuple[int, int, int]:
+    """The loss options every rank must agree on, as integers for the metadata exchange."""
+    return REDUCTIONS.index(opts.reduction), opts.ignore_index, _float_bits(opts.label_smoothing)
+
+
 def _extras_key(opts: LossOptions, return_stats: bool) -> tuple[int, int, int, int]:
     cap = -1 if opts.softcap is None else _float_bits(opts.softcap)
     return (_float_bits(opts.logit_scale), cap, _float_bits(opts.z_loss), int(return_stats))
@@ -1059,11 +1064,7 @@ def _sharded_cross_entropy(
             features=0,
             dtype=logits.dtype,
             weight_numel=-1 if weight is None else weight.numel(),
-            opts_key=(
-                REDUCTIONS.index(opts.reduction),
-                opts.ignore_index,
-                _float_bits(opts.label_smoothing),
-            ),
+            opts_key=_opts_key(opts),
             extras_key=_extras_key(opts, want_stats),
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
@@ -1381,11 +1382,7 @@ def _sharded_linear_cross_entropy(
             features=D,
             dtype=x.dtype,
             weight_numel=-1 if weight is None else weight.numel(),
-            opts_key=(
-                REDUCTIONS.index(opts.reduction),
-                opts.ignore_index,
-                _float_bits(opts.label_smoothing),
-            ),
+            opts_key=_opts_key(opts),
             extras_key=_extras_key(opts, want_stats),
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
