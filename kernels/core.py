@@ -2,19 +2,26 @@
 
 For logits viewed as (M, V) rows, a backend fills, per row i (see ``triton_backend`` for the
 formulas; w = class weights, eps = label smoothing, t = token weights, lambda = z-loss; the
-loss sees z = softcap(logit_scale * x), and lse is the log-sum-exp of z):
+loss sees z = softcap(logit_scale * x), m is the row max of z and lse = m + log(sum exp(z - m))):
 
-* ``stats[0, i]`` -- the row's loss t_i * (l_i + lambda * lse_i**2) (NaN for an unchecked
+* ``stats[LOSS, i]`` -- the row's loss t_i * (l_i + lambda * lse_i**2) (NaN for an unchecked
   out-of-range index; the z-loss term only on non-ignored rows);
-* ``stats[1, i]`` -- lse_i;
-* ``stats[2, i]`` -- a_i, the coefficient of lse_i in l_i (0 for an ignored row);
+* ``stats[MAX, i]`` -- m_i, the row max of z (0 for a row with no finite logit);
+* ``stats[LOG_SUM, i]`` -- log(sum_c exp(z_ic - m_i)), in [0, log V] for a finite row;
+* ``stats[COEF, i]`` -- a_i, the coefficient of lse_i in l_i (0 for an ignored row);
 
 and with ``EXTRA_STAT_ROWS`` rows (``return_stats``) also, in the same pass:
 
-* ``stats[3, i]`` -- the z-loss part t_i * lambda * lse_i**2 (0 where ignored);
-* ``stats[4, i]`` -- the entropy of softmax(z_i);
-* ``stats[5, i]`` -- 1.0 where argmax(z_i) (first maximum) is the class index (the argmax of the
-  probability target), else 0.0 (0.0 where ignored).
+* ``stats[Z_PART, i]`` -- the z-loss part t_i * lambda * lse_i**2 (0 where ignored);
+* ``stats[ENTROPY, i]`` -- the entropy of softmax(z_i);
+* ``stats[CORRECT, i]`` -- 1.0 where argmax(z_i) (first maximum) is the class index (the argmax
+  of the probability target), else 0.0 (0.0 where ignored).
+
+Shift-exact arithmetic: every backend computes from the row max. The loss is
+a * log_sum + w_y (1 - eps) (m - z_y) - sum_c b_c (z_c - m) and the gradient reads
+exp((z - m) - log_sum): nothing adds the row max to a small number and subtracts it again, so a
+common offset of the logits (1e8, 1e30) changes neither, as in torch's ``log_softmax``. lse itself
+(m + log_sum) is only formed for the z-loss and for ``return_stats``.
 
 When a gradient buffer is given, ``grad[i] = s_i * t_i * d (l_i + lambda lse_i**2) / d x_i`` with
 s the gradient scale: one () factor for every row (1 / the mean normaliser, or 1) or one factor
@@ -35,6 +42,18 @@ from torch import Tensor
 from . import backends, index_check
 from .index_check import DeferredIndexCheck
 from .options import LossOptions, accumulation_dtype
+from .stat_rows import (  # noqa: F401 - re-exported: the rows are part of core's contract
+    COEF,
+    CORRECT,
+    ENTROPY,
+    EXTRA_STAT_ROWS,
+    LOG_SUM,
+    LOSS,
+    MAX,
+    STAT_ROWS,
+    Z_PART,
+    lse_of,
+)
 from .torch_backend import transformed_logits
 
 try:
@@ -51,10 +70,6 @@ ONE_PROGRAM_ROWS = 16384
 # intermediates stay in cache (2-core development machine, one thread, bfloat16 4096 x 32000:
 # 2144 ms unchunked, 717 ms in 1 MiB chunks, eager F.cross_entropy 1469 ms).
 CPU_ROW_BLOCK_BYTES = 2 << 20
-# Rows of the per-row statistics: loss, lse, lse coefficient; with the extras also the z-loss
-# part, the entropy and whether the argmax is right.
-STAT_ROWS = 3
-EXTRA_STAT_ROWS = 6
 
 
 class CrossEntropyStats(NamedTuple):
@@ -81,9 +96,9 @@ class CrossEntropyStats(NamedTuple):
 def new_stats(
     num_rows: int, dtype: torch.dtype, device: torch.device, extras: bool = False
 ) -> Tensor:
-    """(3, M) uninitialised per-row statistics (loss, lse, lse coefficient), or (6, M) with the
-    ``extras`` (z-loss part, entropy, correct), for logits of ``dtype``: float32, float64 for
-    float64 logits."""
+    """(4, M) uninitialised per-row statistics (loss, max, log-sum, lse coefficient), or (7, M)
+    with the ``extras`` (z-loss part, entropy, correct), for logits of ``dtype``: float32,
+    float64 for float64 logits."""
     rows = EXTRA_STAT_ROWS if extras else STAT_ROWS
     return torch.empty((rows, num_rows), dtype=accumulation_dtype(dtype), device=device)
 
@@ -92,21 +107,21 @@ def public_stats(stats: Tensor, scale: Tensor, opts: LossOptions, shape: tuple[i
     """The user-facing ``CrossEntropyStats`` from (6, M) per-row statistics.
 
     Args:
-        stats: (6, M) from a forward pass with the extras.
+        stats: (7, M) from a forward pass with the extras.
         scale: () 1 / the mean normaliser (read for reduction="mean").
         opts: the reduction is read.
         shape: the per-element shape (M elements).
     """
     stats = stats.detach()
     # torch ops only (M values, no pass over the logits): also traced by torch.compile.
-    z_loss = stats[3].reshape(shape) if opts.per_row else stats[3].sum()
+    z_loss = stats[Z_PART].reshape(shape) if opts.per_row else stats[Z_PART].sum()
     if opts.mean:
         z_loss = z_loss * scale.to(z_loss.dtype)
     return CrossEntropyStats(
         z_loss.detach(),
-        stats[1].reshape(shape),
-        stats[4].reshape(shape),
-        (stats[5] != 0).reshape(shape),
+        lse_of(stats).reshape(shape),
+        stats[ENTROPY].reshape(shape),
+        (stats[CORRECT] != 0).reshape(shape),
     )
 
 
@@ -128,10 +143,11 @@ def run_rows(
         target: (M,) class indices (int32 / int64) or (M, V) probabilities, unit stride along V.
         weight: (V,) class weights in the accumulation dtype, or None.
         opts: everything but the reduction is read (the reduction is the caller's).
-        stats: (3, M) or (6, M) per-row statistics: written, or read with ``grad_only``.
+        stats: (4, M) or (7, M) per-row statistics: written, or read (max, log-sum and
+            coefficient) with ``grad_only``.
         grad: (M, V) gradient output with unit stride along V (may be ``logits`` itself), or None.
         scale: () or (M,) float32 factors of the gradient rows; required with ``grad``.
-        grad_only: write only the gradient, from the lse and coefficient in ``stats``.
+        grad_only: write only the gradient, from the max, log-sum and coefficient in ``stats``.
         token_weight: (M,) contiguous token weights in the accumulation dtype, or None.
     """
     per_row = scale is not None and scale.dim() == 1
@@ -259,7 +275,7 @@ class Forward(NamedTuple):
     """What a forward pass over (M, V) rows leaves behind."""
 
     loss: Tensor  # reduced as asked: () or (M,)
-    stats: Tensor  # (3, M) or (6, M): see the module doc
+    stats: Tensor  # (4, M) or (7, M): see the module doc
     scale: Tensor  # () float32: 1 / mean normaliser, or 1
     grad: Tensor | None  # (M, V) gradient of the reduced loss, or None
     pending_check: DeferredIndexCheck | None
@@ -287,7 +303,7 @@ def forward(
         )
     stats = new_stats(logits.shape[0], logits.dtype, logits.device, extras)
     run_rows(logits, target, weight, opts, stats, grad, scale, False, token_weight)
-    return Forward(reduce_rows(stats[0], scale, opts), stats, scale, grad, pending)
+    return Forward(reduce_rows(stats[LOSS], scale, opts), stats, scale, grad, pending)
 
 
 def gradient_from_stats(
@@ -301,11 +317,11 @@ def gradient_from_stats(
     token_weight: Tensor | None = None,
 ) -> Tensor:
     """``row_factor[i] * d l_i / d logits[i]`` for every row, written once (one rounding),
-    from the lse and coefficients of a forward pass.
+    from the max, log-sum and coefficients of a forward pass.
 
     Args:
         logits, target, weight, opts: as in the forward pass.
-        stats: (3, M) or (6, M) from the forward pass.
+        stats: (4, M) or (7, M) from the forward pass.
         row_factor: (M,) upstream gradient of each row's loss.
         out: (M, V) buffer (may be ``logits``); None allocates one.
         token_weight: (M,) prepared token weights, or None.
@@ -320,18 +336,19 @@ def gradient_from_stats(
 
 def probability_target_grad(
     logits: Tensor,
-    lse: Tensor,
+    stats: Tensor,
     weight: Tensor | None,
     opts: LossOptions,
     row_factor: Tensor,
     token_weight: Tensor | None = None,
 ) -> Tensor:
-    """d loss / d target for probability targets: -(1 - eps) t_i w_c (z_c - lse) per row factor
-    (z: the scaled, softcapped logits; the z-loss does not depend on the target).
+    """d loss / d target for probability targets: -(1 - eps) t_i w_c log softmax(z)_c per row
+    factor (z: the scaled, softcapped logits; the z-loss does not depend on the target), with
+    log softmax(z) = (z - m) - log_sum from the row max (shift-exact).
 
     Args:
         logits: (M, V) logits of the forward pass (not overwritten since).
-        lse: (M,) the log-sum-exp of z.
+        stats: per-row statistics of the forward pass (the max and log-sum rows are read).
         weight: (V,) class weights or None.
         opts: label_smoothing, logit_scale and softcap are read.
         row_factor: () or (M,) factor of each row (upstream gradient times the mean scale).
@@ -340,9 +357,9 @@ def probability_target_grad(
     Returns:
         (M, V) in the accumulation dtype.
     """
-    acc = lse.dtype
+    acc = stats.dtype
     z, _ = transformed_logits(logits.to(acc), opts, need_derivative=False)
-    g = (z - lse[:, None]).mul_(-(1.0 - opts.label_smoothing))
+    g = (z - stats[MAX][:, None]).sub_(stats[LOG_SUM][:, None]).mul_(-(1.0 - opts.label_smoothing))
     if weight is not None:
         g.mul_(weight)
     f = row_factor.to(acc)

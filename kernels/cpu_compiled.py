@@ -55,50 +55,53 @@ def compiled_calls() -> int:
 
 
 def _rows(x: Tensor, y: Tensor, ignore_index: int, scale: Tensor | None):
-    """Per-row loss and lse (float32, (M,) each) and, with ``scale``, the gradient
-    scale * (softmax - onehot(y)) in the logits' dtype: 0 on ignored rows (also with NaN
-    logits), NaN on rows whose class is out of range (the loss too)."""
+    """Per-row loss, max and log-sum (float32, (M,) each; see ``core``) and, with ``scale``,
+    the gradient scale * (softmax - onehot(y)) in the logits' dtype: 0 on ignored rows (also
+    with NaN logits), NaN on rows whose class is out of range (the loss too). Shift-exact: the
+    loss is (m - x_y) + log_sum, never lse - x_y."""
     xf = x.float()
     m = xf.amax(1, keepdim=True)
+    m = torch.where(m == float("-inf"), 0.0, m)
     # One exp per logit, shared by the sum and the gradient (Inductor keeps e in cache).
     e = (xf - m).exp()
     s = e.sum(1, keepdim=True)
-    lse = m + s.log()
+    log_sum = s.log()[:, 0]
     valid = y != ignore_index
     ok = valid & (y >= 0) & (y < x.shape[1])
     bad = valid & ~ok
     y_safe = torch.where(ok, y, 0)
-    loss = torch.where(valid, lse[:, 0] - xf.gather(1, y_safe[:, None])[:, 0], 0.0)
+    x_y = xf.gather(1, y_safe[:, None])[:, 0]
+    loss = torch.where(valid, (m[:, 0] - x_y) + log_sum, 0.0)
     loss = torch.where(bad, float("nan"), loss)
     if scale is None:
-        return loss, lse[:, 0], None
+        return loss, m[:, 0], log_sum, None
     cols = torch.arange(x.shape[1], device=x.device)[None, :]
     onehot = ((cols == y_safe[:, None]) & ok[:, None]).float()
     g = (e / s - onehot) * scale[:, None]
     g = torch.where(valid[:, None], g, 0.0)
     g = torch.where(bad[:, None], float("nan"), g)
-    return loss, lse[:, 0], g.to(x.dtype)
+    return loss, m[:, 0], log_sum, g.to(x.dtype)
 
 
-def _rows_loss(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    loss, lse, _ = _rows(x, y, ignore_index, None)
-    return loss, lse
+def _rows_loss(x: Tensor, y: Tensor, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
+    loss, m, log_sum, _ = _rows(x, y, ignore_index, None)
+    return loss, m, log_sum
 
 
 def _rows_grad(
     x: Tensor, y: Tensor, ignore_index: int, scale: Tensor, grad: Tensor
-) -> tuple[Tensor, Tensor]:
-    loss, lse, g = _rows(x, y, ignore_index, scale)
+) -> tuple[Tensor, Tensor, Tensor]:
+    loss, m, log_sum, g = _rows(x, y, ignore_index, scale)
     grad.copy_(g)
-    return loss, lse
+    return loss, m, log_sum
 
 
 def _rows_grad_inplace(
     x: Tensor, y: Tensor, ignore_index: int, scale: Tensor
-) -> tuple[Tensor, Tensor]:
-    loss, lse, g = _rows(x, y, ignore_index, scale)
+) -> tuple[Tensor, Tensor, Tensor]:
+    loss, m, log_sum, g = _rows(x, y, ignore_index, scale)
     x.copy_(g)
-    return loss, lse
+    return loss, m, log_sum
 
 
 _FUNCTIONS = {"loss": _rows_loss, "grad": _rows_grad, "inplace": _rows_grad_inplace}
@@ -143,8 +146,8 @@ def run_plain_rows(
     ignore_index: int,
     grad: Tensor | None,
     scale: Tensor | None,
-) -> tuple[Tensor, Tensor] | None:
-    """Loss and lse per row (float32, (M,) each), writing ``grad`` when given.
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Loss, max and log-sum per row (float32, (M,) each), writing ``grad`` when given.
 
     Args:
         logits: (M, V) CPU logits with unit stride along V.
@@ -154,7 +157,7 @@ def run_plain_rows(
         scale: () or (M,) float32 gradient factors (with ``grad``).
 
     Returns:
-        ``(loss, lse)``, or None when compiling failed here (the caller then runs the eager
+        ``(loss, max, log_sum)``, or None when compiling failed here (the caller then runs the eager
         ops; this path stays off for the rest of the process, with one warning).
     """
     global _failed, _calls

@@ -144,7 +144,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         ctx.pending_check, ctx.consumed = fwd.pending_check, False
         if not extras:
             return fwd.loss, None
-        # The stats are a second, non-differentiable output; "none" returns a copy of stats[0]
+        # The stats are a second, non-differentiable output; "none" returns a copy of stats[LOSS]
         # so that the two outputs do not alias.
         ctx.mark_non_differentiable(fwd.stats)
         return (fwd.loss.clone() if opts.per_row else fwd.loss), fwd.stats
@@ -166,7 +166,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             factor = grad_output.reshape(-1) if opts.per_row else grad_output * ctx.scale
             grad_target = core.probability_target_grad(
-                logits, ctx.stats[1], weight, opts, factor, token_weight
+                logits, ctx.stats, weight, opts, factor, token_weight
             ).to(target.dtype)
         if ctx.needs_input_grad[0]:
             if opts.per_row:
@@ -214,14 +214,14 @@ def _cross_entropy_op(
     token_weight: Tensor | None = None,
     extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, gradient of the reduced loss or an empty tensor, (3, M) or (6, M) per-row stats)."""
+    """(loss, gradient of the reduced loss or an empty tensor, per-row stats: see ``core``)."""
     check_token_weight_values(_WHO, token_weight)
     opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     fwd = core.forward(
         logits, target, weight, opts, grad_now, token_weight=token_weight, extras=extras
     )
     grad = fwd.grad if fwd.grad is not None else logits.new_empty((0,))
-    # "none" returns stats[0] itself: an op's outputs may not alias each other.
+    # "none" returns stats[LOSS] itself: an op's outputs may not alias each other.
     loss = fwd.loss.clone() if opts.per_row else fwd.loss
     return loss, grad, fwd.stats
 
@@ -314,7 +314,7 @@ def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
             )
         factor = grad_loss if opts.per_row else grad_loss * mean_scale
         grad_target = core.probability_target_grad(
-            logits, stats[1], weight, opts, factor, token_weight
+            logits, stats, weight, opts, factor, token_weight
         )
         grad_target = grad_target.to(target.dtype)
     if ctx.needs_input_grad[0]:
@@ -531,8 +531,8 @@ def _small_plain_cpu_loss(
     logits: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
 ) -> tuple[Tensor | None, bool]:
     """The loss of a ``_small_plain_cpu_call`` through ``F.cross_entropy`` (differentiable), or
-    None for a mean over nothing (0 here, NaN in torch: the row contract takes it); and whether
-    every target is a class (none ignored)."""
+    None where the row contract must take it (a mean over nothing: 0 here, NaN in torch; an
+    ignored row with non-finite logits); and whether every target is a class (none ignored)."""
     M, C = logits.shape
     if M == 0:
         return None, False
@@ -543,6 +543,12 @@ def _small_plain_cpu_loss(
     plain = lo >= 0 and hi < C and not lo <= opts.ignore_index <= hi
     if not plain:
         index_check.check_class_indices(target, C, opts.ignore_index)
+        # An ignored row whose logits are NaN or inf (a masked vocabulary) gets a zero gradient
+        # on the row contract; torch's log_softmax backward would give it NaN. One input, one
+        # answer: such calls take the row contract.
+        ignored = target == opts.ignore_index
+        if bool(ignored.any()) and not bool(logits[ignored].isfinite().all()):
+            return None, False
     if opts.mean and (weight is not None or not plain):
         valid = target != opts.ignore_index
         denom = valid.sum() if weight is None else weight[target[valid]].sum()

@@ -184,7 +184,7 @@ def chunked_pass(
         extras: also fill the return_stats rows (see ``core``).
 
     Returns:
-        (3, N) or (6, N) per-row stats (``core``'s rows; float32, float64 for float64 input),
+        (4, N) or (7, N) per-row stats (``core``'s rows; float32, float64 for float64 input),
         grad_x (N, D), grad_W (V, D), grad_b (V,), each None where not computed.
     """
     if torch.is_autocast_enabled(x.device.type):

@@ -103,12 +103,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # Per-token upstream gradients are only known in backward: recompute there.
             stats, *_ = _pass(x, W, b, target, weight, plan, None, needs, token_weight)
             ctx.save_for_backward(x, W, b, target, weight, token_weight)
-            loss, scale = stats[0].clone(), None
+            loss, scale = stats[core.LOSS].clone(), None
         else:
             scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
             stats, gx, gw, gb = _pass(x, W, b, target, weight, plan, scale, needs, token_weight)
             ctx.grads = [gx, gw, gb]
-            loss = core.reduce_rows(stats[0], scale, plan.opts)
+            loss = core.reduce_rows(stats[core.LOSS], scale, plan.opts)
         ctx.mark_non_differentiable(*(t for t in (stats, scale) if t is not None))
         return loss, stats, scale
 
@@ -178,7 +178,7 @@ def _lce_op(
     token_weight: Tensor | None = None,
     extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_x, grad_W, grad_b, per-row stats (3, N) or (6, N)); the gradients are empty
+    """(loss, grad_x, grad_W, grad_b, per-row stats (``core``'s rows)); the gradients are empty
     where not needed, and always for reduction="none" (computed in the backward op instead)."""
     check_class_indices(target, W.shape[0], ignore_index)
     check_token_weight_values(_WHO, token_weight)
@@ -189,7 +189,7 @@ def _lce_op(
     stats, gx, gw, gb = _pass(
         x, W, b, target, weight, plan, scale if grads_now else None, tuple(needs), token_weight
     )
-    loss = core.reduce_rows(stats[0], scale, plan.opts)
+    loss = core.reduce_rows(stats[core.LOSS], scale, plan.opts)
     if reduction == "none":
         loss = loss.clone()  # an op's outputs may not alias each other
     return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb)), stats
@@ -520,7 +520,7 @@ def linear_cross_entropy(
     else:
         scale = _mean_gradient_scale(t, weight, opts, x, tw)
         stats, *_ = _pass(x, linear_weight, linear_bias, t, weight, plan, None, (False,) * 3, tw)
-        loss = core.reduce_rows(stats[0], scale, opts)
+        loss = core.reduce_rows(stats[core.LOSS], scale, opts)
     loss = loss.reshape(out_shape) if opts.per_row else loss
     if not extras:
         return loss

@@ -1,6 +1,7 @@
 """The torch backend: the row contract from torch ops, for CPU tensors and float64.
 
-It defines the numbers the Triton kernel is held to; the formulas are in ``core.py``.
+It defines the numbers the Triton kernel is held to; the formulas are in ``core.py``. As there,
+everything is computed from the row max: log-probabilities are (z - m) - log_sum, never z - lse.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from . import cpu_compiled
 from .options import LossOptions, accumulation_dtype
+from .stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS, Z_PART
 
 
 def _target_terms(
@@ -69,8 +71,8 @@ def _plain_rows(
     from the input (no upcast copy), one max, and one multiply that writes the gradient in the
     logits' dtype (one rounding).
 
-    lse = max - log(p_max): p_max >= 1 / V never underflows, and it is 1 / sum(exp(x - max)) as
-    softmax computed it, so lse is the usual max + log(sum).
+    log_sum = -log(p_max): p_max >= 1 / V never underflows, and it is 1 / sum(exp(x - max)) as
+    softmax computed it. The loss is (max - x_y) + log_sum (shift-exact).
     """
     M, V = logits.shape
     acc = accumulation_dtype(logits.dtype)
@@ -78,9 +80,10 @@ def _plain_rows(
     if cpu_compiled.applies(logits):
         out = cpu_compiled.run_plain_rows(logits, y, opts.ignore_index, grad, scale)
         if out is not None:
-            stats[0].copy_(out[0])
-            stats[1].copy_(out[1])
-            stats[2].copy_(y != opts.ignore_index)
+            stats[LOSS].copy_(out[0])
+            stats[MAX].copy_(out[1])
+            stats[LOG_SUM].copy_(out[2])
+            stats[COEF].copy_(y != opts.ignore_index)
             return
     valid = y != opts.ignore_index
     y_ok = valid & (y >= 0) & (y < V)
@@ -88,14 +91,18 @@ def _plain_rows(
     y_safe = torch.where(y_ok, y, 0)[:, None]
     xmax, imax = logits.max(dim=1)
     p = torch.softmax(logits, dim=1, dtype=acc)
-    lse = xmax.to(acc) - p.gather(1, imax[:, None])[:, 0].log()
+    m = xmax.to(acc)
+    empty = m == float("-inf")  # no finite logit: softmax gives NaN, the log-sum is -inf
+    m = torch.where(empty, 0.0, m)
+    log_sum = torch.where(empty, float("-inf"), p.gather(1, imax[:, None])[:, 0].log().neg_())
     x_y = logits.gather(1, y_safe)[:, 0].to(acc)
-    loss = torch.where(valid, lse - x_y, 0.0)
+    loss = torch.where(valid, (m - x_y) + log_sum, 0.0)
     if bool(bad.any()):  # CPU: reading the mask costs no sync
         loss = torch.where(bad, float("nan"), loss)
-    stats[0].copy_(loss)
-    stats[1].copy_(lse)
-    stats[2].copy_(valid.to(acc))
+    stats[LOSS].copy_(loss)
+    stats[MAX].copy_(m)
+    stats[LOG_SUM].copy_(log_sum)
+    stats[COEF].copy_(valid.to(acc))
     if grad is None:
         return
     # grad = s * (softmax - onehot(y)) on valid rows: the -1 in the accumulation dtype first,
@@ -129,7 +136,7 @@ def run_rows(
         and target.dim() == 1
         and weight is None
         and token_weight is None
-        and stats.shape[0] == 3
+        and stats.shape[0] == STAT_ROWS
         and opts.label_smoothing == 0.0
         and opts.z_loss == 0.0
         and not opts.transforms_logits
@@ -149,15 +156,21 @@ def run_rows(
     valid = torch.ones(M, dtype=torch.bool, device=x.device) if soft else terms["valid"]
     cpu = logits.device.type == "cpu"
     if grad_only:
-        lse, a = stats[1], stats[2]
+        m, log_sum, a = stats[MAX], stats[LOG_SUM], stats[COEF]
+        lse = m + log_sum
     else:
-        lse = torch.logsumexp(z, dim=1)
-        # z - lse: the log-probabilities, built in the gradient buffer where it can hold them.
+        m = z.amax(1)
+        m = torch.where(m == float("-inf"), 0.0, m)  # a row with no finite logit
+        # (z - m) - log_sum: the log-probabilities, from the row max (shift-exact), built in the
+        # gradient buffer where it can hold them.
         in_grad = grad is not None and grad.dtype == acc and grad.is_contiguous()
         if in_grad and not grad.is_set_to(z):
-            logp = torch.sub(z, lse[:, None], out=grad)
+            logp = torch.sub(z, m[:, None], out=grad)
         else:
-            logp = z - lse[:, None]
+            logp = z - m[:, None]
+        log_sum = torch.logsumexp(logp, dim=1)
+        logp.sub_(log_sum[:, None])
+        lse = m + log_sum
         if soft:
             coef = terms["coef"]
             a = coef.sum(1)
@@ -179,7 +192,7 @@ def run_rows(
             a = torch.where(valid, a, 0.0)
             loss = torch.where(valid, loss, 0.0)
         z_part = None
-        if lam > 0.0 or stats.shape[0] > 3:
+        if lam > 0.0 or stats.shape[0] > STAT_ROWS:
             z_part = torch.where(valid, lam * lse * lse, 0.0) if lam > 0.0 else loss * 0.0
             loss = loss + z_part
         if tw is not None:
@@ -187,7 +200,7 @@ def run_rows(
             z_part = z_part * tw if z_part is not None else None
         if not soft:
             loss = torch.where(terms["bad"], float("nan"), loss)
-        if stats.shape[0] > 3:
+        if stats.shape[0] > STAT_ROWS:
             p_ = logp.exp()
             # H = -sum p log p, with 0 * log 0 = 0 (also where a logit is -inf).
             entropy = -torch.where(p_ > 0, p_ * logp, 0.0).sum(1)
@@ -196,12 +209,13 @@ def run_rows(
                 correct = pred == target.argmax(1)
             else:
                 correct = valid & ~terms["bad"] & (pred == terms["y"])
-            stats[3].copy_(z_part)
-            stats[4].copy_(entropy)
-            stats[5].copy_(correct)
-        stats[0].copy_(loss)
-        stats[1].copy_(lse)
-        stats[2].copy_(a)
+            stats[Z_PART].copy_(z_part)
+            stats[ENTROPY].copy_(entropy)
+            stats[CORRECT].copy_(correct)
+        stats[LOSS].copy_(loss)
+        stats[MAX].copy_(m)
+        stats[LOG_SUM].copy_(log_sum)
+        stats[COEF].copy_(a)
     if grad is None:
         return
 
@@ -211,7 +225,7 @@ def run_rows(
     if tw is not None:
         s = s * tw
     s_row = s[:, None] if s.dim() == 1 else s
-    p = logp.exp_() if not grad_only else torch.exp(z - lse[:, None])
+    p = logp.exp_() if not grad_only else (z - m[:, None]).sub_(log_sum[:, None]).exp_()
     a_eff = a + torch.where(valid, (2.0 * lam) * lse, 0.0) if lam > 0.0 else a
     p.mul_(a_eff[:, None] * s_row)
     if soft:

@@ -17,8 +17,14 @@ Per-row loss (w = class weights or 1, eps = label smoothing, C = V, lse = log-su
 and the gradient of ``scale * loss`` with respect to x_j is ``scale * (a * p_j - b_j)`` with
 p = softmax(x), a = sum of the coefficients of lse, b_j the coefficient of x_j. ``scale`` is read
 from device memory (1 / normaliser of a mean, or one upstream factor per row) so that nothing on
-the host waits for the GPU. The forward pass also stores each row's lse and a: from them a later
-launch writes the gradient alone (one read of the logits, one write, no reduction sweep).
+the host waits for the GPU. The forward pass also stores each row's max m, log-sum and a: from
+them a later launch writes the gradient alone (one read of the logits, one write, no reduction
+sweep).
+
+Everything is computed relative to the row max m (shift-exact, as torch's ``log_softmax``): with
+lse = m + log_sum, the loss is a * log_sum + hard * (m - x_y) - sum_c b_c (x_c - m) and p_j is
+exp((x_j - m) - log_sum). Forming lse and subtracting x_y from it instead would lose every digit
+of the answer once |m| is large (at an offset of 1e8 the float32 spacing is 8).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import triton
 import triton.language as tl
 
 from .options import LossOptions
+from .stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, Z_PART
 
 
 @triton.jit
@@ -70,10 +77,35 @@ def _transform(
     if HAS_LOGIT_SCALE:
         x = x * logit_scale
     if HAS_SOFTCAP:
-        # tanh(u) = 1 - 2 / (exp(2u) + 1): exactly +-1 for large |u| (never inf / inf).
-        x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * (x / softcap)) + 1.0))
+        x = softcap * _tanh(x / softcap)
         x = tl.where(mask, x, float("-inf"))
     return x
+
+
+@triton.jit
+def _tanh(u):
+    """tanh in float32 to about an ulp everywhere (Triton has no tanh the interpreter runs).
+
+    |u| < 0.5: the odd Taylor series to u**17 (each term about 0.1x the last: truncation below
+    1e-9 relative). Beyond: sign(u) (1 - e) / (1 + e) with e = exp(-2|u|) <= 0.37, where 1 - e
+    does not cancel, and which is exactly +-1 for large |u| (never inf / inf). The form
+    1 - 2 / (exp(2u) + 1) cancels for small |u|: 4e-6 relative error at logits of a few units
+    under a cap of 30.
+    """
+    a = tl.abs(u)
+    e = tl.exp(-2.0 * a)
+    big = (1.0 - e) / (1.0 + e)
+    u2 = u * u
+    p = 6404582.0 / 10854718875.0
+    p = p * u2 - 929569.0 / 638512875.0
+    p = p * u2 + 21844.0 / 6081075.0
+    p = p * u2 - 1382.0 / 155925.0
+    p = p * u2 + 62.0 / 2835.0
+    p = p * u2 - 17.0 / 315.0
+    p = p * u2 + 2.0 / 15.0
+    p = p * u2 - 1.0 / 3.0
+    small = u + u * (u2 * p)
+    return tl.where(a < 0.5, small, tl.where(u < 0.0, -big, big))
 
 
 @triton.jit
@@ -81,7 +113,8 @@ def _tile_gradient(
     z,
     cols,
     b,
-    lse,
+    m,
+    log_sum,
     a_s,
     s,
     y,
@@ -94,8 +127,9 @@ def _tile_gradient(
     HAS_SOFTCAP: tl.constexpr,
 ):
     """scale * d loss / d x for one tile: (a * scale * softmax(z) - scale * b - [c == y] * hard)
-    times dz/dx (logit_scale, and 1 - tanh**2 = 1 - (z / c)**2 under a softcap c)."""
-    g = a_s[:, None] * tl.exp(z - lse[:, None])
+    times dz/dx (logit_scale, and 1 - tanh**2 = 1 - (z / c)**2 under a softcap c); softmax(z)
+    from the row max m: exp((z - m) - log_sum)."""
+    g = a_s[:, None] * tl.exp((z - m[:, None]) - log_sum[:, None])
     if SOFT_OR_SMOOTH:
         g -= s[:, None] * b
     # The true-class term is subtracted in float32, before the one cast to the output dtype.
@@ -124,7 +158,8 @@ def _cross_entropy_kernel(
     stride_target,
     weight_ptr,
     loss_ptr,
-    lse_ptr,
+    max_ptr,
+    log_sum_ptr,
     coef_ptr,
     scale_ptr,
     token_weight_ptr,
@@ -153,9 +188,9 @@ def _cross_entropy_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    """Forward (WRITE_LOSS): per-row loss, log-sum-exp and lse coefficient, and with WRITE_GRAD
+    """Forward (WRITE_LOSS): per-row loss, max, log-sum and lse coefficient, and with WRITE_GRAD
     the gradient in the same launch. Gradient only (not WRITE_LOSS): from the saved per-row
-    log-sum-exp and coefficient, one read of the logits and one write of the gradient.
+    max, log-sum and coefficient, one read of the logits and one write of the gradient.
 
     The options are constexpr flags, so that a call without them compiles to the plain kernel:
     HAS_LOGIT_SCALE / HAS_SOFTCAP (the loss sees z = softcap(logit_scale * x)), HAS_Z_LOSS
@@ -208,8 +243,9 @@ def _cross_entropy_kernel(
             m_safe = tl.where(m == float("-inf"), 0.0, m)
             s = tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
             if SOFT_OR_SMOOTH:
-                # 0 * log(0) counts as 0 (its limit), also where a logit is -inf.
-                lin = tl.sum(tl.where(b != 0.0, b * x, 0.0), axis=1)
+                # lin = sum_c b_c (x_c - m); 0 * log(0) counts as 0 (its limit), also where a
+                # logit is -inf.
+                lin = tl.sum(tl.where(b != 0.0, b * (x - m_safe[:, None]), 0.0), axis=1)
                 a = tl.sum(b, axis=1)
             else:
                 lin = tl.zeros([BLOCK_M], tl.float32)
@@ -224,8 +260,10 @@ def _cross_entropy_kernel(
                     t = tl.where(mask, t.to(tl.float32), float("-inf"))
                     t_pred = _tile_argmax(t, tl.max(t, axis=1), cols, V)
         else:
-            # Sweep 1: running max m and running sum of exp(x - m) (online softmax).
+            # Sweep 1: running max m and running sum of exp(x - m) (online softmax); lin is
+            # sum_c b_c (x_c - m_safe) relative to the running max, moved with it.
             m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            m_safe = tl.zeros([BLOCK_M], tl.float32)
             s = tl.zeros([BLOCK_M], tl.float32)
             lin = tl.zeros([BLOCK_M], tl.float32)
             a = tl.zeros([BLOCK_M], tl.float32)
@@ -242,6 +280,7 @@ def _cross_entropy_kernel(
                 )
                 tile_max = tl.max(xt, axis=1)
                 m_new = tl.maximum(m, tile_max)
+                m_prev = m_safe
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 if WRITE_STATS:
                     # Online entropy and argmax next to the running max and sum: rescale q to
@@ -271,13 +310,17 @@ def _cross_entropy_kernel(
                         HAS_WEIGHT,
                         SOFT_TARGET,
                     )
-                    lin += tl.sum(tl.where(bt != 0.0, bt * xt, 0.0), axis=1)
+                    # Move the earlier terms to the new max, then add the tile's.
+                    lin += tl.where(a != 0.0, a * (m_prev - m_safe), 0.0)
+                    lin += tl.sum(tl.where(bt != 0.0, bt * (xt - m_safe[:, None]), 0.0), axis=1)
                     a += tl.sum(bt, axis=1)
-        lse = m + tl.log(s)
+        log_sum = tl.log(s)
+        lse = m_safe + log_sum
         x_y = tl.load(logits_row + y, mask=y_ok, other=0.0).to(tl.float32)
         x_y = _transform(x_y, row_ok, logit_scale, softcap, HAS_LOGIT_SCALE, HAS_SOFTCAP)
         a = tl.where(valid, a + hard, 0.0)
-        loss = tl.where(valid, a * lse - hard * x_y - lin, 0.0)
+        # a * lse - hard * x_y - sum_c b_c x_c, regrouped around the row max (no lse formed).
+        loss = tl.where(valid, a * log_sum + hard * (m_safe - x_y) - lin, 0.0)
         if HAS_Z_LOSS:
             z_part = tl.where(valid, z_loss * lse * lse, 0.0)
             loss += z_part
@@ -289,18 +332,21 @@ def _cross_entropy_kernel(
             z_part *= t_w
         loss = tl.where(bad, float("nan"), loss)
         tl.store(loss_ptr + rows, loss, mask=row_ok)
-        tl.store(lse_ptr + rows, lse, mask=row_ok)
+        tl.store(max_ptr + rows, m_safe, mask=row_ok)
+        tl.store(log_sum_ptr + rows, log_sum, mask=row_ok)
         tl.store(coef_ptr + rows, a, mask=row_ok)
         if WRITE_STATS:
             tl.store(z_part_ptr + rows, z_part, mask=row_ok)
-            tl.store(entropy_ptr + rows, tl.log(s) - q / s, mask=row_ok)
+            tl.store(entropy_ptr + rows, log_sum - q / s, mask=row_ok)
             if SOFT_TARGET:
                 correct = valid & (pred == t_pred)
             else:
                 correct = y_ok & (pred.to(tl.int64) == y)
             tl.store(correct_ptr + rows, correct.to(tl.float32), mask=row_ok)
     else:
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+        m_safe = tl.load(max_ptr + rows, mask=row_ok, other=0.0)
+        log_sum = tl.load(log_sum_ptr + rows, mask=row_ok, other=0.0)
+        lse = m_safe + log_sum
         a = tl.load(coef_ptr + rows, mask=row_ok, other=0.0)
 
     if WRITE_GRAD:
@@ -324,7 +370,8 @@ def _cross_entropy_kernel(
                 x,
                 cols,
                 b,
-                lse,
+                m_safe,
+                log_sum,
                 a_s,
                 scale,
                 y,
@@ -362,7 +409,8 @@ def _cross_entropy_kernel(
                     xt,
                     cols,
                     bt,
-                    lse,
+                    m_safe,
+                    log_sum,
                     a_s,
                     scale,
                     y,
@@ -517,7 +565,7 @@ def run_rows(
     interpreted = not logits.is_cuda
     block_m, block_v, single, num_warps = _launch_config(M, V, logits.element_size(), interpreted)
     write_grad = grad is not None
-    write_stats = stats.shape[0] > 3 and not grad_only
+    write_stats = stats.shape[0] > COEF + 1 and not grad_only
     dummy = stats  # any valid pointer for arguments a specialisation never reads
     softcap = opts.softcap
     _cross_entropy_kernel[(triton.cdiv(M, block_m),)](
@@ -528,14 +576,15 @@ def run_rows(
         target,
         target.stride(0),
         weight if weight is not None else dummy,
-        stats[0],
-        stats[1],
-        stats[2],
+        stats[LOSS],
+        stats[MAX],
+        stats[LOG_SUM],
+        stats[COEF],
         scale if write_grad else dummy,
         token_weight if token_weight is not None else dummy,
-        stats[3] if write_stats else dummy,
-        stats[4] if write_stats else dummy,
-        stats[5] if write_stats else dummy,
+        stats[Z_PART] if write_stats else dummy,
+        stats[ENTROPY] if write_stats else dummy,
+        stats[CORRECT] if write_stats else dummy,
         M,
         V,
         opts.ignore_index,

@@ -17,8 +17,7 @@ weights, ``return_stats``) with the same definitions over the global vocabulary.
 Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
 sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
 raise the same exception instead of leaving some rank waiting in a collective); then two
-``all_reduce`` of O(N) floats in forward (the row maxima, or the slices' log-sum-exp on the row
-contract; one stacked buffer of the sums of
+``all_reduce`` of O(N) floats in forward (the row maxima; one stacked buffer of the sums of
 exponentials, the target terms, the probability mass of the target coefficients and, with
 ``return_stats``, the entropy and argmax terms), none in
 backward for the cross-entropy, and one of the input gradient (N, D) in the backward of the
@@ -28,13 +27,14 @@ The local math of the common case -- class indices, with or without class weight
 scale, softcap, z-loss and token weights, but no label smoothing and no ``return_stats`` --
 runs on the row contract of ``fusedce.core`` (``core.run_rows``: the fused Triton kernel on
 GPUs and under ``TRITON_INTERPRET=1``, the torch backend on the CPU): one forward launch per
-slice treats the slice as a whole row (targets elsewhere ignored) and gives the slice's lse
-and, where the slice holds the target, lse - z_y, which combine across ranks as partial sums
-relative to the largest slice lse; one gradient-only launch reads back the GLOBAL lse and lse
-coefficient and writes exactly this slice of the global gradient (``_rows_stats``,
-``_rows_grad``). Everything else (smoothing over the global V, probability targets, the
-statistics' global argmax) uses torch ops in float32 (float64 for float64 input), in row
-chunks. The communication is the same either way.
+slice treats the slice as a whole row (targets elsewhere ignored) and gives the slice's max,
+log-sum and, where the slice holds the target, the loss, which combine across ranks as partial
+sums relative to the global max; one gradient-only launch reads back the GLOBAL max, log-sum
+and lse coefficient and writes exactly this slice of the global gradient (``_rows_stats``,
+``_rows_grad``). Everything is shift-exact: sums are exchanged relative to the row max, and the
+gradient reads exp((z - max) - log_sum), never exp(z - lse). Everything else (smoothing over
+the global V, probability targets, the statistics' global argmax) uses torch ops in float32
+(float64 for float64 input), in row chunks. The communication is the same either way.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import backends, core, index_check
+from . import core, index_check
 from .core import CrossEntropyStats
 from .linear_chunks import planned_chunk_rows
 from .options import (
@@ -500,21 +500,19 @@ def _rows_stats(x: Tensor, rows: slice, tt: _Targets) -> tuple[Tensor, ...]:
 
     The launch sees the slice as a whole row: targets outside it are ignored there, no class
     weights, no z-loss or token weights (``_combine`` adds those from the global lse). It gives
-    per row L = the slice's lse of z and, where the slice holds the target, L - z_y. Relative to
-    L: the sum of exp(z - L) is 1 and B = w_y (z_y - L) = -w_y (L - z_y), so L takes the place
-    of the row max in the combination (the MAX all-reduce then runs over the slices' lse)."""
+    per row the slice's max m and log-sum of z and, where the slice holds the target, the loss
+    (m - z_y) + log_sum, so that B = w_y (z_y - m) = -w_y (loss - log_sum). A slice whose row
+    has no finite logit (a masked or padded part of the vocabulary) has a log-sum of -inf and
+    adds nothing."""
     x = _unit_stride(x)
     stats = core.new_stats(x.shape[0], x.dtype, x.device)
     core.run_rows(x, tt.y_fwd[rows], None, tt.local_opts, stats)
-    lse = stats[1]
-    if tt.opts.softcap is None and not backends.uses_triton(x):
-        # A slice whose row is all -inf (a masked or padded part of the vocabulary) adds
-        # nothing: lse -inf, also where the torch ops' softmax of such a row gives NaN.
-        lse = torch.where(x.amax(1) == float("-inf"), float("-inf"), lse)
+    m_safe, log_sum = stats[core.MAX], stats[core.LOG_SUM]
+    empty = log_sum == float("-inf")
+    m = torch.where(empty, float("-inf"), m_safe)
     hard = torch.where(tt.owned[rows], tt.hard[rows], 0.0)
-    lse_safe = torch.where(lse == float("-inf"), 0.0, lse)
-    B = torch.where(hard != 0, -hard * stats[0], 0.0)
-    return lse, lse_safe, torch.ones_like(lse), B, hard
+    B = torch.where(hard != 0, -hard * (stats[core.LOSS] - log_sum), 0.0)
+    return m, m_safe, log_sum.exp(), B, hard
 
 
 def _rows_grad(
@@ -522,33 +520,47 @@ def _rows_grad(
     rows: slice,
     tt: _Targets,
     mapped: tuple[Tensor, Tensor],
-    lse: Tensor,
+    g_max: Tensor,
+    log_sum: Tensor,
     a: Tensor,
     f: Tensor,
     out: Tensor,
 ) -> None:
     """``_local_grad`` written into ``out`` (m, V_r) by one gradient-only launch of the row
-    contract: it reads the GLOBAL lse and coefficient a (with the z-loss's 2 lambda lse) and
-    writes f * (a softmax(z) - w_y onehot) dz/dx, which is this slice of the global gradient
-    (``mapped``: the targets and weights of ``_Targets.grad_rows``)."""
+    contract: it reads the GLOBAL max, log-sum and coefficient a (with the z-loss's
+    2 lambda lse) and writes f * (a softmax(z) - w_y onehot) dz/dx, which is this slice of the
+    global gradient (``mapped``: the targets and weights of ``_Targets.grad_rows``)."""
     x = _unit_stride(x)
     stats = core.new_stats(x.shape[0], x.dtype, x.device)
-    stats[1].copy_(lse[rows])
-    stats[2].copy_(a[rows])
+    stats[core.MAX].copy_(g_max[rows])
+    stats[core.LOG_SUM].copy_(log_sum[rows])
+    stats[core.COEF].copy_(a[rows])
     y, w = mapped
     scale = f.to(stats.dtype).contiguous()
     core.run_rows(x, y[rows], w, tt.local_opts, stats, out, scale, grad_only=True)
 
 
+def _log_probs(z: Tensor, rows: slice, g_max: Tensor, log_sum: Tensor) -> Tensor:
+    """log softmax of a chunk of rows z (m, V_r) from the global max and log-sum: shift-exact."""
+    return (z - g_max[rows, None]).sub_(log_sum[rows, None])
+
+
 def _local_grad(
-    x: Tensor, rows: slice, tt: _Targets, target: Tensor, lse: Tensor, a: Tensor, f: Tensor
+    x: Tensor,
+    rows: slice,
+    tt: _Targets,
+    target: Tensor,
+    g_max: Tensor,
+    log_sum: Tensor,
+    a: Tensor,
+    f: Tensor,
 ) -> Tensor:
     """d(f_i l_i) / d x for a chunk of rows (m, V_r), in the accumulation dtype: through the
     logit transform; ``a`` the coefficient of softmax(z) (with the z-loss's 2 lambda lse);
     ``f`` () or (m,) (token weights included)."""
     z, dz = transformed_logits(x, tt.opts, need_derivative=True)
     f_row = f[:, None] if f.dim() else f
-    g = (z - lse[rows, None]).exp_().mul_(a[rows, None] * f_row)
+    g = _log_probs(z, rows, g_max, log_sum).exp_().mul_(a[rows, None] * f_row)
     if tt.soft:
         g.sub_(tt.soft_coef(target[rows], z.dtype).mul_(f_row))
         return g.mul_(dz) if dz is not None else g
@@ -589,7 +601,8 @@ class _Combined(NamedTuple):
     """The rows after the two all-reduces."""
 
     loss: Tensor  # (M,) t_i (l_i + lambda lse_i**2), NaN on bad rows
-    lse: Tensor  # (M,)
+    g_max: Tensor  # (M,) the global row max of z (0 where no logit is finite)
+    log_sum: Tensor  # (M,) log sum_c exp(z_c - g_max) over the whole vocabulary
     a: Tensor  # (M,) coefficient of softmax(z) in the gradient (with 2 lambda lse)
     extras: Tensor | None  # (4, M): z-loss part, lse, entropy, correct (1.0 / 0.0)
 
@@ -653,7 +666,7 @@ def _combine(stats: list[Tensor], tt: _Targets, sh: _Shard, acc: torch.dtype) ->
         if z_part is None:
             z_part = torch.zeros_like(lse)
         extras = torch.stack([z_part, lse, entropy, correct.to(acc)])
-    return _Combined(loss, lse, a_grad, extras)
+    return _Combined(loss, g_safe, log_sum, a_grad, extras)
 
 
 def _normaliser(
@@ -720,14 +733,14 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
                 parts.append(_local_stats(logits[rows].to(acc), rows, tt, target))
         c = _combine(_join_chunks(parts, tt, acc, logits.device), tt, sh, acc)
         inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
-        ctx.save_for_backward(logits, target, c.lse, c.a, inv)
+        ctx.save_for_backward(logits, target, c.g_max, c.log_sum, c.a, inv)
         ctx.tt, ctx.reduction, ctx.step = tt, opts.reduction, step
         return _outputs(ctx, c, inv, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_extras=None, _grad_z=None):  # type: ignore[override]
-        logits, target, lse, a, inv = ctx.saved_tensors
-        tt, acc = ctx.tt, lse.dtype
+        logits, target, g_max, log_sum, a, inv = ctx.saved_tensors
+        tt, acc = ctx.tt, log_sum.dtype
         f_all = _row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
         grad_logits = grad_target = None
         M = logits.shape[0]
@@ -737,21 +750,21 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad_target = torch.empty_like(target, memory_format=torch.contiguous_format)
         mapped = tt.grad_rows() if tt.on_rows and grad_logits is not None else None
         if mapped is not None:  # class indices: no target gradient
-            _rows_grad(logits, slice(0, M), tt, mapped, lse, a, f_all, grad_logits)
+            _rows_grad(logits, slice(0, M), tt, mapped, g_max, log_sum, a, f_all, grad_logits)
             return grad_logits, None, None, None, None, None, None
         for r0 in range(0, M, ctx.step):
             rows = slice(r0, min(M, r0 + ctx.step))
             f = f_all[rows] if f_all.dim() else f_all
             x = logits[rows].to(acc)
             if grad_target is not None:
-                # d l / d t_c = -(1 - eps) w_c (z_c - lse) (the z-loss does not depend on t)
+                # d l / d t_c = -(1 - eps) w_c log softmax(z)_c (the z-loss does not depend on t)
                 z, _ = transformed_logits(x, tt.opts, need_derivative=False)
-                gt = (z - lse[rows, None]).mul_(-(1.0 - tt.eps))
+                gt = _log_probs(z, rows, g_max, log_sum).mul_(-(1.0 - tt.eps))
                 if tt.w_loc is not None:
                     gt.mul_(tt.w_loc)
                 grad_target[rows] = gt.mul_(f[:, None] if f.dim() else f)
             if grad_logits is not None:
-                grad_logits[rows] = _local_grad(x, rows, tt, target, lse, a, f)
+                grad_logits[rows] = _local_grad(x, rows, tt, target, g_max, log_sum, a, f)
         return grad_logits, grad_target, None, None, None, None, None
 
 
@@ -927,9 +940,8 @@ def vocab_parallel_cross_entropy(
     gradient is its slice of that function's gradient.
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (M,) row maxima
-    (the slices' lse where the row contract computes them; float64 (2, M) with the argmax key
-    of probability targets when ``return_stats``) and then (SUM) one stacked (k, M) buffer:
-    k = 2 ((3 for probabilities), + 3 with ``return_stats``);
+    (float64 (2, M) with the argmax key of probability targets when ``return_stats``) and then
+    (SUM) one stacked (k, M) buffer: k = 2 ((3 for probabilities), + 3 with ``return_stats``);
     backward communicates nothing: each rank gets exactly its slice of the gradient. Without
     ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first (see
     Raises). Under ``torch.compile`` the call runs eagerly (a graph break).
@@ -1116,14 +1128,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
                 parts.append(_local_stats(logits, rows, tt, target))
         c = _combine(_join_chunks(parts, tt, acc, x.device), tt, sh, acc)
         inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
-        ctx.save_for_backward(x, W, b, target, c.lse, c.a, inv)
+        ctx.save_for_backward(x, W, b, target, c.g_max, c.log_sum, c.a, inv)
         ctx.tt, ctx.reduction, ctx.step, ctx.sh = tt, opts.reduction, step, sh
         return _outputs(ctx, c, inv, opts.reduction)
 
     @staticmethod
     def backward(ctx, grad_output, _grad_extras=None, _grad_z=None):  # type: ignore[override]
-        x, W, b, target, lse, a, inv = ctx.saved_tensors
-        tt, acc, sh = ctx.tt, lse.dtype, ctx.sh
+        x, W, b, target, g_max, log_sum, a, inv = ctx.saved_tensors
+        tt, acc, sh = ctx.tt, log_sum.dtype, ctx.sh
         f_all = _row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         M = x.shape[0]
@@ -1141,9 +1153,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             logits = _linear_logits(x[rows], W, b, acc)
             if mapped is not None:
                 g = torch.empty_like(logits, memory_format=torch.contiguous_format)
-                _rows_grad(logits, rows, tt, mapped, lse, a, f, g)
+                _rows_grad(logits, rows, tt, mapped, g_max, log_sum, a, f, g)
             else:
-                g = _local_grad(logits, rows, tt, target, lse, a, f)
+                g = _local_grad(logits, rows, tt, target, g_max, log_sum, a, f)
             g_lp = g.to(x.dtype)  # the GEMMs run in the input's dtype, as F.linear's backward
             if gx is not None:
                 gx[rows] = g_lp @ W
@@ -1234,7 +1246,7 @@ def vocab_parallel_linear_cross_entropy(
     at a time.
 
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (N,) row maxima
-    (or the slices' lse, as for the cross-entropy) and then (SUM) one stacked (2, N) buffer ((5, N)
+    and then (SUM) one stacked (2, N) buffer ((5, N)
     with ``return_stats``); backward all-reduces (SUM) the (N, D) input gradient in float32, so
     ``input.grad`` is the FULL gradient on every rank (``input`` must then require grad on every
     rank or on none). The gradients of ``local_weight`` and ``linear_bias`` are this rank's slices

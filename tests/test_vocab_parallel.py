@@ -9,6 +9,7 @@ of the UNSHARDED loss and gradients with torch, and compares its own slice.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import time
 
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 import fusedce
 import fusedce.vocab_parallel
+from ce_reference import extras_float64_loss
 from fusedce import backends, core
 from fusedce.vocab_parallel import (
     vocab_parallel_cross_entropy,
@@ -191,6 +193,9 @@ EXTRA_SETS = (
     {"logit_scale": 1.3, "softcap": 4.0, "z_loss": 2e-3, "token_weight": True},
 )
 ALL_EXTRAS = EXTRA_SETS[-1]
+# A scale and a z-loss at an offset of 1e8: the z-loss term is large there, and shift-exact
+# arithmetic must keep the cross-entropy part exact beside it.
+SCALED = {"logit_scale": 0.5, "z_loss": 1e-6}
 
 
 def _token_weights(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -829,6 +834,60 @@ def _check_rows(rank: int, widths: list[int], on_rows: bool) -> None:
         _close(local.grad, ref_in.grad[:, s0 : s0 + small[rank]], 1e-5, "every class: grad")
 
 
+def _check_offsets(rank: int, widths: list[int]) -> None:
+    """A large common offset of the logits (shift invariance): the combined loss and each
+    slice's gradient within torch's own float32 error of float64 on the full row, ties at
+    +-1e30 exactly (1/3 each), and the probability-target gradient too."""
+    start = sum(widths[:rank])
+    sl = slice(start, start + widths[rank])
+    for offset, kw in ((1e8, {}), (1e30, {}), (-1e8, {"label_smoothing": 0.1}), (1e8, SCALED)):
+        logits, target, _ = _data(7, (N, V), soft=False)
+        full32 = (logits + offset).float()
+        local = full32[:, sl].clone().requires_grad_()
+        loss = vocab_parallel_cross_entropy(local, target, **kw)
+        loss.backward()
+        ref_in = full32.double().requires_grad_()
+        ref_kw = {k: v for k, v in kw.items() if k in ("label_smoothing",)}
+        if "logit_scale" in kw:  # the extras' definition, in float64
+            ref_loss, ref_grad = _extras_reference(ref_in, target, kw)
+        else:
+            ref_loss = F.cross_entropy(ref_in, target, ignore_index=IGNORE, **ref_kw)
+            (ref_grad,) = torch.autograd.grad(ref_loss, ref_in)
+        t32_in = full32.clone().requires_grad_()
+        if "logit_scale" in kw:
+            t32_loss, t32_grad = _extras_reference(t32_in, target, kw)
+        else:
+            t32_loss = F.cross_entropy(t32_in, target, ignore_index=IGNORE, **ref_kw)
+            (t32_grad,) = torch.autograd.grad(t32_loss, t32_in)
+        torch_err = abs(float(t32_loss) - float(ref_loss))
+        err = abs(float(loss) - float(ref_loss))
+        assert err <= 2 * torch_err + 1e-6 * abs(float(ref_loss)) + 1e-6, (offset, err, torch_err)
+        g_ref = ref_grad[:, sl]
+        torch_gerr = float((t32_grad[:, sl].double() - g_ref).norm())
+        gerr = float((local.grad.double() - g_ref).norm())
+        assert gerr <= 2 * torch_gerr + 1e-5 * float(g_ref.norm()) + 1e-7, (offset, gerr)
+    # Ties at +-1e30 across the slices: the three largest logits sit on different ranks.
+    tie = torch.full((2, V), -1e30)
+    tie[:, [0, V // 2, V - 1]] = 1e30
+    y = torch.tensor([0, V - 1])
+    local = tie[:, sl].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(local, y, reduction="sum")
+    loss.backward()
+    expected = torch.zeros(2, V)
+    expected[:, [0, V // 2, V - 1]] = 1.0 / 3.0
+    expected[0, 0] -= 1.0
+    expected[1, V - 1] -= 1.0
+    torch.testing.assert_close(local.grad, expected[:, sl], rtol=1e-6, atol=1e-7)
+    assert abs(float(loss) - 2.0 * math.log(3.0)) < 1e-5
+
+
+def _extras_reference(x: torch.Tensor, target: torch.Tensor, kw: dict):
+    """(loss, gradient) of the extras' definition (ce_reference), in x's dtype."""
+    loss, _ = extras_float64_loss(x, target, ignore_index=IGNORE, **kw)
+    (grad,) = torch.autograd.grad(loss, x)
+    return loss, grad
+
+
 def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
     dist.init_process_group(
         "gloo",
@@ -846,6 +905,8 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
         skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
         _check_rows(rank, widths, local == "rows")
         _check_rows(rank, skewed, local == "rows")
+        _check_offsets(rank, widths)
+        _check_offsets(rank, skewed)
         # Every option on float32 (class indices).
         for reduction in ("mean", "sum", "none"):
             for use_weight in (False, True):
