@@ -39,7 +39,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends, index_check
+from . import backends, index_check, torch_backend
 from .index_check import DeferredIndexCheck
 from .options import LossOptions, accumulation_dtype
 from .stat_rows import (  # noqa: F401 - re-exported: the rows are part of core's contract
@@ -65,11 +65,18 @@ except ImportError:  # pragma: no cover - depends on the platform
 # the final sum in a single launch each; past it, torch's multi-block reductions finish sooner
 # than one program looping over all rows. A guess to be tuned on the GPU (docs/KERNEL_NOTES.md).
 ONE_PROGRAM_ROWS = 16384
-# On the CPU the torch backend works through the rows in chunks of about this many bytes of
-# accumulation-dtype values, so that the upcast copy of half-precision rows and the
-# intermediates stay in cache (2-core development machine, one thread, bfloat16 4096 x 32000:
-# 2144 ms unchunked, 717 ms in 1 MiB chunks, eager F.cross_entropy 1469 ms).
+# On the CPU the torch backend's eager ops work through the rows in chunks of about this many
+# bytes of accumulation-dtype values, so that the upcast copy of half-precision rows and the
+# intermediates stay in cache (bfloat16 4096 x 32000 on one thread: about 3x faster than
+# unchunked).
 CPU_ROW_BLOCK_BYTES = 2 << 20
+# The Inductor-compiled rows fuse every pass into one loop per row, so they need no cache
+# blocking; but each call is a few OpenMP parallel regions whose barriers wait for every thread.
+# On a machine where another process takes a core, a thread that is descheduled holds every
+# barrier for a time slice: 2 MiB blocks (hundreds of regions a call) made a call several times
+# slower than eager torch there. Large blocks keep the regions few; the block bounds the
+# compiled function's temporaries.
+CPU_COMPILED_BLOCK_BYTES = 32 << 20
 
 
 class CrossEntropyStats(NamedTuple):
@@ -156,7 +163,10 @@ def run_rows(
     rows = M
     if backend.name == "torch" and logits.device.type == "cpu":
         work = max(V, 1) * torch.finfo(accumulation_dtype(logits.dtype)).bits // 8
-        rows = max(1, CPU_ROW_BLOCK_BYTES // work)
+        compiled = torch_backend.compiled_rows_apply(
+            logits, target, weight, opts, stats, grad_only, token_weight
+        )
+        rows = max(1, (CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES) // work)
     if rows >= M:
         backend.run_rows(logits, target, weight, opts, stats, grad, scale, grad_only, token_weight)
         return

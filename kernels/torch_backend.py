@@ -116,6 +116,43 @@ def _plain_rows(
         grad.masked_fill_(bad[:, None], float("nan"))
 
 
+def is_plain(
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    stats: Tensor,
+    grad_only: bool,
+    token_weight: Tensor | None,
+) -> bool:
+    """Whether a call is the plain row contract (class indices and nothing else): the rows that
+    ``_plain_rows`` computes, through the compiled function where it applies."""
+    return (
+        not grad_only
+        and target.dim() == 1
+        and weight is None
+        and token_weight is None
+        and stats.shape[0] == STAT_ROWS
+        and opts.label_smoothing == 0.0
+        and opts.z_loss == 0.0
+        and not opts.transforms_logits
+    )
+
+
+def compiled_rows_apply(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    stats: Tensor,
+    grad_only: bool,
+    token_weight: Tensor | None,
+) -> bool:
+    """Whether this (M, V) call takes the Inductor-compiled rows as a whole."""
+    return is_plain(target, weight, opts, stats, grad_only, token_weight) and (
+        cpu_compiled.applies(logits)
+    )
+
+
 def run_rows(
     logits: Tensor,
     target: Tensor,
@@ -131,17 +168,7 @@ def run_rows(
     M, V = logits.shape
     if M == 0:
         return
-    plain = (
-        not grad_only
-        and target.dim() == 1
-        and weight is None
-        and token_weight is None
-        and stats.shape[0] == STAT_ROWS
-        and opts.label_smoothing == 0.0
-        and opts.z_loss == 0.0
-        and not opts.transforms_logits
-    )
-    if plain:
+    if is_plain(target, weight, opts, stats, grad_only, token_weight):
         _plain_rows(logits, target, opts, stats, grad, scale)
         return
     acc = accumulation_dtype(logits.dtype)
