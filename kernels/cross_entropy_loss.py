@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, core, index_check, vocab_parallel
+from . import backends, core, func_transforms, index_check, vocab_parallel
 from .core import CrossEntropyStats
 from .options import (
     LossOptions,
@@ -443,7 +443,10 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
+    compiling = torch.compiler.is_compiling()
     if vocab_parallel.wants_vocab_parallel(input, process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(_WHO)
         vocab_parallel.refuse_unsharded_options(_WHO, inplace_backward=inplace_backward)
         return vocab_parallel.vocab_parallel_cross_entropy(
             input,
@@ -465,11 +468,13 @@ def cross_entropy(
         input, target, weight, opts, token_weight
     )
     extras = bool(return_stats)
+    if func_transforms.active():
+        # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
+        return func_transforms.cross_entropy(logits, target, weight, opts, tw, out_shape, extras)
     grad_enabled = torch.is_grad_enabled()
     need_grad = grad_enabled and input.requires_grad
     target_grad = grad_enabled and target.requires_grad
     scale = None
-    compiling = torch.compiler.is_compiling()
     loss = stats = None
     if not compiling and _small_plain_cpu_call(
         logits, target, opts, tw, inplace_backward, target_grad

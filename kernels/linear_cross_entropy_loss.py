@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import core, vocab_parallel
+from . import core, func_transforms, vocab_parallel
 from .core import CrossEntropyStats
 from .cross_entropy_loss import _no_double_backward
 from .index_check import check_class_indices
@@ -478,7 +478,10 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
+    compiling = torch.compiler.is_compiling()
     if vocab_parallel.wants_vocab_parallel(linear_weight, process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(_WHO)
         vocab_parallel.refuse_unsharded_options(_WHO, accumulation=accumulation)
         return vocab_parallel.vocab_parallel_linear_cross_entropy(
             input,
@@ -508,16 +511,21 @@ def linear_cross_entropy(
     out_shape = tuple(target.shape)
     x = input.reshape(-1, D).contiguous()
     t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
-    if not torch.compiler.is_compiling():  # the custom op checks inside, opaque to dynamo
-        check_class_indices(t, V, opts.ignore_index)
     weight = prepare_class_weight(weight, x.dtype)
     tw = prepare_token_weight(token_weight, x.dtype)
     extras = bool(return_stats)
+    if func_transforms.active():
+        # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
+        return func_transforms.linear_cross_entropy(
+            x, linear_weight, linear_bias, t, weight, opts, tw, out_shape, extras
+        )
+    if not compiling:  # the custom op checks inside, opaque to dynamo
+        check_class_indices(t, V, opts.ignore_index)
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
     plan = _Plan(opts, rows, accumulation, extras)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    if torch.compiler.is_compiling():
+    if compiling:
         needs = [need_grad and p is not None and p.requires_grad for p in params]
         loss, *_, stats = _lce_op(
             x,
