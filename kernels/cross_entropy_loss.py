@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, core, index_check, vocab_parallel
+from . import backends, core, func_transforms, index_check, vocab_parallel
 from .core import CrossEntropyStats
 from .options import (
     LossOptions,
@@ -188,6 +188,28 @@ class _FusedCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def _kernel_layout(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    token_weight: Tensor | None,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The layout the backends read (unit stride along the classes, contiguous weights): the
+    custom ops are callable directly, with any strides. No copy for what ``cross_entropy``
+    passes them."""
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    if target.dim() == 2:
+        if target.stride(-1) != 1:
+            target = target.contiguous()
+    else:
+        target = index_target_for_kernels(target, ignore_index)
+    weight = prepare_class_weight(weight, logits.dtype)
+    token_weight = prepare_token_weight(token_weight, logits.dtype)
+    return logits, target, weight, token_weight
+
+
 def _opts(
     ignore_index: int,
     label_smoothing: float,
@@ -214,9 +236,13 @@ def _cross_entropy_op(
     token_weight: Tensor | None = None,
     extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, gradient of the reduced loss or an empty tensor, per-row stats: see ``core``)."""
+    """(loss, gradient of the reduced loss or an empty tensor, (STAT_ROWS or EXTRA_STAT_ROWS, M)
+    per-row stats); every output contiguous, whatever the inputs' strides."""
     check_token_weight_values(_WHO, token_weight)
     opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    logits, target, weight, token_weight = _kernel_layout(
+        logits, target, weight, token_weight, ignore_index
+    )
     fwd = core.forward(
         logits, target, weight, opts, grad_now, token_weight=token_weight, extras=extras
     )
@@ -241,14 +267,12 @@ def _(
     token_weight=None,
     extras=False,
 ):
+    # new_empty: contiguous, as every output of the real op (empty_like would keep the strides
+    # of a transposed input).
     M = logits.shape[0]
     acc = accumulation_dtype(logits.dtype)
     loss = logits.new_empty((M,) if reduction == "none" else (), dtype=acc)
-    grad = (
-        torch.empty_like(logits, memory_format=torch.contiguous_format)
-        if grad_now
-        else logits.new_empty((0,))
-    )
+    grad = logits.new_empty(logits.shape if grad_now else (0,))
     rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
     return loss, grad, logits.new_empty((rows, M), dtype=acc)
 
@@ -267,8 +291,13 @@ def _cross_entropy_grad_op(
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
 ) -> Tensor:
-    """reduction="none": the gradient written once from the forward's per-row stats."""
+    """reduction="none": the gradient written once from the forward's per-row stats; contiguous,
+    whatever the inputs' strides."""
     opts = _opts(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
+    logits, target, weight, token_weight = _kernel_layout(
+        logits, target, weight, token_weight, ignore_index
+    )
+    stats = stats.contiguous()
     return core.gradient_from_stats(
         logits, target, weight, opts, stats, row_factor, token_weight=token_weight
     )
@@ -288,7 +317,7 @@ def _(
     z_loss=0.0,
     token_weight=None,
 ):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+    return logits.new_empty(logits.shape)  # contiguous, as the real op's
 
 
 def _op_setup_context(ctx, inputs, output):
@@ -414,7 +443,10 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
+    compiling = torch.compiler.is_compiling()
     if vocab_parallel.wants_vocab_parallel(input, process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(_WHO)
         vocab_parallel.refuse_unsharded_options(_WHO, inplace_backward=inplace_backward)
         return vocab_parallel.vocab_parallel_cross_entropy(
             input,
@@ -436,11 +468,13 @@ def cross_entropy(
         input, target, weight, opts, token_weight
     )
     extras = bool(return_stats)
+    if func_transforms.active():
+        # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
+        return func_transforms.cross_entropy(logits, target, weight, opts, tw, out_shape, extras)
     grad_enabled = torch.is_grad_enabled()
     need_grad = grad_enabled and input.requires_grad
     target_grad = grad_enabled and target.requires_grad
     scale = None
-    compiling = torch.compiler.is_compiling()
     loss = stats = None
     if not compiling and _small_plain_cpu_call(
         logits, target, opts, tw, inplace_backward, target_grad

@@ -37,6 +37,15 @@ def target_check_enabled() -> bool:
     return _enabled
 
 
+def unwrap_functorch(t: Tensor) -> Tensor:
+    """The plain tensor under every ``torch.func`` wrapper (itself outside the transforms):
+    under ``vmap`` it holds the values of the whole batch, so that a value check on it checks
+    every sample (reading a batched tensor's values raises)."""
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
+
+
 def bad_index_mask(target: Tensor, num_classes: int, ignore_index: int) -> Tensor:
     """(M,) bool: class indices outside [0, num_classes) that are not ``ignore_index``."""
     return ((target < 0) | (target >= num_classes)) & (target != ignore_index)

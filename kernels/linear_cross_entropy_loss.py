@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import core, vocab_parallel
+from . import core, func_transforms, vocab_parallel
 from .core import CrossEntropyStats
 from .cross_entropy_loss import _no_double_backward
 from .index_check import check_class_indices
@@ -152,11 +152,32 @@ def _empty(like: Tensor) -> Tensor:
 
 
 def _fake_grads(x: Tensor, W: Tensor, b: Tensor | None, now: bool, needs: list[bool]):
-    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed."""
-    gx = torch.empty_like(x) if now and needs[0] else _empty(x)
-    gw = torch.empty_like(W) if now and needs[1] else _empty(x)
-    gb = torch.empty_like(b) if now and needs[2] and b is not None else _empty(x)
+    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed.
+
+    Contiguous, as the real ops return them whatever the strides of x, W and b (``empty_like``
+    would keep the strides of a transposed weight, e.g. a tied embedding's ``E.t()``)."""
+    gx = x.new_empty(x.shape) if now and needs[0] else _empty(x)
+    gw = W.new_empty(W.shape) if now and needs[1] else _empty(x)
+    gb = b.new_empty(b.shape) if now and needs[2] and b is not None else _empty(x)
     return gx, gw, gb
+
+
+def _kernel_layout(
+    x: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    token_weight: Tensor | None,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """The layout the chunked loop reads (x contiguous, hence its gradient too; W and b may have
+    any strides): the custom ops are callable directly. No copy for what
+    ``linear_cross_entropy`` passes them."""
+    return (
+        x.contiguous(),
+        index_target_for_kernels(target, ignore_index),
+        prepare_class_weight(weight, x.dtype),
+        prepare_token_weight(token_weight, x.dtype),
+    )
 
 
 @torch.library.custom_op("fusedce::linear_cross_entropy", mutates_args=())
@@ -178,10 +199,12 @@ def _lce_op(
     token_weight: Tensor | None = None,
     extras: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_x, grad_W, grad_b, per-row stats (``core``'s rows)); the gradients are empty
-    where not needed, and always for reduction="none" (computed in the backward op instead)."""
+    """(loss, grad_x, grad_W, grad_b, per-row stats (STAT_ROWS or EXTRA_STAT_ROWS, N)); the
+    gradients are empty where not needed, and always for reduction="none" (computed in the
+    backward op instead). Every output contiguous, whatever the inputs' strides."""
     check_class_indices(target, W.shape[0], ignore_index)
     check_token_weight_values(_WHO, token_weight)
+    x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
     opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     plan = _Plan(opts, chunk_rows, accumulation, extras)
     scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
@@ -214,7 +237,7 @@ def _(
     token_weight=None,
     extras=False,
 ):
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
     rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
     stats = x.new_empty((rows, x.shape[0]), dtype=acc)
@@ -239,7 +262,9 @@ def _lce_backward_op(
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """reduction="none": recompute the chunks with one upstream factor per row."""
+    """reduction="none": recompute the chunks with one upstream factor per row; contiguous
+    gradients, whatever the inputs' strides."""
+    x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
     opts = LossOptions(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
     plan = _Plan(opts, chunk_rows, accumulation)
     factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
@@ -453,7 +478,10 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
+    compiling = torch.compiler.is_compiling()
     if vocab_parallel.wants_vocab_parallel(linear_weight, process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(_WHO)
         vocab_parallel.refuse_unsharded_options(_WHO, accumulation=accumulation)
         return vocab_parallel.vocab_parallel_linear_cross_entropy(
             input,
@@ -483,16 +511,21 @@ def linear_cross_entropy(
     out_shape = tuple(target.shape)
     x = input.reshape(-1, D).contiguous()
     t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
-    if not torch.compiler.is_compiling():  # the custom op checks inside, opaque to dynamo
-        check_class_indices(t, V, opts.ignore_index)
     weight = prepare_class_weight(weight, x.dtype)
     tw = prepare_token_weight(token_weight, x.dtype)
     extras = bool(return_stats)
+    if func_transforms.active():
+        # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
+        return func_transforms.linear_cross_entropy(
+            x, linear_weight, linear_bias, t, weight, opts, tw, out_shape, extras
+        )
+    if not compiling:  # the custom op checks inside, opaque to dynamo
+        check_class_indices(t, V, opts.ignore_index)
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
     plan = _Plan(opts, rows, accumulation, extras)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    if torch.compiler.is_compiling():
+    if compiling:
         needs = [need_grad and p is not None and p.requires_grad for p in params]
         loss, *_, stats = _lce_op(
             x,

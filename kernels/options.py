@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .index_check import target_check_enabled
+from .index_check import target_check_enabled, unwrap_functorch
 
 REDUCTIONS = ("none", "mean", "sum")
 ACCUMULATIONS = ("float32", "input")
@@ -171,6 +171,8 @@ def check_token_weight_values(who: str, token_weight: Tensor | None) -> None:
     sync on CUDA, skipped there while ``set_target_check(False)``)."""
     if token_weight is None or token_weight.numel() == 0:
         return
+    # Under torch.func transforms: the values of every sample (vmap cannot read one).
+    token_weight = unwrap_functorch(token_weight)
     if token_weight.device.type == "cpu" or target_check_enabled():
         if not bool(torch.isfinite(token_weight).all()):
             raise ValueError(f"{who}: token_weight has non-finite values")

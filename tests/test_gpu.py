@@ -212,6 +212,52 @@ def test_cuda_compile_inductor_fullgraph():
     torch.testing.assert_close(gc.float(), ge.float(), rtol=2e-2, atol=1e-3)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_cuda_compile_inductor_transposed_weight(reduction):
+    # A tied embedding's weight E.t() (transposed strides) and a strided input: Inductor asserts
+    # the strides of every custom op output against the fake kernel's.
+    torch._dynamo.reset()
+    E = (torch.randn(64, 1000, device=DEV) * 0.1).requires_grad_()  # (D, V): W = E.t()
+    h = torch.randn(4, 32, 128, device=DEV)[..., ::2].requires_grad_()
+    t = torch.randint(0, 1000, (4, 32), device=DEV)
+    up = torch.randn(4, 32, device=DEV) if reduction == "none" else torch.tensor(1.3, device=DEV)
+
+    def step(h, W):
+        return fusedce.linear_cross_entropy(h, W, t, reduction=reduction, chunk_size=64)
+
+    loss_c = torch.compile(step, fullgraph=True)(h, E.t())
+    grads_c = torch.autograd.grad(loss_c, (h, E), up)
+    loss_e = step(h, E.t())
+    grads_e = torch.autograd.grad(loss_e, (h, E), up)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
+    for a, e in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-3, atol=1e-5)
+
+
+def test_cuda_custom_ops_take_any_strides():
+    # The compiled Triton kernel reads unit-stride rows and contiguous weights: the ops lay
+    # strided inputs out for it, so direct calls give the numbers of contiguous inputs.
+    V = 1000
+    x = torch.randn(6, 2 * V, device=DEV)[:, ::2]
+    t = torch.randint(0, V, (6,), device=DEV)
+    t[1] = -100
+    w = torch.rand(2 * V, device=DEV)[::2] + 0.5
+    tw = torch.rand(12, device=DEV)[::2]
+    op = torch.ops.fusedce.cross_entropy.default
+    for reduction, grad_now in (("mean", True), ("none", False)):
+        opts = (-100, 0.1, reduction, grad_now, 0.7, 5.0, 0.01)
+        out = op(x, t, w, *opts, tw, True)
+        ref = op(x.contiguous(), t, w.contiguous(), *opts, tw.contiguous(), True)
+        for a, b in zip(out, ref, strict=True):
+            torch.testing.assert_close(a, b)
+    stats = op(x.contiguous(), t, w.contiguous(), -100, 0.1, "none", False)[2]
+    factor = torch.randn(12, device=DEV)[::2]
+    grad_op = torch.ops.fusedce.cross_entropy_grad.default
+    out = grad_op(x, t, w, stats.t().contiguous().t(), factor, -100, 0.1)
+    ref = grad_op(x.contiguous(), t, w.contiguous(), stats, factor.contiguous(), -100, 0.1)
+    torch.testing.assert_close(out, ref)
+
+
 # --------------------------------------------------------------------------------------------
 # Linear + cross-entropy: accuracy at an LLM-like shape and the peak-memory bound
 # --------------------------------------------------------------------------------------------

@@ -269,3 +269,18 @@ def test_cpu_paths_offsets(path, offset):
             _check_plain(x, y)
     finally:
         fusedce.set_cpu_compile(compile_was)
+
+
+@pytest.mark.parametrize("offset", [1e8, 1e30])
+def test_func_transforms_offsets(offset):
+    """Under torch.func (plain torch ops with fusedce's semantics) the answer is the same."""
+    x = _logits((8, 1031), offset)
+    y = torch.randint(1031, (8,), generator=torch.Generator().manual_seed(1))
+    y[0] = -100
+    g_func = torch.func.grad(lambda t: fusedce.cross_entropy(t, y, label_smoothing=0.1))(x)
+    xr = x.clone().requires_grad_()
+    (g_eager,) = torch.autograd.grad(fusedce.cross_entropy(xr, y, label_smoothing=0.1), xr)
+    torch.testing.assert_close(g_func, g_eager, rtol=1e-5, atol=1e-7)
+    losses = torch.func.vmap(lambda r, t: fusedce.cross_entropy(r, t))(x, y.clamp(min=0))
+    ref = F.cross_entropy(x.double(), y.clamp(min=0), reduction="none")
+    torch.testing.assert_close(losses.double(), ref, rtol=1e-5, atol=1e-5)
