@@ -100,7 +100,7 @@ class _Shard(NamedTuple):
     vocab: int  # V, the global number of classes
 
 
-def _resolve_group(process_group: object) -> object | None:
+def _resolve_group(who: str, process_group: object) -> object | None:
     """The group to reduce over, or None for the plain (unsharded) function."""
     if process_group is not None:
         return process_group
@@ -761,19 +761,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def _flatten_ce(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+    who: str, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, tuple[int, ...], bool]:
     """Checks one rank's tensors; returns (logits (M, V_r), target (M,) or (M, V_r), output
     shape, whether the targets are probabilities)."""
-    who = _CE
+    name = "local_logits" if who == _CE else "input"  # the argument's name in ``who``
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{who}: local_logits and target must be tensors")
+        raise TypeError(f"{who}: {name} and target must be tensors")
     if not input.is_floating_point():
-        raise TypeError(f"{who}: local_logits must be a floating tensor, got {input.dtype}")
+        raise TypeError(f"{who}: {name} must be a floating tensor, got {input.dtype}")
     if input.dim() == 0:
-        raise ValueError(f"{who}: local_logits must have shape (C_r,), (N, C_r) or (N, C_r, ...)")
+        raise ValueError(f"{who}: {name} must have shape (C_r,), (N, C_r) or (N, C_r, ...)")
     if target.device != input.device:
-        raise ValueError(f"{who}: target is on {target.device} but input is on {input.device}")
+        raise ValueError(f"{who}: target is on {target.device} but {name} is on {input.device}")
     _check_weight(who, weight, input.device)
     class_dim = 0 if input.dim() == 1 else 1
     width = input.shape[class_dim]
@@ -785,7 +785,7 @@ def _flatten_ce(
         expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if class_dim else ()
         if tuple(target.shape) != expected:
             raise ValueError(
-                f"{who}: target of shape {tuple(target.shape)} does not fit local_logits of "
+                f"{who}: target of shape {tuple(target.shape)} does not fit {name} of "
                 f"shape {tuple(input.shape)}: expected global class indices of shape "
                 f"{expected} or this slice's probabilities of shape {tuple(input.shape)}"
             )
@@ -840,30 +840,41 @@ def _mesh_of(who: str, dt: Tensor, process_group: object) -> object:
 
 
 def _dtensor_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, extras, process_group, sizes
+    who,
+    input,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    extras,
+    process_group,
+    vocab_start,
+    vocab_size,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """A DTensor sharded on the class dimension of a 1-D mesh: the local slices on the mesh's
     group; the loss (and stats) come back as replicated DTensors (as under ``loss_parallel()``)."""
-    mesh = _mesh_of(_CE, input, process_group)
+    mesh = _mesh_of(who, input, process_group)
     class_dim = 1 if input.dim() >= 2 else 0
     (place,) = input.placements
     if not place.is_shard() or place.dim % input.dim() != class_dim:
         raise ValueError(
-            f"{_CE}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
+            f"{who}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
             f"), got {input.placements}"
         )
-    extras = dict(extras, token_weight=_local_part(_CE, extras["token_weight"], "token_weight"))
-    result = vocab_parallel_cross_entropy(
+    extras = dict(extras, token_weight=_local_part(who, extras["token_weight"], "token_weight"))
+    result = call_cross_entropy(
+        who,
         input.to_local(),
-        _local_part(_CE, target, "target", class_dim),
-        _local_part(_CE, weight, "weight"),
+        _local_part(who, target, "target", class_dim),
+        _local_part(who, weight, "weight"),
         ignore_index,
         reduction,
         label_smoothing,
-        **extras,
-        process_group=mesh.get_group(),
-        vocab_start=sizes[0] if sizes else None,
-        vocab_size=sizes[1] if sizes else None,
+        extras,
+        mesh.get_group(),
+        vocab_start,
+        vocab_size,
     )
     return _replicated(result, mesh)
 
@@ -986,13 +997,43 @@ def vocab_parallel_cross_entropy(
         "token_weight": token_weight,
         "return_stats": return_stats,
     }
+    return call_cross_entropy(
+        _CE,
+        local_logits,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        extras,
+        process_group,
+        vocab_start,
+        vocab_size,
+    )
+
+
+def call_cross_entropy(
+    who: str,
+    local_logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    extras: dict[str, object],
+    process_group: object,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
+    errors name); ``extras``: the one-pass extras by keyword."""
     sizes_given = vocab_start is not None or vocab_size is not None
     if dist.is_available():
         from torch.distributed.tensor import DTensor
 
         if isinstance(local_logits, DTensor):
-            sizes = (vocab_start, vocab_size) if sizes_given else None
             return _dtensor_cross_entropy(
+                who,
                 local_logits,
                 target,
                 weight,
@@ -1001,21 +1042,36 @@ def vocab_parallel_cross_entropy(
                 label_smoothing,
                 extras,
                 process_group,
-                sizes,
+                vocab_start,
+                vocab_size,
             )
-    group = _resolve_group(process_group)
+    group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
-        from .cross_entropy_loss import cross_entropy
+        from .cross_entropy_loss import _cross_entropy
 
         if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
             width = local_logits.shape[0 if local_logits.dim() == 1 else 1]
-            _check_explicit_sizes(_CE, vocab_start, vocab_size, width)
+            _check_explicit_sizes(who, vocab_start, vocab_size, width)
             if sizes_given and (vocab_start, vocab_size) != (0, width):
-                raise ValueError(f"{_CE}: one rank holds all classes: vocab_start=0, V={width}")
-        return cross_entropy(
-            local_logits, target, weight, ignore_index, reduction, label_smoothing, **extras
+                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+        return _cross_entropy(
+            who,
+            local_logits,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            False,
+            extras["logit_scale"],
+            extras["softcap"],
+            extras["z_loss"],
+            extras["token_weight"],
+            extras["return_stats"],
+            None,
         )
     return _sharded_cross_entropy(
+        who,
         local_logits,
         target,
         weight,
@@ -1031,6 +1087,7 @@ def vocab_parallel_cross_entropy(
 
 @torch.compiler.disable
 def _sharded_cross_entropy(
+    who,
     local_logits,
     target,
     weight,
@@ -1049,13 +1106,15 @@ def _sharded_cross_entropy(
     meta = logits = t = tw = None
     explicit = None
     try:
-        opts = check_options(_CE, ignore_index, label_smoothing, reduction)
-        opts = check_extras(_CE, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
-        want_stats = _check_return_stats(_CE, extras["return_stats"])
-        logits, t, out_shape, soft = _flatten_ce(local_logits, target, weight, opts.ignore_index)
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(who, extras["return_stats"])
+        logits, t, out_shape, soft = _flatten_ce(
+            who, local_logits, target, weight, opts.ignore_index
+        )
         tw = extras["token_weight"]
-        check_token_weight(_CE, tw, out_shape, logits.device)
-        explicit = _check_explicit_sizes(_CE, vocab_start, vocab_size, logits.shape[1])
+        check_token_weight(who, tw, out_shape, logits.device)
+        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
         meta = _Meta(
             width=logits.shape[1],
             rows=logits.shape[0],
@@ -1074,10 +1133,10 @@ def _sharded_cross_entropy(
     if explicit is None:
         device = local_logits.device if isinstance(local_logits, Tensor) else torch.device("cpu")
         ii = ignore_index if isinstance(ignore_index, int) else -100
-        sh = _agree(_CE, group, device, error, meta, t if meta else None, ii, tw)
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw)
     else:
-        sh = _explicit_shard(_CE, group, explicit, meta.width, weight, t, opts.ignore_index)
-    _check_soft_stats_vocab(_CE, sh, meta.soft, want_stats)
+        sh = _explicit_shard(who, group, explicit, meta.width, weight, t, opts.ignore_index)
+    _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
     w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
     tw = prepare_token_weight(tw, logits.dtype)
     loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
@@ -1168,7 +1227,8 @@ def _check_linear(
     b: object,
     weight: object,
 ) -> None:
-    for arg, what in ((input, "input"), (W, "local_weight"), (target, "target")):
+    wn = "local_weight" if who == _LCE else "linear_weight"  # the argument's name in ``who``
+    for arg, what in ((input, "input"), (W, wn), (target, "target")):
         if not isinstance(arg, Tensor):
             raise TypeError(f"{who}: {what} must be a tensor, got {type(arg).__name__}")
     if not input.is_floating_point():
@@ -1176,22 +1236,21 @@ def _check_linear(
     if input.dim() == 0:
         raise ValueError(f"{who}: input must have shape (D,), (N, D) or (..., D), got a scalar")
     if W.dim() != 2:
-        raise ValueError(f"{who}: local_weight must be 2-D (V_r, D), got {tuple(W.shape)}")
+        raise ValueError(f"{who}: {wn} must be 2-D (V_r, D), got {tuple(W.shape)}")
     Vr, D = W.shape
     if input.shape[-1] != D:
         raise ValueError(
-            f"{who}: input has {input.shape[-1]} features but local_weight of shape {(Vr, D)} "
-            f"expects D={D}"
+            f"{who}: input has {input.shape[-1]} features but {wn} of shape {(Vr, D)} expects D={D}"
         )
     if W.dtype != input.dtype:
-        raise TypeError(f"{who}: input ({input.dtype}) and local_weight ({W.dtype}) differ")
+        raise TypeError(f"{who}: input ({input.dtype}) and {wn} ({W.dtype}) differ")
     if b is not None:
         if not isinstance(b, Tensor) or tuple(b.shape) != (Vr,):
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"{who}: linear_bias must be this slice's ({Vr},), got {shape}")
         if b.dtype != input.dtype:
             raise TypeError(f"{who}: linear_bias ({b.dtype}) must have the input's dtype")
-    for t, what in ((W, "local_weight"), (target, "target"), (b, "linear_bias")):
+    for t, what in ((W, wn), (target, "target"), (b, "linear_bias")):
         if t is not None and t.device != input.device:
             raise ValueError(f"{who}: {what} is on {t.device} but input is on {input.device}")
     if target.is_floating_point():
@@ -1279,52 +1338,98 @@ def vocab_parallel_linear_cross_entropy(
         "token_weight": token_weight,
         "return_stats": return_stats,
     }
+    return call_linear_cross_entropy(
+        _LCE,
+        input,
+        local_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
+        extras,
+        process_group,
+        vocab_start,
+        vocab_size,
+    )
+
+
+def call_linear_cross_entropy(
+    who: str,
+    input: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int | None,
+    extras: dict[str, object],
+    process_group: object,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """``vocab_parallel_linear_cross_entropy`` called through the public function ``who``
+    (which the errors name); ``extras``: the one-pass extras by keyword."""
     if wants_vocab_parallel(local_weight, None):  # a DTensor weight
-        mesh = _mesh_of(_LCE, local_weight, process_group)
+        name = "local_weight" if who == _LCE else "linear_weight"
+        mesh = _mesh_of(who, local_weight, process_group)
         if not all(p.is_shard() and p.dim % 2 == 0 for p in local_weight.placements):
             raise ValueError(
-                f"{_LCE}: a DTensor local_weight must be sharded by rows (Shard(0)), got "
+                f"{who}: a DTensor {name} must be sharded by rows (Shard(0)), got "
                 f"{local_weight.placements}"
             )
-        extras["token_weight"] = _local_part(_LCE, token_weight, "token_weight")
-        result = vocab_parallel_linear_cross_entropy(
-            _local_part(_LCE, input, "input"),
+        extras = dict(extras, token_weight=_local_part(who, extras["token_weight"], "token_weight"))
+        result = call_linear_cross_entropy(
+            who,
+            _local_part(who, input, "input"),
             local_weight.to_local(),
-            _local_part(_LCE, target, "target"),
-            linear_bias=_local_part(_LCE, linear_bias, "linear_bias", 0),
-            weight=_local_part(_LCE, weight, "weight"),
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            **extras,
-            process_group=mesh.get_group(),
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
+            _local_part(who, target, "target"),
+            _local_part(who, linear_bias, "linear_bias", 0),
+            _local_part(who, weight, "weight"),
+            reduction,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            extras,
+            mesh.get_group(),
+            vocab_start,
+            vocab_size,
         )
         return _replicated(result, mesh)
-    group = _resolve_group(process_group)
+    group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
-        from .linear_cross_entropy_loss import linear_cross_entropy
+        from .linear_cross_entropy_loss import _linear_cross_entropy
 
         if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
             width = local_weight.shape[0]
-            sizes = _check_explicit_sizes(_LCE, vocab_start, vocab_size, width)
+            sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
             if sizes is not None and sizes != (0, width):
-                raise ValueError(f"{_LCE}: one rank holds all classes: vocab_start=0, V={width}")
-        return linear_cross_entropy(
+                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+        return _linear_cross_entropy(
+            who,
             input,
             local_weight,
             target,
-            linear_bias=linear_bias,
-            weight=weight,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            **extras,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            "float32",
+            extras["logit_scale"],
+            extras["softcap"],
+            extras["z_loss"],
+            extras["token_weight"],
+            extras["return_stats"],
+            None,
         )
     return _sharded_linear_cross_entropy(
+        who,
         input,
         local_weight,
         target,
@@ -1343,6 +1448,7 @@ def vocab_parallel_linear_cross_entropy(
 
 @torch.compiler.disable
 def _sharded_linear_cross_entropy(
+    who,
     input,
     local_weight,
     target,
@@ -1363,15 +1469,15 @@ def _sharded_linear_cross_entropy(
     meta = t = tw = None
     explicit = None
     try:
-        opts = check_options(_LCE, ignore_index, label_smoothing, reduction)
-        opts = check_extras(_LCE, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
-        want_stats = _check_return_stats(_LCE, extras["return_stats"])
-        check_chunk_size(_LCE, chunk_size)
-        _check_linear(_LCE, input, local_weight, target, linear_bias, weight)
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(who, extras["return_stats"])
+        check_chunk_size(who, chunk_size)
+        _check_linear(who, input, local_weight, target, linear_bias, weight)
         tw = extras["token_weight"]
-        check_token_weight(_LCE, tw, tuple(target.shape), input.device)
+        check_token_weight(who, tw, tuple(target.shape), input.device)
         width, D = local_weight.shape
-        explicit = _check_explicit_sizes(_LCE, vocab_start, vocab_size, width)
+        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, width)
         x = input.reshape(-1, D)
         t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
         meta = _Meta(
@@ -1393,9 +1499,9 @@ def _sharded_linear_cross_entropy(
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         ii = -100 if ignore_index is None else ignore_index
         ii = ii if isinstance(ii, int) else -100
-        sh = _agree(_LCE, group, device, error, meta, t if meta else None, ii, tw)
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw)
     else:
-        sh = _explicit_shard(_LCE, group, explicit, meta.width, weight, t, opts.ignore_index)
+        sh = _explicit_shard(who, group, explicit, meta.width, weight, t, opts.ignore_index)
     w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
     tw = prepare_token_weight(tw, x.dtype)
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, chunk_size, x.device)
