@@ -396,10 +396,12 @@ def cross_entropy(
             non-ignored elements (sum_i t_i for probabilities).
         return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
             correct), computed in the same pass.
-        process_group: a ``torch.distributed`` group over which the class dimension is split:
-            ``input`` is then this rank's slice of the logits and ``target`` holds global class
-            indices; see ``fusedce.vocab_parallel.vocab_parallel_cross_entropy`` (also taken
-            for a ``DTensor`` input sharded on the class dimension, without a group).
+        process_group: a ``torch.distributed.ProcessGroup`` over which the class dimension is
+            split: ``input`` is then this rank's slice of the logits and ``target`` holds global
+            class indices; see ``fusedce.vocab_parallel.vocab_parallel_cross_entropy`` (also
+            taken for a ``DTensor`` input sharded on the class dimension, without a group).
+            None (the default) is the unsharded loss; so is ``torch.distributed.group.WORLD``
+            before ``init_process_group``, which is None then.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none";
@@ -408,12 +410,15 @@ def cross_entropy(
     Raises:
         ValueError, TypeError: bad shapes, dtypes, devices or options (``logit_scale <= 0``,
             ``softcap <= 0``, ``z_loss < 0``, token weights of the wrong shape, dtype or device,
-            negative or non-finite).
+            negative or non-finite; a ``process_group`` that is not a ProcessGroup). Every
+            message starts with the name of the function called (``cross_entropy``, or
+            ``CrossEntropyLoss`` for the module).
         IndexError: a class index outside [0, C) other than ignore_index (see
             ``set_target_check``; on CUDA raised from backward when a gradient is wanted).
         RuntimeError: ``weight.requires_grad`` or ``token_weight.requires_grad``;
             ``inplace_backward`` on a leaf that requires
-            grad; double backward (``create_graph=True``).
+            grad; double backward (``create_graph=True``); a ``process_group`` while
+            ``torch.distributed`` is not initialised.
 
     Deviations from torch: reduction="mean" with nothing to average (every target ignored, or an
     empty batch) gives 0.0 and a zero gradient instead of NaN; a probability of 0 times a logit

@@ -443,19 +443,24 @@ def linear_cross_entropy(
             by sum_i t_i * w_{y_i} over the non-ignored tokens.
         return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
             correct) from the chunks the loop computes anyway.
-        process_group: a ``torch.distributed`` group over which the vocabulary is split:
+        process_group: a ``torch.distributed.ProcessGroup`` over which the vocabulary is split:
             ``linear_weight`` (and ``linear_bias``) are then this rank's rows, ``input`` is
             replicated and ``target`` holds global class indices; the input's gradient comes
             back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``
             (also taken for a ``DTensor`` linear_weight sharded by rows, without a group).
+            None (the default) is the unsharded loss; so is ``torch.distributed.group.WORLD``
+            before ``init_process_group``, which is None then.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
         reduction="none"; with ``return_stats`` the tuple ``(loss, stats)``.
 
     Raises:
-        ValueError, TypeError: bad shapes, dtypes, devices or options.
+        ValueError, TypeError: bad shapes, dtypes, devices or options; a ``process_group``
+            that is not a ProcessGroup. Every message starts with the name of the function
+            called (``linear_cross_entropy``, or ``LinearCrossEntropyLoss`` for the module).
         IndexError: a class index outside [0, V) other than ignore_index.
+        RuntimeError: a ``process_group`` while ``torch.distributed`` is not initialised.
         NotImplementedError: probability targets, K-dimensional linear_weight.
 
     Deviations from torch: the loss is float32 for half-precision input (as

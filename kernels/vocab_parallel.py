@@ -102,11 +102,48 @@ class _Shard(NamedTuple):
 
 def _resolve_group(who: str, process_group: object) -> object | None:
     """The group to reduce over, or None for the plain (unsharded) function."""
-    if process_group is not None:
-        return process_group
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
+    if process_group is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.group.WORLD
+        return None
+    check_process_group(who, process_group)
+    return process_group
+
+
+def check_process_group(who: str, process_group: object) -> None:
+    """``process_group`` (not None) is a ``torch.distributed.ProcessGroup`` of an initialised
+    ``torch.distributed`` that this rank belongs to.
+
+    ``torch.distributed.group.WORLD`` is None before ``init_process_group``: passed then, it
+    means no group (the plain function), as None does.
+
+    Raises:
+        TypeError: not a ProcessGroup (a string, a DeviceMesh, ...). ValueError: this rank is
+            outside the group (``new_group`` gave it ``GroupMember.NON_GROUP_MEMBER``).
+            RuntimeError: torch.distributed is not initialised (or not built).
+    """
+    if not dist.is_available():
+        raise RuntimeError(
+            f"{who}: process_group needs torch.distributed, which this build of torch lacks"
+        )
+    if type(process_group) is int and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"{who}: this rank is not a member of process_group (torch.distributed.new_group "
+            "gives GroupMember.NON_GROUP_MEMBER to the ranks outside the group); call the loss "
+            "only on the ranks of the group"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        kind = type(process_group).__name__
+        hint = "; for a DeviceMesh pass mesh.get_group()" if kind == "DeviceMesh" else ""
+        raise TypeError(
+            f"{who}: process_group must be a torch.distributed.ProcessGroup or None, got "
+            f"{kind}{hint}"
+        )
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{who}: process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first"
+        )
 
 
 def _check_explicit_sizes(

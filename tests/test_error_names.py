@@ -1,4 +1,4 @@
-"""Every error names the public function the user called.
+"""Every error names the public function the user called, and ``process_group`` is checked.
 
 One sweep: each public entry point (the functions, the modules, the vocabulary-parallel
 functions without a process group, i.e. the plain path) with a bad class index (on the
@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import fusedce
 from fusedce import index_check
@@ -147,3 +148,40 @@ def test_backward_errors_name_the_module() -> None:
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match=r"^fusedce\.LinearCrossEntropyLoss: backward ran"):
         loss.backward()
+
+
+# The entry points that take a process_group, called with one.
+GROUP_ENTRY_POINTS = {
+    "cross_entropy": lambda a, g: fusedce.cross_entropy(a.logits, a.target, process_group=g),
+    "linear_cross_entropy": lambda a, g: fusedce.linear_cross_entropy(
+        a.hidden, a.head, a.target, process_group=g
+    ),
+    "vocab_parallel_cross_entropy": lambda a, g: vocab_parallel_cross_entropy(
+        a.logits, a.target, process_group=g
+    ),
+    "vocab_parallel_linear_cross_entropy": lambda a, g: vocab_parallel_linear_cross_entropy(
+        a.hidden, a.head, a.target, process_group=g
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(GROUP_ENTRY_POINTS))
+def test_process_group_must_be_a_process_group(name: str) -> None:
+    assert not dist.is_initialized()
+    a = _case(11)
+    call = GROUP_ENTRY_POINTS[name]
+    for group in (object(), "WORLD", 3, 1.5):
+        with pytest.raises(TypeError) as info:
+            call(a, group)
+        message = str(info.value)
+        assert message.startswith(f"{name}: process_group must be a "), message
+        assert "torch.distributed.ProcessGroup or None" in message, message
+        assert type(group).__name__ in message, message
+    # A real group, but torch.distributed was never initialised (or was destroyed since).
+    group = dist.ProcessGroup(dist.HashStore(), 0, 1)
+    with pytest.raises(RuntimeError, match=rf"^{name}: process_group was given but torch"):
+        call(a, group)
+    # torch.distributed.group.WORLD is None before init_process_group: it means no group, as
+    # None does (nothing tells the two apart), so the call is the plain function.
+    assert dist.group.WORLD is None
+    torch.testing.assert_close(call(a, dist.group.WORLD), call(a, None), rtol=0, atol=0)
