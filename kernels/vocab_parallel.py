@@ -40,6 +40,7 @@ chunks. The communication is the same either way.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import struct
 from typing import NamedTuple
 
@@ -188,29 +189,50 @@ class _Meta(NamedTuple):
     extras_key: tuple[int, int, int, int]  # logit_scale, softcap (-1: None), z_loss bits; stats
 
 
-_FIELDS = (
-    "error",
-    "slice width",
-    "number of rows",
-    "target / output shape",
-    "target kind (indices or probabilities)",
-    "number of input features D",
-    "input dtype",
-    "number of class weights",
-    "reduction",
-    "ignore_index",
-    "label_smoothing",
-    "smallest class index",
-    "largest class index",
-    "class-index fingerprint",
-    "logit_scale",
-    "softcap",
-    "z_loss",
-    "return_stats",
-    "token weights",
+class _Field(NamedTuple):
+    """One int64 column of the metadata row."""
+
+    name: str  # its member of ``_Col``
+    what: str  # what the messages call it
+    agree: bool = True  # must be equal on every rank
+    show: bool = True  # a disagreement shows the values (not for hashes and float bits)
+    differs: str | None = None  # the message of a disagreement, instead of the generic one
+
+
+_TARGET_DIFFERS = (
+    "the class-index target differs across ranks; it must hold the same global class indices "
+    "on every rank"
 )
-# Columns that must be equal on every rank.
-_AGREE = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+# The metadata row, in column order (the order of the checks too: the first disagreement found
+# is the one reported).
+_FIELDS = (
+    _Field("ERROR", "error", agree=False),
+    _Field("WIDTH", "slice width", agree=False),
+    _Field("ROWS", "number of rows"),
+    _Field("OUT_SHAPE", "target / output shape", show=False),
+    _Field("SOFT", "target kind (indices or probabilities)"),
+    _Field("FEATURES", "number of input features D"),
+    _Field("DTYPE", "input dtype"),
+    _Field("WEIGHT_NUMEL", "number of class weights"),
+    _Field("REDUCTION", "reduction"),
+    _Field("IGNORE_INDEX", "ignore_index"),
+    _Field("SMOOTHING", "label_smoothing", show=False),
+    _Field("TARGET_MIN", "smallest class index", differs=_TARGET_DIFFERS),
+    _Field("TARGET_MAX", "largest class index", differs=_TARGET_DIFFERS),
+    _Field("TARGET_SUM", "class-index fingerprint", differs=_TARGET_DIFFERS),
+    _Field("LOGIT_SCALE", "logit_scale", show=False),
+    _Field("SOFTCAP", "softcap", show=False),
+    _Field("Z_LOSS", "z_loss", show=False),
+    _Field("RETURN_STATS", "return_stats"),
+    _Field(
+        "TOKEN_WEIGHT",
+        "token weights",
+        differs="token_weight differs across ranks; it must be the same (replicated) tensor on "
+        "every rank, or None on every rank",
+    ),
+)
+# The columns by name: ``row[_Col.ROWS]``.
+_Col = enum.IntEnum("_Col", [f.name for f in _FIELDS], start=0)
 
 
 def _target_summary(target: Tensor | None, ignore_index: int) -> list[Tensor]:
@@ -253,68 +275,66 @@ def _agree(
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if error is not None or meta is None:
         code = next((i + 1 for i, cls in enumerate(_ERRORS) if isinstance(error, cls)), 4)
-        row = torch.zeros(len(_FIELDS), dtype=torch.int64, device=device)
-        row[0] = code
+        row = torch.zeros(len(_Col), dtype=torch.int64, device=device)
+        row[_Col.ERROR] = code
     else:
-        host = [
-            0,
-            meta.width,
-            meta.rows,
-            _shape_key(meta.out_shape),
-            int(meta.soft),
-            meta.features,
-            _DTYPES.index(meta.dtype) if meta.dtype in _DTYPES else -1,
-            meta.weight_numel,
-            *meta.opts_key,
-        ]
-        summary = [s.to(device) for s in _target_summary(target, ignore_index)]
-        summary.append(_token_weight_fingerprint(token_weight).to(device))
-        row = torch.cat(
-            [
-                torch.tensor(host, dtype=torch.int64, device=device),
-                torch.stack(summary[:3]),
-                torch.tensor(meta.extras_key, dtype=torch.int64, device=device),
-                torch.stack(summary[3:]),
-            ]
-        )
+        host = [0] * len(_Col)
+        host[_Col.WIDTH] = meta.width
+        host[_Col.ROWS] = meta.rows
+        host[_Col.OUT_SHAPE] = _shape_key(meta.out_shape)
+        host[_Col.SOFT] = int(meta.soft)
+        host[_Col.FEATURES] = meta.features
+        host[_Col.DTYPE] = _DTYPES.index(meta.dtype) if meta.dtype in _DTYPES else -1
+        host[_Col.WEIGHT_NUMEL] = meta.weight_numel
+        host[_Col.REDUCTION], host[_Col.IGNORE_INDEX], host[_Col.SMOOTHING] = meta.opts_key
+        (
+            host[_Col.LOGIT_SCALE],
+            host[_Col.SOFTCAP],
+            host[_Col.Z_LOSS],
+            host[_Col.RETURN_STATS],
+        ) = meta.extras_key
+        # The fingerprints of tensors stay on the device until the exchange.
+        lo, hi, checksum = _target_summary(target, ignore_index)
+        on_device = {
+            _Col.TARGET_MIN: lo,
+            _Col.TARGET_MAX: hi,
+            _Col.TARGET_SUM: checksum,
+            _Col.TOKEN_WEIGHT: _token_weight_fingerprint(token_weight),
+        }
+        row = torch.tensor(host, dtype=torch.int64, device=device)
+        row[list(on_device)] = torch.stack([v.to(device) for v in on_device.values()])
     rows = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(rows, row, group=group)
     table = torch.stack(rows).tolist()  # the one host sync of the metadata
 
-    failed = [r for r in range(world) if table[r][0] != 0]
+    failed = [r for r in range(world) if table[r][_Col.ERROR] != 0]
     if failed:
         # Every rank knows that some rank failed: all of them take part in this second exchange.
         messages: list[object] = [None] * world
         dist.all_gather_object(messages, str(error) if error is not None else "", group=group)
         first = failed[0]
-        cls = _ERRORS[table[first][0] - 1]
+        cls = _ERRORS[table[first][_Col.ERROR] - 1]
         raise cls(f"{who}: rank {first} of {world} rejected its arguments: {messages[first]}")
-    for col in _AGREE:
+    for col, field in zip(_Col, _FIELDS, strict=True):
+        if not field.agree:
+            continue
         values = [table[r][col] for r in range(world)]
         if len(set(values)) > 1:
-            if col in (11, 12, 13):
-                raise ValueError(
-                    f"{who}: the class-index target differs across ranks; it must hold the "
-                    "same global class indices on every rank"
-                )
-            if col == 18:
-                raise ValueError(
-                    f"{who}: token_weight differs across ranks; it must be the same (replicated) "
-                    "tensor on every rank, or None on every rank"
-                )
-            shown = values if col not in (3, 10, 14, 15, 16) else "they differ"
-            raise ValueError(f"{who}: the ranks disagree on the {_FIELDS[col]}: {shown}")
-    widths = [table[r][1] for r in range(world)]
+            if field.differs is not None:
+                raise ValueError(f"{who}: {field.differs}")
+            shown = values if field.show else "they differ"
+            raise ValueError(f"{who}: the ranks disagree on the {field.what}: {shown}")
+    widths = [table[r][_Col.WIDTH] for r in range(world)]
     vocab = sum(widths)
     if vocab == 0:
         raise ValueError(f"{who}: the slices hold 0 classes in all (widths {widths})")
-    weight_numel = table[0][7]
+    weight_numel = table[0][_Col.WEIGHT_NUMEL]
     if weight_numel not in (-1, vocab):
         raise ValueError(
             f"{who}: weight must be a 1-D tensor of all {vocab} class weights (the full "
             f"vocabulary, slices of widths {widths}), got {weight_numel} elements"
         )
-    lo, hi = table[0][11], table[0][12]
+    lo, hi = table[0][_Col.TARGET_MIN], table[0][_Col.TARGET_MAX]
     if index_check.target_check_enabled() and lo <= hi and (lo < 0 or hi >= vocab):
         _raise_bad_index(who, lo if lo < 0 else hi, vocab, ignore_index)
     return _Shard(group, sum(widths[:rank]), widths[rank], vocab)
