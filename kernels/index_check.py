@@ -57,6 +57,11 @@ def set_target_check(enabled: bool) -> None:
     at once: one host sync. Switch the check off for CUDA-graph capture or the last
     microseconds. With it off (or until the error is raised) an out-of-range index never reads
     out of bounds: its row's loss and gradient are NaN.
+
+    The vocabulary-parallel functions with ``vocab_start`` / ``vocab_size`` given also skip
+    their metadata exchange while the check is off (the sizes, the ranks' agreement and the
+    class indices are then trusted, and nothing is read back to the host); with it on, that
+    one small all_gather checks them. Set it alike on every rank.
     """
     global _enabled
     _enabled = bool(enabled)

@@ -14,9 +14,11 @@ gathering them:
 Both take the one-pass extras of the plain functions (logit scale, softcap, z-loss, token
 weights, ``return_stats``) with the same definitions over the global vocabulary.
 
-Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
-sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
-raise the same exception instead of leaving some rank waiting in a collective); then two
+Per call: one ``all_gather`` of a few int64 per rank (the slice sizes, ``vocab_start`` /
+``vocab_size`` where given, and a fingerprint of the arguments -- shapes, options, the class
+indices, the token and class weights -- so that a bad or mismatched input makes EVERY rank raise
+the same exception instead of leaving some rank waiting in a collective; skipped only when the
+sizes are given and the checks are off, ``set_target_check(False)``); then two
 ``all_reduce`` of O(N) floats in forward (the row maxima, or the slices' log-sum-exp on the row
 contract; one stacked buffer of the sums of
 exponentials, the target terms, the probability mass of the target coefficients and, with
@@ -166,6 +168,13 @@ def _check_explicit_sizes(
     return vocab_start, vocab_size
 
 
+def _exchanges(sizes_given: bool) -> bool:
+    """Whether the call runs the metadata exchange: always with the sizes learnt; with
+    ``vocab_start`` / ``vocab_size`` given only while the checks are on (``set_target_check``),
+    and then it checks them against the gathered widths."""
+    return not sizes_given or index_check.target_check_enabled()
+
+
 def _float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", value))[0]
 
@@ -187,6 +196,7 @@ class _Meta(NamedTuple):
     weight_numel: int  # -1 without class weights
     opts_key: tuple[int, int, int]  # reduction, ignore_index, smoothing bits
     extras_key: tuple[int, int, int, int]  # logit_scale, softcap (-1: None), z_loss bits; stats
+    declared: tuple[int, int] | None = None  # (vocab_start, vocab_size) as given, or None
 
 
 class _Field(NamedTuple):
@@ -202,6 +212,10 @@ class _Field(NamedTuple):
 _TARGET_DIFFERS = (
     "the class-index target differs across ranks; it must hold the same global class indices "
     "on every rank"
+)
+_WEIGHT_DIFFERS = (
+    "weight differs across ranks; the class weights must be the same full (V,) tensor on every "
+    "rank, or None on every rank"
 )
 # The metadata row, in column order (the order of the checks too: the first disagreement found
 # is the one reported).
@@ -230,6 +244,12 @@ _FIELDS = (
         differs="token_weight differs across ranks; it must be the same (replicated) tensor on "
         "every rank, or None on every rank",
     ),
+    _Field("WEIGHT_SUM", "class-weight sum", differs=_WEIGHT_DIFFERS),
+    _Field("WEIGHT_SQUARES", "class-weight sum of squares", differs=_WEIGHT_DIFFERS),
+    _Field("WEIGHT_POSITIONS", "class-weight fingerprint", differs=_WEIGHT_DIFFERS),
+    # Checked against the gathered widths, not for equality.
+    _Field("VOCAB_START", "vocab_start as given (-1: not given)", agree=False),
+    _Field("VOCAB_SIZE", "vocab_size as given (-1: not given)", agree=False),
 )
 # The columns by name: ``row[_Col.ROWS]``.
 _Col = enum.IntEnum("_Col", [f.name for f in _FIELDS], start=0)
@@ -259,6 +279,17 @@ def _token_weight_fingerprint(token_weight: Tensor | None) -> Tensor:
     return (tw * mult).sum().reshape(1).view(torch.int64)[0]
 
 
+def _class_weight_fingerprint(weight: Tensor | None) -> list[Tensor]:
+    """Device int64 scalars: the bits of the float64 sum, sum of squares and position-weighted
+    sum of the class weights (the same on every rank when the weights are; -1 without)."""
+    if weight is None:
+        return [torch.full((), -1, dtype=torch.int64)] * 3
+    w = weight.detach().reshape(-1).double()
+    mult = (torch.arange(w.numel(), device=w.device) % 65521 + 1).double()
+    sums = torch.stack([w.sum(), (w * w).sum(), (w * mult).sum()])
+    return list(sums.view(torch.int64).unbind())
+
+
 def _agree(
     who: str,
     group: object,
@@ -268,10 +299,12 @@ def _agree(
     target: Tensor | None,
     ignore_index: int,
     token_weight: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> _Shard:
     """One all_gather of a few int64 per rank: learns the slice sizes and checks that the ranks
-    agree. Every rank reaches the same verdict from the same table, so every rank raises the
-    same exception (or none): no rank is left waiting in a later collective."""
+    agree (and, where given, that ``vocab_start`` / ``vocab_size`` match the sizes). Every rank
+    reaches the same verdict from the same table, so every rank raises the same exception (or
+    none): no rank is left waiting in a later collective."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if error is not None or meta is None:
         code = next((i + 1 for i, cls in enumerate(_ERRORS) if isinstance(error, cls)), 4)
@@ -293,13 +326,18 @@ def _agree(
             host[_Col.Z_LOSS],
             host[_Col.RETURN_STATS],
         ) = meta.extras_key
+        host[_Col.VOCAB_START], host[_Col.VOCAB_SIZE] = meta.declared or (-1, -1)
         # The fingerprints of tensors stay on the device until the exchange.
         lo, hi, checksum = _target_summary(target, ignore_index)
+        w_sum, w_squares, w_positions = _class_weight_fingerprint(weight)
         on_device = {
             _Col.TARGET_MIN: lo,
             _Col.TARGET_MAX: hi,
             _Col.TARGET_SUM: checksum,
             _Col.TOKEN_WEIGHT: _token_weight_fingerprint(token_weight),
+            _Col.WEIGHT_SUM: w_sum,
+            _Col.WEIGHT_SQUARES: w_squares,
+            _Col.WEIGHT_POSITIONS: w_positions,
         }
         row = torch.tensor(host, dtype=torch.int64, device=device)
         row[list(on_device)] = torch.stack([v.to(device) for v in on_device.values()])
@@ -328,6 +366,7 @@ def _agree(
     vocab = sum(widths)
     if vocab == 0:
         raise ValueError(f"{who}: the slices hold 0 classes in all (widths {widths})")
+    _check_declared_sizes(who, table, widths)
     weight_numel = table[0][_Col.WEIGHT_NUMEL]
     if weight_numel not in (-1, vocab):
         raise ValueError(
@@ -340,6 +379,27 @@ def _agree(
     return _Shard(group, sum(widths[:rank]), widths[rank], vocab)
 
 
+def _check_declared_sizes(who: str, table: list[list[int]], widths: list[int]) -> None:
+    """``vocab_start`` / ``vocab_size`` where some rank gave them: the slices are contiguous in
+    rank order, so rank r starts at the sum of the earlier widths, and V is their sum."""
+    world, vocab = len(widths), sum(widths)
+    for r in range(world):
+        size = table[r][_Col.VOCAB_SIZE]
+        if size >= 0 and size != vocab:
+            raise ValueError(
+                f"{who}: vocab_size={size} on rank {r} of {world}, but the slices hold {vocab} "
+                f"classes in all (widths {widths}, in rank order)"
+            )
+    for r in range(world):
+        start, expected = table[r][_Col.VOCAB_START], sum(widths[:r])
+        if table[r][_Col.VOCAB_SIZE] >= 0 and start != expected:
+            raise ValueError(
+                f"{who}: vocab_start={start} on rank {r} of {world} does not match the slice "
+                f"sizes: the slices (widths {widths}) are contiguous in rank order, so the slice "
+                f"of rank {r} starts at {expected}"
+            )
+
+
 def _raise_bad_index(who: str, value: int, vocab: int, ignore_index: int) -> None:
     raise IndexError(
         f"{who}: target class index {value} is out of bounds for {vocab} classes (valid: "
@@ -348,25 +408,16 @@ def _raise_bad_index(who: str, value: int, vocab: int, ignore_index: int) -> Non
 
 
 def _explicit_shard(
-    who: str,
-    group: object,
-    sizes: tuple[int, int],
-    width: int,
-    weight: Tensor | None,
-    target: Tensor | None,
-    ignore_index: int,
+    who: str, group: object, sizes: tuple[int, int], width: int, weight: Tensor | None
 ) -> _Shard:
-    """The slice as the caller gave it; the checks are this rank's alone (no exchange)."""
+    """The slice as the caller gave it, with the checks off (``set_target_check(False)``): no
+    exchange, so only this rank's own checks."""
     start, vocab = sizes
     if weight is not None and weight.numel() != vocab:
         raise ValueError(
             f"{who}: weight must be a 1-D tensor of all {vocab} class weights, got "
             f"{weight.numel()} elements"
         )
-    if index_check.target_check_enabled() and target is not None and target.dim() == 1:
-        lo, hi, _ = torch.stack(_target_summary(target, ignore_index)).tolist()  # one sync
-        if lo <= hi and (lo < 0 or hi >= vocab):
-            _raise_bad_index(who, lo if lo < 0 else hi, vocab, ignore_index)
     return _Shard(group, start, width, vocab)
 
 
@@ -998,9 +1049,10 @@ def vocab_parallel_cross_entropy(
     (the slices' lse where the row contract computes them; float64 (2, M) with the argmax key
     of probability targets when ``return_stats``) and then (SUM) one stacked (k, M) buffer:
     k = 2 ((3 for probabilities), + 3 with ``return_stats``);
-    backward communicates nothing: each rank gets exactly its slice of the gradient. Without
-    ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first (see
-    Raises). Under ``torch.compile`` the call runs eagerly (a graph break).
+    backward communicates nothing: each rank gets exactly its slice of the gradient. One
+    all_gather of a few int64 per rank comes first (see Raises), unless ``vocab_start`` /
+    ``vocab_size`` are given and the checks are off (``set_target_check(False)``). Under
+    ``torch.compile`` the call runs eagerly (a graph break).
 
     Args:
         local_logits: this rank's logits: (C_r,), (N, C_r) or (N, C_r, d1, ..., dk); float32,
@@ -1010,7 +1062,8 @@ def vocab_parallel_cross_entropy(
         target: GLOBAL class indices (int64, int32 or uint8) of shape (), (N,) or
             (N, d1, ..., dk), the same on every rank; or this rank's slice of the class
             probabilities, of the shape of ``local_logits`` (may require grad).
-        weight: optional FULL (V,) class weights, the same on every rank.
+        weight: optional FULL (V,) class weights, the same on every rank (their values are in
+            the ranks' fingerprint).
         ignore_index: class index that contributes neither loss nor gradient.
         reduction: "none" (loss of the target's shape), "mean" or "sum".
         label_smoothing: amount in [0, 1] of uniform smoothing over all V classes.
@@ -1024,12 +1077,16 @@ def vocab_parallel_cross_entropy(
             of the full vocabulary, identical on every rank (``correct``: the first maximum
             over all V classes, as ``torch.argmax``; for probability targets the target's
             argmax compares the probabilities rounded to float32).
-        process_group: the group the vocabulary is split over; None: the default group when
-            ``torch.distributed`` is initialised, else the plain function. A group of size 1 is
-            the plain ``fusedce.cross_entropy``.
-        vocab_start: first global class of this rank's slice; with ``vocab_size`` it replaces
-            the all_gather of the slice sizes (and the checks that come with it).
-        vocab_size: V, the global number of classes.
+        process_group: the ``torch.distributed.ProcessGroup`` the vocabulary is split over;
+            None: the default group when ``torch.distributed`` is initialised, else the plain
+            function (``torch.distributed.group.WORLD`` is None before
+            ``init_process_group``, so it means the same). A group of size 1 is the plain
+            ``fusedce.cross_entropy``.
+        vocab_start: first global class of this rank's slice (with ``vocab_size``). The
+            exchange checks it: rank r must start at the sum of the earlier ranks' widths. With
+            the checks off (``set_target_check(False)``) it is trusted and replaces the
+            exchange: nothing is read back to the host.
+        vocab_size: V, the global number of classes: the sum of the widths.
 
     Returns:
         The loss, float32 (float64 for float64 logits): a scalar, or the target's shape for
@@ -1038,14 +1095,18 @@ def vocab_parallel_cross_entropy(
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes or options; ranks that disagree on the number
-            of rows, the target, the token weights, the options or the dtype; a weight that is
-            not (V,).
+            of rows, the target, the token weights, the class weights, the options or the
+            dtype; a weight that is not (V,); a ``vocab_start`` / ``vocab_size`` that does not
+            match the slice sizes; a ``process_group`` that is not a ProcessGroup (TypeError) or
+            does not hold this rank.
+        RuntimeError: a ``process_group`` while ``torch.distributed`` is not initialised.
         IndexError: a class index outside [0, V) other than ignore_index.
-        With the sizes learnt (the default) every rank raises the same exception, also when
-        only one rank's arguments are bad, and none is left waiting in a collective. With
-        ``vocab_start`` / ``vocab_size`` given each rank checks only its own arguments: errors
-        in the (replicated) target or weight still raise on every rank, but a rank-specific
-        one raises on that rank alone, and the others wait until the group's timeout.
+        Every rank raises the same exception, also when only one rank's arguments are bad, and
+        none is left waiting in a collective (the ``process_group`` checks come before any
+        collective and raise where the group is bad). With ``vocab_start`` / ``vocab_size``
+        given and the checks off there is no exchange: each rank checks only its own
+        arguments, and a rank-specific error raises on that rank alone while the others wait
+        until the group's timeout.
     """
     extras = {
         "logit_scale": logit_scale,
@@ -1158,7 +1219,7 @@ def _sharded_cross_entropy(
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """The sharded call. Run eagerly under ``torch.compile`` (a graph break): the metadata
     exchange reads values back to the host and the autograd Function holds collectives."""
-    sizes_given = vocab_start is not None or vocab_size is not None
+    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
     error: Exception | None = None
     meta = logits = t = tw = None
     explicit = None
@@ -1182,17 +1243,18 @@ def _sharded_cross_entropy(
             weight_numel=-1 if weight is None else weight.numel(),
             opts_key=_opts_key(opts),
             extras_key=_extras_key(opts, want_stats),
+            declared=explicit,
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
-        if sizes_given:
+        if not exchange:
             raise
         error = exc
-    if explicit is None:
+    if exchange:
         device = local_logits.device if isinstance(local_logits, Tensor) else torch.device("cpu")
         ii = ignore_index if isinstance(ignore_index, int) else -100
-        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw)
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
     else:
-        sh = _explicit_shard(who, group, explicit, meta.width, weight, t, opts.ignore_index)
+        sh = _explicit_shard(who, group, explicit, meta.width, weight)
     _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
     w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
     tw = prepare_token_weight(tw, logits.dtype)
@@ -1354,8 +1416,9 @@ def vocab_parallel_linear_cross_entropy(
     with ``return_stats``); backward all-reduces (SUM) the (N, D) input gradient in float32, so
     ``input.grad`` is the FULL gradient on every rank (``input`` must then require grad on every
     rank or on none). The gradients of ``local_weight`` and ``linear_bias`` are this rank's slices
-    and are not reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per
-    rank comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
+    and are not reduced. One all_gather of a few int64 per rank comes first, unless
+    ``vocab_start`` / ``vocab_size`` are given and the checks are off. Under ``torch.compile``
+    the call runs eagerly (a graph break).
 
     Args:
         input: (D,), (N, D) or (..., D) hidden states, the same on every rank; float32,
@@ -1375,8 +1438,9 @@ def vocab_parallel_linear_cross_entropy(
             :func:`vocab_parallel_cross_entropy` (``token_weight`` of the target's shape).
         process_group: as in :func:`vocab_parallel_cross_entropy`; a group of size 1 is the
             plain ``fusedce.linear_cross_entropy``.
-        vocab_start: first global class of this rank's rows (with ``vocab_size``: no
-            all_gather of the sizes).
+        vocab_start: first global class of this rank's rows (with ``vocab_size``), checked as
+            in :func:`vocab_parallel_cross_entropy` (trusted with the checks off: then no
+            all_gather).
         vocab_size: V, the global number of classes.
 
     Returns:
@@ -1521,7 +1585,7 @@ def _sharded_linear_cross_entropy(
     vocab_size,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """The sharded call of the linear head (run eagerly under ``torch.compile``)."""
-    sizes_given = vocab_start is not None or vocab_size is not None
+    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
     error: Exception | None = None
     meta = t = tw = None
     explicit = None
@@ -1547,18 +1611,19 @@ def _sharded_linear_cross_entropy(
             weight_numel=-1 if weight is None else weight.numel(),
             opts_key=_opts_key(opts),
             extras_key=_extras_key(opts, want_stats),
+            declared=explicit,
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
-        if sizes_given:
+        if not exchange:
             raise
         error = exc
-    if explicit is None:
+    if exchange:
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         ii = -100 if ignore_index is None else ignore_index
         ii = ii if isinstance(ii, int) else -100
-        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw)
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
     else:
-        sh = _explicit_shard(who, group, explicit, meta.width, weight, t, opts.ignore_index)
+        sh = _explicit_shard(who, group, explicit, meta.width, weight)
     w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
     tw = prepare_token_weight(tw, x.dtype)
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, chunk_size, x.device)

@@ -4,7 +4,8 @@ One sweep: each public entry point (the functions, the modules, the vocabulary-p
 functions without a process group, i.e. the plain path) with a bad class index (on the
 small-call shortcut, on the row contract, with and without a gradient), a bad class-weight
 shape and bad dtypes; the message starts with that function's name, never with the name of
-the function it calls internally.
+the function it calls internally. The sharded path and groups of one rank are swept over gloo
+in ``test_vocab_parallel_agreement.py``.
 """
 
 from __future__ import annotations
