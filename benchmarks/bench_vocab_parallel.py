@@ -10,7 +10,8 @@ cell (N, V), forward + backward (``loss.backward()``: the gradient of the local 
 * ``sharded``: ``fusedce.cross_entropy(local, target, process_group=pg)`` (the slice sizes learnt
   by the call's small all_gather, the default);
 * ``sharded_sizes``: ``vocab_parallel_cross_entropy(local, target, process_group=pg,
-  vocab_start=..., vocab_size=V)`` (no all_gather);
+  vocab_start=..., vocab_size=V)`` with ``set_target_check(False)`` (the sizes trusted: no
+  all_gather);
 * ``gather``: ``dist.all_gather`` of every rank's slice (padded to the widest slice, as a
   collective of equal-sized buffers needs), the (N, V) logits rebuilt with this rank's own slice
   in place (so that backward routes the gradient to it), then the plain
@@ -21,7 +22,7 @@ Bytes are counted, not estimated: one call of each path (forward, then backward)
 collective: the all_reduce buffer, its own all_gather input), and under ``torch.profiler``, whose
 record of the process group's own calls (``gloo:*`` / ``nccl:*`` with their input shapes) is
 compared element for element with the shim. The sharded counts are checked against the formula of
-docs/VOCAB_PARALLEL.md: 19 int64 (sizes learnt) + (N,) + (2, N) float32 = 152 + 12 N bytes per
+docs/VOCAB_PARALLEL.md: 24 int64 (sizes learnt) + (N,) + (2, N) float32 = 192 + 12 N bytes per
 rank per call, none in backward. Also reported: the bytes a ring algorithm puts on the wire per
 rank (all_reduce 2 (W - 1) / W B, all_gather (W - 1) B).
 
@@ -91,7 +92,7 @@ COLLECTIVES = (
     "isend",
     "irecv",
 )
-META_INT64 = 19  # the int64 row per rank of the sizes' all_gather (docs/VOCAB_PARALLEL.md)
+META_INT64 = 24  # the int64 row per rank of the sizes' all_gather (docs/VOCAB_PARALLEL.md)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,7 +235,7 @@ def _profiler_log_filtered() -> Iterator[None]:
 
 def sharded_formula_bytes(n: int, world: int, sizes_learnt: bool, dtype: torch.dtype) -> int:
     """Bytes each rank hands to the collectives in one call of the sharded loss, as documented:
-    the sizes' all_gather of 19 int64 (unless given), the (N,) row maxima and the (2, N) sums in
+    the sizes' all_gather of 24 int64 (unless given), the (N,) row maxima and the (2, N) sums in
     the accumulation dtype (float32; float64 for float64 logits); nothing in backward."""
     acc = 8 if dtype == torch.float64 else 4
     return (META_INT64 * 8 if sizes_learnt else 0) + 3 * n * acc
@@ -263,6 +264,7 @@ def _path_functions(
     import torch.distributed as dist
 
     import fusedce
+    from fusedce.index_check import target_check_enabled
     from fusedce.vocab_parallel import vocab_parallel_cross_entropy
 
     widths = split_widths(vocab, world)
@@ -272,9 +274,16 @@ def _path_functions(
         return fusedce.cross_entropy(local, target, process_group=pg)
 
     def sharded_sizes() -> torch.Tensor:
-        return vocab_parallel_cross_entropy(
-            local, target, process_group=pg, vocab_start=start, vocab_size=vocab
-        )
+        # The sizes given and the checks off: trusted, no exchange (with the checks on, the same
+        # all_gather as the sharded path checks them).
+        checking = target_check_enabled()
+        fusedce.set_target_check(False)
+        try:
+            return vocab_parallel_cross_entropy(
+                local, target, process_group=pg, vocab_start=start, vocab_size=vocab
+            )
+        finally:
+            fusedce.set_target_check(checking)
 
     def gather() -> torch.Tensor:
         send = local.detach()
@@ -510,7 +519,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Bytes: what each rank hands to the collectives in one call (forward + backward), "
         "counted by a shim around `torch.distributed` and checked element for element against "
-        "torch.profiler's record of the process group's calls; `formula`: sharded 152 + 12 N "
+        "torch.profiler's record of the process group's calls; `formula`: sharded 192 + 12 N "
         "(docs/VOCAB_PARALLEL.md), gather N x max V_r x element size. `ring` = the bytes a ring "
         "algorithm puts on the wire per rank (all_reduce 2 (W-1)/W B, all_gather (W-1) B). "
         f"Time: {env['timing']}.",

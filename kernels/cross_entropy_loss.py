@@ -46,6 +46,7 @@ def _no_double_backward(who: str) -> None:
 
 
 def _check_and_flatten(
+    who: str,
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
@@ -53,44 +54,44 @@ def _check_and_flatten(
     token_weight: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...], Tensor | None]:
     """Checks the tensors; returns (logits (M, C), target (M,) or (M, C), weight, out shape,
-    token weights (M,) or None)."""
+    token weights (M,) or None); ``who`` names the function the user called."""
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{_WHO}: input and target must be tensors")
+        raise TypeError(f"{who}: input and target must be tensors")
     if not input.is_floating_point():
-        raise TypeError(f"{_WHO}: input must be a floating tensor, got {input.dtype}")
+        raise TypeError(f"{who}: input must be a floating tensor, got {input.dtype}")
     if input.dim() == 0:
-        raise ValueError(f"{_WHO}: input must have shape (C,), (N, C) or (N, C, d1, ...)")
+        raise ValueError(f"{who}: input must have shape (C,), (N, C) or (N, C, d1, ...)")
     if target.device != input.device:
-        raise ValueError(f"{_WHO}: target is on {target.device} but input is on {input.device}")
+        raise ValueError(f"{who}: target is on {target.device} but input is on {input.device}")
     class_dim = 0 if input.dim() == 1 else 1
     C = input.shape[class_dim]
     if C == 0:
-        raise ValueError(f"{_WHO}: input has 0 classes")
-    check_class_weight(_WHO, weight, C, input.device)
+        raise ValueError(f"{who}: input has 0 classes")
+    check_class_weight(who, weight, C, input.device)
     weight = prepare_class_weight(weight, input.dtype)
 
     soft = target.shape == input.shape
     if soft:
         if not target.is_floating_point():
             raise TypeError(
-                f"{_WHO}: a target of the input's shape holds class probabilities and must be "
+                f"{who}: a target of the input's shape holds class probabilities and must be "
                 f"floating point, got {target.dtype}"
             )
         if opts.ignore_index >= 0:
-            raise ValueError(f"{_WHO}: ignore_index is not supported for probability targets")
+            raise ValueError(f"{who}: ignore_index is not supported for probability targets")
     else:
         expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if class_dim else ()
         if tuple(target.shape) != expected:
             raise ValueError(
-                f"{_WHO}: target of shape {tuple(target.shape)} does not fit input of shape "
+                f"{who}: target of shape {tuple(target.shape)} does not fit input of shape "
                 f"{tuple(input.shape)}: expected class indices of shape {expected} or "
                 f"probabilities of shape {tuple(input.shape)}"
             )
-        check_class_index_dtype(_WHO, target)
+        check_class_index_dtype(who, target)
         target = index_target_for_kernels(target, opts.ignore_index)
 
     out_shape = tuple(input.shape[:class_dim]) + tuple(input.shape[class_dim + 1 :])
-    check_token_weight(_WHO, token_weight, out_shape, input.device)
+    check_token_weight(who, token_weight, out_shape, input.device)
     token_weight = prepare_token_weight(token_weight, input.dtype)
     if input.dim() == 1:
         logits, target = input.unsqueeze(0), target.unsqueeze(0)
@@ -116,30 +117,31 @@ class _FusedCrossEntropy(torch.autograd.Function):
     keeps each row's lse, backward writes the gradient once with the per-row factors."""
 
     @staticmethod
-    def forward(ctx, logits, target, weight, opts, inplace, token_weight, extras):  # type: ignore[override]
+    def forward(ctx, logits, target, weight, opts, inplace, token_weight, extras, who):  # type: ignore[override]
         target_grad = ctx.needs_input_grad[1]
         # The fused gradient only when the logits want one (a target alone needs none).
         grad_now = not opts.per_row and ctx.needs_input_grad[0]
         # The logits are needed in backward for the "none" gradient or the target's gradient:
         # the fused gradient may then not overwrite them.
         overwrite = inplace and grad_now and not target_grad
-        fwd = core.forward(
-            logits,
-            target,
-            weight,
-            opts,
-            grad_now,
-            inplace=overwrite,
-            defer_check=True,
-            token_weight=token_weight,
-            extras=extras,
-        )
+        with index_check.reporting_as(who):  # the deferred check keeps the name
+            fwd = core.forward(
+                logits,
+                target,
+                weight,
+                opts,
+                grad_now,
+                inplace=overwrite,
+                defer_check=True,
+                token_weight=token_weight,
+                extras=extras,
+            )
         if overwrite:
             # The logits now hold the gradient: let autograd catch anyone who saved them.
             torch.autograd.graph.increment_version(logits)
         keep_logits = opts.per_row or target_grad
         ctx.save_for_backward(logits if keep_logits else None, target, weight, token_weight)
-        ctx.opts, ctx.inplace = opts, inplace
+        ctx.opts, ctx.inplace, ctx.who = opts, inplace, who
         ctx.stats, ctx.scale, ctx.grad = fwd.stats, fwd.scale, fwd.grad
         ctx.pending_check, ctx.consumed = fwd.pending_check, False
         if not extras:
@@ -151,12 +153,12 @@ class _FusedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_stats=None):  # type: ignore[override]
-        _no_double_backward("cross_entropy")
+        _no_double_backward(ctx.who)
         if ctx.pending_check is not None:
             ctx.pending_check.resolve()
         if ctx.consumed:
             raise RuntimeError(
-                "fusedce.cross_entropy: backward ran twice through the same graph "
+                f"fusedce.{ctx.who}: backward ran twice through the same graph "
                 "(retain_graph=True). The fused gradient is consumed by the first backward; "
                 "compute the loss again for a second backward."
             )
@@ -180,7 +182,7 @@ class _FusedCrossEntropy(torch.autograd.Function):
         # Scalar reductions hand their one gradient buffer over; "none" in place reuses logits.
         ctx.consumed = not opts.per_row or ctx.inplace
         ctx.grad = None
-        return grad_logits, grad_target, None, None, None, None, None
+        return grad_logits, grad_target, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,17 +237,20 @@ def _cross_entropy_op(
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
     extras: bool = False,
+    who: str = _WHO,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, gradient of the reduced loss or an empty tensor, (STAT_ROWS or EXTRA_STAT_ROWS, M)
-    per-row stats); every output contiguous, whatever the inputs' strides."""
-    check_token_weight_values(_WHO, token_weight)
+    per-row stats); every output contiguous, whatever the inputs' strides. ``who``: the public
+    function the error messages name."""
+    check_token_weight_values(who, token_weight)
     opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     logits, target, weight, token_weight = _kernel_layout(
         logits, target, weight, token_weight, ignore_index
     )
-    fwd = core.forward(
-        logits, target, weight, opts, grad_now, token_weight=token_weight, extras=extras
-    )
+    with index_check.reporting_as(who):
+        fwd = core.forward(
+            logits, target, weight, opts, grad_now, token_weight=token_weight, extras=extras
+        )
     grad = fwd.grad if fwd.grad is not None else logits.new_empty((0,))
     # "none" returns stats[LOSS] itself: an op's outputs may not alias each other.
     loss = fwd.loss.clone() if opts.per_row else fwd.loss
@@ -266,6 +271,7 @@ def _(
     z_loss=0.0,
     token_weight=None,
     extras=False,
+    who=_WHO,
 ):
     # new_empty: contiguous, as every output of the real op (empty_like would keep the strides
     # of a transposed input).
@@ -322,8 +328,9 @@ def _(
 
 def _op_setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs[:7]
-    logit_scale, softcap, z_loss, token_weight, _ = inputs[7:]
+    logit_scale, softcap, z_loss, token_weight, _, who = inputs[7:]
     ctx.opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    ctx.who = who
     keep_logits = reduction == "none" or target.requires_grad
     ctx.save_for_backward(
         logits if keep_logits else None, target, weight, output[1], output[2], token_weight
@@ -331,7 +338,7 @@ def _op_setup_context(ctx, inputs, output):
 
 
 def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
-    _no_double_backward("cross_entropy")
+    _no_double_backward(ctx.who)
     logits, target, weight, grad, stats, token_weight = ctx.saved_tensors
     opts = ctx.opts
     grad_logits = grad_target = None
@@ -363,7 +370,7 @@ def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
             )
         else:
             grad_logits = grad * grad_loss.to(grad.dtype)
-    return (grad_logits, grad_target) + (None,) * 10
+    return (grad_logits, grad_target) + (None,) * 11
 
 
 _cross_entropy_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -418,10 +425,12 @@ def cross_entropy(
             non-ignored elements (sum_i t_i for probabilities).
         return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
             correct), computed in the same pass.
-        process_group: a ``torch.distributed`` group over which the class dimension is split:
-            ``input`` is then this rank's slice of the logits and ``target`` holds global class
-            indices; see ``fusedce.vocab_parallel.vocab_parallel_cross_entropy`` (also taken
-            for a ``DTensor`` input sharded on the class dimension, without a group).
+        process_group: a ``torch.distributed.ProcessGroup`` over which the class dimension is
+            split: ``input`` is then this rank's slice of the logits and ``target`` holds global
+            class indices; see ``fusedce.vocab_parallel.vocab_parallel_cross_entropy`` (also
+            taken for a ``DTensor`` input sharded on the class dimension, without a group).
+            None (the default) is the unsharded loss; so is ``torch.distributed.group.WORLD``
+            before ``init_process_group``, which is None then.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or the shape above for "none";
@@ -430,12 +439,15 @@ def cross_entropy(
     Raises:
         ValueError, TypeError: bad shapes, dtypes, devices or options (``logit_scale <= 0``,
             ``softcap <= 0``, ``z_loss < 0``, token weights of the wrong shape, dtype or device,
-            negative or non-finite).
+            negative or non-finite; a ``process_group`` that is not a ProcessGroup). Every
+            message starts with the name of the function called (``cross_entropy``, or
+            ``CrossEntropyLoss`` for the module).
         IndexError: a class index outside [0, C) other than ignore_index (see
             ``set_target_check``; on CUDA raised from backward when a gradient is wanted).
         RuntimeError: ``weight.requires_grad`` or ``token_weight.requires_grad``;
             ``inplace_backward`` on a leaf that requires
-            grad; double backward (``create_graph=True``).
+            grad; double backward (``create_graph=True``); a ``process_group`` while
+            ``torch.distributed`` is not initialised.
 
     Deviations from torch: reduction="mean" with nothing to average (every target ignored, or an
     empty batch) gives 0.0 and a zero gradient instead of NaN; a probability of 0 times a logit
@@ -443,34 +455,77 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
+    return _cross_entropy(
+        _WHO,
+        input,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        inplace_backward,
+        logit_scale,
+        softcap,
+        z_loss,
+        token_weight,
+        return_stats,
+        process_group,
+    )
+
+
+def _cross_entropy(
+    who: str,
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    inplace_backward: bool,
+    logit_scale: float,
+    softcap: float | None,
+    z_loss: float,
+    token_weight: Tensor | None,
+    return_stats: bool,
+    process_group: object,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """``cross_entropy`` for the public function ``who`` (``cross_entropy``,
+    ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
+    it."""
     compiling = torch.compiler.is_compiling()
     if vocab_parallel.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
-            raise func_transforms.refuse_sharded(_WHO)
-        vocab_parallel.refuse_unsharded_options(_WHO, inplace_backward=inplace_backward)
-        return vocab_parallel.vocab_parallel_cross_entropy(
+            raise func_transforms.refuse_sharded(who)
+        vocab_parallel.refuse_unsharded_options(who, inplace_backward=inplace_backward)
+        extras = {
+            "logit_scale": logit_scale,
+            "softcap": softcap,
+            "z_loss": z_loss,
+            "token_weight": token_weight,
+            "return_stats": return_stats,
+        }
+        return vocab_parallel.call_cross_entropy(
+            who,
             input,
             target,
             weight,
             ignore_index,
             reduction,
             label_smoothing,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            z_loss=z_loss,
-            token_weight=token_weight,
-            return_stats=return_stats,
-            process_group=process_group,
+            extras,
+            process_group,
         )
-    opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
-    opts = check_extras(_WHO, opts, logit_scale, softcap, z_loss)
+    opts = check_options(who, ignore_index, label_smoothing, reduction)
+    opts = check_extras(who, opts, logit_scale, softcap, z_loss)
     logits, target, weight, out_shape, tw = _check_and_flatten(
-        input, target, weight, opts, token_weight
+        who, input, target, weight, opts, token_weight
     )
     extras = bool(return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
-        return func_transforms.cross_entropy(logits, target, weight, opts, tw, out_shape, extras)
+        return func_transforms.cross_entropy(
+            logits, target, weight, opts, tw, out_shape, extras, who
+        )
     grad_enabled = torch.is_grad_enabled()
     need_grad = grad_enabled and input.requires_grad
     target_grad = grad_enabled and target.requires_grad
@@ -479,7 +534,7 @@ def cross_entropy(
     if not compiling and _small_plain_cpu_call(
         logits, target, opts, tw, inplace_backward, target_grad
     ):
-        loss, all_valid = _small_plain_cpu_loss(logits, target, weight, opts)
+        loss, all_valid = _small_plain_cpu_loss(logits, target, weight, opts, who)
         if loss is not None and extras:
             loss = loss.reshape(out_shape) if opts.per_row else loss
             stats = _small_plain_cpu_stats(logits, target, opts, out_shape, loss, all_valid)
@@ -501,18 +556,22 @@ def cross_entropy(
             opts.z_loss,
             tw,
             extras,
+            who,
         )
     elif need_grad or target_grad:
         if inplace_backward and input.is_leaf and input.requires_grad:
             raise RuntimeError(
-                f"{_WHO}: inplace_backward=True would overwrite a leaf tensor that requires "
+                f"{who}: inplace_backward=True would overwrite a leaf tensor that requires "
                 "grad; pass a non-leaf tensor (e.g. the output of the last layer) or "
                 "inplace_backward=False"
             )
         inplace = inplace_backward and need_grad and logits.is_contiguous()
-        loss, stats = _FusedCrossEntropy.apply(logits, target, weight, opts, inplace, tw, extras)
+        loss, stats = _FusedCrossEntropy.apply(
+            logits, target, weight, opts, inplace, tw, extras, who
+        )
     else:
-        fwd = core.forward(logits, target, weight, opts, False, token_weight=tw, extras=extras)
+        with index_check.reporting_as(who):
+            fwd = core.forward(logits, target, weight, opts, False, token_weight=tw, extras=extras)
         loss, stats, scale = fwd.loss, fwd.stats, fwd.scale
     loss = loss.reshape(out_shape) if opts.per_row else loss
     if not extras:
@@ -562,7 +621,7 @@ def _small_plain_cpu_call(
 
 
 def _small_plain_cpu_loss(
-    logits: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions
+    logits: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, who: str
 ) -> tuple[Tensor | None, bool]:
     """The loss of a ``_small_plain_cpu_call`` through ``F.cross_entropy`` (differentiable), or
     None where the row contract must take it (a mean over nothing: 0 here, NaN in torch; an
@@ -576,7 +635,7 @@ def _small_plain_cpu_loss(
     lo, hi = (int(v) for v in torch.aminmax(target))
     plain = lo >= 0 and hi < C and not lo <= opts.ignore_index <= hi
     if not plain:
-        index_check.check_class_indices(target, C, opts.ignore_index)
+        index_check.check_class_indices(target, C, opts.ignore_index, who)
         # An ignored row whose logits are NaN or inf (a masked vocabulary) gets a zero gradient
         # on the row contract; torch's log_softmax backward would give it NaN. One input, one
         # answer: such calls take the row contract.
@@ -679,20 +738,23 @@ class CrossEntropyLoss(nn.Module):
     def forward(
         self, input: Tensor, target: Tensor, token_weight: Tensor | None = None
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-        """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None."""
-        return cross_entropy(
+        """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None.
+        Errors name ``CrossEntropyLoss``."""
+        return _cross_entropy(
+            "CrossEntropyLoss",
             input,
             target,
-            weight=self.weight,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            label_smoothing=self.label_smoothing,
-            inplace_backward=self.inplace_backward,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-            z_loss=self.z_loss,
-            token_weight=token_weight,
-            return_stats=self.return_stats,
+            self.weight,
+            self.ignore_index,
+            self.reduction,
+            self.label_smoothing,
+            self.inplace_backward,
+            self.logit_scale,
+            self.softcap,
+            self.z_loss,
+            token_weight,
+            self.return_stats,
+            None,
         )
 
     def extra_repr(self) -> str:

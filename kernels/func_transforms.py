@@ -163,6 +163,7 @@ def cross_entropy(
     token_weight: Tensor | None,
     out_shape: tuple[int, ...],
     extras: bool,
+    who: str = "cross_entropy",
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``fusedce.cross_entropy`` of checked, flattened arguments from torch ops.
 
@@ -171,12 +172,16 @@ def cross_entropy(
         weight: (C,) class weights in the accumulation dtype, or None.
         opts: the loss options. token_weight: (M,) prepared token weights, or None.
         out_shape: the per-element shape of the loss. extras: also return the stats.
+        who: the public function errors name.
     """
     # Traced by torch.compile, the values cannot be read: unchecked, as with the check off.
     checked = index_check.target_check_enabled() and not torch.compiler.is_compiling()
     if checked and target.dim() == 1:
         index_check.check_class_indices(
-            index_check.unwrap_functorch(target).reshape(-1), logits.shape[1], opts.ignore_index
+            index_check.unwrap_functorch(target).reshape(-1),
+            logits.shape[1],
+            opts.ignore_index,
+            who,
         )
     rows, z_part = _rows(logits, target, weight, opts, token_weight, checked)
     scale = None
@@ -216,7 +221,9 @@ def linear_cross_entropy(
     token_weight: Tensor | None,
     out_shape: tuple[int, ...],
     extras: bool,
+    who: str = "linear_cross_entropy",
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``fusedce.linear_cross_entropy`` of checked, flattened arguments: the (N, V) logits in
     the input's dtype (as each chunk of the fused path), then :func:`cross_entropy`."""
-    return cross_entropy(F.linear(x, W, b), target, weight, opts, token_weight, out_shape, extras)
+    logits = F.linear(x, W, b)
+    return cross_entropy(logits, target, weight, opts, token_weight, out_shape, extras, who)

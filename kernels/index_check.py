@@ -4,16 +4,45 @@ On CUDA the bad indices are counted on the device (fused with the mean normalise
 backend can) and read back without stalling the host where a gradient is wanted: the count
 travels to pinned memory asynchronously and is read when backward starts if it has arrived,
 else at the first later call that finds it arrived (or at ``wait_target_check()``).
+
+The message names the function the user called (``who``): passed explicitly where the caller
+knows it, else the name of the entry point this context is running (``reporting_as``), which a
+deferred check keeps from the call that counted it.
 """
 
 from __future__ import annotations
 
 import os
+from contextvars import ContextVar
 
 import torch
 from torch import Tensor
 
 _enabled = os.environ.get("FUSEDCE_CHECK_TARGETS", "1") != "0"
+# The public function whose arguments are being checked, for the messages of checks that run
+# below it (the row contract's fused count does not know its caller).
+_CALLER: ContextVar[str] = ContextVar("fusedce_caller", default="cross_entropy")
+
+
+class reporting_as:
+    """``with reporting_as(who):`` the index errors raised inside name ``who`` (the public
+    function the user called) unless told otherwise. Per thread and per asyncio task."""
+
+    __slots__ = ("_token", "_who")
+
+    def __init__(self, who: str) -> None:
+        self._who = who
+
+    def __enter__(self) -> None:
+        self._token = _CALLER.set(self._who)
+
+    def __exit__(self, *_exc: object) -> None:
+        _CALLER.reset(self._token)
+
+
+def current_caller() -> str:
+    """The name index errors report now (see ``reporting_as``)."""
+    return _CALLER.get()
 
 
 def set_target_check(enabled: bool) -> None:
@@ -28,6 +57,11 @@ def set_target_check(enabled: bool) -> None:
     at once: one host sync. Switch the check off for CUDA-graph capture or the last
     microseconds. With it off (or until the error is raised) an out-of-range index never reads
     out of bounds: its row's loss and gradient are NaN.
+
+    The vocabulary-parallel functions with ``vocab_start`` / ``vocab_size`` given also skip
+    their metadata exchange while the check is off (the sizes, the ranks' agreement and the
+    class indices are then trusted, and nothing is read back to the host); with it on, that
+    one small all_gather checks them. Set it alike on every rank.
     """
     global _enabled
     _enabled = bool(enabled)
@@ -57,8 +91,15 @@ def count_bad_indices(target: Tensor, num_classes: int, ignore_index: int) -> Te
 
 
 def raise_bad_index(
-    target: Tensor, num_classes: int, ignore_index: int, earlier: bool = False
+    target: Tensor,
+    num_classes: int,
+    ignore_index: int,
+    earlier: bool = False,
+    who: str | None = None,
 ) -> None:
+    """Raises the IndexError of the first bad class index; ``who`` (default: the current
+    caller, see ``reporting_as``) names the function the user called."""
+    who = current_caller() if who is None else who
     value = int(target[bad_index_mask(target, num_classes, ignore_index)][0])
     where = (
         " in an earlier call (found when its count reached the host; that call's loss and "
@@ -67,17 +108,19 @@ def raise_bad_index(
         else ""
     )
     raise IndexError(
-        f"cross_entropy: target class index {value} is out of bounds for {num_classes} "
+        f"{who}: target class index {value} is out of bounds for {num_classes} "
         f"classes (valid: 0..{num_classes - 1}, or ignore_index={ignore_index}){where}"
     )
 
 
-def check_class_indices(target: Tensor, num_classes: int, ignore_index: int) -> None:
+def check_class_indices(
+    target: Tensor, num_classes: int, ignore_index: int, who: str | None = None
+) -> None:
     """Raises IndexError at once if a class index is bad (a host sync on CUDA)."""
     if not _enabled or target.dim() != 1 or target.numel() == 0:
         return
     if bool(count_bad_indices(target, num_classes, ignore_index)):
-        raise_bad_index(target, num_classes, ignore_index)
+        raise_bad_index(target, num_classes, ignore_index, who=who)
 
 
 class DeferredIndexCheck:
@@ -87,10 +130,19 @@ class DeferredIndexCheck:
     GPU idle behind it; waiting for it in backward would do the same one step later. So it is
     read in backward if it has arrived, else it stays pending and the next fusedce call (or
     ``wait_target_check()``) reads it. Until then the loss and gradient rows of bad indices are
-    NaN, so nothing is silently wrong in between.
+    NaN, so nothing is silently wrong in between. The message names the function of the call
+    that counted (``who``, default the current caller), whenever it is raised.
     """
 
-    def __init__(self, n_bad: Tensor, target: Tensor, num_classes: int, ignore_index: int) -> None:
+    def __init__(
+        self,
+        n_bad: Tensor,
+        target: Tensor,
+        num_classes: int,
+        ignore_index: int,
+        who: str | None = None,
+    ) -> None:
+        self.who = current_caller() if who is None else who
         self._host = torch.empty((), dtype=n_bad.dtype, pin_memory=True)
         self._host.copy_(n_bad, non_blocking=True)
         self._arrived = torch.cuda.Event()
@@ -109,7 +161,7 @@ class DeferredIndexCheck:
             self._arrived.synchronize()
         _pending.remove(self)
         if int(self._host):
-            raise_bad_index(*self._args, earlier=earlier)
+            raise_bad_index(*self._args, earlier=earlier, who=self.who)
 
 
 # Counts not read yet, oldest first: few (each call reads those that have arrived).
@@ -133,14 +185,20 @@ def wait_target_check() -> None:
 
 
 def settle(
-    n_bad: Tensor | None, target: Tensor, num_classes: int, ignore_index: int, defer: bool
+    n_bad: Tensor | None,
+    target: Tensor,
+    num_classes: int,
+    ignore_index: int,
+    defer: bool,
+    who: str | None = None,
 ) -> DeferredIndexCheck | None:
     """Acts on a device count of bad indices: raise now, or (``defer`` on CUDA) return the
-    check to resolve in backward. ``n_bad`` None: nothing was counted."""
+    check to resolve in backward. ``n_bad`` None: nothing was counted. ``who``: the function
+    the messages name (default the current caller, see ``reporting_as``)."""
     if n_bad is None:
         return None
     if defer and n_bad.is_cuda:
-        return DeferredIndexCheck(n_bad, target, num_classes, ignore_index)
+        return DeferredIndexCheck(n_bad, target, num_classes, ignore_index, who)
     if bool(n_bad):  # a host sync on CUDA (calls without a gradient); see set_target_check
-        raise_bad_index(target, num_classes, ignore_index)
+        raise_bad_index(target, num_classes, ignore_index, who=who)
     return None

@@ -66,13 +66,19 @@ def _mean_gradient_scale(
 class _Plan:
     """How one call runs: the loss options plus the chunking (plain values, no tensors)."""
 
-    __slots__ = ("accumulation", "chunk_rows", "extras", "opts")
+    __slots__ = ("accumulation", "chunk_rows", "extras", "opts", "who")
 
     def __init__(
-        self, opts: LossOptions, chunk_rows: int, accumulation: str, extras: bool = False
+        self,
+        opts: LossOptions,
+        chunk_rows: int,
+        accumulation: str,
+        extras: bool = False,
+        who: str = _WHO,
     ) -> None:
         self.opts, self.chunk_rows, self.accumulation = opts, chunk_rows, accumulation
         self.extras = extras
+        self.who = who  # the public function the messages name
 
 
 def _pass(x, W, b, target, weight, plan: _Plan, scale, needs, token_weight=None):
@@ -114,20 +120,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_stats=None, _grad_scale=None):  # type: ignore[override]
-        _no_double_backward("linear_cross_entropy")
         plan = ctx.plan
+        _no_double_backward(plan.who)
         if plan.opts.per_row:
             x, W, b, target, weight, token_weight = ctx.saved_tensors
             needs = tuple(ctx.needs_input_grad[:3])
             factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
             # The stats are not needed again: recompute without the extras.
-            replan = _Plan(plan.opts, plan.chunk_rows, plan.accumulation)
+            replan = _Plan(plan.opts, plan.chunk_rows, plan.accumulation, who=plan.who)
             _, gx, gw, gb = _pass(x, W, b, target, weight, replan, factor, needs, token_weight)
             return gx, gw, gb, None, None, None, None
         grads = ctx.grads
         if grads is None:
             raise RuntimeError(
-                "fusedce.linear_cross_entropy: backward ran twice through the same graph "
+                f"fusedce.{plan.who}: backward ran twice through the same graph "
                 "(retain_graph=True). The fused gradients are consumed by the first backward; "
                 "compute the loss again for a second backward."
             )
@@ -198,12 +204,14 @@ def _lce_op(
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
     extras: bool = False,
+    who: str = _WHO,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_x, grad_W, grad_b, per-row stats (STAT_ROWS or EXTRA_STAT_ROWS, N)); the
     gradients are empty where not needed, and always for reduction="none" (computed in the
-    backward op instead). Every output contiguous, whatever the inputs' strides."""
-    check_class_indices(target, W.shape[0], ignore_index)
-    check_token_weight_values(_WHO, token_weight)
+    backward op instead). Every output contiguous, whatever the inputs' strides. ``who``: the
+    public function the error messages name."""
+    check_class_indices(target, W.shape[0], ignore_index, who)
+    check_token_weight_values(who, token_weight)
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
     opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     plan = _Plan(opts, chunk_rows, accumulation, extras)
@@ -236,6 +244,7 @@ def _(
     z_loss=0.0,
     token_weight=None,
     extras=False,
+    who=_WHO,
 ):
     acc = accumulation_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
@@ -297,8 +306,8 @@ def _lce_setup_context(ctx, inputs, output):
     x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs[
         :11
     ]
-    logit_scale, softcap, z_loss, token_weight, _ = inputs[11:]
-    ctx.reduction = reduction
+    logit_scale, softcap, z_loss, token_weight, _, who = inputs[11:]
+    ctx.reduction, ctx.who = reduction, who
     ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs, logit_scale, softcap, z_loss)
     ctx.has_bias = b is not None
     if reduction == "none":
@@ -308,7 +317,7 @@ def _lce_setup_context(ctx, inputs, output):
 
 
 def _lce_backward(ctx, grad_loss, *_unused):
-    _no_double_backward("linear_cross_entropy")
+    _no_double_backward(ctx.who)
     if ctx.reduction == "none":
         x, W, b, target, weight, token_weight = ctx.saved_tensors
         gx, gw, gb = _lce_backward_op(grad_loss, x, W, b, target, weight, *ctx.args, token_weight)
@@ -317,7 +326,7 @@ def _lce_backward(ctx, grad_loss, *_unused):
     needs = ctx.args[4]
     gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
     gb = gb if needs[2] and ctx.has_bias else None
-    return (gx, gw, gb) + (None,) * 13
+    return (gx, gw, gb) + (None,) * 14
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -329,14 +338,16 @@ _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
 
 
 def _check_tensors(
+    who: str,
     input: Tensor,
     linear_weight: Tensor,
     target: Tensor,
     linear_bias: Tensor | None,
     weight: Tensor | None,
 ) -> None:
-    """Raises a clear exception for any tensor linear_cross_entropy cannot take."""
-    name = _WHO
+    """Raises a clear exception for any tensor linear_cross_entropy cannot take; ``who`` names
+    the function the user called."""
+    name = who
     for arg, what in ((input, "input"), (linear_weight, "linear_weight"), (target, "target")):
         if not isinstance(arg, Tensor):
             raise TypeError(f"{name}: {what} must be a tensor, got {type(arg).__name__}")
@@ -457,19 +468,24 @@ def linear_cross_entropy(
             by sum_i t_i * w_{y_i} over the non-ignored tokens.
         return_stats: also return a ``CrossEntropyStats`` (z_loss part, lse, entropy,
             correct) from the chunks the loop computes anyway.
-        process_group: a ``torch.distributed`` group over which the vocabulary is split:
+        process_group: a ``torch.distributed.ProcessGroup`` over which the vocabulary is split:
             ``linear_weight`` (and ``linear_bias``) are then this rank's rows, ``input`` is
             replicated and ``target`` holds global class indices; the input's gradient comes
             back all-reduced. See ``fusedce.vocab_parallel.vocab_parallel_linear_cross_entropy``
             (also taken for a ``DTensor`` linear_weight sharded by rows, without a group).
+            None (the default) is the unsharded loss; so is ``torch.distributed.group.WORLD``
+            before ``init_process_group``, which is None then.
 
     Returns:
         The loss, float32 (float64 for float64 input): a scalar, or ``input.shape[:-1]`` for
         reduction="none"; with ``return_stats`` the tuple ``(loss, stats)``.
 
     Raises:
-        ValueError, TypeError: bad shapes, dtypes, devices or options.
+        ValueError, TypeError: bad shapes, dtypes, devices or options; a ``process_group``
+            that is not a ProcessGroup. Every message starts with the name of the function
+            called (``linear_cross_entropy``, or ``LinearCrossEntropyLoss`` for the module).
         IndexError: a class index outside [0, V) other than ignore_index.
+        RuntimeError: a ``process_group`` while ``torch.distributed`` is not initialised.
         NotImplementedError: probability targets, K-dimensional linear_weight.
 
     Deviations from torch: the loss is float32 for half-precision input (as
@@ -478,34 +494,81 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
+    return _linear_cross_entropy(
+        _WHO,
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
+        accumulation,
+        logit_scale,
+        softcap,
+        z_loss,
+        token_weight,
+        return_stats,
+        process_group,
+    )
+
+
+def _linear_cross_entropy(
+    who: str,
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int | None,
+    label_smoothing: float,
+    chunk_size: int | None,
+    accumulation: Accumulation,
+    logit_scale: float,
+    softcap: float | None,
+    z_loss: float,
+    token_weight: Tensor | None,
+    return_stats: bool,
+    process_group: object,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """``linear_cross_entropy`` for the public function ``who`` (``linear_cross_entropy``,
+    ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
+    names it."""
     compiling = torch.compiler.is_compiling()
     if vocab_parallel.wants_vocab_parallel(linear_weight, process_group):
         if func_transforms.active():
-            raise func_transforms.refuse_sharded(_WHO)
-        vocab_parallel.refuse_unsharded_options(_WHO, accumulation=accumulation)
-        return vocab_parallel.vocab_parallel_linear_cross_entropy(
+            raise func_transforms.refuse_sharded(who)
+        vocab_parallel.refuse_unsharded_options(who, accumulation=accumulation)
+        extras = {
+            "logit_scale": logit_scale,
+            "softcap": softcap,
+            "z_loss": z_loss,
+            "token_weight": token_weight,
+            "return_stats": return_stats,
+        }
+        return vocab_parallel.call_linear_cross_entropy(
+            who,
             input,
             linear_weight,
             target,
-            linear_bias=linear_bias,
-            weight=weight,
-            reduction=reduction,
-            ignore_index=-100 if ignore_index is None else ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            logit_scale=logit_scale,
-            softcap=softcap,
-            z_loss=z_loss,
-            token_weight=token_weight,
-            return_stats=return_stats,
-            process_group=process_group,
+            linear_bias,
+            weight,
+            reduction,
+            -100 if ignore_index is None else ignore_index,
+            label_smoothing,
+            chunk_size,
+            extras,
+            process_group,
         )
-    opts = check_options(_WHO, ignore_index, label_smoothing, reduction)
-    opts = check_extras(_WHO, opts, logit_scale, softcap, z_loss)
-    check_chunk_size(_WHO, chunk_size)
-    check_accumulation(_WHO, accumulation)
-    _check_tensors(input, linear_weight, target, linear_bias, weight)
-    check_token_weight(_WHO, token_weight, tuple(target.shape), input.device)
+    opts = check_options(who, ignore_index, label_smoothing, reduction)
+    opts = check_extras(who, opts, logit_scale, softcap, z_loss)
+    check_chunk_size(who, chunk_size)
+    check_accumulation(who, accumulation)
+    _check_tensors(who, input, linear_weight, target, linear_bias, weight)
+    check_token_weight(who, token_weight, tuple(target.shape), input.device)
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     V, D = linear_weight.shape
     out_shape = tuple(target.shape)
@@ -517,12 +580,12 @@ def linear_cross_entropy(
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
         return func_transforms.linear_cross_entropy(
-            x, linear_weight, linear_bias, t, weight, opts, tw, out_shape, extras
+            x, linear_weight, linear_bias, t, weight, opts, tw, out_shape, extras, who
         )
     if not compiling:  # the custom op checks inside, opaque to dynamo
-        check_class_indices(t, V, opts.ignore_index)
+        check_class_indices(t, V, opts.ignore_index, who)
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
-    plan = _Plan(opts, rows, accumulation, extras)
+    plan = _Plan(opts, rows, accumulation, extras, who)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     if compiling:
@@ -544,6 +607,7 @@ def linear_cross_entropy(
             opts.z_loss,
             tw,
             extras,
+            who,
         )
         scale = None
     elif need_grad:
@@ -633,23 +697,26 @@ class LinearCrossEntropyLoss(nn.Module):
     def forward(
         self, input: Tensor, target: Tensor, token_weight: Tensor | None = None
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-        """The loss of ``self.linear(input)`` (and stats with ``return_stats``)."""
-        return linear_cross_entropy(
+        """The loss of ``self.linear(input)`` (and stats with ``return_stats``); errors name
+        ``LinearCrossEntropyLoss``."""
+        return _linear_cross_entropy(
+            "LinearCrossEntropyLoss",
             input,
             self.linear.weight,
             target,
-            linear_bias=self.linear.bias,
-            weight=self.weight,
-            reduction=self.reduction,
-            ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing,
-            chunk_size=self.chunk_size,
-            accumulation=self.accumulation,
-            logit_scale=self.logit_scale,
-            softcap=self.softcap,
-            z_loss=self.z_loss,
-            token_weight=token_weight,
-            return_stats=self.return_stats,
+            self.linear.bias,
+            self.weight,
+            self.reduction,
+            self.ignore_index,
+            self.label_smoothing,
+            self.chunk_size,
+            self.accumulation,
+            self.logit_scale,
+            self.softcap,
+            self.z_loss,
+            token_weight,
+            self.return_stats,
+            None,
         )
 
     def extra_repr(self) -> str:

@@ -14,9 +14,11 @@ gathering them:
 Both take the one-pass extras of the plain functions (logit scale, softcap, z-loss, token
 weights, ``return_stats``) with the same definitions over the global vocabulary.
 
-Per call (sizes learnt, the default): one ``all_gather`` of a few int64 per rank (the slice
-sizes and a fingerprint of the arguments, so that a bad or mismatched input makes EVERY rank
-raise the same exception instead of leaving some rank waiting in a collective); then two
+Per call: one ``all_gather`` of a few int64 per rank (the slice sizes, ``vocab_start`` /
+``vocab_size`` where given, and a fingerprint of the arguments -- shapes, options, the class
+indices, the token and class weights -- so that a bad or mismatched input makes EVERY rank raise
+the same exception instead of leaving some rank waiting in a collective; skipped only when the
+sizes are given and the checks are off, ``set_target_check(False)``); then two
 ``all_reduce`` of O(N) floats in forward (the row maxima; one stacked buffer of the sums of
 exponentials, the target terms, the probability mass of the target coefficients and, with
 ``return_stats``, the entropy and argmax terms), none in
@@ -40,6 +42,7 @@ the global V, probability targets, the statistics' global argmax) uses torch ops
 from __future__ import annotations
 
 import dataclasses
+import enum
 import struct
 from typing import NamedTuple
 
@@ -100,13 +103,50 @@ class _Shard(NamedTuple):
     vocab: int  # V, the global number of classes
 
 
-def _resolve_group(process_group: object) -> object | None:
+def _resolve_group(who: str, process_group: object) -> object | None:
     """The group to reduce over, or None for the plain (unsharded) function."""
-    if process_group is not None:
-        return process_group
-    if dist.is_available() and dist.is_initialized():
-        return dist.group.WORLD
-    return None
+    if process_group is None:
+        if dist.is_available() and dist.is_initialized():
+            return dist.group.WORLD
+        return None
+    check_process_group(who, process_group)
+    return process_group
+
+
+def check_process_group(who: str, process_group: object) -> None:
+    """``process_group`` (not None) is a ``torch.distributed.ProcessGroup`` of an initialised
+    ``torch.distributed`` that this rank belongs to.
+
+    ``torch.distributed.group.WORLD`` is None before ``init_process_group``: passed then, it
+    means no group (the plain function), as None does.
+
+    Raises:
+        TypeError: not a ProcessGroup (a string, a DeviceMesh, ...). ValueError: this rank is
+            outside the group (``new_group`` gave it ``GroupMember.NON_GROUP_MEMBER``).
+            RuntimeError: torch.distributed is not initialised (or not built).
+    """
+    if not dist.is_available():
+        raise RuntimeError(
+            f"{who}: process_group needs torch.distributed, which this build of torch lacks"
+        )
+    if type(process_group) is int and process_group == dist.GroupMember.NON_GROUP_MEMBER:
+        raise ValueError(
+            f"{who}: this rank is not a member of process_group (torch.distributed.new_group "
+            "gives GroupMember.NON_GROUP_MEMBER to the ranks outside the group); call the loss "
+            "only on the ranks of the group"
+        )
+    if not isinstance(process_group, dist.ProcessGroup):
+        kind = type(process_group).__name__
+        hint = "; for a DeviceMesh pass mesh.get_group()" if kind == "DeviceMesh" else ""
+        raise TypeError(
+            f"{who}: process_group must be a torch.distributed.ProcessGroup or None, got "
+            f"{kind}{hint}"
+        )
+    if not dist.is_initialized():
+        raise RuntimeError(
+            f"{who}: process_group was given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first"
+        )
 
 
 def _check_explicit_sizes(
@@ -126,6 +166,13 @@ def _check_explicit_sizes(
             f"fit in vocab_size={vocab_size}"
         )
     return vocab_start, vocab_size
+
+
+def _exchanges(sizes_given: bool) -> bool:
+    """Whether the call runs the metadata exchange: always with the sizes learnt; with
+    ``vocab_start`` / ``vocab_size`` given only while the checks are on (``set_target_check``),
+    and then it checks them against the gathered widths."""
+    return not sizes_given or index_check.target_check_enabled()
 
 
 def _float_bits(value: float) -> int:
@@ -149,31 +196,63 @@ class _Meta(NamedTuple):
     weight_numel: int  # -1 without class weights
     opts_key: tuple[int, int, int]  # reduction, ignore_index, smoothing bits
     extras_key: tuple[int, int, int, int]  # logit_scale, softcap (-1: None), z_loss bits; stats
+    declared: tuple[int, int] | None = None  # (vocab_start, vocab_size) as given, or None
 
 
-_FIELDS = (
-    "error",
-    "slice width",
-    "number of rows",
-    "target / output shape",
-    "target kind (indices or probabilities)",
-    "number of input features D",
-    "input dtype",
-    "number of class weights",
-    "reduction",
-    "ignore_index",
-    "label_smoothing",
-    "smallest class index",
-    "largest class index",
-    "class-index fingerprint",
-    "logit_scale",
-    "softcap",
-    "z_loss",
-    "return_stats",
-    "token weights",
+class _Field(NamedTuple):
+    """One int64 column of the metadata row."""
+
+    name: str  # its member of ``_Col``
+    what: str  # what the messages call it
+    agree: bool = True  # must be equal on every rank
+    show: bool = True  # a disagreement shows the values (not for hashes and float bits)
+    differs: str | None = None  # the message of a disagreement, instead of the generic one
+
+
+_TARGET_DIFFERS = (
+    "the class-index target differs across ranks; it must hold the same global class indices "
+    "on every rank"
 )
-# Columns that must be equal on every rank.
-_AGREE = (2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
+_WEIGHT_DIFFERS = (
+    "weight differs across ranks; the class weights must be the same full (V,) tensor on every "
+    "rank, or None on every rank"
+)
+# The metadata row, in column order (the order of the checks too: the first disagreement found
+# is the one reported).
+_FIELDS = (
+    _Field("ERROR", "error", agree=False),
+    _Field("WIDTH", "slice width", agree=False),
+    _Field("ROWS", "number of rows"),
+    _Field("OUT_SHAPE", "target / output shape", show=False),
+    _Field("SOFT", "target kind (indices or probabilities)"),
+    _Field("FEATURES", "number of input features D"),
+    _Field("DTYPE", "input dtype"),
+    _Field("WEIGHT_NUMEL", "number of class weights"),
+    _Field("REDUCTION", "reduction"),
+    _Field("IGNORE_INDEX", "ignore_index"),
+    _Field("SMOOTHING", "label_smoothing", show=False),
+    _Field("TARGET_MIN", "smallest class index", differs=_TARGET_DIFFERS),
+    _Field("TARGET_MAX", "largest class index", differs=_TARGET_DIFFERS),
+    _Field("TARGET_SUM", "class-index fingerprint", differs=_TARGET_DIFFERS),
+    _Field("LOGIT_SCALE", "logit_scale", show=False),
+    _Field("SOFTCAP", "softcap", show=False),
+    _Field("Z_LOSS", "z_loss", show=False),
+    _Field("RETURN_STATS", "return_stats"),
+    _Field(
+        "TOKEN_WEIGHT",
+        "token weights",
+        differs="token_weight differs across ranks; it must be the same (replicated) tensor on "
+        "every rank, or None on every rank",
+    ),
+    _Field("WEIGHT_SUM", "class-weight sum", differs=_WEIGHT_DIFFERS),
+    _Field("WEIGHT_SQUARES", "class-weight sum of squares", differs=_WEIGHT_DIFFERS),
+    _Field("WEIGHT_POSITIONS", "class-weight fingerprint", differs=_WEIGHT_DIFFERS),
+    # Checked against the gathered widths, not for equality.
+    _Field("VOCAB_START", "vocab_start as given (-1: not given)", agree=False),
+    _Field("VOCAB_SIZE", "vocab_size as given (-1: not given)", agree=False),
+)
+# The columns by name: ``row[_Col.ROWS]``.
+_Col = enum.IntEnum("_Col", [f.name for f in _FIELDS], start=0)
 
 
 def _target_summary(target: Tensor | None, ignore_index: int) -> list[Tensor]:
@@ -200,6 +279,17 @@ def _token_weight_fingerprint(token_weight: Tensor | None) -> Tensor:
     return (tw * mult).sum().reshape(1).view(torch.int64)[0]
 
 
+def _class_weight_fingerprint(weight: Tensor | None) -> list[Tensor]:
+    """Device int64 scalars: the bits of the float64 sum, sum of squares and position-weighted
+    sum of the class weights (the same on every rank when the weights are; -1 without)."""
+    if weight is None:
+        return [torch.full((), -1, dtype=torch.int64)] * 3
+    w = weight.detach().reshape(-1).double()
+    mult = (torch.arange(w.numel(), device=w.device) % 65521 + 1).double()
+    sums = torch.stack([w.sum(), (w * w).sum(), (w * mult).sum()])
+    return list(sums.view(torch.int64).unbind())
+
+
 def _agree(
     who: str,
     group: object,
@@ -209,78 +299,105 @@ def _agree(
     target: Tensor | None,
     ignore_index: int,
     token_weight: Tensor | None = None,
+    weight: Tensor | None = None,
 ) -> _Shard:
     """One all_gather of a few int64 per rank: learns the slice sizes and checks that the ranks
-    agree. Every rank reaches the same verdict from the same table, so every rank raises the
-    same exception (or none): no rank is left waiting in a later collective."""
+    agree (and, where given, that ``vocab_start`` / ``vocab_size`` match the sizes). Every rank
+    reaches the same verdict from the same table, so every rank raises the same exception (or
+    none): no rank is left waiting in a later collective."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if error is not None or meta is None:
         code = next((i + 1 for i, cls in enumerate(_ERRORS) if isinstance(error, cls)), 4)
-        row = torch.zeros(len(_FIELDS), dtype=torch.int64, device=device)
-        row[0] = code
+        row = torch.zeros(len(_Col), dtype=torch.int64, device=device)
+        row[_Col.ERROR] = code
     else:
-        host = [
-            0,
-            meta.width,
-            meta.rows,
-            _shape_key(meta.out_shape),
-            int(meta.soft),
-            meta.features,
-            _DTYPES.index(meta.dtype) if meta.dtype in _DTYPES else -1,
-            meta.weight_numel,
-            *meta.opts_key,
-        ]
-        summary = [s.to(device) for s in _target_summary(target, ignore_index)]
-        summary.append(_token_weight_fingerprint(token_weight).to(device))
-        row = torch.cat(
-            [
-                torch.tensor(host, dtype=torch.int64, device=device),
-                torch.stack(summary[:3]),
-                torch.tensor(meta.extras_key, dtype=torch.int64, device=device),
-                torch.stack(summary[3:]),
-            ]
-        )
+        host = [0] * len(_Col)
+        host[_Col.WIDTH] = meta.width
+        host[_Col.ROWS] = meta.rows
+        host[_Col.OUT_SHAPE] = _shape_key(meta.out_shape)
+        host[_Col.SOFT] = int(meta.soft)
+        host[_Col.FEATURES] = meta.features
+        host[_Col.DTYPE] = _DTYPES.index(meta.dtype) if meta.dtype in _DTYPES else -1
+        host[_Col.WEIGHT_NUMEL] = meta.weight_numel
+        host[_Col.REDUCTION], host[_Col.IGNORE_INDEX], host[_Col.SMOOTHING] = meta.opts_key
+        (
+            host[_Col.LOGIT_SCALE],
+            host[_Col.SOFTCAP],
+            host[_Col.Z_LOSS],
+            host[_Col.RETURN_STATS],
+        ) = meta.extras_key
+        host[_Col.VOCAB_START], host[_Col.VOCAB_SIZE] = meta.declared or (-1, -1)
+        # The fingerprints of tensors stay on the device until the exchange.
+        lo, hi, checksum = _target_summary(target, ignore_index)
+        w_sum, w_squares, w_positions = _class_weight_fingerprint(weight)
+        on_device = {
+            _Col.TARGET_MIN: lo,
+            _Col.TARGET_MAX: hi,
+            _Col.TARGET_SUM: checksum,
+            _Col.TOKEN_WEIGHT: _token_weight_fingerprint(token_weight),
+            _Col.WEIGHT_SUM: w_sum,
+            _Col.WEIGHT_SQUARES: w_squares,
+            _Col.WEIGHT_POSITIONS: w_positions,
+        }
+        row = torch.tensor(host, dtype=torch.int64, device=device)
+        row[list(on_device)] = torch.stack([v.to(device) for v in on_device.values()])
     rows = [torch.empty_like(row) for _ in range(world)]
     dist.all_gather(rows, row, group=group)
     table = torch.stack(rows).tolist()  # the one host sync of the metadata
 
-    failed = [r for r in range(world) if table[r][0] != 0]
+    failed = [r for r in range(world) if table[r][_Col.ERROR] != 0]
     if failed:
         # Every rank knows that some rank failed: all of them take part in this second exchange.
         messages: list[object] = [None] * world
         dist.all_gather_object(messages, str(error) if error is not None else "", group=group)
         first = failed[0]
-        cls = _ERRORS[table[first][0] - 1]
+        cls = _ERRORS[table[first][_Col.ERROR] - 1]
         raise cls(f"{who}: rank {first} of {world} rejected its arguments: {messages[first]}")
-    for col in _AGREE:
+    for col, field in zip(_Col, _FIELDS, strict=True):
+        if not field.agree:
+            continue
         values = [table[r][col] for r in range(world)]
         if len(set(values)) > 1:
-            if col in (11, 12, 13):
-                raise ValueError(
-                    f"{who}: the class-index target differs across ranks; it must hold the "
-                    "same global class indices on every rank"
-                )
-            if col == 18:
-                raise ValueError(
-                    f"{who}: token_weight differs across ranks; it must be the same (replicated) "
-                    "tensor on every rank, or None on every rank"
-                )
-            shown = values if col not in (3, 10, 14, 15, 16) else "they differ"
-            raise ValueError(f"{who}: the ranks disagree on the {_FIELDS[col]}: {shown}")
-    widths = [table[r][1] for r in range(world)]
+            if field.differs is not None:
+                raise ValueError(f"{who}: {field.differs}")
+            shown = values if field.show else "they differ"
+            raise ValueError(f"{who}: the ranks disagree on the {field.what}: {shown}")
+    widths = [table[r][_Col.WIDTH] for r in range(world)]
     vocab = sum(widths)
     if vocab == 0:
         raise ValueError(f"{who}: the slices hold 0 classes in all (widths {widths})")
-    weight_numel = table[0][7]
+    _check_declared_sizes(who, table, widths)
+    weight_numel = table[0][_Col.WEIGHT_NUMEL]
     if weight_numel not in (-1, vocab):
         raise ValueError(
             f"{who}: weight must be a 1-D tensor of all {vocab} class weights (the full "
             f"vocabulary, slices of widths {widths}), got {weight_numel} elements"
         )
-    lo, hi = table[0][11], table[0][12]
+    lo, hi = table[0][_Col.TARGET_MIN], table[0][_Col.TARGET_MAX]
     if index_check.target_check_enabled() and lo <= hi and (lo < 0 or hi >= vocab):
         _raise_bad_index(who, lo if lo < 0 else hi, vocab, ignore_index)
     return _Shard(group, sum(widths[:rank]), widths[rank], vocab)
+
+
+def _check_declared_sizes(who: str, table: list[list[int]], widths: list[int]) -> None:
+    """``vocab_start`` / ``vocab_size`` where some rank gave them: the slices are contiguous in
+    rank order, so rank r starts at the sum of the earlier widths, and V is their sum."""
+    world, vocab = len(widths), sum(widths)
+    for r in range(world):
+        size = table[r][_Col.VOCAB_SIZE]
+        if size >= 0 and size != vocab:
+            raise ValueError(
+                f"{who}: vocab_size={size} on rank {r} of {world}, but the slices hold {vocab} "
+                f"classes in all (widths {widths}, in rank order)"
+            )
+    for r in range(world):
+        start, expected = table[r][_Col.VOCAB_START], sum(widths[:r])
+        if table[r][_Col.VOCAB_SIZE] >= 0 and start != expected:
+            raise ValueError(
+                f"{who}: vocab_start={start} on rank {r} of {world} does not match the slice "
+                f"sizes: the slices (widths {widths}) are contiguous in rank order, so the slice "
+                f"of rank {r} starts at {expected}"
+            )
 
 
 def _raise_bad_index(who: str, value: int, vocab: int, ignore_index: int) -> None:
@@ -291,25 +408,16 @@ def _raise_bad_index(who: str, value: int, vocab: int, ignore_index: int) -> Non
 
 
 def _explicit_shard(
-    who: str,
-    group: object,
-    sizes: tuple[int, int],
-    width: int,
-    weight: Tensor | None,
-    target: Tensor | None,
-    ignore_index: int,
+    who: str, group: object, sizes: tuple[int, int], width: int, weight: Tensor | None
 ) -> _Shard:
-    """The slice as the caller gave it; the checks are this rank's alone (no exchange)."""
+    """The slice as the caller gave it, with the checks off (``set_target_check(False)``): no
+    exchange, so only this rank's own checks."""
     start, vocab = sizes
     if weight is not None and weight.numel() != vocab:
         raise ValueError(
             f"{who}: weight must be a 1-D tensor of all {vocab} class weights, got "
             f"{weight.numel()} elements"
         )
-    if index_check.target_check_enabled() and target is not None and target.dim() == 1:
-        lo, hi, _ = torch.stack(_target_summary(target, ignore_index)).tolist()  # one sync
-        if lo <= hi and (lo < 0 or hi >= vocab):
-            _raise_bad_index(who, lo if lo < 0 else hi, vocab, ignore_index)
     return _Shard(group, start, width, vocab)
 
 
@@ -774,19 +882,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
 
 
 def _flatten_ce(
-    input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
+    who: str, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, tuple[int, ...], bool]:
     """Checks one rank's tensors; returns (logits (M, V_r), target (M,) or (M, V_r), output
     shape, whether the targets are probabilities)."""
-    who = _CE
+    name = "local_logits" if who == _CE else "input"  # the argument's name in ``who``
     if not isinstance(input, Tensor) or not isinstance(target, Tensor):
-        raise TypeError(f"{who}: local_logits and target must be tensors")
+        raise TypeError(f"{who}: {name} and target must be tensors")
     if not input.is_floating_point():
-        raise TypeError(f"{who}: local_logits must be a floating tensor, got {input.dtype}")
+        raise TypeError(f"{who}: {name} must be a floating tensor, got {input.dtype}")
     if input.dim() == 0:
-        raise ValueError(f"{who}: local_logits must have shape (C_r,), (N, C_r) or (N, C_r, ...)")
+        raise ValueError(f"{who}: {name} must have shape (C_r,), (N, C_r) or (N, C_r, ...)")
     if target.device != input.device:
-        raise ValueError(f"{who}: target is on {target.device} but input is on {input.device}")
+        raise ValueError(f"{who}: target is on {target.device} but {name} is on {input.device}")
     _check_weight(who, weight, input.device)
     class_dim = 0 if input.dim() == 1 else 1
     width = input.shape[class_dim]
@@ -798,7 +906,7 @@ def _flatten_ce(
         expected = tuple(input.shape[:1]) + tuple(input.shape[2:]) if class_dim else ()
         if tuple(target.shape) != expected:
             raise ValueError(
-                f"{who}: target of shape {tuple(target.shape)} does not fit local_logits of "
+                f"{who}: target of shape {tuple(target.shape)} does not fit {name} of "
                 f"shape {tuple(input.shape)}: expected global class indices of shape "
                 f"{expected} or this slice's probabilities of shape {tuple(input.shape)}"
             )
@@ -853,30 +961,41 @@ def _mesh_of(who: str, dt: Tensor, process_group: object) -> object:
 
 
 def _dtensor_cross_entropy(
-    input, target, weight, ignore_index, reduction, label_smoothing, extras, process_group, sizes
+    who,
+    input,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    extras,
+    process_group,
+    vocab_start,
+    vocab_size,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """A DTensor sharded on the class dimension of a 1-D mesh: the local slices on the mesh's
     group; the loss (and stats) come back as replicated DTensors (as under ``loss_parallel()``)."""
-    mesh = _mesh_of(_CE, input, process_group)
+    mesh = _mesh_of(who, input, process_group)
     class_dim = 1 if input.dim() >= 2 else 0
     (place,) = input.placements
     if not place.is_shard() or place.dim % input.dim() != class_dim:
         raise ValueError(
-            f"{_CE}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
+            f"{who}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
             f"), got {input.placements}"
         )
-    extras = dict(extras, token_weight=_local_part(_CE, extras["token_weight"], "token_weight"))
-    result = vocab_parallel_cross_entropy(
+    extras = dict(extras, token_weight=_local_part(who, extras["token_weight"], "token_weight"))
+    result = call_cross_entropy(
+        who,
         input.to_local(),
-        _local_part(_CE, target, "target", class_dim),
-        _local_part(_CE, weight, "weight"),
+        _local_part(who, target, "target", class_dim),
+        _local_part(who, weight, "weight"),
         ignore_index,
         reduction,
         label_smoothing,
-        **extras,
-        process_group=mesh.get_group(),
-        vocab_start=sizes[0] if sizes else None,
-        vocab_size=sizes[1] if sizes else None,
+        extras,
+        mesh.get_group(),
+        vocab_start,
+        vocab_size,
     )
     return _replicated(result, mesh)
 
@@ -942,9 +1061,10 @@ def vocab_parallel_cross_entropy(
     Reductions done here (do not all-reduce again): forward all-reduces (MAX) the (M,) row maxima
     (float64 (2, M) with the argmax key of probability targets when ``return_stats``) and then
     (SUM) one stacked (k, M) buffer: k = 2 ((3 for probabilities), + 3 with ``return_stats``);
-    backward communicates nothing: each rank gets exactly its slice of the gradient. Without
-    ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per rank comes first (see
-    Raises). Under ``torch.compile`` the call runs eagerly (a graph break).
+    backward communicates nothing: each rank gets exactly its slice of the gradient. One
+    all_gather of a few int64 per rank comes first (see Raises), unless ``vocab_start`` /
+    ``vocab_size`` are given and the checks are off (``set_target_check(False)``). Under
+    ``torch.compile`` the call runs eagerly (a graph break).
 
     Args:
         local_logits: this rank's logits: (C_r,), (N, C_r) or (N, C_r, d1, ..., dk); float32,
@@ -954,7 +1074,8 @@ def vocab_parallel_cross_entropy(
         target: GLOBAL class indices (int64, int32 or uint8) of shape (), (N,) or
             (N, d1, ..., dk), the same on every rank; or this rank's slice of the class
             probabilities, of the shape of ``local_logits`` (may require grad).
-        weight: optional FULL (V,) class weights, the same on every rank.
+        weight: optional FULL (V,) class weights, the same on every rank (their values are in
+            the ranks' fingerprint).
         ignore_index: class index that contributes neither loss nor gradient.
         reduction: "none" (loss of the target's shape), "mean" or "sum".
         label_smoothing: amount in [0, 1] of uniform smoothing over all V classes.
@@ -968,12 +1089,16 @@ def vocab_parallel_cross_entropy(
             of the full vocabulary, identical on every rank (``correct``: the first maximum
             over all V classes, as ``torch.argmax``; for probability targets the target's
             argmax compares the probabilities rounded to float32).
-        process_group: the group the vocabulary is split over; None: the default group when
-            ``torch.distributed`` is initialised, else the plain function. A group of size 1 is
-            the plain ``fusedce.cross_entropy``.
-        vocab_start: first global class of this rank's slice; with ``vocab_size`` it replaces
-            the all_gather of the slice sizes (and the checks that come with it).
-        vocab_size: V, the global number of classes.
+        process_group: the ``torch.distributed.ProcessGroup`` the vocabulary is split over;
+            None: the default group when ``torch.distributed`` is initialised, else the plain
+            function (``torch.distributed.group.WORLD`` is None before
+            ``init_process_group``, so it means the same). A group of size 1 is the plain
+            ``fusedce.cross_entropy``.
+        vocab_start: first global class of this rank's slice (with ``vocab_size``). The
+            exchange checks it: rank r must start at the sum of the earlier ranks' widths. With
+            the checks off (``set_target_check(False)``) it is trusted and replaces the
+            exchange: nothing is read back to the host.
+        vocab_size: V, the global number of classes: the sum of the widths.
 
     Returns:
         The loss, float32 (float64 for float64 logits): a scalar, or the target's shape for
@@ -982,14 +1107,18 @@ def vocab_parallel_cross_entropy(
 
     Raises:
         ValueError, TypeError: bad shapes, dtypes or options; ranks that disagree on the number
-            of rows, the target, the token weights, the options or the dtype; a weight that is
-            not (V,).
+            of rows, the target, the token weights, the class weights, the options or the
+            dtype; a weight that is not (V,); a ``vocab_start`` / ``vocab_size`` that does not
+            match the slice sizes; a ``process_group`` that is not a ProcessGroup (TypeError) or
+            does not hold this rank.
+        RuntimeError: a ``process_group`` while ``torch.distributed`` is not initialised.
         IndexError: a class index outside [0, V) other than ignore_index.
-        With the sizes learnt (the default) every rank raises the same exception, also when
-        only one rank's arguments are bad, and none is left waiting in a collective. With
-        ``vocab_start`` / ``vocab_size`` given each rank checks only its own arguments: errors
-        in the (replicated) target or weight still raise on every rank, but a rank-specific
-        one raises on that rank alone, and the others wait until the group's timeout.
+        Every rank raises the same exception, also when only one rank's arguments are bad, and
+        none is left waiting in a collective (the ``process_group`` checks come before any
+        collective and raise where the group is bad). With ``vocab_start`` / ``vocab_size``
+        given and the checks off there is no exchange: each rank checks only its own
+        arguments, and a rank-specific error raises on that rank alone while the others wait
+        until the group's timeout.
     """
     extras = {
         "logit_scale": logit_scale,
@@ -998,13 +1127,43 @@ def vocab_parallel_cross_entropy(
         "token_weight": token_weight,
         "return_stats": return_stats,
     }
+    return call_cross_entropy(
+        _CE,
+        local_logits,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        extras,
+        process_group,
+        vocab_start,
+        vocab_size,
+    )
+
+
+def call_cross_entropy(
+    who: str,
+    local_logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    extras: dict[str, object],
+    process_group: object,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
+    errors name); ``extras``: the one-pass extras by keyword."""
     sizes_given = vocab_start is not None or vocab_size is not None
     if dist.is_available():
         from torch.distributed.tensor import DTensor
 
         if isinstance(local_logits, DTensor):
-            sizes = (vocab_start, vocab_size) if sizes_given else None
             return _dtensor_cross_entropy(
+                who,
                 local_logits,
                 target,
                 weight,
@@ -1013,21 +1172,36 @@ def vocab_parallel_cross_entropy(
                 label_smoothing,
                 extras,
                 process_group,
-                sizes,
+                vocab_start,
+                vocab_size,
             )
-    group = _resolve_group(process_group)
+    group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
-        from .cross_entropy_loss import cross_entropy
+        from .cross_entropy_loss import _cross_entropy
 
         if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
             width = local_logits.shape[0 if local_logits.dim() == 1 else 1]
-            _check_explicit_sizes(_CE, vocab_start, vocab_size, width)
+            _check_explicit_sizes(who, vocab_start, vocab_size, width)
             if sizes_given and (vocab_start, vocab_size) != (0, width):
-                raise ValueError(f"{_CE}: one rank holds all classes: vocab_start=0, V={width}")
-        return cross_entropy(
-            local_logits, target, weight, ignore_index, reduction, label_smoothing, **extras
+                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+        return _cross_entropy(
+            who,
+            local_logits,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            False,
+            extras["logit_scale"],
+            extras["softcap"],
+            extras["z_loss"],
+            extras["token_weight"],
+            extras["return_stats"],
+            None,
         )
     return _sharded_cross_entropy(
+        who,
         local_logits,
         target,
         weight,
@@ -1043,6 +1217,7 @@ def vocab_parallel_cross_entropy(
 
 @torch.compiler.disable
 def _sharded_cross_entropy(
+    who,
     local_logits,
     target,
     weight,
@@ -1056,18 +1231,20 @@ def _sharded_cross_entropy(
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """The sharded call. Run eagerly under ``torch.compile`` (a graph break): the metadata
     exchange reads values back to the host and the autograd Function holds collectives."""
-    sizes_given = vocab_start is not None or vocab_size is not None
+    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
     error: Exception | None = None
     meta = logits = t = tw = None
     explicit = None
     try:
-        opts = check_options(_CE, ignore_index, label_smoothing, reduction)
-        opts = check_extras(_CE, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
-        want_stats = _check_return_stats(_CE, extras["return_stats"])
-        logits, t, out_shape, soft = _flatten_ce(local_logits, target, weight, opts.ignore_index)
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(who, extras["return_stats"])
+        logits, t, out_shape, soft = _flatten_ce(
+            who, local_logits, target, weight, opts.ignore_index
+        )
         tw = extras["token_weight"]
-        check_token_weight(_CE, tw, out_shape, logits.device)
-        explicit = _check_explicit_sizes(_CE, vocab_start, vocab_size, logits.shape[1])
+        check_token_weight(who, tw, out_shape, logits.device)
+        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
         meta = _Meta(
             width=logits.shape[1],
             rows=logits.shape[0],
@@ -1078,18 +1255,19 @@ def _sharded_cross_entropy(
             weight_numel=-1 if weight is None else weight.numel(),
             opts_key=_opts_key(opts),
             extras_key=_extras_key(opts, want_stats),
+            declared=explicit,
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
-        if sizes_given:
+        if not exchange:
             raise
         error = exc
-    if explicit is None:
+    if exchange:
         device = local_logits.device if isinstance(local_logits, Tensor) else torch.device("cpu")
         ii = ignore_index if isinstance(ignore_index, int) else -100
-        sh = _agree(_CE, group, device, error, meta, t if meta else None, ii, tw)
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
     else:
-        sh = _explicit_shard(_CE, group, explicit, meta.width, weight, t, opts.ignore_index)
-    _check_soft_stats_vocab(_CE, sh, meta.soft, want_stats)
+        sh = _explicit_shard(who, group, explicit, meta.width, weight)
+    _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
     w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
     tw = prepare_token_weight(tw, logits.dtype)
     loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
@@ -1180,7 +1358,8 @@ def _check_linear(
     b: object,
     weight: object,
 ) -> None:
-    for arg, what in ((input, "input"), (W, "local_weight"), (target, "target")):
+    wn = "local_weight" if who == _LCE else "linear_weight"  # the argument's name in ``who``
+    for arg, what in ((input, "input"), (W, wn), (target, "target")):
         if not isinstance(arg, Tensor):
             raise TypeError(f"{who}: {what} must be a tensor, got {type(arg).__name__}")
     if not input.is_floating_point():
@@ -1188,22 +1367,21 @@ def _check_linear(
     if input.dim() == 0:
         raise ValueError(f"{who}: input must have shape (D,), (N, D) or (..., D), got a scalar")
     if W.dim() != 2:
-        raise ValueError(f"{who}: local_weight must be 2-D (V_r, D), got {tuple(W.shape)}")
+        raise ValueError(f"{who}: {wn} must be 2-D (V_r, D), got {tuple(W.shape)}")
     Vr, D = W.shape
     if input.shape[-1] != D:
         raise ValueError(
-            f"{who}: input has {input.shape[-1]} features but local_weight of shape {(Vr, D)} "
-            f"expects D={D}"
+            f"{who}: input has {input.shape[-1]} features but {wn} of shape {(Vr, D)} expects D={D}"
         )
     if W.dtype != input.dtype:
-        raise TypeError(f"{who}: input ({input.dtype}) and local_weight ({W.dtype}) differ")
+        raise TypeError(f"{who}: input ({input.dtype}) and {wn} ({W.dtype}) differ")
     if b is not None:
         if not isinstance(b, Tensor) or tuple(b.shape) != (Vr,):
             shape = tuple(b.shape) if isinstance(b, Tensor) else type(b).__name__
             raise ValueError(f"{who}: linear_bias must be this slice's ({Vr},), got {shape}")
         if b.dtype != input.dtype:
             raise TypeError(f"{who}: linear_bias ({b.dtype}) must have the input's dtype")
-    for t, what in ((W, "local_weight"), (target, "target"), (b, "linear_bias")):
+    for t, what in ((W, wn), (target, "target"), (b, "linear_bias")):
         if t is not None and t.device != input.device:
             raise ValueError(f"{who}: {what} is on {t.device} but input is on {input.device}")
     if target.is_floating_point():
@@ -1250,8 +1428,9 @@ def vocab_parallel_linear_cross_entropy(
     with ``return_stats``); backward all-reduces (SUM) the (N, D) input gradient in float32, so
     ``input.grad`` is the FULL gradient on every rank (``input`` must then require grad on every
     rank or on none). The gradients of ``local_weight`` and ``linear_bias`` are this rank's slices
-    and are not reduced. Without ``vocab_start`` / ``vocab_size`` one all_gather of a few int64 per
-    rank comes first. Under ``torch.compile`` the call runs eagerly (a graph break).
+    and are not reduced. One all_gather of a few int64 per rank comes first, unless
+    ``vocab_start`` / ``vocab_size`` are given and the checks are off. Under ``torch.compile``
+    the call runs eagerly (a graph break).
 
     Args:
         input: (D,), (N, D) or (..., D) hidden states, the same on every rank; float32,
@@ -1271,8 +1450,9 @@ def vocab_parallel_linear_cross_entropy(
             :func:`vocab_parallel_cross_entropy` (``token_weight`` of the target's shape).
         process_group: as in :func:`vocab_parallel_cross_entropy`; a group of size 1 is the
             plain ``fusedce.linear_cross_entropy``.
-        vocab_start: first global class of this rank's rows (with ``vocab_size``: no
-            all_gather of the sizes).
+        vocab_start: first global class of this rank's rows (with ``vocab_size``), checked as
+            in :func:`vocab_parallel_cross_entropy` (trusted with the checks off: then no
+            all_gather).
         vocab_size: V, the global number of classes.
 
     Returns:
@@ -1291,52 +1471,98 @@ def vocab_parallel_linear_cross_entropy(
         "token_weight": token_weight,
         "return_stats": return_stats,
     }
+    return call_linear_cross_entropy(
+        _LCE,
+        input,
+        local_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
+        extras,
+        process_group,
+        vocab_start,
+        vocab_size,
+    )
+
+
+def call_linear_cross_entropy(
+    who: str,
+    input: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int | None,
+    extras: dict[str, object],
+    process_group: object,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+) -> Tensor | tuple[Tensor, CrossEntropyStats]:
+    """``vocab_parallel_linear_cross_entropy`` called through the public function ``who``
+    (which the errors name); ``extras``: the one-pass extras by keyword."""
     if wants_vocab_parallel(local_weight, None):  # a DTensor weight
-        mesh = _mesh_of(_LCE, local_weight, process_group)
+        name = "local_weight" if who == _LCE else "linear_weight"
+        mesh = _mesh_of(who, local_weight, process_group)
         if not all(p.is_shard() and p.dim % 2 == 0 for p in local_weight.placements):
             raise ValueError(
-                f"{_LCE}: a DTensor local_weight must be sharded by rows (Shard(0)), got "
+                f"{who}: a DTensor {name} must be sharded by rows (Shard(0)), got "
                 f"{local_weight.placements}"
             )
-        extras["token_weight"] = _local_part(_LCE, token_weight, "token_weight")
-        result = vocab_parallel_linear_cross_entropy(
-            _local_part(_LCE, input, "input"),
+        extras = dict(extras, token_weight=_local_part(who, extras["token_weight"], "token_weight"))
+        result = call_linear_cross_entropy(
+            who,
+            _local_part(who, input, "input"),
             local_weight.to_local(),
-            _local_part(_LCE, target, "target"),
-            linear_bias=_local_part(_LCE, linear_bias, "linear_bias", 0),
-            weight=_local_part(_LCE, weight, "weight"),
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            **extras,
-            process_group=mesh.get_group(),
-            vocab_start=vocab_start,
-            vocab_size=vocab_size,
+            _local_part(who, target, "target"),
+            _local_part(who, linear_bias, "linear_bias", 0),
+            _local_part(who, weight, "weight"),
+            reduction,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            extras,
+            mesh.get_group(),
+            vocab_start,
+            vocab_size,
         )
         return _replicated(result, mesh)
-    group = _resolve_group(process_group)
+    group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
-        from .linear_cross_entropy_loss import linear_cross_entropy
+        from .linear_cross_entropy_loss import _linear_cross_entropy
 
         if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
             width = local_weight.shape[0]
-            sizes = _check_explicit_sizes(_LCE, vocab_start, vocab_size, width)
+            sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
             if sizes is not None and sizes != (0, width):
-                raise ValueError(f"{_LCE}: one rank holds all classes: vocab_start=0, V={width}")
-        return linear_cross_entropy(
+                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+        return _linear_cross_entropy(
+            who,
             input,
             local_weight,
             target,
-            linear_bias=linear_bias,
-            weight=weight,
-            reduction=reduction,
-            ignore_index=ignore_index,
-            label_smoothing=label_smoothing,
-            chunk_size=chunk_size,
-            **extras,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            "float32",
+            extras["logit_scale"],
+            extras["softcap"],
+            extras["z_loss"],
+            extras["token_weight"],
+            extras["return_stats"],
+            None,
         )
     return _sharded_linear_cross_entropy(
+        who,
         input,
         local_weight,
         target,
@@ -1355,6 +1581,7 @@ def vocab_parallel_linear_cross_entropy(
 
 @torch.compiler.disable
 def _sharded_linear_cross_entropy(
+    who,
     input,
     local_weight,
     target,
@@ -1370,20 +1597,20 @@ def _sharded_linear_cross_entropy(
     vocab_size,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """The sharded call of the linear head (run eagerly under ``torch.compile``)."""
-    sizes_given = vocab_start is not None or vocab_size is not None
+    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
     error: Exception | None = None
     meta = t = tw = None
     explicit = None
     try:
-        opts = check_options(_LCE, ignore_index, label_smoothing, reduction)
-        opts = check_extras(_LCE, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
-        want_stats = _check_return_stats(_LCE, extras["return_stats"])
-        check_chunk_size(_LCE, chunk_size)
-        _check_linear(_LCE, input, local_weight, target, linear_bias, weight)
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(who, extras["return_stats"])
+        check_chunk_size(who, chunk_size)
+        _check_linear(who, input, local_weight, target, linear_bias, weight)
         tw = extras["token_weight"]
-        check_token_weight(_LCE, tw, tuple(target.shape), input.device)
+        check_token_weight(who, tw, tuple(target.shape), input.device)
         width, D = local_weight.shape
-        explicit = _check_explicit_sizes(_LCE, vocab_start, vocab_size, width)
+        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, width)
         x = input.reshape(-1, D)
         t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
         meta = _Meta(
@@ -1396,18 +1623,19 @@ def _sharded_linear_cross_entropy(
             weight_numel=-1 if weight is None else weight.numel(),
             opts_key=_opts_key(opts),
             extras_key=_extras_key(opts, want_stats),
+            declared=explicit,
         )
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
-        if sizes_given:
+        if not exchange:
             raise
         error = exc
-    if explicit is None:
+    if exchange:
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         ii = -100 if ignore_index is None else ignore_index
         ii = ii if isinstance(ii, int) else -100
-        sh = _agree(_LCE, group, device, error, meta, t if meta else None, ii, tw)
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
     else:
-        sh = _explicit_shard(_LCE, group, explicit, meta.width, weight, t, opts.ignore_index)
+        sh = _explicit_shard(who, group, explicit, meta.width, weight)
     w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
     tw = prepare_token_weight(tw, x.dtype)
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, chunk_size, x.device)

@@ -1,6 +1,6 @@
 """The vocabulary-parallel benchmark: a tiny run on 2 CPU processes (gloo) counts the bytes each
 rank sends per call. The sharded loss sends the same bytes whatever V (the documented
-152 + 12 N), the gathered logits grow with V."""
+192 + 12 N), the gathered logits grow with V."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ N, VS = 48, (999, 4000)
 def test_formulas_and_command_line() -> None:
     import torch
 
-    assert sharded_formula_bytes(N, 2, True, torch.float32) == 19 * 8 + 3 * N * 4
+    assert sharded_formula_bytes(N, 2, True, torch.float32) == 24 * 8 + 3 * N * 4
     assert sharded_formula_bytes(N, 3, False, torch.bfloat16) == 3 * N * 4
     assert sharded_formula_bytes(N, 2, False, torch.float64) == 3 * N * 8
     assert split_widths(1001, 3) == [334, 334, 333]
@@ -54,7 +54,7 @@ def test_bytes_per_call_sharded_constant_gather_grows(tmp_path: Path) -> None:
     assert "ActivityProfilerHandler" not in proc.stdout + proc.stderr
     report = json.loads((tmp_path / "vp.json").read_text())
     text = (tmp_path / "vp.md").read_text()
-    assert "| 2 | 48 | 999 | 728 | yes |" in text, text
+    assert "| 2 | 48 | 999 | 768 | yes |" in text, text
     assert (tmp_path / "vp.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     env_ = report["environment"]
     assert env_["card"].startswith("CPU") and env_["backend"] == "gloo" and env_["git_commit"]
@@ -66,14 +66,14 @@ def test_bytes_per_call_sharded_constant_gather_grows(tmp_path: Path) -> None:
     gather = [rows[v]["paths"]["gather"] for v in VS]
     # Sharded: identical on both ranks and for both V, equal to the documented formula, nothing
     # in backward; the shim's count matches the profiler's record of the gloo calls.
-    assert sharded[0]["bytes_per_rank"] == sharded[1]["bytes_per_rank"] == [19 * 8 + 12 * N] * 2
+    assert sharded[0]["bytes_per_rank"] == sharded[1]["bytes_per_rank"] == [24 * 8 + 12 * N] * 2
     assert sizes[0]["bytes_per_rank"] == sizes[1]["bytes_per_rank"] == [12 * N] * 2
     for rec in sharded + sizes + gather:
         assert rec["formula_ok"] and rec["profiler_agrees"] is True, rec
         assert rec["bytes_bwd"] == 0
     ops = [(c["op"], c["dtype"], c["shape"]) for c in sharded[0]["collectives_rank0"]]
     assert ops == [
-        ("all_gather", "int64", [[19]]),
+        ("all_gather", "int64", [[24]]),
         ("all_reduce", "float32", [[N]]),
         ("all_reduce", "float32", [[2, N]]),
     ]

@@ -193,6 +193,32 @@ def test_cuda_bad_index_still_on_its_way_raises_later_without_a_sync():
         fusedce.cross_entropy(x, good)
 
 
+def test_cuda_index_errors_name_the_function_called():
+    """The deferred check keeps the name of the call that counted it: the module's, in its
+    backward and when a later call of another function reads it; the fused head's check (read
+    at the call) names its caller too."""
+    x = make_logits((8, 1000), torch.float32, device=DEV).requires_grad_()
+    good = torch.randint(0, 1000, (8,), device=DEV)
+    bad = good.clone()
+    bad[2] = 1000
+    module = fusedce.CrossEntropyLoss()
+    loss = module(x, bad)
+    torch.cuda.synchronize()  # the count has arrived: backward reads it
+    with pytest.raises(IndexError, match=r"^CrossEntropyLoss: target class index 1000 is out"):
+        loss.backward()
+    torch.cuda._sleep(200_000_000)  # the count cannot arrive before backward
+    module(x, bad).backward()
+    torch.cuda.synchronize()
+    with pytest.raises(IndexError, match=r"^CrossEntropyLoss: target class index 1000.*earlier"):
+        fusedce.cross_entropy(x, good)
+    h = torch.randn(8, 16, device=DEV, requires_grad=True)
+    head = fusedce.LinearCrossEntropyLoss(16, 1000, device=DEV)
+    with pytest.raises(IndexError, match=r"^LinearCrossEntropyLoss: target class index 1000"):
+        head(h, bad)
+    with pytest.raises(IndexError, match=r"^linear_cross_entropy: target class index 1000"):
+        fusedce.linear_cross_entropy(h, head.linear.weight, bad)
+
+
 def test_cuda_compile_inductor_fullgraph():
     # A GPT-2-sized head (V = 50257, ragged last tile) on 128 tokens: Inductor compiles the
     # matmul around the custom op; the comparison is with the same step run eagerly.

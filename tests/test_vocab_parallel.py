@@ -485,7 +485,8 @@ def _check_errors(rank: int, world: int) -> None:
             torch.randn(N, D), torch.randn(widths[rank], D), target
         ),
     )
-    # Explicit sizes: a bad (replicated) index still raises on every rank, from the local check.
+    # Explicit sizes: a bad (replicated) index still raises on every rank (the sizes are checked
+    # in the same exchange).
     _expect_same_error(
         rank,
         world,
@@ -958,9 +959,19 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
         local = logits[:, start : start + widths[rank]].float().requires_grad_()
         fwd, bwd = _collectives(lambda: vocab_parallel_cross_entropy(local, target))
         assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+        # Sizes given: the same exchange checks them; with the checks off they are trusted and
+        # nothing is exchanged.
         fwd, bwd = _collectives(
             lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
         )
+        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+        fusedce.set_target_check(False)
+        try:
+            fwd, bwd = _collectives(
+                lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
+            )
+        finally:
+            fusedce.set_target_check(True)
         assert fwd == {"gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
         # The extras add rows to the same two all-reduces (probability targets too).
         tw = _token_weights((N,), 0).float()
@@ -988,11 +999,14 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, tmp_path, timeout_s: float = 150.0, local: str = "rows") -> None:
-    """Runs ``_worker`` on ``world`` processes; fails (killing them) past ``timeout_s``, so that
-    a deadlock fails the test instead of hanging it."""
+def _spawn(
+    world: int, tmp_path, timeout_s: float = 150.0, local: str = "rows", worker=None
+) -> None:
+    """Runs ``worker(rank, world, init_file, local)`` (default ``_worker``) on ``world``
+    processes; fails (killing them) past ``timeout_s``, so that a deadlock fails the test
+    instead of hanging it."""
     ctx = mp.start_processes(
-        _worker,
+        worker or _worker,
         args=(world, str(tmp_path / "pg_init"), local),
         nprocs=world,
         join=False,
