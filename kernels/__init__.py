@@ -13,6 +13,7 @@ the backend choice
 ``set_cpu_compile`` for the Inductor-compiled CPU rows).
 The training stack lives in ``fusedce.lightning_modules`` and ``fusedce.datamodules`` (the
 ``fusedce[train]`` extra); importing ``fusedce`` alone needs only torch (and triton on GPUs).
+``fusedce.__version__`` is the installed version.
 """
 
 # In a checkout this directory is named kernels/, and with the checkout on sys.path (python -m
@@ -25,6 +26,7 @@ if __name__ != "fusedce":
         "import it as `fusedce`"
     )
 
+from ._version import version as _installed_version
 from .backends import available_backends, get_backend, set_backend, use_backend, uses_triton
 from .core import CrossEntropyStats
 from .cpu_compiled import set_cpu_compile
@@ -32,6 +34,8 @@ from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+
+__version__ = _installed_version()
 
 __all__ = [
     "CrossEntropyLoss",

@@ -7,15 +7,31 @@ Two are registered:
 * ``"triton"`` -- the fused Triton kernel (``triton_backend.py``): CUDA tensors of float32,
   float16 or bfloat16, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
 
-``set_backend("auto")`` (the default, or the environment variable ``FUSEDCE_BACKEND`` at import)
-picks per call: Triton where it can run, torch otherwise. A named backend is used wherever it can
-take the tensors; float64 and devices it cannot run on still go to torch, so that naming one
-never makes a call fail.
+``"auto"`` (the default) picks per call: Triton where it can run, torch otherwise. A named
+backend is used wherever it can take the tensors; float64 and devices it cannot run on still go
+to torch, so that naming one never makes a call fail.
+
+The choice has two levels:
+
+* the process default: ``set_backend(name)``, or the environment variable ``FUSEDCE_BACKEND``
+  read at import;
+* ``use_backend(name)``: a ``with`` block that overrides the default in the calling context only
+  (a ``contextvars.ContextVar``: the current thread, or the current asyncio task). Other threads
+  and tasks keep their own choice, overlapping blocks in two threads do not see each other, and
+  on exit the context goes back to what it had before the block.
+
+``get_backend()`` returns the choice in effect for the calling context: the innermost
+``use_backend`` block, else the process default. A new thread starts without an override, so it
+sees the process default. Names are read case-insensitively with surrounding whitespace ignored
+(``" Torch "`` is ``"torch"``), in ``set_backend``, ``use_backend`` and ``FUSEDCE_BACKEND``
+alike; an unknown name raises ``ValueError`` (for the environment variable, at import, naming
+it).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -43,13 +59,11 @@ class Backend:
         run_rows: fills the per-row statistics and the gradient; see ``core.run_rows``.
         takes: whether it can run a call on these tensors (logits, target, weight, grad, per-row
             scale wanted, gradient-only launch).
-        experimental: not chosen by ``"auto"``.
     """
 
     name: str
     run_rows: Callable[..., None]
     takes: Callable[..., bool]
-    experimental: bool = False
 
 
 def _triton_can_run(logits: Tensor) -> bool:
@@ -69,13 +83,39 @@ _REGISTRY: dict[str, Backend] = {
 _CHOICES = ("auto", *_REGISTRY)
 
 
-def _check_name(name: str) -> str:
-    if name not in _CHOICES:
+def _check_name(name: object) -> str:
+    """``name`` as a choice: case-insensitive, surrounding whitespace ignored."""
+    choice = name.strip().lower() if isinstance(name, str) else name
+    if choice not in _CHOICES:
         raise ValueError(f"fusedce: unknown backend {name!r}; choose one of {_CHOICES}")
-    return name
+    return choice
 
 
-_current = _check_name(os.environ.get("FUSEDCE_BACKEND", "auto").strip().lower() or "auto")
+def _default_from_environment() -> str:
+    """The process default from ``FUSEDCE_BACKEND`` (unset or empty: ``"auto"``)."""
+    value = os.environ.get("FUSEDCE_BACKEND", "")
+    if not value.strip():
+        return "auto"
+    try:
+        return _check_name(value)
+    except ValueError:
+        raise ValueError(
+            f"fusedce: the environment variable FUSEDCE_BACKEND={value!r} is not a backend; "
+            f"set it to one of {_CHOICES} (case-insensitive) or unset it"
+        ) from None
+
+
+# The process default (set_backend, FUSEDCE_BACKEND), and the calling context's override
+# (use_backend; None: no override, the process default applies).
+_default = _default_from_environment()
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fusedce_backend", default=None
+)
+
+
+def _choice() -> str:
+    override = _override.get()
+    return _default if override is None else override
 
 
 def available_backends() -> tuple[str, ...]:
@@ -85,31 +125,33 @@ def available_backends() -> tuple[str, ...]:
 
 
 def get_backend() -> str:
-    """The current setting: ``"auto"`` or a backend's name."""
-    return _current
+    """The setting in effect for the calling thread or task: ``"auto"`` or a backend's name (the
+    innermost ``use_backend`` block, else the process default)."""
+    return _choice()
 
 
 def set_backend(name: str) -> None:
-    """Chooses the backend for every later call: ``"auto"`` (default), ``"torch"`` or
-    ``"triton"``. Raises ValueError for other names."""
-    global _current
-    _current = _check_name(name)
+    """Sets the process default: ``"auto"`` (the initial default), ``"torch"`` or ``"triton"``
+    (case-insensitive). Every thread and task uses it outside ``use_backend`` blocks (a block
+    that is open keeps its own choice until it exits). Raises ValueError for other names."""
+    global _default
+    _default = _check_name(name)
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """``set_backend(name)`` inside a ``with`` block, the previous setting restored after."""
-    global _current
-    previous, _current = _current, _check_name(name)
+    """The backend ``name`` for the calling thread or asyncio task inside a ``with`` block; other
+    threads and tasks are not affected, and the previous choice is back after the block."""
+    token = _override.set(_check_name(name))
     try:
         yield
     finally:
-        _current = previous
+        _override.reset(token)
 
 
 def uses_triton(t: Tensor) -> bool:
     """Whether a tensor of this device and dtype runs a Triton kernel (vs the torch backend)."""
-    return _current != "torch" and _triton_can_run(t)
+    return _choice() != "torch" and _triton_can_run(t)
 
 
 def select(
@@ -122,12 +164,13 @@ def select(
 ) -> Backend:
     """The backend that runs this call, by the current setting (see the module doc)."""
     args = (logits, target, weight, grad, per_row_scale, grad_only)
-    if _current != "auto":
-        chosen = _REGISTRY[_current]
+    choice = _choice()
+    if choice != "auto":
+        chosen = _REGISTRY[choice]
         if chosen.takes(*args):
             return chosen
     triton = _REGISTRY["triton"]
-    if _current != "torch" and triton.takes(*args):
+    if choice != "torch" and triton.takes(*args):
         return triton
     return _REGISTRY["torch"]
 

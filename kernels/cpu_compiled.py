@@ -3,9 +3,14 @@
 Eager torch ops make one pass over the block per op (upcast, max, exp, sum, subtract, scale,
 downcast); Inductor fuses them into one loop per row that reads the logits from cache and
 writes the gradient once, vectorised. It covers the common call: class indices with no class
-weights, smoothing or extras, float32 / bfloat16 / float16 logits. Everything else, and any
-machine where compiling fails (no C++ compiler, an unsupported Python), takes the eager ops of
-``torch_backend`` with the same numbers.
+weights, smoothing or extras, float32 / bfloat16 / float16 logits. Everything else takes the
+eager ops of ``torch_backend`` with the same numbers.
+
+A call whose compiled function fails runs the eager ops instead (one ``RuntimeWarning`` per kind
+of error), and later calls try the compiled function again. Only a failure that will recur on
+every call on this machine -- no working C++ compiler, a C++ build error, ``torch.compile``
+unsupported on this Python -- turns the path off for the rest of the process (saying so in its
+warning; ``set_cpu_compile(True)`` tries again).
 
 The functions are compiled with dynamic shapes: the first large call of each dtype pays a
 compile of a few seconds, later shapes reuse it (Inductor also caches the code on disk, so a
@@ -29,7 +34,8 @@ MIN_BLOCK_LOGITS = 1 << 15
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _enabled = os.environ.get("FUSEDCE_CPU_COMPILE", "1").strip() != "0"
-_failed = False
+_unavailable = False  # a failure that recurs on every call here turned the path off
+_warned: set[str] = set()  # the kinds of failure already reported
 _compiled: dict[tuple[str, torch.dtype], object] = {}
 _calls = 0  # row blocks the compiled functions handled in this process
 
@@ -37,16 +43,19 @@ _calls = 0  # row blocks the compiled functions handled in this process
 def set_cpu_compile(enabled: bool) -> None:
     """Turns the Inductor-compiled CPU path on or off (default on; ``FUSEDCE_CPU_COMPILE=0``).
 
-    Off, large CPU calls use eager torch ops: same results, slower.
+    Off, large CPU calls use eager torch ops: same results, slower. Turning it on also retries
+    after a failure that had turned it off for the process (and reports failures again).
     """
-    global _enabled, _failed
+    global _enabled, _unavailable
     _enabled = bool(enabled)
-    _failed = False
+    _unavailable = False
+    _warned.clear()
 
 
 def cpu_compile_enabled() -> bool:
-    """Whether large plain CPU calls go through the compiled row function."""
-    return _enabled and not _failed
+    """Whether large plain CPU calls go through the compiled row function (on, and not turned
+    off by a failure that recurs on every call on this machine)."""
+    return _enabled and not _unavailable
 
 
 def compiled_calls() -> int:
@@ -130,7 +139,7 @@ def applies(logits: Tensor) -> bool:
     M, V = logits.shape
     return (
         _enabled
-        and not _failed
+        and not _unavailable
         and logits.device.type == "cpu"
         and logits.dtype in _DTYPES
         and M >= 2
@@ -157,10 +166,10 @@ def run_plain_rows(
         scale: () or (M,) float32 gradient factors (with ``grad``).
 
     Returns:
-        ``(loss, max, log_sum)``, or None when compiling failed here (the caller then runs the eager
-        ops; this path stays off for the rest of the process, with one warning).
+        ``(loss, max, log_sum)``, or None when the compiled function failed on this call (the
+        caller then runs the eager ops; see ``_report_failure``).
     """
-    global _failed, _calls
+    global _calls
     M = logits.shape[0]
     dt = logits.dtype
     try:
@@ -174,14 +183,74 @@ def run_plain_rows(
                 else:
                     out = _compiled_fn("grad", dt)(logits, y, ignore_index, s, grad)
     except Exception as err:
-        _failed = True
-        warnings.warn(
-            f"fusedce: compiling the CPU cross-entropy rows failed ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}); using eager torch ops instead "
-            "(same results, slower). Set FUSEDCE_CPU_COMPILE=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _report_failure(err)
         return None
     _calls += 1
     return out
+
+
+def _exception_chain(err: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    seen: BaseException | None = err
+    while seen is not None and seen not in chain:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return chain
+
+
+def _fails_on_every_call(err: BaseException) -> bool:
+    """Whether compiling will fail the same way on every later call on this machine: no working
+    C++ compiler, a C++ build error (a broken toolchain, missing headers: the function and its
+    code are fixed, so a build that failed once fails again, seconds each time), or
+    ``torch.compile`` unsupported on this Python."""
+    try:
+        from torch._inductor import exc as inductor_exc
+
+        permanent: tuple[type[BaseException], ...] = (
+            inductor_exc.InvalidCxxCompiler,
+            inductor_exc.CppCompileError,
+        )
+    except ImportError:  # pragma: no cover - depends on the torch build
+        permanent = ()
+    if any(isinstance(e, permanent) for e in _exception_chain(err)):
+        return True
+    try:
+        from torch._dynamo.eval_frame import is_dynamo_supported
+
+        return not is_dynamo_supported()
+    except Exception:  # pragma: no cover - depends on the torch build
+        return False
+
+
+def _report_failure(err: Exception) -> None:
+    """A failed compiled call: a warning once per kind of error; the path stays on for later
+    calls unless the failure recurs on every call here (``_fails_on_every_call``)."""
+    global _unavailable
+    permanent = _fails_on_every_call(err)
+    # The innermost cause names the kind (Inductor wraps its errors in InductorError).
+    root = _exception_chain(err)[-1]
+    kind = f"{type(err).__name__}/{type(root).__name__}"
+    if permanent:
+        _unavailable = True
+        kind = f"permanent:{kind}"
+    if kind in _warned:
+        return
+    _warned.add(kind)
+    first_line = str(err).splitlines()[0] if str(err).strip() else ""
+    if permanent:
+        what = (
+            "using eager torch ops for the rest of the process (same results, slower; "
+            "fusedce.set_cpu_compile(True) tries again). Set FUSEDCE_CPU_COMPILE=0 to skip the "
+            "attempt."
+        )
+    else:
+        what = (
+            "this call used eager torch ops instead (same results, slower); later calls try "
+            "the compiled rows again."
+        )
+    warnings.warn(
+        f"fusedce: compiling the CPU cross-entropy rows failed ({type(err).__name__}: "
+        f"{first_line}); {what}",
+        RuntimeWarning,
+        stacklevel=3,
+    )

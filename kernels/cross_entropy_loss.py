@@ -26,9 +26,12 @@ from .options import (
     check_options,
     check_token_weight,
     check_token_weight_values,
+    has_float_options,
     index_target_for_kernels,
+    op_float_args,
     prepare_class_weight,
     prepare_token_weight,
+    resolve_float_options,
 )
 
 __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
@@ -219,8 +222,10 @@ def _opts(
     logit_scale: float = 1.0,
     softcap: float | None = None,
     z_loss: float = 0.0,
+    float_options: Tensor | None = None,
 ) -> LossOptions:
-    return LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    return resolve_float_options(opts, float_options)
 
 
 @torch.library.custom_op("fusedce::cross_entropy", mutates_args=())
@@ -238,12 +243,18 @@ def _cross_entropy_op(
     token_weight: Tensor | None = None,
     extras: bool = False,
     who: str = _WHO,
+    float_options: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, gradient of the reduced loss or an empty tensor, (STAT_ROWS or EXTRA_STAT_ROWS, M)
     per-row stats); every output contiguous, whatever the inputs' strides. ``who``: the public
-    function the error messages name."""
+    function the error messages name.
+
+    ``float_options``: the four float options as ``options.float_options_tensor`` (the floats
+    are then placeholders), for values that change between compiled calls."""
     check_token_weight_values(who, token_weight)
-    opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    opts = _opts(
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
+    )
     logits, target, weight, token_weight = _kernel_layout(
         logits, target, weight, token_weight, ignore_index
     )
@@ -272,6 +283,7 @@ def _(
     token_weight=None,
     extras=False,
     who=_WHO,
+    float_options=None,
 ):
     # new_empty: contiguous, as every output of the real op (empty_like would keep the strides
     # of a transposed input).
@@ -296,10 +308,11 @@ def _cross_entropy_grad_op(
     softcap: float | None = None,
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
+    float_options: Tensor | None = None,
 ) -> Tensor:
     """reduction="none": the gradient written once from the forward's per-row stats; contiguous,
     whatever the inputs' strides."""
-    opts = _opts(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
+    opts = _opts(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options)
     logits, target, weight, token_weight = _kernel_layout(
         logits, target, weight, token_weight, ignore_index
     )
@@ -322,15 +335,19 @@ def _(
     softcap=None,
     z_loss=0.0,
     token_weight=None,
+    float_options=None,
 ):
     return logits.new_empty(logits.shape)  # contiguous, as the real op's
 
 
 def _op_setup_context(ctx, inputs, output):
     logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs[:7]
-    logit_scale, softcap, z_loss, token_weight, _, who = inputs[7:]
-    ctx.opts = _opts(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[7:]
+    # With float_options the four floats are placeholders: the gradient op reads the tensor
+    # (the target's gradient, which reads opts here, never takes that route: see cross_entropy).
+    ctx.opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     ctx.who = who
+    ctx.float_options = float_options
     keep_logits = reduction == "none" or target.requires_grad
     ctx.save_for_backward(
         logits if keep_logits else None, target, weight, output[1], output[2], token_weight
@@ -343,6 +360,8 @@ def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
     opts = ctx.opts
     grad_logits = grad_target = None
     if ctx.needs_input_grad[1]:
+        # The floats of opts are read here: never placeholders (see _float_options_as_tensor).
+        assert ctx.float_options is None, "fusedce: target gradient with tensor float options"
         mean_scale = 1.0
         if opts.mean:
             mean_scale = core.inverse_normaliser(
@@ -367,10 +386,11 @@ def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
                 opts.softcap,
                 opts.z_loss,
                 token_weight,
+                ctx.float_options,
             )
         else:
             grad_logits = grad * grad_loss.to(grad.dtype)
-    return (grad_logits, grad_target) + (None,) * 11
+    return (grad_logits, grad_target) + (None,) * 12
 
 
 _cross_entropy_op.register_autograd(_op_backward, setup_context=_op_setup_context)
@@ -543,20 +563,24 @@ def _cross_entropy(
         pass  # torch's own operator took it
     elif compiling:
         grad_now = need_grad and not opts.per_row
+        smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(
+            opts, _float_options_as_tensor(logits, opts, target_grad)
+        )
         loss, _, stats = _cross_entropy_op(
             logits,
             target,
             weight,
             opts.ignore_index,
-            opts.label_smoothing,
+            smoothing,
             opts.reduction,
             grad_now,
-            opts.logit_scale,
-            opts.softcap,
-            opts.z_loss,
+            logit_scale,
+            softcap,
+            z_loss,
             tw,
             extras,
             who,
+            float_options,
         )
     elif need_grad or target_grad:
         if inplace_backward and input.is_leaf and input.requires_grad:
@@ -582,6 +606,20 @@ def _cross_entropy(
             core.mean_normaliser(target, weight, opts.ignore_index, acc, tw)
         )
     return loss, core.public_stats(stats, scale, opts, out_shape)
+
+
+def _float_options_as_tensor(logits: Tensor, opts: LossOptions, target_grad: bool) -> bool:
+    """Whether a compiled call passes its float options to the custom op in a tensor (one graph
+    for every value of a float that changes between calls; see
+    ``options.float_options_tensor``) rather than as floats (one graph per value, as torch's
+    own ``F.cross_entropy`` compiles ``label_smoothing``).
+
+    The tensor is a CPU tensor, read on the host: on the CPU that is free. CUDA logits keep
+    the floats: a CPU tensor in the graph would keep Inductor from CUDA graphs, and a device
+    tensor would cost a host sync per call. The target's gradient (probability targets that
+    require grad) is computed from the floats in backward, so it keeps them too.
+    """
+    return logits.device.type == "cpu" and not target_grad and has_float_options(opts)
 
 
 # Up to this many logits, a plain call on the CPU's torch backend goes to torch's own fused

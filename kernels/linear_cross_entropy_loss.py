@@ -33,9 +33,12 @@ from .options import (
     check_options,
     check_token_weight,
     check_token_weight_values,
+    has_float_options,
     index_target_for_kernels,
+    op_float_args,
     prepare_class_weight,
     prepare_token_weight,
+    resolve_float_options,
 )
 
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
@@ -205,16 +208,21 @@ def _lce_op(
     token_weight: Tensor | None = None,
     extras: bool = False,
     who: str = _WHO,
+    float_options: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(loss, grad_x, grad_W, grad_b, per-row stats (STAT_ROWS or EXTRA_STAT_ROWS, N)); the
     gradients are empty where not needed, and always for reduction="none" (computed in the
     backward op instead). Every output contiguous, whatever the inputs' strides. ``who``: the
-    public function the error messages name."""
+    public function the error messages name.
+
+    ``float_options``: the four float options as ``options.float_options_tensor`` (the floats
+    are then placeholders), for values that change between compiled calls."""
     check_class_indices(target, W.shape[0], ignore_index, who)
     check_token_weight_values(who, token_weight)
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
     opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    plan = _Plan(opts, chunk_rows, accumulation, extras)
+    opts = resolve_float_options(opts, float_options)
+    plan = _Plan(opts, chunk_rows, accumulation, extras, who)
     scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
     grads_now = reduction != "none" and any(needs)
     stats, gx, gw, gb = _pass(
@@ -245,6 +253,7 @@ def _(
     token_weight=None,
     extras=False,
     who=_WHO,
+    float_options=None,
 ):
     acc = accumulation_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
@@ -270,11 +279,13 @@ def _lce_backward_op(
     softcap: float | None = None,
     z_loss: float = 0.0,
     token_weight: Tensor | None = None,
+    float_options: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none": recompute the chunks with one upstream factor per row; contiguous
     gradients, whatever the inputs' strides."""
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
     opts = LossOptions(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
+    opts = resolve_float_options(opts, float_options)
     plan = _Plan(opts, chunk_rows, accumulation)
     factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
     _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs), token_weight)
@@ -298,6 +309,7 @@ def _(
     softcap=None,
     z_loss=0.0,
     token_weight=None,
+    float_options=None,
 ):
     return _fake_grads(x, W, b, True, needs)
 
@@ -306,9 +318,10 @@ def _lce_setup_context(ctx, inputs, output):
     x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs[
         :11
     ]
-    logit_scale, softcap, z_loss, token_weight, _, who = inputs[11:]
+    logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[11:]
     ctx.reduction, ctx.who = reduction, who
     ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs, logit_scale, softcap, z_loss)
+    ctx.float_options = float_options
     ctx.has_bias = b is not None
     if reduction == "none":
         ctx.save_for_backward(x, W, b, target, weight, token_weight)
@@ -320,13 +333,15 @@ def _lce_backward(ctx, grad_loss, *_unused):
     _no_double_backward(ctx.who)
     if ctx.reduction == "none":
         x, W, b, target, weight, token_weight = ctx.saved_tensors
-        gx, gw, gb = _lce_backward_op(grad_loss, x, W, b, target, weight, *ctx.args, token_weight)
+        gx, gw, gb = _lce_backward_op(
+            grad_loss, x, W, b, target, weight, *ctx.args, token_weight, ctx.float_options
+        )
     else:
         gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
     needs = ctx.args[4]
     gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
     gb = gb if needs[2] and ctx.has_bias else None
-    return (gx, gw, gb) + (None,) * 14
+    return (gx, gw, gb) + (None,) * 15
 
 
 _lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
@@ -590,6 +605,10 @@ def _linear_cross_entropy(
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     if compiling:
         needs = [need_grad and p is not None and p.requires_grad for p in params]
+        # On the CPU the float options travel in a tensor: one graph for every value of a float
+        # that changes between calls (see cross_entropy_loss._float_options_as_tensor).
+        as_tensor = x.device.type == "cpu" and has_float_options(opts)
+        smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(opts, as_tensor)
         loss, *_, stats = _lce_op(
             x,
             linear_weight,
@@ -597,17 +616,18 @@ def _linear_cross_entropy(
             t,
             weight,
             opts.ignore_index,
-            opts.label_smoothing,
+            smoothing,
             opts.reduction,
             rows,
             accumulation,
             needs,
-            opts.logit_scale,
-            opts.softcap,
-            opts.z_loss,
+            logit_scale,
+            softcap,
+            z_loss,
             tw,
             extras,
             who,
+            float_options,
         )
         scale = None
     elif need_grad:

@@ -3,11 +3,16 @@
 ``cross_entropy``, ``CrossEntropyLoss``, ``linear_cross_entropy`` and ``LinearCrossEntropyLoss``
 all validate their arguments here, so that the same bad value gets the same message wherever it
 is passed (``who`` names the caller in the message).
+
+The float options (``label_smoothing``, ``logit_scale``, ``softcap``, ``z_loss``) are checked
+with comparisons only, which also trace under ``torch.compile``: a float that changes between
+calls becomes symbolic there (a ``SymFloat``), and each comparison becomes a guard instead of
+failing the trace. ``float_options_tensor`` carries them into the custom ops (see there).
 """
 
 from __future__ import annotations
 
-import math
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -21,6 +26,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Class-index dtypes: torch takes int64 and uint8 ("Long or Byte"); int32 is a fusedce extra.
 INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_FLOAT_MAX = sys.float_info.max
 
 
 @dataclass(frozen=True)
@@ -79,8 +85,8 @@ def check_options(
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         kind = type(label_smoothing).__name__
         raise TypeError(f"{who}: label_smoothing must be a float in [0, 1], got {kind}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"{who}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if not 0.0 <= label_smoothing <= 1.0:  # NaN fails too
+        raise ValueError(f"{who}: label_smoothing must be in [0, 1]{_got(label_smoothing)}")
     if ignore_index is None:  # as torch's linear_cross_entropy: None means the default
         ignore_index = -100
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -95,9 +101,18 @@ def _positive_float(who: str, name: str, value: object, allow_zero: bool = False
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{who}: {name} must be {kind}, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
-        raise ValueError(f"{who}: {name} must be {kind}, got {value}")
+    # Comparisons only (math.isfinite does not trace on a symbolic float); NaN fails them too.
+    # The bound is the largest float, not inf: traced, `v < inf` is taken as always true.
+    ok = (0.0 <= v <= _FLOAT_MAX) if allow_zero else (0.0 < v <= _FLOAT_MAX)
+    if not ok:
+        raise ValueError(f"{who}: {name} must be {kind}{_got(value)}")
     return v
+
+
+def _got(value: object) -> str:
+    """``", got <value>"`` for a message; nothing while torch.compile traces (a symbolic float
+    cannot be formatted there: the error is then raised without the value)."""
+    return "" if torch.compiler.is_compiling() else f", got {value}"
 
 
 def check_extras(
@@ -126,6 +141,63 @@ def check_extras(
     cap = None if softcap is None else _positive_float(who, "softcap", softcap)
     lam = _positive_float(who, "z_loss", z_loss, allow_zero=True)
     return replace(opts, logit_scale=scale, softcap=cap, z_loss=lam)
+
+
+FLOAT_OPTIONS = ("label_smoothing", "logit_scale", "softcap", "z_loss")
+
+
+def has_float_options(opts: LossOptions) -> bool:
+    """Whether any float option differs from its default."""
+    return (
+        opts.label_smoothing != 0.0
+        or opts.logit_scale != 1.0
+        or opts.softcap is not None
+        or opts.z_loss != 0.0
+    )
+
+
+def float_options_tensor(opts: LossOptions) -> Tensor:
+    """The float options as a (4,) float64 CPU tensor (``FLOAT_OPTIONS`` in order; softcap 0
+    for None), for the custom ops under ``torch.compile``.
+
+    A float argument of a custom op is specialised by torch.compile: every value that changes
+    between calls (a z-loss or softcap schedule) would compile a graph of its own, up to the
+    recompile limit. Built from tensor arithmetic instead, a changing float stays symbolic (torch
+    turns it into a graph input) and one graph serves every value. Reading the tensor on the CPU
+    costs no device sync.
+    """
+    one = torch.ones((), dtype=torch.float64)
+    cap = 0.0 if opts.softcap is None else opts.softcap
+    return torch.stack(
+        [one * opts.label_smoothing, one * opts.logit_scale, one * cap, one * opts.z_loss]
+    )
+
+
+def op_float_args(
+    opts: LossOptions, as_tensor: bool
+) -> tuple[float, float, float | None, float, Tensor | None]:
+    """The float arguments of a custom op call: ``(label_smoothing, logit_scale, softcap,
+    z_loss, float_options)``.
+
+    With ``as_tensor``: the values travel in ``float_options_tensor`` and the four floats are
+    NaN placeholders (softcap stays None where it is None: the op reads which logit transform
+    applies from it); else the floats themselves and None.
+    """
+    if not as_tensor:
+        return opts.label_smoothing, opts.logit_scale, opts.softcap, opts.z_loss, None
+    nan = float("nan")
+    cap = None if opts.softcap is None else nan
+    return nan, nan, cap, nan, float_options_tensor(opts)
+
+
+def resolve_float_options(opts: LossOptions, float_options: Tensor | None) -> LossOptions:
+    """``opts`` inside a custom op: the float options read from ``float_options`` where given
+    (see ``op_float_args``)."""
+    if float_options is None:
+        return opts
+    smoothing, scale, cap, lam = float_options.tolist()
+    softcap = None if opts.softcap is None else cap
+    return replace(opts, label_smoothing=smoothing, logit_scale=scale, softcap=softcap, z_loss=lam)
 
 
 def check_token_weight(

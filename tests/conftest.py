@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
+
+def _inductor_cache_dir() -> str:
+    """An Inductor cache per version of the package's sources: Inductor keys compiled graphs on
+    the traced graph, not on a custom op's fake, so a cache written by other code with the same
+    op schemas (another checkout, an earlier commit) could hand back outputs of stale shapes."""
+    root = Path(__file__).resolve().parents[1] / "kernels"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return str(Path(tempfile.gettempdir()) / f"fusedce_inductor_{digest.hexdigest()[:16]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_dir())
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")

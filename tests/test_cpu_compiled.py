@@ -196,6 +196,89 @@ def test_options_outside_the_plain_call_use_the_eager_ops(compiled):
     assert compiled() == 0
 
 
+class _FailingCalls:
+    """Wraps ``cpu_compiled._compiled_fn``: its next ``n`` compiled functions raise ``error``."""
+
+    def __init__(self, monkeypatch, error, n):
+        self.real, self.error, self.left, self.calls = cpu_compiled._compiled_fn, error, n, 0
+        monkeypatch.setattr(cpu_compiled, "_compiled_fn", self)
+
+    def __call__(self, kind, dtype):
+        self.calls += 1
+        if self.left == 0:
+            return self.real(kind, dtype)
+        self.left -= 1
+
+        def failing(*args):
+            raise self.error
+
+        return failing
+
+
+def _forward_backward(x, t):
+    xr = x.clone().requires_grad_()
+    loss = fusedce.cross_entropy(xr, t)
+    loss.backward()
+    return loss.detach(), xr.grad
+
+
+def test_one_failed_call_keeps_the_path_on(compiled, monkeypatch):
+    """A call whose compiled function fails runs the eager ops (right numbers, one warning per
+    kind of error); the next calls take the compiled path again."""
+    x = make_logits((64, 512), torch.float32)
+    t = make_target((64, 512), "index", ignore_frac=0.1)
+    ref = _forward_backward(x, t)
+    assert compiled() > 0
+    failing = _FailingCalls(monkeypatch, RuntimeError("one bad call"), n=2)
+    before = compiled()
+    with pytest.warns(RuntimeWarning, match="later calls try the compiled rows again") as caught:
+        loss, grad = _forward_backward(x, t)
+    assert compiled() == before  # the eager ops took it
+    assert cpu_compiled.cpu_compile_enabled()
+    torch.testing.assert_close(loss, ref[0], rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(grad, ref[1], rtol=4e-6, atol=4e-9)
+    assert sum("one bad call" in str(w.message) for w in caught) == 1
+    # The same kind of failure again: the eager ops, no second warning.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss, _ = _forward_backward(x, t)
+    assert compiled() == before
+    torch.testing.assert_close(loss, ref[0], rtol=2e-6, atol=2e-6)
+    # Then the compiled path again, with the same numbers.
+    loss, grad = _forward_backward(x, t)
+    assert compiled() > before and failing.left == 0
+    torch.testing.assert_close(loss, ref[0])
+    torch.testing.assert_close(grad, ref[1])
+
+
+@pytest.mark.parametrize("cause", ["no compiler", "build error"])
+def test_failure_on_every_call_turns_the_path_off(compiled, monkeypatch, cause):
+    """No working C++ compiler (or a C++ build error, which recurs on every compile): one
+    warning says the path is off for the process; later calls do not try again until
+    ``set_cpu_compile(True)``."""
+    from torch._inductor import exc
+
+    root = exc.InvalidCxxCompiler() if cause == "no compiler" else exc.CppCompileError(["c++"], "")
+    try:  # as Inductor raises it: wrapped
+        raise RuntimeError("compiling failed") from root
+    except RuntimeError as err:
+        error = err
+    failing = _FailingCalls(monkeypatch, error, n=1)
+    x = make_logits((64, 512), torch.float32)
+    t = make_target((64, 512), "index")
+    with pytest.warns(RuntimeWarning, match="for the rest of the process"):
+        check(x, t)
+    assert not cpu_compiled.cpu_compile_enabled()
+    attempts, before = failing.calls, compiled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        check(x, t)
+    assert failing.calls == attempts and compiled() == before  # not tried again
+    cpu_compiled.set_cpu_compile(True)
+    check(x, t)
+    assert compiled() > before
+
+
 def test_switched_off_by_environment_variable():
     code = "import fusedce.cpu_compiled as c; print(c.cpu_compile_enabled())"
     env = dict(os.environ, FUSEDCE_CPU_COMPILE="0")
