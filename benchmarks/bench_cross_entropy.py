@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import csv, pick_device, slug
+from benchmarks.common import busy_cores, csv, pick_device, slug
 from benchmarks.cross_entropy.budget import Budget, BudgetExceeded, check_stop, stop_on_sigterm
 from benchmarks.cross_entropy.cell import Timing, run_cell
 from benchmarks.cross_entropy.providers import (
@@ -92,6 +92,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch threads on CPU (default 1: on a busy machine, a parallel op waits for its "
         "slowest thread, which adds scheduler quanta of ~10 ms to calls)",
     )
+    p.add_argument(
+        "--busy-cores",
+        type=int,
+        default=0,
+        help="run the measurements beside this many busy-looping processes (a shared machine "
+        "where other jobs take cores); recorded in the report",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes")
     p.add_argument("--seed", type=int, default=0)
     providers_given = any(
@@ -126,6 +133,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.set_num_threads(args.cpu_threads)
     providers, notes = available_providers(csv(args.providers), on_cuda)
     notes = list(args.note) + notes
+    if args.busy_cores:
+        notes.append(
+            f"measured beside {args.busy_cores} busy-looping process(es), "
+            f"{torch.get_num_threads()} torch thread(s)"
+        )
     if on_cuda:  # one static-shape compile per cell: room for all of them
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(torch._dynamo.config, name):
@@ -153,7 +165,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"{env['card']}: {len(cells)} cells, providers {', '.join(providers)}", flush=True)
     try:
-        with stop_on_sigterm():
+        with stop_on_sigterm(), busy_cores(args.busy_cores):
             for i, cell in enumerate(cells):
                 check_stop()
                 if not budget.allows_next():

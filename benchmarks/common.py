@@ -3,6 +3,7 @@ file-name slug and small output helpers (number formatting, JSON, matplotlib).""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -11,12 +12,36 @@ import platform
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 CPU_CARD_NAME = f"CPU ({os.cpu_count()}-core dev machine, no GPU)"
+
+
+@contextlib.contextmanager
+def busy_cores(n: int) -> Iterator[list[subprocess.Popen]]:
+    """``n`` processes that each keep one core busy (a pure-Python loop) for the block's
+    duration: a shared laptop or CI runner, where another job takes a core. Yields the
+    processes; killed after."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", "while True: pass"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(max(0, n))
+    ]
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()
 
 
 def git_commit() -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.common import CPU_CARD_NAME, slug
+from benchmarks.common import CPU_CARD_NAME, busy_cores, slug
 from benchmarks.cross_entropy import sweep
 from benchmarks.cross_entropy.budget import Budget
 
@@ -42,6 +42,8 @@ def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
         "quick",
         "--providers",
         ",".join(PROVIDERS),
+        "--busy-cores",
+        "1",  # beside a busy core: the mode that shows a shared machine
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     md, js, png = (tmp_path / f"quick.{ext}" for ext in ("md", "json", "png"))
@@ -53,6 +55,8 @@ def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
     report = json.loads(js.read_text())
     env = report["env"]
     assert env["card"].startswith("CPU") and env["torch"] and env["date"] and env["git_commit"]
+    assert env["busy_cores"] == 1 and env["cpu_threads"] >= 1
+    assert any("busy-looping" in n for n in report["notes"])
     assert report["providers"] == list(PROVIDERS)
     assert not report["skipped"]
     cells = report["cells"]
@@ -102,6 +106,13 @@ def test_sweep_sizes_and_order() -> None:
     # fwd_bwd cells come before forward-only ones: the budget cuts from the end.
     modes = [c.mode for c in cells]
     assert modes.index("fwd") > len(modes) - 1 - modes[::-1].index("fwd_bwd")
+
+
+def test_busy_cores_start_and_stop() -> None:
+    """The busy processes run inside the block and are gone after it."""
+    with busy_cores(2) as procs:
+        assert len(procs) == 2 and all(p.poll() is None for p in procs)
+    assert all(p.poll() is not None for p in procs)
 
 
 def test_helpers() -> None:

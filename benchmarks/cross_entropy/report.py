@@ -31,6 +31,8 @@ def environment(device: torch.device, args: argparse.Namespace) -> dict[str, Any
             else "time.perf_counter median per call (CPU fallback path)"
         ),
         "inputs": "logits randn * 3, targets uniform class indices, reduction mean",
+        "cpu_threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "busy_cores": getattr(args, "busy_cores", 0),
         "pct_copy": "achieved GB/s (floor bytes) / copy GB/s (read + write of the logits)",
     }
 
