@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
-from fusedce import core, triton_backend
+from fusedce import core
+from fusedce.backends import triton_kernels
 from fusedce.options import LossOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -83,14 +84,14 @@ def main() -> None:
     scale = torch.ones((), device=dev)
     opts = LossOptions(-100, 0.0, "mean")
     launches = {
-        "triton run_rows (loss + grad)": lambda: triton_backend.run_rows(
+        "triton run_rows (loss + grad)": lambda: triton_kernels.run_rows(
             xd, y, None, opts, stats, grad, scale
         ),
-        "triton mean_scale_and_bad_count": lambda: triton_backend.mean_scale_and_bad_count(
+        "triton mean_scale_and_bad_count": lambda: triton_kernels.mean_scale_and_bad_count(
             y, None, -100, M, V, True, True
         ),
-        "triton reduce_rows": lambda: triton_backend.reduce_rows(stats[0], scale, True),
-        "triton multiply_rows_": lambda: triton_backend.multiply_rows_(grad, scale),
+        "triton reduce_rows": lambda: triton_kernels.reduce_rows(stats[0], scale, True),
+        "triton multiply_rows_": lambda: triton_kernels.multiply_rows_(grad, scale),
         "torch.empty((3, M))": lambda: torch.empty(3, M, device=dev),
         "core.forward": lambda: core.forward(xd, y, None, opts, True),
     }

@@ -1,6 +1,6 @@
 """Launch configurations of the fused kernel, side by side on one GPU (device time, do_bench).
 
-For each shape it times the kernel's forward + gradient launch (``triton_backend.run_rows`` with
+For each shape it times the kernel's forward + gradient launch (``triton_kernels.run_rows`` with
 a gradient) under several (BLOCK_M, BLOCK_V, SINGLE_TILE, num_warps) choices, checks each result
 against float32 torch, and prints the time relative to a copy of the logits (read + write once).
 
@@ -15,7 +15,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from fusedce import triton_backend
+from fusedce.backends import triton_kernels
 from fusedce.options import LossOptions
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -45,17 +45,17 @@ def tune_shape(M: int, V: int, dname: str) -> None:
     ref[torch.arange(M, device=dev), y] -= 1.0
     ref /= M
     copy = do_bench(lambda: torch.empty_like(x).copy_(x), warmup=5, rep=40)
-    original = triton_backend._launch_config
+    original = triton_kernels._launch_config
     default = original(M, V, x.element_size(), False)
     stats = torch.empty(3, M, device=dev)
     grad = torch.empty_like(x)
     scale = torch.full((), 1.0 / M, device=dev)
 
     def launch() -> None:
-        triton_backend.run_rows(x, y, None, opts, stats, grad, scale)
+        triton_kernels.run_rows(x, y, None, opts, stats, grad, scale)
 
     for cfg in candidates(V):
-        triton_backend._launch_config = lambda *_, c=cfg: c
+        triton_kernels._launch_config = lambda *_, c=cfg: c
         try:
             grad.zero_()
             launch()
@@ -70,7 +70,7 @@ def tune_shape(M: int, V: int, dname: str) -> None:
         except Exception as exc:  # a configuration that does not compile
             print(f"| {dname} | {M} | {V} | {cfg} | failed: {type(exc).__name__} | | | |")
         finally:
-            triton_backend._launch_config = original
+            triton_kernels._launch_config = original
 
 
 def main() -> None:

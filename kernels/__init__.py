@@ -28,8 +28,8 @@ if __name__ != "fusedce":
 
 from ._version import version as _installed_version
 from .backends import available_backends, get_backend, set_backend, use_backend, uses_triton
+from .backends.cpu_compiled import set_cpu_compile
 from .core import CrossEntropyStats
-from .cpu_compiled import set_cpu_compile
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy

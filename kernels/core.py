@@ -1,8 +1,9 @@
 """The row contract every entry point is built on, and the reductions around it.
 
-For logits viewed as (M, V) rows, a backend fills, per row i (see ``triton_backend`` for the
-formulas; w = class weights, eps = label smoothing, t = token weights, lambda = z-loss; the
-loss sees z = softcap(logit_scale * x), m is the row max of z and lse = m + log(sum exp(z - m))):
+For logits viewed as (M, V) rows, a backend fills, per row i (see ``backends.triton_kernels``
+for the formulas; w = class weights, eps = label smoothing, t = token weights, lambda = z-loss;
+the loss sees z = softcap(logit_scale * x), m is the row max of z and
+lse = m + log(sum exp(z - m))):
 
 * ``stats[LOSS, i]`` -- the row's loss t_i * (l_i + lambda * lse_i**2) (NaN for an unchecked
   out-of-range index; the z-loss term only on non-ignored rows);
@@ -39,7 +40,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends, index_check, torch_backend
+from . import backends, index_check
+from .backends import torch_ops
+from .backends.torch_ops import transformed_logits
 from .index_check import DeferredIndexCheck
 from .options import LossOptions, accumulation_dtype
 from .stat_rows import (  # noqa: F401 - re-exported: the rows are part of core's contract
@@ -54,12 +57,11 @@ from .stat_rows import (  # noqa: F401 - re-exported: the rows are part of core'
     Z_PART,
     lse_of,
 )
-from .torch_backend import transformed_logits
 
 try:
-    from . import triton_backend
+    from .backends import triton_kernels
 except ImportError:  # pragma: no cover - depends on the platform
-    triton_backend = None
+    triton_kernels = None
 
 # Up to this many rows, one Triton program computes the mean scale (with the index check) and
 # the final sum in a single launch each; past it, torch's multi-block reductions finish sooner
@@ -163,7 +165,7 @@ def run_rows(
     rows = M
     if backend.name == "torch" and logits.device.type == "cpu":
         work = max(V, 1) * torch.finfo(accumulation_dtype(logits.dtype)).bits // 8
-        compiled = torch_backend.compiled_rows_apply(
+        compiled = torch_ops.compiled_rows_apply(
             logits, target, weight, opts, stats, grad_only, token_weight
         )
         rows = max(1, (CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES) // work)
@@ -242,7 +244,7 @@ def gradient_scale(
         index_check.raise_pending()  # counts of earlier calls that have arrived meanwhile
     if backends.uses_triton(logits) and M <= ONE_PROGRAM_ROWS:
         # One tiny launch computes both the scale and the bad-index count.
-        scale, n_bad = triton_backend.mean_scale_and_bad_count(
+        scale, n_bad = triton_kernels.mean_scale_and_bad_count(
             target, weight, opts.ignore_index, M, V, opts.mean, check, token_weight
         )
     else:
@@ -266,7 +268,7 @@ def reduce_rows(loss_rows: Tensor, scale: Tensor, opts: LossOptions) -> Tensor:
         and backends.uses_triton(loss_rows)
         and loss_rows.numel() <= ONE_PROGRAM_ROWS
     ):
-        return triton_backend.reduce_rows(loss_rows, scale, opts.mean)
+        return triton_kernels.reduce_rows(loss_rows, scale, opts.mean)
     total = loss_rows.sum()
     return total * scale.to(total.dtype) if opts.mean else total
 
@@ -276,7 +278,7 @@ def apply_upstream_grad_(grad: Tensor, factor: Tensor) -> None:
     CUDA: a factor of exactly 1 moves no data)."""
     factor = factor.reshape(())
     if backends.uses_triton(grad):
-        triton_backend.multiply_rows_(grad, factor.float().contiguous())
+        triton_kernels.multiply_rows_(grad, factor.float().contiguous())
     elif bool(factor != 1):  # CPU: reading the value costs nothing
         grad.mul_(factor.to(grad.dtype))
 

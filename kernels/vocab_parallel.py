@@ -51,6 +51,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from . import core, index_check
+from .backends.torch_ops import transformed_logits
 from .core import CrossEntropyStats
 from .linear_chunks import planned_chunk_rows
 from .options import (
@@ -65,7 +66,6 @@ from .options import (
     index_target_for_kernels,
     prepare_token_weight,
 )
-from .torch_backend import transformed_logits
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 

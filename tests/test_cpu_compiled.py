@@ -1,4 +1,4 @@
-"""The Inductor-compiled CPU row contract (``fusedce.cpu_compiled``): large plain CPU calls
+"""The Inductor-compiled CPU row contract (``fusedce.backends.cpu_compiled``): large plain CPU calls
 (class indices, no weights / smoothing / extras) on the torch backend. Checked against the
 float64 reference and against the eager torch ops it replaces, over the shapes that break row
 kernels, every dtype it takes, the reductions, ignored and out-of-range classes, in place."""
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 import fusedce
 from ce_reference import check, make_logits, make_target
-from fusedce import cpu_compiled
+from fusedce.backends import cpu_compiled
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -280,7 +280,7 @@ def test_failure_on_every_call_turns_the_path_off(compiled, monkeypatch, cause):
 
 
 def test_switched_off_by_environment_variable():
-    code = "import fusedce.cpu_compiled as c; print(c.cpu_compile_enabled())"
+    code = "import fusedce.backends.cpu_compiled as c; print(c.cpu_compile_enabled())"
     env = dict(os.environ, FUSEDCE_CPU_COMPILE="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
@@ -293,7 +293,7 @@ def test_compile_failure_falls_back_with_one_warning():
     code = textwrap.dedent(
         """
         import warnings, torch, torch.nn.functional as F, fusedce
-        from fusedce import cpu_compiled
+        from fusedce.backends import cpu_compiled
         x = torch.randn(64, 2048, generator=torch.Generator().manual_seed(0))
         y = torch.randint(0, 2048, (64,), generator=torch.Generator().manual_seed(1))
         with warnings.catch_warnings(record=True) as caught:

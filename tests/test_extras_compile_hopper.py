@@ -13,7 +13,7 @@ triton = pytest.importorskip("triton")
 
 from test_compile_hopper import compile_for_hopper  # noqa: E402
 
-from fusedce import triton_backend as tk  # noqa: E402
+from fusedce.backends import triton_kernels as tk  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import fusedce
 from ce_reference import extras_float64_loss
 from fusedce.backends import uses_triton
-from fusedce.cpu_compiled import cpu_compile_enabled
+from fusedce.backends.cpu_compiled import cpu_compile_enabled
 
 hypothesis = pytest.importorskip("hypothesis")
 st = hypothesis.strategies

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import fusedce
 from ce_reference import extras_float64_loss
-from fusedce.cpu_compiled import cpu_compile_enabled
+from fusedce.backends.cpu_compiled import cpu_compile_enabled
 
 FP32_OFFSETS = [0.0, 1e3, 1e6, 1e8, 1e30, 3e38]
 # (shape, why): one tile with ragged row blocks; a prime above the interpreter's one-tile size

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .options import LossOptions
-from .stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, Z_PART
+from ..options import LossOptions
+from ..stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, Z_PART
 
 
 @triton.jit

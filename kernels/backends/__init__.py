@@ -2,9 +2,9 @@
 
 Two are registered:
 
-* ``"torch"`` -- torch ops (``torch_backend.py``): CPU tensors, float64, and anywhere Triton is
+* ``"torch"`` -- torch ops (``torch_ops.py``): CPU tensors, float64, and anywhere Triton is
   missing;
-* ``"triton"`` -- the fused Triton kernel (``triton_backend.py``): CUDA tensors of float32,
+* ``"triton"`` -- the fused Triton kernel (``triton_kernels.py``): CUDA tensors of float32,
   float16 or bfloat16, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
 
 ``"auto"`` (the default) picks per call: Triton where it can run, torch otherwise. A named
@@ -38,13 +38,13 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from . import torch_backend
-from .options import KERNEL_DTYPES
+from ..options import KERNEL_DTYPES
+from . import torch_ops
 
 try:  # Triton is optional: without it every call takes the torch backend.
-    from . import triton_backend
+    from . import triton_kernels
 except ImportError:  # pragma: no cover - depends on the platform
-    triton_backend = None
+    triton_kernels = None
 
 # Read once: Triton itself decides at import time whether @triton.jit kernels are interpreted.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -67,16 +67,16 @@ class Backend:
 
 
 def _triton_can_run(logits: Tensor) -> bool:
-    if triton_backend is None or logits.dtype not in KERNEL_DTYPES:
+    if triton_kernels is None or logits.dtype not in KERNEL_DTYPES:
         return False
     return logits.is_cuda or (_INTERPRET and logits.device.type == "cpu")
 
 
 _REGISTRY: dict[str, Backend] = {
-    "torch": Backend("torch", torch_backend.run_rows, lambda *a: True),
+    "torch": Backend("torch", torch_ops.run_rows, lambda *a: True),
     "triton": Backend(
         "triton",
-        triton_backend.run_rows if triton_backend else torch_backend.run_rows,
+        triton_kernels.run_rows if triton_kernels else torch_ops.run_rows,
         lambda logits, *a: _triton_can_run(logits),
     ),
 }
@@ -121,7 +121,7 @@ def _choice() -> str:
 def available_backends() -> tuple[str, ...]:
     """The backends that can run in this process (``"torch"`` always; ``"triton"`` where Triton
     imports)."""
-    return ("torch", "triton") if triton_backend is not None else ("torch",)
+    return ("torch", "triton") if triton_kernels is not None else ("torch",)
 
 
 def get_backend() -> str:

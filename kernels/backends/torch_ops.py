@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..options import LossOptions, accumulation_dtype
+from ..stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS, Z_PART
 from . import cpu_compiled
-from .options import LossOptions, accumulation_dtype
-from .stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS, Z_PART
 
 
 def _target_terms(

@@ -4,7 +4,7 @@ Eager torch ops make one pass over the block per op (upcast, max, exp, sum, subt
 downcast); Inductor fuses them into one loop per row that reads the logits from cache and
 writes the gradient once, vectorised. It covers the common call: class indices with no class
 weights, smoothing or extras, float32 / bfloat16 / float16 logits. Everything else takes the
-eager ops of ``torch_backend`` with the same numbers.
+eager ops of ``torch_ops`` with the same numbers.
 
 A call whose compiled function fails runs the eager ops instead (one ``RuntimeWarning`` per kind
 of error), and later calls try the compiled function again. Only a failure that will recur on
