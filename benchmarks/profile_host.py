@@ -90,7 +90,7 @@ def main() -> None:
         "triton mean_scale_and_bad_count": lambda: triton_kernels.mean_scale_and_bad_count(
             y, None, -100, M, V, True, True
         ),
-        "triton reduce_rows": lambda: triton_kernels.reduce_rows(stats[0], scale, True),
+        "triton sum_rows": lambda: triton_kernels.sum_rows(stats[0], scale, True),
         "triton multiply_rows_": lambda: triton_kernels.multiply_rows_(grad, scale),
         "torch.empty((3, M))": lambda: torch.empty(3, M, device=dev),
         "core.forward": lambda: core.forward(xd, y, None, opts, True),

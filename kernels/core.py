@@ -30,7 +30,9 @@ per row; token weights multiply it row by row inside the backend. With ``grad_on
 reads lse and a back from ``stats`` and writes the gradient alone.
 
 Around it: the mean normaliser (with the class-index check fused where the backend can), the
-reduction of the per-row losses, and the scaling of a saved gradient by the upstream gradient.
+reduction of the per-row losses, and the scaling of a saved gradient by the upstream gradient,
+each asked of the backend that runs tensors of that device and dtype (``backends.for_tensor``);
+core itself never sees Triton.
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ import torch
 from torch import Tensor
 
 from . import backends, index_check
-from .backends import torch_ops
-from .backends.torch_ops import transformed_logits
+from .backends.torch_ops import (  # noqa: F401 - re-exported: every entry point uses them
+    inverse_normaliser,
+    mean_normaliser,
+    transformed_logits,
+)
 from .index_check import DeferredIndexCheck
 from .options import LossOptions, accumulation_dtype
 from .stat_rows import (  # noqa: F401 - re-exported: the rows are part of core's contract
@@ -55,51 +60,9 @@ from .stat_rows import (  # noqa: F401 - re-exported: the rows are part of core'
     MAX,
     STAT_ROWS,
     Z_PART,
+    CrossEntropyStats,
     lse_of,
 )
-
-try:
-    from .backends import triton_kernels
-except ImportError:  # pragma: no cover - depends on the platform
-    triton_kernels = None
-
-# Up to this many rows, one Triton program computes the mean scale (with the index check) and
-# the final sum in a single launch each; past it, torch's multi-block reductions finish sooner
-# than one program looping over all rows. A guess to be tuned on the GPU (docs/KERNEL_NOTES.md).
-ONE_PROGRAM_ROWS = 16384
-# On the CPU the torch backend's eager ops work through the rows in chunks of about this many
-# bytes of accumulation-dtype values, so that the upcast copy of half-precision rows and the
-# intermediates stay in cache (bfloat16 4096 x 32000 on one thread: about 3x faster than
-# unchunked).
-CPU_ROW_BLOCK_BYTES = 2 << 20
-# The Inductor-compiled rows fuse every pass into one loop per row, so they need no cache
-# blocking; but each call is a few OpenMP parallel regions whose barriers wait for every thread.
-# On a machine where another process takes a core, a thread that is descheduled holds every
-# barrier for a time slice: 2 MiB blocks (hundreds of regions a call) made a call several times
-# slower than eager torch there. Large blocks keep the regions few; the block bounds the
-# compiled function's temporaries.
-CPU_COMPILED_BLOCK_BYTES = 32 << 20
-
-
-class CrossEntropyStats(NamedTuple):
-    """What ``return_stats=True`` returns next to the loss; detached tensors.
-
-    Attributes:
-        z_loss: the z-loss part of the loss alone (sum_i t_i * lambda * lse_i**2 over the
-            non-ignored elements), reduced as the loss is: () or the per-element shape.
-        lse: log-sum-exp of the (scaled, softcapped) logits z, per element (the target's
-            shape for class indices, the input's shape without the class dimension for
-            probabilities); computed for ignored elements too.
-        entropy: entropy H(softmax(z)) = lse - sum_c p_c z_c per element.
-        correct: bool per element: argmax(z) (first maximum, as ``torch.argmax``) equals the
-            class index, or the argmax of the probability target; False where ignored.
-            Accuracy is ``correct.sum() / valid.sum()``.
-    """
-
-    z_loss: Tensor
-    lse: Tensor
-    entropy: Tensor
-    correct: Tensor
 
 
 def new_stats(
@@ -161,14 +124,8 @@ def run_rows(
     """
     per_row = scale is not None and scale.dim() == 1
     backend = backends.select(logits, target, weight, grad, per_row, grad_only)
-    M, V = logits.shape
-    rows = M
-    if backend.name == "torch" and logits.device.type == "cpu":
-        work = max(V, 1) * torch.finfo(accumulation_dtype(logits.dtype)).bits // 8
-        compiled = torch_ops.compiled_rows_apply(
-            logits, target, weight, opts, stats, grad_only, token_weight
-        )
-        rows = max(1, (CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES) // work)
+    M = logits.shape[0]
+    rows = backend.rows_per_call(logits, target, weight, opts, stats, grad_only, token_weight)
     if rows >= M:
         backend.run_rows(logits, target, weight, opts, stats, grad, scale, grad_only, token_weight)
         return
@@ -187,43 +144,6 @@ def run_rows(
         )
 
 
-def inverse_normaliser(denom: Tensor) -> Tensor:
-    """1 / denom, and 0 where denom is exactly 0: a mean over nothing (every target ignored, or
-    no rows) gives 0, not NaN -- a documented deviation from torch. A negative normaliser
-    (negative class weights) divides as torch does."""
-    return torch.where(denom != 0, 1.0 / denom, 0.0)
-
-
-def mean_normaliser(
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    acc: torch.dtype = torch.float32,
-    token_weight: Tensor | None = None,
-) -> Tensor:
-    """torch's normaliser of reduction="mean", generalised to token weights t, as an ``acc``
-    device scalar (no host sync).
-
-    Class indices: sum of t_i * w_{y_i} over the non-ignored targets (their count without
-    weights). Probabilities: sum of t_i (the number of rows without token weights).
-    """
-    if target.dim() == 2:
-        if token_weight is not None:
-            return token_weight.sum(dtype=acc)
-        return torch.full((), float(target.shape[0]), dtype=acc, device=target.device)
-    valid = target != ignore_index
-    if weight is None and token_weight is None:
-        return valid.sum(dtype=acc)
-    if weight is None:
-        per = torch.ones((), dtype=acc, device=target.device)
-    else:
-        # Clamp so that an unchecked bad index cannot gather out of bounds.
-        per = weight[target.clamp(0, weight.numel() - 1).long()].to(acc)
-    if token_weight is not None:
-        per = per * token_weight.to(acc)
-    return torch.where(valid, per, 0.0).sum(dtype=acc)
-
-
 def gradient_scale(
     logits: Tensor,
     target: Tensor,
@@ -238,23 +158,12 @@ def gradient_scale(
     With ``defer_check`` (a gradient is wanted) a CUDA check is returned to be resolved in
     backward instead of reading the count back now.
     """
-    M, V = logits.shape
+    V = logits.shape[1]
     check = index_check.target_check_enabled() and target.dim() == 1
     if index_check._pending:
         index_check.raise_pending()  # counts of earlier calls that have arrived meanwhile
-    if backends.uses_triton(logits) and M <= ONE_PROGRAM_ROWS:
-        # One tiny launch computes both the scale and the bad-index count.
-        scale, n_bad = triton_kernels.mean_scale_and_bad_count(
-            target, weight, opts.ignore_index, M, V, opts.mean, check, token_weight
-        )
-    else:
-        n_bad = index_check.count_bad_indices(target, V, opts.ignore_index) if check else None
-        if opts.mean:
-            acc = accumulation_dtype(logits.dtype)
-            denom = mean_normaliser(target, weight, opts.ignore_index, acc, token_weight)
-            scale = inverse_normaliser(denom)
-        else:
-            scale = torch.ones((), dtype=torch.float32, device=logits.device)
+    backend = backends.for_tensor(logits)
+    scale, n_bad = backend.mean_scale(logits, target, weight, opts, check, token_weight)
     pending = index_check.settle(n_bad, target, V, opts.ignore_index, defer_check)
     return scale, pending
 
@@ -263,24 +172,14 @@ def reduce_rows(loss_rows: Tensor, scale: Tensor, opts: LossOptions) -> Tensor:
     """The per-row losses reduced as ``opts.reduction`` asks (``scale`` = 1 / normaliser)."""
     if opts.per_row:
         return loss_rows
-    if (
-        loss_rows.dtype == torch.float32
-        and backends.uses_triton(loss_rows)
-        and loss_rows.numel() <= ONE_PROGRAM_ROWS
-    ):
-        return triton_kernels.reduce_rows(loss_rows, scale, opts.mean)
-    total = loss_rows.sum()
-    return total * scale.to(total.dtype) if opts.mean else total
+    return backends.for_tensor(loss_rows).reduce_rows(loss_rows, scale, opts.mean)
 
 
 def apply_upstream_grad_(grad: Tensor, factor: Tensor) -> None:
     """``grad *= factor`` in place for a (M, V) gradient; ``factor`` is () (no host sync on
     CUDA: a factor of exactly 1 moves no data)."""
     factor = factor.reshape(())
-    if backends.uses_triton(grad):
-        triton_kernels.multiply_rows_(grad, factor.float().contiguous())
-    elif bool(factor != 1):  # CPU: reading the value costs nothing
-        grad.mul_(factor.to(grad.dtype))
+    backends.for_tensor(grad).scale_rows_(grad, factor)
 
 
 class Forward(NamedTuple):

@@ -1,7 +1,7 @@
 """``cross_entropy`` and ``CrossEntropyLoss``: torch's signatures on the fused row contract.
 
 This file holds the argument checks, the autograd Function (eager mode) and the custom ops
-(what ``torch.compile`` sees); the computation is ``core.py`` on a backend of ``backends.py``.
+(what ``torch.compile`` sees); the computation is ``core.py`` on a backend of ``backends``.
 
 Scalar reductions compute the loss AND the gradient in one pass over the logits; backward only
 multiplies the saved gradient by ``grad_output`` (nothing at all, without a host sync, when it
@@ -12,7 +12,6 @@ backward writes the gradient once, with each row's upstream factor folded in.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, core, func_transforms, index_check, vocab_parallel
@@ -550,18 +549,15 @@ def _cross_entropy(
     need_grad = grad_enabled and input.requires_grad
     target_grad = grad_enabled and target.requires_grad
     scale = None
-    loss = stats = None
-    if not compiling and _small_plain_cpu_call(
-        logits, target, opts, tw, inplace_backward, target_grad
-    ):
-        loss, all_valid = _small_plain_cpu_loss(logits, target, weight, opts, who)
-        if loss is not None and extras:
-            loss = loss.reshape(out_shape) if opts.per_row else loss
-            stats = _small_plain_cpu_stats(logits, target, opts, out_shape, loss, all_valid)
-            return loss, stats
-    if loss is not None:
-        pass  # torch's own operator took it
-    elif compiling:
+    shortcut = None if compiling else backends.small_call(logits)
+    if shortcut is not None:
+        # The backend may take the whole call (small plain CPU calls: torch's F.cross_entropy).
+        out = shortcut(
+            logits, target, weight, opts, tw, out_shape, extras, inplace_backward, target_grad, who
+        )
+        if out is not None:
+            return out
+    if compiling:
         grad_now = need_grad and not opts.per_row
         smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(
             opts, _float_options_as_tensor(logits, opts, target_grad)
@@ -620,122 +616,6 @@ def _float_options_as_tensor(logits: Tensor, opts: LossOptions, target_grad: boo
     require grad) is computed from the floats in backward, so it keeps them too.
     """
     return logits.device.type == "cpu" and not target_grad and has_float_options(opts)
-
-
-# Up to this many logits, a plain call on the CPU's torch backend goes to torch's own fused
-# operator: the same numbers with a fraction of the per-call overhead of the row contract (about
-# 30 small ops), which dominates at this size (128 x 2 float32, 2-core development machine: 166
-# us a forward + backward through the row contract, 20 us through F.cross_entropy).
-SMALL_CPU_ELEMENTS = 1 << 15
-# Small calls with at most this many classes and at least this many rows take torch's K-dim
-# layout (see _small_plain_cpu_loss).
-_FEW_CLASSES = 8
-_MANY_ROWS = 512
-
-
-def _small_plain_cpu_call(
-    logits: Tensor,
-    target: Tensor,
-    opts: LossOptions,
-    tw: Tensor | None,
-    inplace_backward: bool,
-    target_grad: bool,
-) -> bool:
-    """A call that torch's ``F.cross_entropy`` computes exactly as the row contract would: on
-    the CPU with the backend left on "auto" (and no Triton interpreter), small, class indices,
-    no logit transform, z-loss or token weights (``return_stats`` is fine), nothing in place,
-    and the index check on (a bad index raises before torch sees it)."""
-    return (
-        logits.device.type == "cpu"
-        and logits.numel() <= SMALL_CPU_ELEMENTS
-        and target.dim() == 1
-        and not (inplace_backward or target_grad or tw is not None)
-        and not opts.transforms_logits
-        and opts.z_loss == 0.0
-        and index_check.target_check_enabled()
-        and backends.get_backend() == "auto"  # set_backend("torch") keeps the row contract
-        and not backends.uses_triton(logits)
-    )
-
-
-def _small_plain_cpu_loss(
-    logits: Tensor, target: Tensor, weight: Tensor | None, opts: LossOptions, who: str
-) -> tuple[Tensor | None, bool]:
-    """The loss of a ``_small_plain_cpu_call`` through ``F.cross_entropy`` (differentiable), or
-    None where the row contract must take it (a mean over nothing: 0 here, NaN in torch; an
-    ignored row with non-finite logits); and whether every target is a class (none ignored)."""
-    M, C = logits.shape
-    if M == 0:
-        return None, False
-    target = target.long()
-    # One min / max answers the usual case: every index a class, none ignored (reading them
-    # costs no sync on the CPU).
-    lo, hi = (int(v) for v in torch.aminmax(target))
-    plain = lo >= 0 and hi < C and not lo <= opts.ignore_index <= hi
-    if not plain:
-        index_check.check_class_indices(target, C, opts.ignore_index, who)
-        # An ignored row whose logits are NaN or inf (a masked vocabulary) gets a zero gradient
-        # on the row contract; torch's log_softmax backward would give it NaN. One input, one
-        # answer: such calls take the row contract.
-        ignored = target == opts.ignore_index
-        if bool(ignored.any()) and not bool(logits[ignored].isfinite().all()):
-            return None, False
-    if opts.mean and (weight is not None or not plain):
-        valid = target != opts.ignore_index
-        denom = valid.sum() if weight is None else weight[target[valid]].sum()
-        if not bool(denom != 0):
-            return None, plain
-    acc = accumulation_dtype(logits.dtype)
-    x = logits.to(acc)
-    if C <= _FEW_CLASSES and M >= _MANY_ROWS:
-        # A few classes and many rows: the same loss as K-dim input (1, C, M), whose softmax
-        # runs vectorised along the rows instead of a short loop per row (2-core development
-        # machine, 8192 x 2 float32 forward + backward: 98 us against 239 us).
-        loss = F.cross_entropy(
-            x.t().unsqueeze(0),
-            target.unsqueeze(0),
-            weight,
-            ignore_index=opts.ignore_index,
-            reduction=opts.reduction,
-            label_smoothing=opts.label_smoothing,
-        )
-        return (loss.squeeze(0) if opts.reduction == "none" else loss), plain
-    loss = F.cross_entropy(
-        x,
-        target,
-        weight,
-        ignore_index=opts.ignore_index,
-        reduction=opts.reduction,
-        label_smoothing=opts.label_smoothing,
-    )
-    return loss, plain
-
-
-def _small_plain_cpu_stats(
-    logits: Tensor,
-    target: Tensor,
-    opts: LossOptions,
-    out_shape: tuple[int, ...],
-    loss: Tensor,
-    all_valid: bool,
-) -> CrossEntropyStats:
-    """``return_stats`` of a ``_small_plain_cpu_call`` from torch ops (z-loss is off: 0);
-    ``all_valid``: no target is ignored."""
-    with torch.no_grad():
-        # Few ops: at these sizes each op's overhead is the cost.
-        z = logits.to(accumulation_dtype(logits.dtype))
-        z_max, i_max = z.max(dim=1, keepdim=True)
-        p = torch.softmax(z, dim=1)
-        # lse = max - log p_max (p_max >= 1 / C never underflows); H = -sum p log p, entr(0) = 0
-        # so a logit of -inf contributes 0.
-        lse = (z_max - p.gather(1, i_max).log_()).squeeze(1)
-        entropy = torch.special.entr(p).sum(dim=1)
-        correct = i_max.squeeze(1) == target
-        if not all_valid:
-            correct &= target != opts.ignore_index
-    if lse.shape != out_shape:
-        lse, entropy, correct = (t.reshape(out_shape) for t in (lse, entropy, correct))
-    return CrossEntropyStats(loss.new_zeros(loss.shape), lse, entropy, correct)
 
 
 class CrossEntropyLoss(nn.Module):

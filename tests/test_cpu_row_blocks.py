@@ -1,6 +1,8 @@
-"""The torch backend on the CPU works through the rows in blocks (``core.CPU_ROW_BLOCK_BYTES``):
-every option must give the float64 reference whatever the block size, with ragged last blocks,
-per-row scales ("none"), the gradient-only pass, token weights and in-place gradients."""
+"""The torch backend on the CPU works through the rows in blocks
+(``backends.torch_ops.CPU_ROW_BLOCK_BYTES``): every option must give the float64 reference
+whatever the block size, with ragged last blocks, per-row scales ("none"), the gradient-only
+pass, token weights and in-place gradients. The calls are counted through
+``backends.replaced``."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ import torch
 
 import fusedce
 from ce_reference import check, check_extras, make_logits, make_target
-from fusedce import backends, core
+from fusedce import backends
+from fusedce.backends import torch_ops
 
 # 11 rows of 37 classes: blocks of 1 row (every row alone) and of 4 rows (a ragged last block of
 # 3), in float32 (no copy) and bfloat16 (the upcast copy is per block).
@@ -24,18 +27,16 @@ N, V = 11, 37
 def small_blocks(request, monkeypatch):
     """Blocks of ``rows`` rows; yields the row count of every backend call made."""
     # Bytes per row of float32 work: a budget of `rows` rows.
-    monkeypatch.setattr(core, "CPU_ROW_BLOCK_BYTES", request.param * V * 4)
-    torch_backend = backends._REGISTRY["torch"]
+    monkeypatch.setattr(torch_ops, "CPU_ROW_BLOCK_BYTES", request.param * V * 4)
+    torch_rows = backends.registered("torch")
     seen: list[int] = []
 
     def counted(logits, *args, **kwargs):
         seen.append(logits.shape[0])
-        return torch_backend.run_rows(logits, *args, **kwargs)
+        return torch_rows.run_rows(logits, *args, **kwargs)
 
-    monkeypatch.setitem(
-        backends._REGISTRY, "torch", dataclasses.replace(torch_backend, run_rows=counted)
-    )
-    with fusedce.use_backend("torch"):
+    counting = dataclasses.replace(torch_rows, run_rows=counted)
+    with backends.replaced(counting), fusedce.use_backend("torch"):
         yield seen
     assert seen and max(seen) <= request.param  # every call got one block at most
 

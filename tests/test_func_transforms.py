@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import grad, hessian, jacfwd, jacrev, vmap
 
 import fusedce
-from fusedce.cross_entropy_loss import SMALL_CPU_ELEMENTS
+from fusedce.backends.small_calls import SMALL_CPU_ELEMENTS
 
 # (rows, classes): a small call and one of 40000 logits, past SMALL_CPU_ELEMENTS.
 SIZES = [(4, 7), (4, 10000)]

@@ -1,7 +1,8 @@
 """Small plain CPU calls on the default backend go to torch's ``F.cross_entropy``
-(``cross_entropy_loss.SMALL_CPU_ELEMENTS``): same results as the float64 reference, fusedce's
-own semantics where torch's differ (float32 loss for half input, a mean over nothing is 0, a
-bad class index raises fusedce's IndexError), and everything else still on the row contract."""
+(``backends.small_calls.SMALL_CPU_ELEMENTS``): same results as the float64 reference,
+fusedce's own semantics where torch's differ (float32 loss for half input, a mean over nothing
+is 0, a bad class index raises fusedce's IndexError), and everything else still on the row
+contract."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 import fusedce
 from ce_reference import check, make_logits, make_target
-from fusedce import cross_entropy_loss
+from fusedce.backends import small_calls
 
 pytestmark = pytest.mark.skipif(
     fusedce.uses_triton(torch.empty(1)), reason="under TRITON_INTERPRET=1 CPU calls take Triton"
@@ -22,13 +23,13 @@ pytestmark = pytest.mark.skipif(
 def calls(monkeypatch):
     """Counts the calls that took the F.cross_entropy path."""
     seen = []
-    real = cross_entropy_loss._small_plain_cpu_loss
+    real = small_calls.plain_loss
 
     def counted(*args, **kwargs):
         seen.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cross_entropy_loss, "_small_plain_cpu_loss", counted)
+    monkeypatch.setattr(small_calls, "plain_loss", counted)
     with fusedce.use_backend("auto"):
         yield seen
 

@@ -3,9 +3,14 @@
 Two are registered:
 
 * ``"torch"`` -- torch ops (``torch_ops.py``): CPU tensors, float64, and anywhere Triton is
-  missing;
-* ``"triton"`` -- the fused Triton kernel (``triton_kernels.py``): CUDA tensors of float32,
-  float16 or bfloat16, and CPU tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
+  missing; on the CPU large plain calls take the Inductor-compiled rows (``cpu_compiled.py``)
+  and small plain calls torch's own ``F.cross_entropy`` (``small_calls.py``);
+* ``"triton"`` -- the fused Triton kernel (``triton_kernels.py``, the only module that imports
+  Triton): CUDA tensors of float32, float16 or bfloat16, and CPU tensors under Triton's
+  interpreter (``TRITON_INTERPRET=1``).
+
+Each is a ``Backend``: everything ``core`` asks of one (the rows, the mean scale with the
+class-index count, the reduction of the row losses, the scaling by the upstream gradient).
 
 ``"auto"`` (the default) picks per call: Triton where it can run, torch otherwise. A named
 backend is used wherever it can take the tensors; float64 and devices it cannot run on still go
@@ -32,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,9 +45,10 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from ..options import KERNEL_DTYPES
-from . import torch_ops
+from . import small_calls, torch_ops
 
-try:  # Triton is optional: without it every call takes the torch backend.
+# The one place that asks whether Triton is there: without it every call takes the torch backend.
+try:
     from . import triton_kernels
 except ImportError:  # pragma: no cover - depends on the platform
     triton_kernels = None
@@ -52,18 +59,35 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @dataclass(frozen=True)
 class Backend:
-    """One implementation of the row contract (``core.run_rows``).
+    """One implementation of the row contract and of the reductions around it: what ``core``
+    calls. Tensors are as ``core.run_rows`` describes them.
 
     Attributes:
         name: what ``set_backend`` calls it.
-        run_rows: fills the per-row statistics and the gradient; see ``core.run_rows``.
-        takes: whether it can run a call on these tensors (logits, target, weight, grad, per-row
-            scale wanted, gradient-only launch).
+        takes: ``(logits, target, weight, grad, per_row_scale, grad_only) -> bool``, whether it
+            can run a call on these tensors.
+        run_rows: ``(logits, target, weight, opts, stats, grad, scale, grad_only, token_weight)``
+            fills the per-row statistics and the gradient; see ``core.run_rows``.
+        rows_per_call: ``(logits, target, weight, opts, stats, grad_only, token_weight) -> int``,
+            how many rows one ``run_rows`` call takes (``core`` splits a larger call in blocks).
+        mean_scale: ``(logits, target, weight, opts, check, token_weight) -> (scale, n_bad)``,
+            the () gradient scale (1 / the mean normaliser, or 1) and, with ``check``, the ()
+            count of out-of-range class indices (else None); no host sync.
+        reduce_rows: ``(loss_rows, scale, mean) -> Tensor``, the () sum of the per-row losses,
+            times ``scale`` when ``mean``.
+        scale_rows_: ``(grad, factor) -> None``, ``grad *= factor`` in place for a () factor.
+        small_call: for calls on the "auto" setting, a shortcut that may take a whole call
+            (``small_calls.cross_entropy``), or None.
     """
 
     name: str
-    run_rows: Callable[..., None]
     takes: Callable[..., bool]
+    run_rows: Callable[..., None]
+    rows_per_call: Callable[..., int]
+    mean_scale: Callable[..., tuple[Tensor, Tensor | None]]
+    reduce_rows: Callable[[Tensor, Tensor, bool], Tensor]
+    scale_rows_: Callable[[Tensor, Tensor], None]
+    small_call: Callable[..., object] | None = None
 
 
 def _triton_can_run(logits: Tensor) -> bool:
@@ -72,12 +96,27 @@ def _triton_can_run(logits: Tensor) -> bool:
     return logits.is_cuda or (_INTERPRET and logits.device.type == "cpu")
 
 
+def _module_backend(name: str, module, takes, small_call=None) -> Backend:
+    return Backend(
+        name,
+        takes,
+        module.run_rows,
+        module.rows_per_call,
+        module.mean_scale,
+        module.reduce_rows,
+        module.scale_rows_,
+        small_call,
+    )
+
+
+_TORCH = _module_backend("torch", torch_ops, lambda *a: True, small_calls.cross_entropy)
 _REGISTRY: dict[str, Backend] = {
-    "torch": Backend("torch", torch_ops.run_rows, lambda *a: True),
-    "triton": Backend(
-        "triton",
-        triton_kernels.run_rows if triton_kernels else torch_ops.run_rows,
-        lambda logits, *a: _triton_can_run(logits),
+    "torch": _TORCH,
+    "triton": (
+        _module_backend("triton", triton_kernels, lambda logits, *a: _triton_can_run(logits))
+        if triton_kernels is not None
+        # Never taken (nothing runs Triton): the name stays valid for set_backend.
+        else dataclasses.replace(_TORCH, name="triton", takes=lambda *a: False, small_call=None)
     ),
 }
 _CHOICES = ("auto", *_REGISTRY)
@@ -175,12 +214,51 @@ def select(
     return _REGISTRY["torch"]
 
 
+def registered(name: str) -> Backend:
+    """The ``Backend`` registered as ``name`` (``"torch"`` or ``"triton"``)."""
+    choice = _check_name(name)
+    if choice == "auto":
+        raise ValueError('fusedce: "auto" is a setting, not a registered backend')
+    return _REGISTRY[choice]
+
+
+@contextlib.contextmanager
+def replaced(backend: Backend) -> Iterator[None]:
+    """Registers ``backend`` in place of the backend of its name inside a ``with`` block, for
+    every thread (an instrumentation hook: a test wraps ``run_rows`` to count the calls); the
+    original is registered again after the block."""
+    original = registered(backend.name)
+    _REGISTRY[original.name] = backend
+    try:
+        yield
+    finally:
+        _REGISTRY[original.name] = original
+
+
+def for_tensor(t: Tensor) -> Backend:
+    """The backend that computes the reductions around the rows for a tensor of this device and
+    dtype (the mean scale, the sum of the row losses, the upstream scaling): Triton where
+    ``uses_triton(t)``, else torch."""
+    return _REGISTRY["triton" if uses_triton(t) else "torch"]
+
+
+def small_call(t: Tensor) -> Callable[..., object] | None:
+    """The shortcut that may take a whole call on logits like ``t`` (the torch backend's: small
+    plain CPU calls to ``F.cross_entropy``, ``small_calls.cross_entropy``), or None. Only the
+    "auto" setting takes one: a named backend keeps the row contract."""
+    return for_tensor(t).small_call if _choice() == "auto" else None
+
+
 __all__ = [
     "Backend",
     "available_backends",
+    "for_tensor",
     "get_backend",
+    "registered",
+    "replaced",
     "select",
     "set_backend",
+    "small_call",
     "use_backend",
     "uses_triton",
 ]

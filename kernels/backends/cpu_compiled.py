@@ -29,7 +29,7 @@ from torch import Tensor
 
 # Below this many logits in a row block the eager ops are as fast as the call into the
 # compiled code (its guards and wrapper cost tens of microseconds); smaller plain calls on the
-# default backend go to F.cross_entropy anyway (cross_entropy_loss.SMALL_CPU_ELEMENTS).
+# default backend go to F.cross_entropy anyway (small_calls.SMALL_CPU_ELEMENTS).
 MIN_BLOCK_LOGITS = 1 << 15
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

@@ -1,7 +1,11 @@
-"""The torch backend: the row contract from torch ops, for CPU tensors and float64.
+"""The torch backend: the row contract from torch ops, for CPU tensors and float64, and the
+reductions around it (the mean scale with the class-index check, the sum of the row losses, the
+scaling by the upstream gradient).
 
 It defines the numbers the Triton kernel is held to; the formulas are in ``core.py``. As there,
 everything is computed from the row max: log-probabilities are (z - m) - log_sum, never z - lse.
+On the CPU a call is worked through in row blocks (``rows_per_call``); large plain blocks take
+the Inductor-compiled rows (``cpu_compiled``).
 """
 
 from __future__ import annotations
@@ -9,9 +13,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import index_check
 from ..options import LossOptions, accumulation_dtype
 from ..stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS, Z_PART
 from . import cpu_compiled
+
+# On the CPU the eager ops work through the rows in chunks of about this many bytes of
+# accumulation-dtype values, so that the upcast copy of half-precision rows and the
+# intermediates stay in cache (bfloat16 4096 x 32000 on one thread: about 3x faster than
+# unchunked).
+CPU_ROW_BLOCK_BYTES = 2 << 20
+# The Inductor-compiled rows fuse every pass into one loop per row, so they need no cache
+# blocking; but each call is a few OpenMP parallel regions whose barriers wait for every thread.
+# On a machine where another process takes a core, a thread that is descheduled holds every
+# barrier for a time slice: 2 MiB blocks (hundreds of regions a call) made a call several times
+# slower than eager torch there. Large blocks keep the regions few; the block bounds the
+# compiled function's temporaries.
+CPU_COMPILED_BLOCK_BYTES = 32 << 20
 
 
 def _target_terms(
@@ -277,3 +295,92 @@ def run_rows(
             p.masked_fill_(bad[:, None], float("nan"))
     if p is not grad:
         grad.copy_(p)
+
+
+def rows_per_call(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    stats: Tensor,
+    grad_only: bool,
+    token_weight: Tensor | None,
+) -> int:
+    """How many rows of this (M, V) call one ``run_rows`` call takes: on the CPU, the rows of
+    ``CPU_ROW_BLOCK_BYTES`` (``CPU_COMPILED_BLOCK_BYTES`` for the compiled rows) of
+    accumulation-dtype values; elsewhere all of them."""
+    M, V = logits.shape
+    if logits.device.type != "cpu":
+        return M
+    work = max(V, 1) * torch.finfo(accumulation_dtype(logits.dtype)).bits // 8
+    compiled = compiled_rows_apply(logits, target, weight, opts, stats, grad_only, token_weight)
+    return max(1, (CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES) // work)
+
+
+def inverse_normaliser(denom: Tensor) -> Tensor:
+    """1 / denom, and 0 where denom is exactly 0: a mean over nothing (every target ignored, or
+    no rows) gives 0, not NaN -- a documented deviation from torch. A negative normaliser
+    (negative class weights) divides as torch does."""
+    return torch.where(denom != 0, 1.0 / denom, 0.0)
+
+
+def mean_normaliser(
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    acc: torch.dtype = torch.float32,
+    token_weight: Tensor | None = None,
+) -> Tensor:
+    """torch's normaliser of reduction="mean", generalised to token weights t, as an ``acc``
+    device scalar (no host sync).
+
+    Class indices: sum of t_i * w_{y_i} over the non-ignored targets (their count without
+    weights). Probabilities: sum of t_i (the number of rows without token weights).
+    """
+    if target.dim() == 2:
+        if token_weight is not None:
+            return token_weight.sum(dtype=acc)
+        return torch.full((), float(target.shape[0]), dtype=acc, device=target.device)
+    valid = target != ignore_index
+    if weight is None and token_weight is None:
+        return valid.sum(dtype=acc)
+    if weight is None:
+        per = torch.ones((), dtype=acc, device=target.device)
+    else:
+        # Clamp so that an unchecked bad index cannot gather out of bounds.
+        per = weight[target.clamp(0, weight.numel() - 1).long()].to(acc)
+    if token_weight is not None:
+        per = per * token_weight.to(acc)
+    return torch.where(valid, per, 0.0).sum(dtype=acc)
+
+
+def mean_scale(
+    logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    opts: LossOptions,
+    check: bool,
+    token_weight: Tensor | None,
+) -> tuple[Tensor, Tensor | None]:
+    """The () gradient scale (1 / the mean normaliser in the accumulation dtype, or float32 1)
+    and, with ``check``, the count of out-of-range class indices (else None)."""
+    V = logits.shape[1]
+    n_bad = index_check.count_bad_indices(target, V, opts.ignore_index) if check else None
+    if opts.mean:
+        acc = accumulation_dtype(logits.dtype)
+        denom = mean_normaliser(target, weight, opts.ignore_index, acc, token_weight)
+        return inverse_normaliser(denom), n_bad
+    return torch.ones((), dtype=torch.float32, device=logits.device), n_bad
+
+
+def reduce_rows(loss_rows: Tensor, scale: Tensor, mean: bool) -> Tensor:
+    """The sum of the (M,) per-row losses, times ``scale`` when ``mean``."""
+    total = loss_rows.sum()
+    return total * scale.to(total.dtype) if mean else total
+
+
+def scale_rows_(grad: Tensor, factor: Tensor) -> None:
+    """``grad *= factor`` in place for a () factor; a factor of exactly 1 moves no data (reading
+    it is free on the CPU, a host sync elsewhere)."""
+    if bool(factor != 1):
+        grad.mul_(factor.to(grad.dtype))

@@ -1,5 +1,10 @@
 """The Triton backend: cross-entropy loss and its gradient in one launch, and its helpers.
 
+The only module that imports Triton (``backends`` imports it where Triton is installed). Its
+``mean_scale``, ``reduce_rows`` and ``scale_rows_`` are the backend's side of the reductions
+around the rows: one-program kernels up to ``ONE_PROGRAM_ROWS`` rows, torch's reductions
+(``torch_ops``) past it.
+
 Layout: logits are a 2-D (M, V) view with unit stride along V (any row stride). One program owns
 BLOCK_M whole rows. For each row it computes the log-sum-exp with an online (running max) softmax
 and, when asked, writes the gradient of the row's loss in the same launch:
@@ -35,6 +40,12 @@ import triton.language as tl
 
 from ..options import LossOptions
 from ..stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, Z_PART
+from . import torch_ops
+
+# Up to this many rows, one Triton program computes the mean scale (with the index check) and
+# the final sum in a single launch each; past it, torch's multi-block reductions finish sooner
+# than one program looping over all rows. A guess to be tuned on the GPU (docs/KERNEL_NOTES.md).
+ONE_PROGRAM_ROWS = 16384
 
 
 @triton.jit
@@ -493,8 +504,8 @@ def _mean_scale_kernel(
                 w *= tl.load(token_weight_ptr + rows, mask=ok, other=0.0)
             denom += tl.sum(w, axis=0)
     if MEAN:
-        # core.inverse_normaliser: only an exactly zero normaliser (nothing to average) gives 0;
-        # a negative one (negative class weights) divides as torch does.
+        # torch_ops.inverse_normaliser: only an exactly zero normaliser (nothing to average)
+        # gives 0; a negative one (negative class weights) divides as torch does.
         scale = tl.where(denom != 0.0, 1.0 / denom, 0.0)
     else:
         scale = denom * 0.0 + 1.0
@@ -675,7 +686,7 @@ def mean_scale_and_bad_count(
     return scale, bad
 
 
-def reduce_rows(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> torch.Tensor:
+def sum_rows(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> torch.Tensor:
     """() float32: sum of the (M,) per-row losses, times ``scale`` when ``mean``."""
     out = torch.empty((), dtype=torch.float32, device=loss_rows.device)
     _reduce_kernel[(1,)](
@@ -688,3 +699,47 @@ def reduce_rows(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> tor
         num_warps=8,
     )
     return out
+
+
+def rows_per_call(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    stats: torch.Tensor,
+    grad_only: bool,
+    token_weight: torch.Tensor | None,
+) -> int:
+    """Every row in one launch."""
+    return logits.shape[0]
+
+
+def mean_scale(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None,
+    opts: LossOptions,
+    check: bool,
+    token_weight: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``torch_ops.mean_scale``: one tiny launch computes both the scale and the bad-index count
+    (up to ``ONE_PROGRAM_ROWS`` rows)."""
+    M, V = logits.shape
+    if M > ONE_PROGRAM_ROWS:
+        return torch_ops.mean_scale(logits, target, weight, opts, check, token_weight)
+    return mean_scale_and_bad_count(
+        target, weight, opts.ignore_index, M, V, opts.mean, check, token_weight
+    )
+
+
+def reduce_rows(loss_rows: torch.Tensor, scale: torch.Tensor, mean: bool) -> torch.Tensor:
+    """``torch_ops.reduce_rows``: one program sums float32 losses in a fixed order (up to
+    ``ONE_PROGRAM_ROWS`` rows)."""
+    if loss_rows.dtype == torch.float32 and loss_rows.numel() <= ONE_PROGRAM_ROWS:
+        return sum_rows(loss_rows, scale, mean)
+    return torch_ops.reduce_rows(loss_rows, scale, mean)
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """``grad *= factor`` for a () factor, no host sync: a factor of exactly 1 moves no data."""
+    multiply_rows_(grad, factor.float().contiguous())
