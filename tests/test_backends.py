@@ -4,16 +4,20 @@ names (case-insensitive, whitespace stripped) and a clear error for a bad enviro
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
 
 import fusedce
+from fusedce import backends, core
 
 
 @pytest.fixture(autouse=True)
@@ -164,3 +168,55 @@ def test_bad_environment_variable_fails_the_import_naming_it():
     assert last.startswith("ValueError"), done.stderr
     for part in ("FUSEDCE_BACKEND", "'bogus'", "'auto'", "'torch'", "'triton'"):
         assert part in last, last
+
+
+def test_every_backend_covers_what_core_asks():
+    """Each registered backend is a ``Backend`` with every member core calls; the old names of
+    ``fusedce.backends`` keep working."""
+    for name in ("torch", "triton"):
+        backend = backends.registered(name)
+        assert isinstance(backend, backends.Backend) and backend.name == name
+        for member in ("takes", "run_rows", "rows_per_call", "mean_scale", "reduce_rows"):
+            assert callable(getattr(backend, member))
+        assert callable(backend.scale_rows_)
+    assert backends.registered(" Torch ") is backends.registered("torch")
+    with pytest.raises(ValueError, match="not a registered backend"):
+        backends.registered("auto")
+    x = torch.randn(3, 5)
+    assert backends.for_tensor(x.double()) is backends.registered("torch")
+    assert (backends.for_tensor(x).name == "triton") == fusedce.uses_triton(x)
+    with fusedce.use_backend("torch"):
+        assert backends.small_call(x) is None  # a named backend keeps the row contract
+    for name in ("get_backend", "set_backend", "use_backend", "available_backends", "select"):
+        assert callable(getattr(backends, name))
+
+
+def test_replaced_registers_a_backend_for_the_block():
+
+    torch_rows = backends.registered("torch")
+    rows: list[int] = []
+
+    def counted(logits, *args, **kwargs):
+        rows.append(logits.shape[0])
+        return torch_rows.run_rows(logits, *args, **kwargs)
+
+    x, target = torch.randn(40, 700), torch.randint(0, 700, (40,))  # eager rows: no compile
+    counting = dataclasses.replace(torch_rows, run_rows=counted)
+    with backends.replaced(counting), fusedce.use_backend("torch"):
+        loss = fusedce.cross_entropy(x, target)
+    assert rows and sum(rows) == 40
+    assert backends.registered("torch") is torch_rows  # back after the block
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(x, target))
+
+
+def test_core_never_imports_triton():
+    """Only ``backends`` imports the Triton module (once, guarded); core asks a backend."""
+    tree = ast.parse(Path(core.__file__).read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            names.add(node.module or "")
+            names.update(a.name for a in node.names)
+    assert not any("triton" in n for n in names), sorted(names)
