@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, core, func_transforms, index_check, vocab_parallel
+from . import backends, core, func_transforms, index_check
 from .core import CrossEntropyStats
 from .options import (
     LossOptions,
@@ -33,6 +33,7 @@ from .options import (
     prepare_token_weight,
     resolve_float_options,
 )
+from .sharded import route as sharded
 
 __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 
@@ -513,10 +514,10 @@ def _cross_entropy(
     ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
     it."""
     compiling = torch.compiler.is_compiling()
-    if vocab_parallel.wants_vocab_parallel(input, process_group):
+    if sharded.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        vocab_parallel.refuse_unsharded_options(who, inplace_backward=inplace_backward)
+        sharded.refuse_unsharded_options(who, inplace_backward=inplace_backward)
         extras = {
             "logit_scale": logit_scale,
             "softcap": softcap,
@@ -524,7 +525,7 @@ def _cross_entropy(
             "token_weight": token_weight,
             "return_stats": return_stats,
         }
-        return vocab_parallel.call_cross_entropy(
+        return sharded.call_cross_entropy(
             who,
             input,
             target,
@@ -534,6 +535,7 @@ def _cross_entropy(
             label_smoothing,
             extras,
             process_group,
+            plain=_cross_entropy,
         )
     opts = check_options(who, ignore_index, label_smoothing, reduction)
     opts = check_extras(who, opts, logit_scale, softcap, z_loss)
