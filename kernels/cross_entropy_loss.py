@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import backends, core, func_transforms, index_check, vocab_parallel
+from . import backends, core, func_transforms, index_check
 from .core import CrossEntropyStats
 from .options import (
     LossOptions,
@@ -32,6 +32,7 @@ from .options import (
     prepare_token_weight,
     resolve_float_options,
 )
+from .sharded import route as sharded
 
 __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 
@@ -512,10 +513,10 @@ def _cross_entropy(
     ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
     it."""
     compiling = torch.compiler.is_compiling()
-    if vocab_parallel.wants_vocab_parallel(input, process_group):
+    if sharded.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        vocab_parallel.refuse_unsharded_options(who, inplace_backward=inplace_backward)
+        sharded.refuse_unsharded_options(who, inplace_backward=inplace_backward)
         extras = {
             "logit_scale": logit_scale,
             "softcap": softcap,
@@ -523,7 +524,7 @@ def _cross_entropy(
             "token_weight": token_weight,
             "return_stats": return_stats,
         }
-        return vocab_parallel.call_cross_entropy(
+        return sharded.call_cross_entropy(
             who,
             input,
             target,
@@ -533,6 +534,7 @@ def _cross_entropy(
             label_smoothing,
             extras,
             process_group,
+            plain=_cross_entropy,
         )
     opts = check_options(who, ignore_index, label_smoothing, reduction)
     opts = check_extras(who, opts, logit_scale, softcap, z_loss)

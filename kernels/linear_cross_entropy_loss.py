@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import core, func_transforms, vocab_parallel
+from . import core, func_transforms
 from .core import CrossEntropyStats
 from .cross_entropy_loss import _no_double_backward
 from .index_check import check_class_indices
@@ -40,6 +40,7 @@ from .options import (
     prepare_token_weight,
     resolve_float_options,
 )
+from .sharded import route as sharded
 
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 
@@ -553,10 +554,10 @@ def _linear_cross_entropy(
     ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
     names it."""
     compiling = torch.compiler.is_compiling()
-    if vocab_parallel.wants_vocab_parallel(linear_weight, process_group):
+    if sharded.wants_vocab_parallel(linear_weight, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        vocab_parallel.refuse_unsharded_options(who, accumulation=accumulation)
+        sharded.refuse_unsharded_options(who, accumulation=accumulation)
         extras = {
             "logit_scale": logit_scale,
             "softcap": softcap,
@@ -564,7 +565,7 @@ def _linear_cross_entropy(
             "token_weight": token_weight,
             "return_stats": return_stats,
         }
-        return vocab_parallel.call_linear_cross_entropy(
+        return sharded.call_linear_cross_entropy(
             who,
             input,
             linear_weight,
@@ -577,6 +578,7 @@ def _linear_cross_entropy(
             chunk_size,
             extras,
             process_group,
+            plain=_linear_cross_entropy,
         )
     opts = check_options(who, ignore_index, label_smoothing, reduction)
     opts = check_extras(who, opts, logit_scale, softcap, z_loss)

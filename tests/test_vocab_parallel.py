@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fusedce
-import fusedce.vocab_parallel
+import fusedce.sharded.slices
 from ce_reference import extras_float64_loss
 from fusedce import backends, core
 from fusedce.vocab_parallel import (
@@ -900,7 +900,7 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
     try:
         torch.set_num_threads(1)
         # "rows": the slices' common case on the row contract (the default); "torch": torch ops.
-        fusedce.vocab_parallel._ROWS_ON_BACKEND = local == "rows"
+        fusedce.sharded.slices.set_row_contract(local == "rows")
         _record_launches()
         widths = _even_widths(world)
         skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from test_vocab_parallel import IGNORE, N, V, _close, _data, _even_widths, _spawn
 
 import fusedce
-from fusedce import vocab_parallel
+from fusedce.sharded import agreement
 from fusedce.vocab_parallel import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
@@ -274,8 +274,8 @@ def test_metadata_columns() -> None:
     size (the benchmark's byte formula reads it)."""
     from benchmarks.bench_vocab_parallel import META_INT64
 
-    cols = list(vocab_parallel._Col)
-    assert [c.name for c in cols] == [f.name for f in vocab_parallel._FIELDS]
+    cols = list(agreement._Col)
+    assert [c.name for c in cols] == [f.name for f in agreement._FIELDS]
     assert [int(c) for c in cols] == list(range(len(cols)))
     assert len(cols) == META_INT64
-    assert all(not vocab_parallel._FIELDS[c].agree for c in (cols[0], cols[1]))
+    assert all(not agreement._FIELDS[c].agree for c in (cols[0], cols[1]))

@@ -1,0 +1,388 @@
+"""The calls of the sharded losses: from the arguments to the autograd Function.
+
+``call_cross_entropy`` / ``call_linear_cross_entropy`` take a call of the plain functions with
+a process group or a DTensor (``wants_vocab_parallel``), or of the vocabulary-parallel entry
+points: a DTensor is unwrapped (``dtensor``) and its result rewrapped; a group of one rank (or
+no group at all) runs ``plain``, the unsharded implementation that the caller passes in;
+otherwise the sharded call checks this rank's arguments (``arguments``), agrees with the other
+ranks (``agreement``) and runs the autograd Function (``functions``). This package never imports
+the public-function modules: they import it, and hand it their implementation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..core import CrossEntropyStats
+from ..linear_chunks import planned_chunk_rows
+from ..options import (
+    accumulation_dtype,
+    check_chunk_size,
+    check_extras,
+    check_options,
+    check_token_weight,
+    index_target_for_kernels,
+    prepare_token_weight,
+)
+from . import dtensor
+from .agreement import (
+    _agree,
+    _check_explicit_sizes,
+    _exchanges,
+    _explicit_shard,
+    _extras_key,
+    _Meta,
+    _opts_key,
+    _resolve_group,
+)
+from .arguments import (
+    _check_linear,
+    _check_return_stats,
+    _check_soft_stats_vocab,
+    _flatten_ce,
+)
+from .functions import _VocabParallelCrossEntropy, _VocabParallelLinearCrossEntropy
+
+Result = Tensor | tuple[Tensor, CrossEntropyStats]
+# The unsharded implementation a group of one rank runs: the signature of
+# ``cross_entropy_loss._cross_entropy`` / ``linear_cross_entropy_loss._linear_cross_entropy``.
+PlainLoss = Callable[..., Result]
+
+
+def wants_vocab_parallel(input: Tensor, process_group: object) -> bool:
+    """Whether a call of the plain functions goes here: a process group was given, or the input
+    (the logits, or the linear head's weight) is a ``DTensor`` (``torch.distributed.tensor``)."""
+    return process_group is not None or dtensor.is_dtensor(input)
+
+
+# Options of the plain functions with no sharded meaning: the sharded loss refuses them.
+_UNSHARDED_DEFAULTS = {
+    "inplace_backward": False,
+    "accumulation": "float32",
+}
+
+
+def refuse_unsharded_options(who: str, **options: object) -> None:
+    """Raises NotImplementedError naming the options, among those of ``_UNSHARDED_DEFAULTS``,
+    that are not at their defaults: ``inplace_backward`` (the slices' gradient is written per
+    chunk from the saved logits, which backward still reads) and ``accumulation="input"`` (the
+    local weight gradient is accumulated in float32)."""
+    asked = [name for name, value in options.items() if value != _UNSHARDED_DEFAULTS[name]]
+    if asked:
+        raise NotImplementedError(
+            f"{who}: {', '.join(asked)} not supported with a process_group or a DTensor input; "
+            "the vocabulary-parallel loss takes every other option (weight, ignore_index, "
+            "reduction, label_smoothing, logit_scale, softcap, z_loss, token_weight, "
+            "return_stats; chunk_size and linear_bias for the linear head)"
+        )
+
+
+def _public_stats(extras: Tensor, z_red: Tensor, per_row: bool, shape: tuple[int, ...]):
+    """``CrossEntropyStats`` from the (4, M) rows (z-loss part, lse, entropy, correct)."""
+    return CrossEntropyStats(
+        extras[0].reshape(shape) if per_row else z_red,
+        extras[1].reshape(shape),
+        extras[2].reshape(shape),
+        (extras[3] != 0).reshape(shape),
+    )
+
+
+def call_cross_entropy(
+    who: str,
+    local_logits: Tensor,
+    target: Tensor,
+    weight: Tensor | None,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    extras: dict[str, object],
+    process_group: object,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    plain: PlainLoss,
+) -> Result:
+    """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
+    errors name); ``extras``: the one-pass extras by keyword; ``plain``: the unsharded
+    ``_cross_entropy`` (of ``fusedce.cross_entropy_loss``), which a group of one rank runs."""
+    sizes_given = vocab_start is not None or vocab_size is not None
+    if dtensor.is_dtensor(local_logits):
+        # A DTensor sharded on the class dimension: the local slices on the mesh's group.
+        mesh, local_logits, target, weight, extras = dtensor.cross_entropy_parts(
+            who, local_logits, target, weight, extras, process_group
+        )
+        result = call_cross_entropy(
+            who,
+            local_logits,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            extras,
+            mesh.get_group(),
+            vocab_start,
+            vocab_size,
+            plain=plain,
+        )
+        return dtensor.replicated(result, mesh)
+    group = _resolve_group(who, process_group)
+    if group is None or dist.get_world_size(group) == 1:
+        if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
+            width = local_logits.shape[0 if local_logits.dim() == 1 else 1]
+            _check_explicit_sizes(who, vocab_start, vocab_size, width)
+            if sizes_given and (vocab_start, vocab_size) != (0, width):
+                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+        return plain(
+            who,
+            local_logits,
+            target,
+            weight,
+            ignore_index,
+            reduction,
+            label_smoothing,
+            False,
+            extras["logit_scale"],
+            extras["softcap"],
+            extras["z_loss"],
+            extras["token_weight"],
+            extras["return_stats"],
+            None,
+        )
+    return _sharded_cross_entropy(
+        who,
+        local_logits,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        extras,
+        group,
+        vocab_start,
+        vocab_size,
+    )
+
+
+@torch.compiler.disable
+def _sharded_cross_entropy(
+    who,
+    local_logits,
+    target,
+    weight,
+    ignore_index,
+    reduction,
+    label_smoothing,
+    extras,
+    group,
+    vocab_start,
+    vocab_size,
+) -> Result:
+    """The sharded call. Run eagerly under ``torch.compile`` (a graph break): the metadata
+    exchange reads values back to the host and the autograd Function holds collectives."""
+    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
+    error: Exception | None = None
+    meta = logits = t = tw = None
+    explicit = None
+    try:
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(who, extras["return_stats"])
+        logits, t, out_shape, soft = _flatten_ce(
+            who, local_logits, target, weight, opts.ignore_index
+        )
+        tw = extras["token_weight"]
+        check_token_weight(who, tw, out_shape, logits.device)
+        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
+        meta = _Meta(
+            width=logits.shape[1],
+            rows=logits.shape[0],
+            out_shape=out_shape,
+            soft=soft,
+            features=0,
+            dtype=logits.dtype,
+            weight_numel=-1 if weight is None else weight.numel(),
+            opts_key=_opts_key(opts),
+            extras_key=_extras_key(opts, want_stats),
+            declared=explicit,
+        )
+    except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
+        if not exchange:
+            raise
+        error = exc
+    if exchange:
+        device = local_logits.device if isinstance(local_logits, Tensor) else torch.device("cpu")
+        ii = ignore_index if isinstance(ignore_index, int) else -100
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
+    else:
+        sh = _explicit_shard(who, group, explicit, meta.width, weight)
+    _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
+    w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
+    tw = prepare_token_weight(tw, logits.dtype)
+    loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
+    loss = loss.reshape(meta.out_shape) if opts.per_row else loss
+    if not want_stats:
+        return loss
+    return loss, _public_stats(rows, z_red, opts.per_row, meta.out_shape)
+
+
+def call_linear_cross_entropy(
+    who: str,
+    input: Tensor,
+    local_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    weight: Tensor | None,
+    reduction: str,
+    ignore_index: int,
+    label_smoothing: float,
+    chunk_size: int | None,
+    extras: dict[str, object],
+    process_group: object,
+    vocab_start: int | None = None,
+    vocab_size: int | None = None,
+    *,
+    plain: PlainLoss,
+) -> Result:
+    """``vocab_parallel_linear_cross_entropy`` called through the public function ``who``
+    (which the errors name); ``extras``: the one-pass extras by keyword; ``plain``: the
+    unsharded ``_linear_cross_entropy`` (of ``fusedce.linear_cross_entropy_loss``), which a
+    group of one rank runs."""
+    if dtensor.is_dtensor(local_weight):
+        # A DTensor weight sharded by rows: the local rows on the mesh's group.
+        mesh, input, local_weight, target, linear_bias, weight, extras = dtensor.linear_parts(
+            who, input, local_weight, target, linear_bias, weight, extras, process_group
+        )
+        result = call_linear_cross_entropy(
+            who,
+            input,
+            local_weight,
+            target,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            extras,
+            mesh.get_group(),
+            vocab_start,
+            vocab_size,
+            plain=plain,
+        )
+        return dtensor.replicated(result, mesh)
+    group = _resolve_group(who, process_group)
+    if group is None or dist.get_world_size(group) == 1:
+        if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
+            width = local_weight.shape[0]
+            sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
+            if sizes is not None and sizes != (0, width):
+                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+        return plain(
+            who,
+            input,
+            local_weight,
+            target,
+            linear_bias,
+            weight,
+            reduction,
+            ignore_index,
+            label_smoothing,
+            chunk_size,
+            "float32",
+            extras["logit_scale"],
+            extras["softcap"],
+            extras["z_loss"],
+            extras["token_weight"],
+            extras["return_stats"],
+            None,
+        )
+    return _sharded_linear_cross_entropy(
+        who,
+        input,
+        local_weight,
+        target,
+        linear_bias,
+        weight,
+        reduction,
+        ignore_index,
+        label_smoothing,
+        chunk_size,
+        extras,
+        group,
+        vocab_start,
+        vocab_size,
+    )
+
+
+@torch.compiler.disable
+def _sharded_linear_cross_entropy(
+    who,
+    input,
+    local_weight,
+    target,
+    linear_bias,
+    weight,
+    reduction,
+    ignore_index,
+    label_smoothing,
+    chunk_size,
+    extras,
+    group,
+    vocab_start,
+    vocab_size,
+) -> Result:
+    """The sharded call of the linear head (run eagerly under ``torch.compile``)."""
+    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
+    error: Exception | None = None
+    meta = t = tw = None
+    explicit = None
+    try:
+        opts = check_options(who, ignore_index, label_smoothing, reduction)
+        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
+        want_stats = _check_return_stats(who, extras["return_stats"])
+        check_chunk_size(who, chunk_size)
+        _check_linear(who, input, local_weight, target, linear_bias, weight)
+        tw = extras["token_weight"]
+        check_token_weight(who, tw, tuple(target.shape), input.device)
+        width, D = local_weight.shape
+        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, width)
+        x = input.reshape(-1, D)
+        t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
+        meta = _Meta(
+            width=width,
+            rows=x.shape[0],
+            out_shape=tuple(target.shape),
+            soft=False,
+            features=D,
+            dtype=x.dtype,
+            weight_numel=-1 if weight is None else weight.numel(),
+            opts_key=_opts_key(opts),
+            extras_key=_extras_key(opts, want_stats),
+            declared=explicit,
+        )
+    except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
+        if not exchange:
+            raise
+        error = exc
+    if exchange:
+        device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+        ii = -100 if ignore_index is None else ignore_index
+        ii = ii if isinstance(ii, int) else -100
+        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
+    else:
+        sh = _explicit_shard(who, group, explicit, meta.width, weight)
+    w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
+    tw = prepare_token_weight(tw, x.dtype)
+    step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, chunk_size, x.device)
+    loss, rows, z_red = _VocabParallelLinearCrossEntropy.apply(
+        x, local_weight, linear_bias, t, w, tw, sh, opts, want_stats, step
+    )
+    loss = loss.reshape(meta.out_shape) if opts.per_row else loss
+    if not want_stats:
+        return loss
+    return loss, _public_stats(rows, z_red, opts.per_row, meta.out_shape)
