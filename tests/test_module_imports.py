@@ -58,12 +58,24 @@ def _imported(module: str, node: ast.Import | ast.ImportFrom) -> list[str]:
         subs = [f"{source}.{alias.name}" for alias in node.names]
         names = [source, *subs]
         uses_root = source == PACKAGE and any(sub not in MODULES for sub in subs)
+    # A module's own enclosing packages are already being imported when it runs: importing a
+    # sibling submodule through them (``from . import sibling``) adds no edge to them; taking a
+    # name defined in their __init__ does.
+    parts_of_module = module.split(".")
+    ancestors = {".".join(parts_of_module[:k]) for k in range(1, len(parts_of_module))}
+    takes_attr = (
+        isinstance(node, ast.ImportFrom)
+        and _resolve(module, node) in ancestors
+        and any(f"{_resolve(module, node)}.{alias.name}" not in MODULES for alias in node.names)
+    )
     for name in names:
         # Importing a.b.c runs the package __init__ of a.b first; the root's is the top layer
         # (it imports everything), so that implicit edge to it is no cycle.
         parts = name.split(".")
         for k in range(2, len(parts) + 1):
             prefix = ".".join(parts[:k])
+            if prefix in ancestors and not (takes_attr and prefix == _resolve(module, node)):
+                continue
             if prefix in MODULES and prefix != module:
                 found.append(prefix)
     if uses_root and module != PACKAGE:  # a name of the root's namespace: an explicit edge
