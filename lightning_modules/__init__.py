@@ -1,4 +1,8 @@
-"""Lightning modules, networks and callbacks of the training stack."""
+"""Lightning modules, networks and callbacks of the training stack.
+
+The pieces that ``train.py`` assembles (run options and directory, W&B set-up, checkpoint
+handling, the report) are modules of this package too, imported by name where used.
+"""
 
 from .callbacks import (
     DecisionBoundaryPlot,

@@ -129,7 +129,10 @@ class DecisionBoundaryPlot(Callback):
             xv, yv = dm.val_set.tensors
             xv, yv = xv[: self.num_points], yv[: self.num_points]
             ax.scatter(xv[:, 0], xv[:, 1], c=yv, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=4)
-        acc = pl_module.trainer.callback_metrics.get("val/acc") if pl_module._trainer else None
+        try:
+            acc = pl_module.trainer.callback_metrics.get("val/acc")
+        except RuntimeError:  # not attached to a trainer
+            acc = None
         title = "learned vs true boundary x2 = x1^2" if k == 2 else f"{k} bands"
         if acc is not None:
             title += f" (val acc {float(acc):.4f})"
@@ -217,6 +220,8 @@ class LastCheckpointOnInterrupt(Callback):
         for cb in trainer.checkpoint_callbacks:
             if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
                 continue
+            # ModelCheckpoint keeps the step of its last save only in this private attribute
+            # (pinned by tests/test_library_internals.py).
             if cb._last_global_step_saved == trainer.global_step:
                 continue  # already saved at this step
             path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)

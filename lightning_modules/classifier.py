@@ -471,7 +471,10 @@ class Classifier(LightningModule):
     def setup(self, stage: str) -> None:
         """Sets `flops_per_batch` = 6 x weight-matrix entries x batch rows (the matmuls of a
         forward + backward step; biases, activations and the loss are not counted)."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        try:
+            dm = self.trainer.datamodule
+        except RuntimeError:  # not attached to a trainer
+            dm = None
         rows = getattr(dm, "batch_size", None)
         if isinstance(rows, int) and rows > 0:
             weights = sum(m.weight.numel() for m in self.net.linears())
