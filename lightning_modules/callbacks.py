@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -166,10 +166,11 @@ class RunSummary(Callback):
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         """Writes the metrics of a stage that an exception or a signal ended."""
-        interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
         stage = trainer.state.stage.value if trainer.state.stage else "unknown"
-        error = None if interrupted else f"{type(exception).__name__}: {exception}"
-        self.write(trainer, stage, "interrupted" if interrupted else "failed", error)
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            self.write(trainer, stage, "interrupted")
+        else:
+            self.write(trainer, stage, "failed", f"{type(exception).__name__}: {exception}")
 
     def write(self, trainer: Trainer, stage: str, status: str, error: str | None = None) -> None:
         """Writes ``metrics.json`` (and the per-rank file) for ``stage`` with ``status``."""
@@ -200,33 +201,6 @@ class RunSummary(Callback):
             tmp = out / f".{name}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
             tmp.replace(out / name)
-
-
-class LastCheckpointOnInterrupt(Callback):
-    """Saves ``last.ckpt`` when a fit is interrupted (SIGINT / SIGTERM) mid-epoch.
-
-    Acts for every `ModelCheckpoint` with ``save_last`` whose last save is older than the current
-    step; single-process runs only (saving is collective in a distributed run, and the other
-    ranks may not have stopped). Resuming from it continues mid-epoch.
-    """
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
-            return
-        if trainer.world_size > 1 or trainer.sanity_checking or trainer.global_step == 0:
-            return
-        for cb in trainer.checkpoint_callbacks:
-            if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
-                continue
-            # ModelCheckpoint keeps the step of its last save only in this private attribute
-            # (pinned by tests/test_library_internals.py).
-            if cb._last_global_step_saved == trainer.global_step:
-                continue  # already saved at this step
-            path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-            trainer.save_checkpoint(path)
-            cb.last_model_path = path
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -7,11 +7,19 @@ import importlib.util
 from typing import Any
 
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import Callback, EarlyStopping, LearningRateMonitor, ProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.utilities import rank_zero_warn
 
-from .callbacks import DecisionBoundaryPlot, LastCheckpointOnInterrupt, PredictionWriter, RunSummary
+from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary
 from .checkpoints import RunInfoInCheckpoint
+from .last_checkpoint import LastCheckpoint
+from .rng_state import RngStateInCheckpoint
 
 
 def stack_callbacks(
@@ -19,11 +27,12 @@ def stack_callbacks(
 ) -> list[Any]:
     """The callbacks of a ``train.py`` trainer: the configured ones and the stack's.
 
-    The stack adds `RunSummary` and `RunInfoInCheckpoint` always; `LastCheckpointOnInterrupt`
-    and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to
-    ``predict``; and a Rich progress bar where a bar is wanted, none is configured and ``rich``
-    is installed. A `LearningRateMonitor` is left out (with a warning) when the trainer has no
-    logger: it would fail at fit start.
+    The stack adds `RunSummary`, `RunInfoInCheckpoint` and `RngStateInCheckpoint` always;
+    `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``) and (with
+    ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to ``predict``; and
+    a Rich progress bar where a bar is wanted, none is configured and ``rich`` is installed.
+    A `LearningRateMonitor` is left out (with a warning) when the trainer has no logger: it
+    would fail at fit start.
 
     Args:
         subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
@@ -36,9 +45,10 @@ def stack_callbacks(
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
         if len(callbacks) < len(configured):
             rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
-    callbacks += [RunSummary(), RunInfoInCheckpoint()]
+    callbacks += [RunSummary(), RunInfoInCheckpoint(), RngStateInCheckpoint()]
     if subcommand == "fit":
-        callbacks.append(LastCheckpointOnInterrupt())
+        if any(isinstance(c, ModelCheckpoint) and c.save_last is True for c in configured):
+            callbacks.append(LastCheckpoint())
         if opts.get("plot", True):
             callbacks.append(DecisionBoundaryPlot())
     if subcommand == "predict":
