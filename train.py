@@ -34,6 +34,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from fusedce.lightning_modules import Classifier
+from fusedce.lightning_modules.checkpoint_io import with_atomic_io
 from fusedce.lightning_modules.checkpoints import (
     LIGHTNING_CKPT_NAMES,
     LINKED,
@@ -190,6 +191,7 @@ class FusedCECLI(LightningCLI):
         trainer_cfg["logger"] = kwargs["logger"]
         kwargs.setdefault("callbacks", stack_callbacks(sub, configured, opts, trainer_cfg))
         kwargs.setdefault("default_root_dir", str(run_dir))
+        kwargs.setdefault("plugins", with_atomic_io(trainer_cfg.get("plugins")))
         trainer = super().instantiate_trainer(**kwargs)
         for cb in trainer.checkpoint_callbacks:
             if getattr(cb, "dirpath", "") is None:

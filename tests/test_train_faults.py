@@ -1,17 +1,28 @@
-"""train.py under faults, as real processes: resuming from last.ckpt continues exactly."""
+"""train.py under faults, as real processes: resuming from last.ckpt continues exactly, a kill -9
+during a checkpoint write or a full disk leaves the previous checkpoint loadable.
+
+The checkpoint-IO hooks below are loaded by the train.py processes through
+``--trainer.plugins test_train_faults.<Class>`` (``tests/`` on their PYTHONPATH).
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import torch
-from test_train_edges import env_for
+from test_train_edges import env_for, one_error_line
+
+from fusedce.lightning_modules.checkpoint_io import AtomicCheckpointIO
 
 REPO = Path(__file__).resolve().parents[1]
 # 700 training rows = 6 steps an epoch; no W&B unless a test wants it.
@@ -23,6 +34,44 @@ TINY = [
     "--run.wandb_mode", "disabled",
 ]  # fmt: skip
 STEPS_PER_EPOCH = 6
+
+
+# ---------------------------------------------------------------------------------- IO hooks
+class _HookedIO(AtomicCheckpointIO):
+    """Remembers the path of the checkpoint being written (for `write`)."""
+
+    path = Path()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options=None) -> None:
+        self.path = Path(path)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+class SlowCheckpointIO(_HookedIO):
+    """Rewrites of an existing ``last.ckpt`` go in 2 KiB pieces, 20 ms apart, after touching
+    ``$FAULT_DIR/writing`` (the test kills the process in the middle)."""
+
+    def write(self, data: memoryview, file: IO[bytes]) -> None:
+        if self.path.name != "last.ckpt" or not self.path.exists():
+            file.write(data)
+            return
+        (Path(os.environ["FAULT_DIR"]) / "writing").touch()
+        for start in range(0, len(data), 2048):
+            file.write(data[start : start + 2048])
+            file.flush()
+            time.sleep(0.02)
+
+
+class FullDiskCheckpointIO(_HookedIO):
+    """The first rewrite of ``last.ckpt`` gets half way, then the disk is full (ENOSPC)."""
+
+    def write(self, data: memoryview, file: IO[bytes]) -> None:
+        if self.path.name != "last.ckpt" or not self.path.exists():
+            file.write(data)
+            return
+        file.write(data[: len(data) // 2])
+        file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -75,3 +124,97 @@ def test_resume_from_last_ckpt_equals_an_uninterrupted_run(two_epochs: dict[str,
     assert resumed["global_step"] == straight["global_step"] == 3 * STEPS_PER_EPOCH
     assert resumed["metrics"] == straight["metrics"]
     assert load(runs / "resumed" / "checkpoints" / "last.ckpt")["global_step"] == 18
+
+
+# ---------------------------------------------------------------------------------- atomic saves
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
+    runs, fault = tmp_path / "runs", tmp_path / "fault"
+    fault.mkdir()
+    args = ["--trainer.max_epochs", "50", "--run.name", "k", *TINY]
+    args += ["--trainer.plugins", "test_train_faults.SlowCheckpointIO"]
+    environ = env_for(runs, FAULT_DIR=str(fault))
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), environ.get("PYTHONPATH", "")])
+    proc = subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=environ,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 90
+    while not (fault / "writing").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no second write of last.ckpt started"
+        time.sleep(0.05)
+    time.sleep(0.3)  # well inside the slow write
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, err[-3000:]
+    ckpt_dir = runs / "k" / "checkpoints"
+    partial = list(ckpt_dir.glob(".last.ckpt.*.tmp"))
+    assert partial, "the kill came after the write"  # the interrupted temporary file
+    last = load(ckpt_dir / "last.ckpt")  # the previous one, whole
+    assert last["global_step"] == STEPS_PER_EPOCH
+    assert partial[0].stat().st_size < (ckpt_dir / "last.ckpt").stat().st_size
+
+
+@pytest.mark.slow
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = ["--trainer.max_epochs", "3", "--run.name", "full"]
+    proc = train([*args, "--trainer.plugins", "test_train_faults.FullDiskCheckpointIO"], runs)
+    line = one_error_line(proc)
+    ckpt_dir = runs / "full" / "checkpoints"
+    assert f"no space left for checkpoint {ckpt_dir / 'last.ckpt'}: it needs " in line
+    assert " bytes" in line
+    assert not list(ckpt_dir.glob("*.tmp")) and not list(ckpt_dir.glob(".*.tmp"))
+    assert load(ckpt_dir / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+    assert summary(runs / "full")["status"] == "failed"
+
+
+def _mount_namespace() -> list[str] | None:
+    """The ``unshare`` command that gives a process its own mount namespace (None: none)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    for cmd in ([unshare, "-m"], [unshare, "-rm"]):
+        probe = subprocess.run([*cmd, "true"], capture_output=True)
+        if probe.returncode == 0:
+            return cmd
+    return None
+
+
+@pytest.mark.slow
+def test_full_tmpfs_is_one_line_and_keeps_the_previous_checkpoint(
+    two_epochs: dict[str, Any], tmp_path: Path
+) -> None:
+    """A real full disk: a tmpfs with room for the first epoch's two checkpoints only (mounted
+    in a private mount namespace of the run; skipped where mounting is not allowed)."""
+    unshare = _mount_namespace()
+    if unshare is None:
+        pytest.skip("no private mount namespace here (unshare -m / -rm)")
+    size_kib = (2 * two_epochs["last"].stat().st_size + 48 * 1024) // 1024
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    args = ["--trainer.max_epochs", "3", "--run.root", str(mnt), "--run.name", "tmpfs", *TINY]
+    script = (
+        f'mount -t tmpfs -o size={size_kib}k tmpfs "$1" || exit 97; shift; cd "$REPO"; '
+        '"$@"; rc=$?; cp -a "$MNT/." "$OUT/"; exit $rc'
+    )
+    environ = {**env_for(tmp_path / "runs"), "REPO": str(REPO), "MNT": str(mnt), "OUT": str(out)}
+    proc = subprocess.run(
+        [*unshare, "sh", "-c", script, "sh", str(mnt), sys.executable, "train.py", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if proc.returncode == 97:
+        pytest.skip(f"mounting a tmpfs is not allowed here: {proc.stderr.strip()[-200:]}")
+    line = one_error_line(proc)
+    assert "no space left for checkpoint " in line and " bytes, the device has " in line
+    ckpt_dir = out / "tmpfs" / "checkpoints"
+    assert not list(ckpt_dir.glob(".*.tmp"))
+    assert load(ckpt_dir / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
