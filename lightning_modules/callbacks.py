@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .errors import RunDiverged
 
 
 def batch_size(batch: Any) -> int:
@@ -146,10 +149,12 @@ class RunSummary(Callback):
 
     On teardown of every stage (fit / validate / test / predict) it dumps the trainer's
     ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch``, the best
-    checkpoint and ``status``: ``"finished"``, or ``"interrupted"`` (SIGINT / SIGTERM) or
-    ``"failed"`` (any other exception; ``error`` names it) when the stage ended early. Rank 0
-    writes ``metrics.json``; in a distributed run every rank also writes ``metrics.rank{R}.json``
-    so that runs can be checked for cross-rank agreement.
+    checkpoint and ``status``: ``"finished"``, or ``"interrupted"`` (SIGINT / SIGTERM),
+    ``"diverged"`` (`RunDiverged`: a non-finite loss, gradient norm or weight; ``error`` says
+    which) or ``"failed"`` (any other exception; ``error`` names it) when the stage ended early.
+    Rank 0 writes ``metrics.json`` and puts ``status`` into the W&B run's summary; in a
+    distributed run every rank also writes ``metrics.rank{R}.json`` so that runs can be checked
+    for cross-rank agreement.
 
     Args:
         dirpath: Output directory (default: ``trainer.default_root_dir``).
@@ -169,6 +174,8 @@ class RunSummary(Callback):
         stage = trainer.state.stage.value if trainer.state.stage else "unknown"
         if isinstance(exception, KeyboardInterrupt | SIGTERMException):
             self.write(trainer, stage, "interrupted")
+        elif isinstance(exception, RunDiverged):
+            self.write(trainer, stage, "diverged", str(exception))
         else:
             self.write(trainer, stage, "failed", f"{type(exception).__name__}: {exception}")
 
@@ -196,11 +203,20 @@ class RunSummary(Callback):
             names.append("metrics.json")
         if trainer.world_size > 1:
             names.append(f"metrics.rank{trainer.global_rank}.json")
+        if trainer.is_global_zero:
+            _wandb_summary_status(status)
         for name in names:
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / f".{name}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
             tmp.replace(out / name)
+
+
+def _wandb_summary_status(status: str) -> None:
+    """Sets ``status`` in the summary of this process's open W&B run (if there is one)."""
+    wandb = sys.modules.get("wandb")  # not imported: no W&B run
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary["status"] = status
 
 
 class PredictionWriter(BasePredictionWriter):

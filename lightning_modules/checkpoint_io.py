@@ -14,7 +14,18 @@ from typing import IO, Any
 import torch
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 
-from .errors import CheckpointWriteError
+from .errors import CheckpointWriteError, RunDiverged
+
+
+def nonfinite_tensors(state_dict: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of ``state_dict`` that hold a NaN or an inf."""
+    bad = []
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            local = value.to_local() if hasattr(value, "to_local") else value  # a DTensor
+            if not bool(torch.isfinite(local).all()):
+                bad.append(name)
+    return bad
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -23,8 +34,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     A failure at any point (a kill, a full disk) leaves the previous checkpoint of that name
     as it was. A full disk is a `CheckpointWriteError` that names the path and the bytes the
-    checkpoint needs, and leaves no temporary file. Paths with a URL scheme (``s3://``) go to
-    Lightning's `TorchCheckpointIO` unchanged.
+    checkpoint needs, and leaves no temporary file. A checkpoint whose weights are not finite
+    is never written (`RunDiverged`). Paths with a URL scheme (``s3://``) go to Lightning's
+    `TorchCheckpointIO` unchanged.
     """
 
     def save_checkpoint(
@@ -35,11 +47,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         Raises:
             TypeError: ``storage_options`` given (as `TorchCheckpointIO`).
             CheckpointWriteError: The device of ``path`` has no room for the checkpoint.
+            RunDiverged: The checkpoint's weights hold a NaN or an inf.
         """
         if storage_options is not None or "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(path)
+        bad = nonfinite_tensors(checkpoint.get("state_dict") or {})
+        if bad:
+            raise RunDiverged(
+                f"the weights are not finite ({', '.join(bad[:3])}) at step "
+                f"{checkpoint.get('global_step')}: {path} is not written"
+            )
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         data = buffer.getbuffer()

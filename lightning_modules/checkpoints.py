@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.loggers import WandbLogger
 
+from .checkpoint_io import nonfinite_tensors
 from .classifier import Classifier
 from .errors import TrainError
 
@@ -47,7 +48,8 @@ def read_checkpoint(ckpt_path: str) -> dict[str, Any]:
     """Loads a ``Classifier`` checkpoint (tensors and plain values only) onto the CPU.
 
     Raises:
-        TrainError: No such file, not a checkpoint, or the checkpoint of another model.
+        TrainError: No such file, not a checkpoint, the checkpoint of another model, or weights
+            that are not finite.
     """
     path = Path(ckpt_path)
     if not path.is_file():
@@ -60,6 +62,12 @@ def read_checkpoint(ckpt_path: str) -> dict[str, Any]:
         ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise TrainError(f"--ckpt_path {ckpt_path}: not a Lightning checkpoint (no state_dict)")
+    bad = nonfinite_tensors(ckpt["state_dict"])
+    if bad:
+        raise TrainError(
+            f"--ckpt_path {ckpt_path}: its weights are not finite ({', '.join(bad[:3])}): it "
+            "comes from a run that diverged; use an earlier checkpoint"
+        )
     hparams = dict(ckpt.get("hyper_parameters") or {})
     hparams.pop("_instantiator", None)
     class_path = hparams.pop("_class_path", None)

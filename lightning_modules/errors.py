@@ -1,7 +1,8 @@
 """The errors that end a training run with one line on stderr instead of a traceback.
 
 ``train.py`` prints ``train.py <subcommand>: error: <message>`` and exits with the error's
-``exit_code``: 2 for a bad setting or file (`TrainError`, `CheckpointWriteError`).
+``exit_code``: 2 for a bad setting or file (`TrainError`, `CheckpointWriteError`), 3 for a run
+that diverged (`RunDiverged`).
 """
 
 from __future__ import annotations
@@ -15,3 +16,9 @@ class TrainError(Exception):
 
 class CheckpointWriteError(TrainError):
     """A checkpoint could not be written (a full disk); the previous one is left as it was."""
+
+
+class RunDiverged(TrainError):
+    """A non-finite loss, gradient norm, weight or validation loss stopped the run."""
+
+    exit_code = 3

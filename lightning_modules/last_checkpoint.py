@@ -21,7 +21,8 @@ class LastCheckpoint(Checkpoint):
     `ModelCheckpoint` of the trainer (for the fit; restored at teardown) and writes
     ``<dirpath>/last.ckpt`` itself, after the `ModelCheckpoint` callbacks have updated their
     state (Lightning runs checkpoint callbacks last, in their order), so that resuming from it
-    continues exactly where the run stopped. It writes nothing when the fit ends in an error.
+    continues exactly where the run stopped. It writes nothing when the fit ends in an error
+    (a diverged run keeps its last finite ``last.ckpt``).
 
     Attributes:
         saved: ``(path, global step)`` of the last ``last.ckpt`` written, or None.

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary
 from .checkpoints import RunInfoInCheckpoint
+from .divergence import StopOnDivergence
 from .last_checkpoint import LastCheckpoint
 from .rng_state import RngStateInCheckpoint
 
@@ -28,11 +29,11 @@ def stack_callbacks(
     """The callbacks of a ``train.py`` trainer: the configured ones and the stack's.
 
     The stack adds `RunSummary`, `RunInfoInCheckpoint` and `RngStateInCheckpoint` always;
-    `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``) and (with
-    ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to ``predict``; and
-    a Rich progress bar where a bar is wanted, none is configured and ``rich`` is installed.
-    A `LearningRateMonitor` is left out (with a warning) when the trainer has no logger: it
-    would fail at fit start.
+    `StopOnDivergence`, `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``)
+    and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to
+    ``predict``; and a Rich progress bar where a bar is wanted, none is configured and
+    ``rich`` is installed. A `LearningRateMonitor` is left out (with a warning) when the
+    trainer has no logger: it would fail at fit start.
 
     Args:
         subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
@@ -47,6 +48,7 @@ def stack_callbacks(
             rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
     callbacks += [RunSummary(), RunInfoInCheckpoint(), RngStateInCheckpoint()]
     if subcommand == "fit":
+        callbacks.append(StopOnDivergence())
         if any(isinstance(c, ModelCheckpoint) and c.save_last is True for c in configured):
             callbacks.append(LastCheckpoint())
         if opts.get("plot", True):

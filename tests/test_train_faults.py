@@ -1,5 +1,6 @@
 """train.py under faults, as real processes: resuming from last.ckpt continues exactly, a kill -9
-during a checkpoint write or a full disk leaves the previous checkpoint loadable.
+during a checkpoint write or a full disk leaves the previous checkpoint loadable, and a run that
+diverges stops with one line and exit code 3 (and is never resumed from non-finite weights).
 
 The checkpoint-IO hooks below are loaded by the train.py processes through
 ``--trainer.plugins test_train_faults.<Class>`` (``tests/`` on their PYTHONPATH).
@@ -20,6 +21,7 @@ from typing import IO, Any
 
 import pytest
 import torch
+from test_train import wandb_run_contents
 from test_train_edges import env_for, one_error_line
 
 from fusedce.lightning_modules.checkpoint_io import AtomicCheckpointIO
@@ -218,3 +220,57 @@ def test_full_tmpfs_is_one_line_and_keeps_the_previous_checkpoint(
     ckpt_dir = out / "tmpfs" / "checkpoints"
     assert not list(ckpt_dir.glob(".*.tmp"))
     assert load(ckpt_dir / "last.ckpt")["global_step"] == STEPS_PER_EPOCH
+
+
+# ---------------------------------------------------------------------------------- divergence
+@pytest.mark.slow
+def test_diverged_run_stops_with_one_line_and_exit_3(tmp_path: Path) -> None:
+    """SGD with lr 1e30 and no clipping: non-finite from the second step on."""
+    runs = tmp_path / "runs"
+    args = ["--model.optimizer", "SGD", "--model.optimizer.lr", "1e30"]
+    args += ["--trainer.gradient_clip_val", "null", "--run.name", "nan"]
+    proc = train([*args, "--run.wandb_mode", "offline"], runs)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert line.startswith("train.py fit: error: the run diverged at step ")
+    assert "train/loss is nan" in line and "no checkpoint was written before it" in line
+    result = summary(runs / "nan")
+    assert result["status"] == "diverged" and result["error"] in line
+    assert not (runs / "nan" / "checkpoints").exists()
+    assert wandb_run_contents(runs / "nan")["summary"]["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_diverged_run_names_its_last_finite_checkpoint(tmp_path: Path) -> None:
+    """A learning rate that explodes after the first epoch: the run stops in the second epoch,
+    names last.ckpt of the first, and writes no checkpoint of the diverged state."""
+    runs = tmp_path / "runs"
+    args = ["--model.optimizer", "SGD", "--model.optimizer.lr", "0.1"]
+    args += ["--model.lr_scheduler", "ExponentialLR", "--model.lr_scheduler.gamma", "1e12"]
+    args += ["--trainer.gradient_clip_val", "null", "--trainer.max_epochs", "3"]
+    proc = train([*args, "--run.name", "boom"], runs)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt_dir = runs / "boom" / "checkpoints"
+    (line,) = [x for x in proc.stderr.splitlines() if "error:" in x]
+    assert f"last finite checkpoint: {ckpt_dir / 'last.ckpt'} (step {STEPS_PER_EPOCH})" in line
+    assert "(epoch 1)" in line
+    for path in ckpt_dir.glob("*.ckpt"):  # best and last: the first epoch's, finite
+        ckpt = load(path)
+        assert ckpt["global_step"] == STEPS_PER_EPOCH
+        assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    assert summary(runs / "boom")["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_resume_from_non_finite_weights_is_refused(
+    two_epochs: dict[str, Any], tmp_path: Path
+) -> None:
+    ckpt = load(two_epochs["last"])
+    ckpt["state_dict"]["net.head.weight"][0, 0] = float("nan")
+    bad = tmp_path / "nan.ckpt"
+    torch.save(ckpt, bad)
+    runs = tmp_path / "runs"
+    line = one_error_line(train(["--ckpt_path", str(bad)], runs))
+    assert f"--ckpt_path {bad}: its weights are not finite (net.head.weight)" in line
+    assert not runs.exists() or not any(runs.iterdir())
