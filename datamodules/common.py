@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 
 def check_positive_int(name: str, value: int) -> None:
@@ -43,6 +46,34 @@ def split_sizes(
     return n_train, n_val, n_test
 
 
+class EpochShuffle(Sampler[int]):
+    """A random order of ``range(n)`` that is a function of ``(seed, epoch)`` alone.
+
+    Lightning calls `set_epoch` at the start of every training epoch, so a fit resumed from a
+    checkpoint draws the same batches as an uninterrupted one (a ``shuffle=True`` loader would
+    draw its order from the global generator, whose state a checkpoint does not restore at the
+    right moment).
+
+    Args:
+        n: Number of items.
+        seed: Seed of epoch 0's order (epoch ``e`` uses ``seed + e``).
+    """
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Selects the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
 class SplitDataModule(LightningDataModule):
     """Data loaders over train / val / test ``TensorDataset`` splits built by ``setup``.
 
@@ -76,17 +107,21 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() first")
+        # The order and the workers' seeds come from the seed that `seed_everything` set, not
+        # from the global generator's current state (`EpochShuffle`).
+        seed = torch.initial_seed() % 2**63
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(dataset), seed) if shuffle else None,
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.num_workers > 0,
+            generator=torch.Generator().manual_seed(seed),
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Shuffled training batches: a new order each epoch (`EpochShuffle`)."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

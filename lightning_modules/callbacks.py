@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from .errors import RunDiverged
 
 
 def batch_size(batch: Any) -> int:
@@ -129,7 +132,10 @@ class DecisionBoundaryPlot(Callback):
             xv, yv = dm.val_set.tensors
             xv, yv = xv[: self.num_points], yv[: self.num_points]
             ax.scatter(xv[:, 0], xv[:, 1], c=yv, cmap=cmap, vmin=-0.5, vmax=k - 0.5, s=4)
-        acc = pl_module.trainer.callback_metrics.get("val/acc") if pl_module._trainer else None
+        try:
+            acc = pl_module.trainer.callback_metrics.get("val/acc")
+        except RuntimeError:  # not attached to a trainer
+            acc = None
         title = "learned vs true boundary x2 = x1^2" if k == 2 else f"{k} bands"
         if acc is not None:
             title += f" (val acc {float(acc):.4f})"
@@ -143,10 +149,12 @@ class RunSummary(Callback):
 
     On teardown of every stage (fit / validate / test / predict) it dumps the trainer's
     ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch``, the best
-    checkpoint and ``status``: ``"finished"``, or ``"interrupted"`` (SIGINT / SIGTERM) or
-    ``"failed"`` (any other exception; ``error`` names it) when the stage ended early. Rank 0
-    writes ``metrics.json``; in a distributed run every rank also writes ``metrics.rank{R}.json``
-    so that runs can be checked for cross-rank agreement.
+    checkpoint and ``status``: ``"finished"``, or ``"interrupted"`` (SIGINT / SIGTERM),
+    ``"diverged"`` (`RunDiverged`: a non-finite loss, gradient norm or weight; ``error`` says
+    which) or ``"failed"`` (any other exception; ``error`` names it) when the stage ended early.
+    Rank 0 writes ``metrics.json`` and puts ``status`` into the W&B run's summary; in a
+    distributed run every rank also writes ``metrics.rank{R}.json`` so that runs can be checked
+    for cross-rank agreement.
 
     Args:
         dirpath: Output directory (default: ``trainer.default_root_dir``).
@@ -163,10 +171,13 @@ class RunSummary(Callback):
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
         """Writes the metrics of a stage that an exception or a signal ended."""
-        interrupted = isinstance(exception, KeyboardInterrupt | SIGTERMException)
         stage = trainer.state.stage.value if trainer.state.stage else "unknown"
-        error = None if interrupted else f"{type(exception).__name__}: {exception}"
-        self.write(trainer, stage, "interrupted" if interrupted else "failed", error)
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+            self.write(trainer, stage, "interrupted")
+        elif isinstance(exception, RunDiverged):
+            self.write(trainer, stage, "diverged", str(exception))
+        else:
+            self.write(trainer, stage, "failed", f"{type(exception).__name__}: {exception}")
 
     def write(self, trainer: Trainer, stage: str, status: str, error: str | None = None) -> None:
         """Writes ``metrics.json`` (and the per-rank file) for ``stage`` with ``status``."""
@@ -192,6 +203,8 @@ class RunSummary(Callback):
             names.append("metrics.json")
         if trainer.world_size > 1:
             names.append(f"metrics.rank{trainer.global_rank}.json")
+        if trainer.is_global_zero:
+            _wandb_summary_status(status)
         for name in names:
             out.mkdir(parents=True, exist_ok=True)
             tmp = out / f".{name}.{os.getpid()}.tmp"
@@ -199,29 +212,11 @@ class RunSummary(Callback):
             tmp.replace(out / name)
 
 
-class LastCheckpointOnInterrupt(Callback):
-    """Saves ``last.ckpt`` when a fit is interrupted (SIGINT / SIGTERM) mid-epoch.
-
-    Acts for every `ModelCheckpoint` with ``save_last`` whose last save is older than the current
-    step; single-process runs only (saving is collective in a distributed run, and the other
-    ranks may not have stopped). Resuming from it continues mid-epoch.
-    """
-
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
-        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
-            return
-        if trainer.world_size > 1 or trainer.sanity_checking or trainer.global_step == 0:
-            return
-        for cb in trainer.checkpoint_callbacks:
-            if not (isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath):
-                continue
-            if cb._last_global_step_saved == trainer.global_step:
-                continue  # already saved at this step
-            path = os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
-            trainer.save_checkpoint(path)
-            cb.last_model_path = path
+def _wandb_summary_status(status: str) -> None:
+    """Sets ``status`` in the summary of this process's open W&B run (if there is one)."""
+    wandb = sys.modules.get("wandb")  # not imported: no W&B run
+    if wandb is not None and wandb.run is not None:
+        wandb.run.summary["status"] = status
 
 
 class PredictionWriter(BasePredictionWriter):

@@ -177,12 +177,14 @@ class Classifier(LightningModule):
         if compile:
             self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
 
-        # Weighted by the rows that count; states are not saved (checkpoints hold weights only).
+        # Weighted by the rows that count; states are not in the state dict (checkpoints keep
+        # val/acc_best beside it: `on_save_checkpoint`).
         self.train_acc, self.train_entropy = MeanMetric(), MeanMetric()
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
         self.val_entropy, self.val_z_loss = MeanMetric(), MeanMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
         self.test_entropy, self.test_z_loss = MeanMetric(), MeanMetric()
+        self._resumed_acc_best: float | None = None  # val/acc_best of a resumed checkpoint
 
     # ------------------------------------------------------------------------------ model
     @property
@@ -207,11 +209,19 @@ class Classifier(LightningModule):
             return self._compiled[0](x)
         return self.net(x)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Stores ``val/acc_best`` (``checkpoint["val_acc_best"]``): a resumed fit goes on
+        from it."""
+        if self.val_acc_best.update_count:
+            checkpoint["val_acc_best"] = float(self.val_acc_best.compute())
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Reads checkpoints whose weights sit under ``body.*`` / ``head.*`` (no ``net.``)."""
+        """Reads checkpoints whose weights sit under ``body.*`` / ``head.*`` (no ``net.``);
+        keeps the stored ``val/acc_best`` for a resumed fit (`on_train_start`)."""
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith(("body.", "head."))]:
             state[f"net.{key}"] = state.pop(key)
+        self._resumed_acc_best = checkpoint.get("val_acc_best")
 
     def configure_model(self) -> None:
         """With ``vocab_parallel``: splits the head over the strategy's ``tensor_parallel``
@@ -471,7 +481,10 @@ class Classifier(LightningModule):
     def setup(self, stage: str) -> None:
         """Sets `flops_per_batch` = 6 x weight-matrix entries x batch rows (the matmuls of a
         forward + backward step; biases, activations and the loss are not counted)."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        try:
+            dm = self.trainer.datamodule
+        except RuntimeError:  # not attached to a trainer
+            dm = None
         rows = getattr(dm, "batch_size", None)
         if isinstance(rows, int) and rows > 0:
             weights = sum(m.weight.numel() for m in self.net.linears())
@@ -479,9 +492,13 @@ class Classifier(LightningModule):
 
     # ------------------------------------------------------------------------------ epoch ends
     def on_train_start(self) -> None:
-        """Forgets the sanity check's validation values."""
+        """Forgets the sanity check's validation values; a resumed fit starts ``val/acc_best``
+        from the checkpoint's."""
         for name in ("loss", "acc", "acc_best", "entropy", "z_loss"):
             getattr(self, f"val_{name}").reset()
+        if self._resumed_acc_best is not None:
+            self.val_acc_best.update(torch.tensor(self._resumed_acc_best, device=self.device))
+            self._resumed_acc_best = None
 
     def _log_eval_epoch(self, stage: str) -> Tensor | None:
         """Logs ``{stage}/loss``, ``/acc``, ``/entropy`` (and ``/z_loss``), synchronised over
