@@ -532,7 +532,8 @@ def _reduce_kernel(loss_rows_ptr, scale_ptr, out_ptr, M, MEAN: tl.constexpr, BLO
 # 8192 x 32000 that took the forward + gradient launch from 1.39x to 1.01x the time of a copy of
 # the logits. Half-precision rows that long were slower in registers than in two sweeps there
 # (1.78-1.99x vs 1.60-1.62x). The interpreter keeps the smaller tiles, so that the CPU suite
-# runs both paths at the shapes it tests. Numbers: benchmarks/results/nvidia-h200-*-tune.md.
+# runs both paths at the shapes it tests. Numbers ("Launch configurations"; H200, torch 2.11,
+# triton 3.6): benchmarks/results/nvidia-h200-2026-11-26-check.md.
 _SINGLE_TILE_MAX = {1: 16384, 2: 16384, 4: 32768}
 _SINGLE_TILE_MAX_INTERPRETED = {1: 16384, 2: 16384, 4: 8192}
 
