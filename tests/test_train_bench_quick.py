@@ -7,8 +7,9 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from benchmarks.cross_entropy.sweep import MODES, build_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "benchmarks" / "results"
@@ -20,16 +21,17 @@ def _bench(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
 
 
-def test_quick_is_fast_and_writes_a_fresh_folder(tmp_path: Path) -> None:
-    start = time.monotonic()
+def test_quick_is_small_and_writes_a_fresh_folder(tmp_path: Path) -> None:
     proc = _bench(tmp_path, "--quick", "--device", "cpu")
-    elapsed = time.monotonic() - start
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (out,) = (tmp_path / "runs" / "benchmarks").iterdir()  # the default: a fresh folder
     assert {p.suffix for p in out.iterdir()} == {".md", ".json", ".png"}
     report = json.loads(next(out.glob("*.json")).read_text())
     assert "fusedce" in report["providers"] and "compile" not in report["providers"]
-    assert elapsed < 60, f"--quick took {elapsed:.0f} s"  # ~10 s on an idle 2-core machine
+    # Quick means the tiny CPU sweep (seconds on an idle 2-core machine; speed itself is the
+    # benchmark's business, not a test's): every cell of it, nothing more.
+    quick = build_sweep(False, True, ["bf16", "fp32"], list(MODES), None)
+    assert len(report["cells"]) == len(quick) and not report["skipped"]
 
 
 def test_committed_results_need_overwrite(tmp_path: Path) -> None:
