@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
+import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
+
+from .errors import TrainError
 
 RUN_DIR_ENV = "_FUSEDCE_RUN_DIR"
 WANDB_MODE_ENV = "_FUSEDCE_WANDB_MODE"  # rank 0's W&B decision, for its DDP workers
 _OWNER_PID_ENV = "_FUSEDCE_RUN_DIR_PID"
 _HANDED_OVER = (RUN_DIR_ENV, WANDB_MODE_ENV, _OWNER_PID_ENV)
+# A run writes checkpoints, W&B files and plots: refuse a root with less free space than this
+# up front rather than fail at the first checkpoint.
+MIN_FREE_BYTES = 64 << 20
 
 
 def handed_over(key: str) -> str | None:
@@ -66,5 +73,45 @@ def choose_run_dir(opts: dict[str, Any], trainer_cfg: dict[str, Any], subcommand
         else:
             name = f"{stamp}-{subcommand}-{uuid.uuid4().hex[:6]}"
     run_dir = (root / name).resolve()
+    if _is_first_process():
+        check_run_root(root)
+        if opts.get("name") and run_dir.exists() and any(run_dir.iterdir()):
+            raise TrainError(
+                f"--run.name {name}: {run_dir} already holds a run; choose another name (or "
+                "remove that directory)"
+            )
     hand_over(RUN_DIR_ENV, str(run_dir))
     return run_dir
+
+
+def _is_first_process() -> bool:
+    """The process that owns the run directory: rank 0 of the job (other nodes of a multi-node
+    job compute the same directory, on a shared file system, and must not refuse it)."""
+    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+
+
+def check_run_root(root: Path) -> None:
+    """Raises a one-line ``TrainError`` naming ``--run.root`` unless ``root`` is (or can be
+    made) a directory where this process can create files, with ``MIN_FREE_BYTES`` free.
+
+    A file is created and removed to test writability: permission bits do not tell (root
+    ignores them, a read-only mount does not show in them)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise TrainError(f"--run.root {root}: exists and is not a directory") from None
+    except OSError as err:
+        raise TrainError(f"--run.root {root}: cannot be created ({err.strerror})") from None
+    if not root.is_dir():
+        raise TrainError(f"--run.root {root}: exists and is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        raise TrainError(f"--run.root {root}: not writable ({err.strerror})") from None
+    free = shutil.disk_usage(root).free
+    if free < MIN_FREE_BYTES:
+        raise TrainError(
+            f"--run.root {root}: {free >> 20} MiB free, a run needs at least "
+            f"{MIN_FREE_BYTES >> 20} MiB"
+        )
