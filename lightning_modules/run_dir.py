@@ -22,9 +22,9 @@ RUN_DIR_ENV = "_FUSEDCE_RUN_DIR"
 WANDB_MODE_ENV = "_FUSEDCE_WANDB_MODE"  # rank 0's W&B decision, for its DDP workers
 _OWNER_PID_ENV = "_FUSEDCE_RUN_DIR_PID"
 _HANDED_OVER = (RUN_DIR_ENV, WANDB_MODE_ENV, _OWNER_PID_ENV)
-# A run writes checkpoints, W&B files and plots: refuse a root with less free space than this
-# up front rather than fail at the first checkpoint.
-MIN_FREE_BYTES = 64 << 20
+# A full disk is refused up front (the config, W&B files and the first checkpoint need at least
+# this); a disk that fills later is caught where each checkpoint is written, naming the bytes.
+MIN_FREE_BYTES = 64 << 10
 
 
 def handed_over(key: str) -> str | None:
@@ -112,6 +112,6 @@ def check_run_root(root: Path) -> None:
     free = shutil.disk_usage(root).free
     if free < MIN_FREE_BYTES:
         raise TrainError(
-            f"--run.root {root}: {free >> 20} MiB free, a run needs at least "
-            f"{MIN_FREE_BYTES >> 20} MiB"
+            f"--run.root {root}: {free >> 10} KiB free, a run needs at least "
+            f"{MIN_FREE_BYTES >> 10} KiB"
         )

@@ -48,11 +48,11 @@ def test_second_run_with_the_same_name_is_refused(tmp_path: Path) -> None:
 
 
 def test_check_run_root_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The checks themselves: a fresh root is created; a full disk is refused with the MiB."""
+    """The checks themselves: a fresh root is created; a full disk is refused with the KiB free."""
     check_run_root(tmp_path / "new" / "root")
     assert (tmp_path / "new" / "root").is_dir()
     import fusedce.lightning_modules.run_dir as run_dir
 
     monkeypatch.setattr(run_dir, "MIN_FREE_BYTES", 1 << 62)  # more than any disk has
-    with pytest.raises(TrainError, match="MiB free"):
+    with pytest.raises(TrainError, match="KiB free"):
         check_run_root(tmp_path)
