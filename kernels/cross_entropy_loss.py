@@ -17,12 +17,11 @@ from torch import Tensor, nn
 from . import backends, core, func_transforms, index_check
 from .core import CrossEntropyStats
 from .options import (
+    CallOptions,
     LossOptions,
     accumulation_dtype,
     check_class_index_dtype,
     check_class_weight,
-    check_extras,
-    check_options,
     check_token_weight,
     check_token_weight_values,
     has_float_options,
@@ -475,22 +474,9 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
-    return _cross_entropy(
-        _WHO,
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        inplace_backward,
-        logit_scale,
-        softcap,
-        z_loss,
-        token_weight,
-        return_stats,
-        process_group,
-    )
+    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    call = CallOptions(*loss_args, return_stats, inplace_backward)
+    return _cross_entropy(_WHO, input, target, weight, token_weight, call, process_group)
 
 
 def _cross_entropy(
@@ -498,16 +484,9 @@ def _cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    inplace_backward: bool,
-    logit_scale: float,
-    softcap: float | None,
-    z_loss: float,
     token_weight: Tensor | None,
-    return_stats: bool,
-    process_group: object,
+    call: CallOptions,
+    process_group: object = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``cross_entropy`` for the public function ``who`` (``cross_entropy``,
     ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
@@ -516,32 +495,16 @@ def _cross_entropy(
     if sharded.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        sharded.refuse_unsharded_options(who, inplace_backward=inplace_backward)
-        extras = {
-            "logit_scale": logit_scale,
-            "softcap": softcap,
-            "z_loss": z_loss,
-            "token_weight": token_weight,
-            "return_stats": return_stats,
-        }
+        sharded.refuse_unsharded_options(who, inplace_backward=call.inplace_backward)
         return sharded.call_cross_entropy(
-            who,
-            input,
-            target,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            extras,
-            process_group,
-            plain=_cross_entropy,
+            who, input, target, weight, token_weight, call, process_group, plain=_cross_entropy
         )
-    opts = check_options(who, ignore_index, label_smoothing, reduction)
-    opts = check_extras(who, opts, logit_scale, softcap, z_loss)
+    opts = call.loss_options(who)
+    inplace_backward = call.inplace_backward
     logits, target, weight, out_shape, tw = _check_and_flatten(
         who, input, target, weight, opts, token_weight
     )
-    extras = bool(return_stats)
+    extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
         return func_transforms.cross_entropy(
@@ -642,9 +605,8 @@ class CrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        who = "CrossEntropyLoss"
-        opts = check_options(who, ignore_index, label_smoothing, reduction)
-        opts = check_extras(who, opts, logit_scale, softcap, z_loss)
+        call = CallOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+        opts = call.loss_options("CrossEntropyLoss")
         self.register_buffer("weight", weight)
         self.ignore_index = opts.ignore_index
         self.reduction = opts.reduction
@@ -660,22 +622,8 @@ class CrossEntropyLoss(nn.Module):
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None.
         Errors name ``CrossEntropyLoss``."""
-        return _cross_entropy(
-            "CrossEntropyLoss",
-            input,
-            target,
-            self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
-            self.inplace_backward,
-            self.logit_scale,
-            self.softcap,
-            self.z_loss,
-            token_weight,
-            self.return_stats,
-            None,
-        )
+        call = CallOptions.of(self)
+        return _cross_entropy("CrossEntropyLoss", input, target, self.weight, token_weight, call)
 
     def extra_repr(self) -> str:
         return (

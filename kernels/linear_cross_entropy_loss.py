@@ -23,14 +23,13 @@ from .cross_entropy_loss import _no_double_backward
 from .index_check import check_class_indices
 from .linear_chunks import Accumulation, chunked_pass, planned_chunk_rows
 from .options import (
+    CallOptions,
     LossOptions,
     accumulation_dtype,
     check_accumulation,
     check_chunk_size,
     check_class_index_dtype,
     check_class_weight,
-    check_extras,
-    check_options,
     check_token_weight,
     check_token_weight_values,
     has_float_options,
@@ -422,6 +421,14 @@ def _check_tensors(
     check_class_index_dtype(name, target)
 
 
+def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
+    """The checked loss options, ``chunk_size`` and ``accumulation`` of ``call``."""
+    opts = call.loss_options(who)
+    check_chunk_size(who, call.chunk_size)
+    check_accumulation(who, call.accumulation)
+    return opts, call.chunk_size, call.accumulation
+
+
 def _autocast_cast(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -510,25 +517,10 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
-    return _linear_cross_entropy(
-        _WHO,
-        input,
-        linear_weight,
-        target,
-        linear_bias,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        chunk_size,
-        accumulation,
-        logit_scale,
-        softcap,
-        z_loss,
-        token_weight,
-        return_stats,
-        process_group,
-    )
+    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    call = CallOptions(*loss_args, return_stats, chunk_size=chunk_size, accumulation=accumulation)
+    head = (input, linear_weight, target, linear_bias, weight, token_weight)
+    return _linear_cross_entropy(_WHO, *head, call, process_group)
 
 
 def _linear_cross_entropy(
@@ -538,17 +530,9 @@ def _linear_cross_entropy(
     target: Tensor,
     linear_bias: Tensor | None,
     weight: Tensor | None,
-    reduction: str,
-    ignore_index: int | None,
-    label_smoothing: float,
-    chunk_size: int | None,
-    accumulation: Accumulation,
-    logit_scale: float,
-    softcap: float | None,
-    z_loss: float,
     token_weight: Tensor | None,
-    return_stats: bool,
-    process_group: object,
+    call: CallOptions,
+    process_group: object = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``linear_cross_entropy`` for the public function ``who`` (``linear_cross_entropy``,
     ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
@@ -557,33 +541,12 @@ def _linear_cross_entropy(
     if sharded.wants_vocab_parallel(linear_weight, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        sharded.refuse_unsharded_options(who, accumulation=accumulation)
-        extras = {
-            "logit_scale": logit_scale,
-            "softcap": softcap,
-            "z_loss": z_loss,
-            "token_weight": token_weight,
-            "return_stats": return_stats,
-        }
+        sharded.refuse_unsharded_options(who, accumulation=call.accumulation)
+        head = (input, linear_weight, target, linear_bias, weight, token_weight)
         return sharded.call_linear_cross_entropy(
-            who,
-            input,
-            linear_weight,
-            target,
-            linear_bias,
-            weight,
-            reduction,
-            -100 if ignore_index is None else ignore_index,
-            label_smoothing,
-            chunk_size,
-            extras,
-            process_group,
-            plain=_linear_cross_entropy,
+            who, *head, call, process_group, plain=_linear_cross_entropy
         )
-    opts = check_options(who, ignore_index, label_smoothing, reduction)
-    opts = check_extras(who, opts, logit_scale, softcap, z_loss)
-    check_chunk_size(who, chunk_size)
-    check_accumulation(who, accumulation)
+    opts, chunk_size, accumulation = _check_options(who, call)
     _check_tensors(who, input, linear_weight, target, linear_bias, weight)
     check_token_weight(who, token_weight, tuple(target.shape), input.device)
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
@@ -593,7 +556,7 @@ def _linear_cross_entropy(
     t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
     weight = prepare_class_weight(weight, x.dtype)
     tw = prepare_token_weight(token_weight, x.dtype)
-    extras = bool(return_stats)
+    extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
         return func_transforms.linear_cross_entropy(
@@ -679,11 +642,9 @@ class LinearCrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        who = "LinearCrossEntropyLoss"
-        opts = check_options(who, ignore_index, label_smoothing, reduction)
-        opts = check_extras(who, opts, logit_scale, softcap, z_loss)
-        check_chunk_size(who, chunk_size)
-        check_accumulation(who, accumulation)
+        loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+        call = CallOptions(*loss_args, chunk_size=chunk_size, accumulation=accumulation)
+        opts, chunk_size, accumulation = _check_options("LinearCrossEntropyLoss", call)
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
@@ -721,25 +682,8 @@ class LinearCrossEntropyLoss(nn.Module):
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         """The loss of ``self.linear(input)`` (and stats with ``return_stats``); errors name
         ``LinearCrossEntropyLoss``."""
-        return _linear_cross_entropy(
-            "LinearCrossEntropyLoss",
-            input,
-            self.linear.weight,
-            target,
-            self.linear.bias,
-            self.weight,
-            self.reduction,
-            self.ignore_index,
-            self.label_smoothing,
-            self.chunk_size,
-            self.accumulation,
-            self.logit_scale,
-            self.softcap,
-            self.z_loss,
-            token_weight,
-            self.return_stats,
-            None,
-        )
+        head = (input, self.linear.weight, target, self.linear.bias, self.weight, token_weight)
+        return _linear_cross_entropy("LinearCrossEntropyLoss", *head, CallOptions.of(self))
 
     def extra_repr(self) -> str:
         return (

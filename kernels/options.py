@@ -64,6 +64,48 @@ class LossOptions:
         return self.reduction == "none"
 
 
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """The keyword options of one call as the caller passed them: what the public functions and
+    modules hand to the paths below them (with the tensors and ``process_group`` beside it).
+
+    Nothing is checked here: each path checks them where its errors must be raised (the plain
+    functions first thing; the sharded path inside its rank agreement, so that a bad value on
+    one rank raises on every rank). ``loss_options`` is that check for the ``LossOptions``.
+
+    Attributes:
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss: the loss
+            options (``LossOptions``), unchecked.
+        return_stats: also return the statistics.
+        inplace_backward: ``cross_entropy``'s in-place gradient.
+        chunk_size, accumulation: ``linear_cross_entropy``'s chunking.
+    """
+
+    ignore_index: object = -100
+    label_smoothing: object = 0.0
+    reduction: object = "mean"
+    logit_scale: object = 1.0
+    softcap: object = None
+    z_loss: object = 0.0
+    return_stats: object = False
+    inplace_backward: object = False
+    chunk_size: object = None
+    accumulation: object = "float32"
+
+    @classmethod
+    def of(cls, module: object) -> CallOptions:
+        """The options a loss module holds as attributes of these names (those it has)."""
+        return cls(**{k: getattr(module, k) for k in _CALL_FIELDS if hasattr(module, k)})
+
+    def loss_options(self, who: str) -> LossOptions:
+        """The loss options, checked (``check_options`` then ``check_extras``)."""
+        opts = check_options(who, self.ignore_index, self.label_smoothing, self.reduction)
+        return check_extras(who, opts, self.logit_scale, self.softcap, self.z_loss)
+
+
+_CALL_FIELDS = tuple(CallOptions.__dataclass_fields__)
+
+
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the loss and of every accumulation: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
