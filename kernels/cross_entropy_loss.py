@@ -24,12 +24,12 @@ from .options import (
     check_class_weight,
     check_token_weight,
     check_token_weight_values,
+    from_op_args,
     has_float_options,
     index_target_for_kernels,
-    op_float_args,
     prepare_class_weight,
     prepare_token_weight,
-    resolve_float_options,
+    to_op_args,
 )
 from .sharded import route as sharded
 
@@ -214,19 +214,6 @@ def _kernel_layout(
     return logits, target, weight, token_weight
 
 
-def _opts(
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    z_loss: float = 0.0,
-    float_options: Tensor | None = None,
-) -> LossOptions:
-    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    return resolve_float_options(opts, float_options)
-
-
 @torch.library.custom_op("fusedce::cross_entropy", mutates_args=())
 def _cross_entropy_op(
     logits: Tensor,
@@ -251,7 +238,7 @@ def _cross_entropy_op(
     ``float_options``: the four float options as ``options.float_options_tensor`` (the floats
     are then placeholders), for values that change between compiled calls."""
     check_token_weight_values(who, token_weight)
-    opts = _opts(
+    opts = from_op_args(
         ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
     )
     logits, target, weight, token_weight = _kernel_layout(
@@ -311,7 +298,9 @@ def _cross_entropy_grad_op(
 ) -> Tensor:
     """reduction="none": the gradient written once from the forward's per-row stats; contiguous,
     whatever the inputs' strides."""
-    opts = _opts(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options)
+    opts = from_op_args(
+        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
+    )
     logits, target, weight, token_weight = _kernel_layout(
         logits, target, weight, token_weight, ignore_index
     )
@@ -344,9 +333,13 @@ def _op_setup_context(ctx, inputs, output):
     logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[7:]
     # With float_options the four floats are placeholders: the gradient op reads the tensor
     # (the target's gradient, which reads opts here, never takes that route: see cross_entropy).
-    ctx.opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    ctx.opts = from_op_args(
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, None
+    )
     ctx.who = who
     ctx.float_options = float_options
+    # The gradient op's options: the forward's arguments, placeholders and tensor included.
+    ctx.grad_op_args = (ignore_index, label_smoothing, logit_scale, softcap, z_loss)
     keep_logits = reduction == "none" or target.requires_grad
     ctx.save_for_backward(
         logits if keep_logits else None, target, weight, output[1], output[2], token_weight
@@ -379,11 +372,7 @@ def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
                 weight,
                 stats,
                 grad_loss,
-                opts.ignore_index,
-                opts.label_smoothing,
-                opts.logit_scale,
-                opts.softcap,
-                opts.z_loss,
+                *ctx.grad_op_args,
                 token_weight,
                 ctx.float_options,
             )
@@ -524,25 +513,9 @@ def _cross_entropy(
             return out
     if compiling:
         grad_now = need_grad and not opts.per_row
-        smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(
-            opts, _float_options_as_tensor(logits, opts, target_grad)
-        )
-        loss, _, stats = _cross_entropy_op(
-            logits,
-            target,
-            weight,
-            opts.ignore_index,
-            smoothing,
-            opts.reduction,
-            grad_now,
-            logit_scale,
-            softcap,
-            z_loss,
-            tw,
-            extras,
-            who,
-            float_options,
-        )
+        op_args = to_op_args(opts, _float_options_as_tensor(logits, opts, target_grad))
+        rest = {"grad_now": grad_now, "token_weight": tw, "extras": extras, "who": who}
+        loss, _, stats = _cross_entropy_op(logits, target, weight, **rest, **op_args)
     elif need_grad or target_grad:
         if inplace_backward and input.is_leaf and input.requires_grad:
             raise RuntimeError(

@@ -32,12 +32,12 @@ from .options import (
     check_class_weight,
     check_token_weight,
     check_token_weight_values,
+    from_op_args,
     has_float_options,
     index_target_for_kernels,
-    op_float_args,
     prepare_class_weight,
     prepare_token_weight,
-    resolve_float_options,
+    to_op_args,
 )
 from .sharded import route as sharded
 
@@ -220,8 +220,9 @@ def _lce_op(
     check_class_indices(target, W.shape[0], ignore_index, who)
     check_token_weight_values(who, token_weight)
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
-    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    opts = resolve_float_options(opts, float_options)
+    opts = from_op_args(
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
+    )
     plan = _Plan(opts, chunk_rows, accumulation, extras, who)
     scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
     grads_now = reduction != "none" and any(needs)
@@ -284,8 +285,9 @@ def _lce_backward_op(
     """reduction="none": recompute the chunks with one upstream factor per row; contiguous
     gradients, whatever the inputs' strides."""
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
-    opts = LossOptions(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
-    opts = resolve_float_options(opts, float_options)
+    opts = from_op_args(
+        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
+    )
     plan = _Plan(opts, chunk_rows, accumulation)
     factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
     _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs), token_weight)
@@ -572,28 +574,11 @@ def _linear_cross_entropy(
         needs = [need_grad and p is not None and p.requires_grad for p in params]
         # On the CPU the float options travel in a tensor: one graph for every value of a float
         # that changes between calls (see cross_entropy_loss._float_options_as_tensor).
-        as_tensor = x.device.type == "cpu" and has_float_options(opts)
-        smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(opts, as_tensor)
-        loss, *_, stats = _lce_op(
-            x,
-            linear_weight,
-            linear_bias,
-            t,
-            weight,
-            opts.ignore_index,
-            smoothing,
-            opts.reduction,
-            rows,
-            accumulation,
-            needs,
-            logit_scale,
-            softcap,
-            z_loss,
-            tw,
-            extras,
-            who,
-            float_options,
-        )
+        op_args = to_op_args(opts, x.device.type == "cpu" and has_float_options(opts))
+        head = (x, linear_weight, linear_bias, t, weight)
+        rest = {"chunk_rows": rows, "accumulation": accumulation, "needs": needs}
+        rest.update(token_weight=tw, extras=extras, who=who)
+        loss, *_, stats = _lce_op(*head, **rest, **op_args)
         scale = None
     elif need_grad:
         loss, stats, scale = _LinearCrossEntropy.apply(

@@ -7,7 +7,8 @@ is passed (``who`` names the caller in the message).
 The float options (``label_smoothing``, ``logit_scale``, ``softcap``, ``z_loss``) are checked
 with comparisons only, which also trace under ``torch.compile``: a float that changes between
 calls becomes symbolic there (a ``SymFloat``), and each comparison becomes a guard instead of
-failing the trace. ``float_options_tensor`` carries them into the custom ops (see there).
+failing the trace. ``to_op_args`` / ``from_op_args`` carry the options across the custom ops'
+boundary (the floats in ``float_options_tensor`` where they vary between compiled calls).
 """
 
 from __future__ import annotations
@@ -215,26 +216,45 @@ def float_options_tensor(opts: LossOptions) -> Tensor:
     )
 
 
-def op_float_args(
-    opts: LossOptions, as_tensor: bool
-) -> tuple[float, float, float | None, float, Tensor | None]:
-    """The float arguments of a custom op call: ``(label_smoothing, logit_scale, softcap,
-    z_loss, float_options)``.
+def to_op_args(opts: LossOptions, as_tensor: bool) -> dict[str, object]:
+    """``opts`` as the custom ops' keyword arguments: ``ignore_index``, ``label_smoothing``,
+    ``reduction``, ``logit_scale``, ``softcap``, ``z_loss`` and ``float_options``
+    (``from_op_args`` reads them back inside the op).
 
-    With ``as_tensor``: the values travel in ``float_options_tensor`` and the four floats are
-    NaN placeholders (softcap stays None where it is None: the op reads which logit transform
-    applies from it); else the floats themselves and None.
+    With ``as_tensor``: the float values travel in ``float_options_tensor`` and the four floats
+    are NaN placeholders (softcap stays None where it is None: the op reads which logit
+    transform applies from it); else the floats themselves and ``float_options=None``.
     """
     if not as_tensor:
-        return opts.label_smoothing, opts.logit_scale, opts.softcap, opts.z_loss, None
-    nan = float("nan")
-    cap = None if opts.softcap is None else nan
-    return nan, nan, cap, nan, float_options_tensor(opts)
+        floats = (opts.label_smoothing, opts.logit_scale, opts.softcap, opts.z_loss, None)
+    else:
+        nan = float("nan")
+        cap = None if opts.softcap is None else nan
+        floats = (nan, nan, cap, nan, float_options_tensor(opts))
+    smoothing, scale, softcap, lam, float_options = floats
+    return {
+        "ignore_index": opts.ignore_index,
+        "label_smoothing": smoothing,
+        "reduction": opts.reduction,
+        "logit_scale": scale,
+        "softcap": softcap,
+        "z_loss": lam,
+        "float_options": float_options,
+    }
 
 
-def resolve_float_options(opts: LossOptions, float_options: Tensor | None) -> LossOptions:
-    """``opts`` inside a custom op: the float options read from ``float_options`` where given
-    (see ``op_float_args``)."""
+def from_op_args(
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    logit_scale: float,
+    softcap: float | None,
+    z_loss: float,
+    float_options: Tensor | None,
+) -> LossOptions:
+    """The ``LossOptions`` of a custom op's arguments (``to_op_args``): the float options read
+    from ``float_options`` where given, else the floats themselves."""
+    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     if float_options is None:
         return opts
     smoothing, scale, cap, lam = float_options.tolist()
