@@ -96,7 +96,15 @@ class CallOptions:
     @classmethod
     def of(cls, module: object) -> CallOptions:
         """The options a loss module holds as attributes of these names (those it has)."""
-        return cls(**{k: getattr(module, k) for k in _CALL_FIELDS if hasattr(module, k)})
+        held = vars(module)  # plain attributes; the class's own (properties) are read too
+        kind = type(module)
+        return cls(
+            **{
+                k: held[k] if k in held else getattr(module, k)
+                for k in _CALL_FIELDS
+                if k in held or hasattr(kind, k)
+            }
+        )
 
     def loss_options(self, who: str) -> LossOptions:
         """The loss options, checked (``check_options`` then ``check_extras``)."""
