@@ -192,6 +192,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def op_arguments(op: object, args: tuple, kwargs: dict) -> dict[str, object]:
+    """A custom op's arguments by name, defaults filled in (from its schema): what its fake
+    kernel reads, without repeating the op's signature."""
+    named = {}
+    for i, arg in enumerate(op._opoverload._schema.arguments):
+        if i < len(args):
+            named[arg.name] = args[i]
+        else:
+            named[arg.name] = kwargs.get(arg.name, arg.default_value)
+    return named
+
+
 def _kernel_layout(
     logits: Tensor,
     target: Tensor,
@@ -255,22 +267,9 @@ def _cross_entropy_op(
 
 
 @_cross_entropy_op.register_fake
-def _(
-    logits,
-    target,
-    weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    grad_now,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    extras=False,
-    who=_WHO,
-    float_options=None,
-):
+def _(*args, **kwargs):
+    a = op_arguments(_cross_entropy_op, args, kwargs)
+    logits, reduction, grad_now, extras = a["logits"], a["reduction"], a["grad_now"], a["extras"]
     # new_empty: contiguous, as every output of the real op (empty_like would keep the strides
     # of a transposed input).
     M = logits.shape[0]
@@ -311,20 +310,7 @@ def _cross_entropy_grad_op(
 
 
 @_cross_entropy_grad_op.register_fake
-def _(
-    logits,
-    target,
-    weight,
-    stats,
-    row_factor,
-    ignore_index,
-    label_smoothing,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    float_options=None,
-):
+def _(logits, *_args, **_kwargs):
     return logits.new_empty(logits.shape)  # contiguous, as the real op's
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import core, func_transforms
 from .core import CrossEntropyStats
-from .cross_entropy_loss import _no_double_backward
+from .cross_entropy_loss import _no_double_backward, op_arguments
 from .index_check import check_class_indices
 from .linear_chunks import Accumulation, chunked_pass, planned_chunk_rows
 from .options import (
@@ -236,26 +236,10 @@ def _lce_op(
 
 
 @_lce_op.register_fake
-def _(
-    x,
-    W,
-    b,
-    target,
-    weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    chunk_rows,
-    accumulation,
-    needs,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    extras=False,
-    who=_WHO,
-    float_options=None,
-):
+def _(*args, **kwargs):
+    a = op_arguments(_lce_op, args, kwargs)
+    x, W, b, reduction, needs = a["x"], a["W"], a["b"], a["reduction"], a["needs"]
+    extras = a["extras"]
     acc = accumulation_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
     rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
@@ -295,25 +279,9 @@ def _lce_backward_op(
 
 
 @_lce_backward_op.register_fake
-def _(
-    grad_output,
-    x,
-    W,
-    b,
-    target,
-    weight,
-    ignore_index,
-    label_smoothing,
-    chunk_rows,
-    accumulation,
-    needs,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    float_options=None,
-):
-    return _fake_grads(x, W, b, True, needs)
+def _(*args, **kwargs):
+    a = op_arguments(_lce_backward_op, args, kwargs)
+    return _fake_grads(a["x"], a["W"], a["b"], True, a["needs"])
 
 
 def _lce_setup_context(ctx, inputs, output):
