@@ -17,20 +17,19 @@ from torch import Tensor, nn
 from . import backends, core, func_transforms, index_check
 from .core import CrossEntropyStats
 from .options import (
+    CallOptions,
     LossOptions,
     accumulation_dtype,
     check_class_index_dtype,
     check_class_weight,
-    check_extras,
-    check_options,
     check_token_weight,
     check_token_weight_values,
+    from_op_args,
     has_float_options,
     index_target_for_kernels,
-    op_float_args,
     prepare_class_weight,
     prepare_token_weight,
-    resolve_float_options,
+    to_op_args,
 )
 from .sharded import route as sharded
 
@@ -193,6 +192,18 @@ class _FusedCrossEntropy(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 
 
+def op_arguments(op: object, args: tuple, kwargs: dict) -> dict[str, object]:
+    """A custom op's arguments by name, defaults filled in (from its schema): what its fake
+    kernel reads, without repeating the op's signature."""
+    named = {}
+    for i, arg in enumerate(op._opoverload._schema.arguments):
+        if i < len(args):
+            named[arg.name] = args[i]
+        else:
+            named[arg.name] = kwargs.get(arg.name, arg.default_value)
+    return named
+
+
 def _kernel_layout(
     logits: Tensor,
     target: Tensor,
@@ -213,19 +224,6 @@ def _kernel_layout(
     weight = prepare_class_weight(weight, logits.dtype)
     token_weight = prepare_token_weight(token_weight, logits.dtype)
     return logits, target, weight, token_weight
-
-
-def _opts(
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    z_loss: float = 0.0,
-    float_options: Tensor | None = None,
-) -> LossOptions:
-    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    return resolve_float_options(opts, float_options)
 
 
 @torch.library.custom_op("fusedce::cross_entropy", mutates_args=())
@@ -252,7 +250,7 @@ def _cross_entropy_op(
     ``float_options``: the four float options as ``options.float_options_tensor`` (the floats
     are then placeholders), for values that change between compiled calls."""
     check_token_weight_values(who, token_weight)
-    opts = _opts(
+    opts = from_op_args(
         ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
     )
     logits, target, weight, token_weight = _kernel_layout(
@@ -269,22 +267,9 @@ def _cross_entropy_op(
 
 
 @_cross_entropy_op.register_fake
-def _(
-    logits,
-    target,
-    weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    grad_now,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    extras=False,
-    who=_WHO,
-    float_options=None,
-):
+def _(*args, **kwargs):
+    a = op_arguments(_cross_entropy_op, args, kwargs)
+    logits, reduction, grad_now, extras = a["logits"], a["reduction"], a["grad_now"], a["extras"]
     # new_empty: contiguous, as every output of the real op (empty_like would keep the strides
     # of a transposed input).
     M = logits.shape[0]
@@ -312,7 +297,9 @@ def _cross_entropy_grad_op(
 ) -> Tensor:
     """reduction="none": the gradient written once from the forward's per-row stats; contiguous,
     whatever the inputs' strides."""
-    opts = _opts(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options)
+    opts = from_op_args(
+        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
+    )
     logits, target, weight, token_weight = _kernel_layout(
         logits, target, weight, token_weight, ignore_index
     )
@@ -323,20 +310,7 @@ def _cross_entropy_grad_op(
 
 
 @_cross_entropy_grad_op.register_fake
-def _(
-    logits,
-    target,
-    weight,
-    stats,
-    row_factor,
-    ignore_index,
-    label_smoothing,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    float_options=None,
-):
+def _(logits, *_args, **_kwargs):
     return logits.new_empty(logits.shape)  # contiguous, as the real op's
 
 
@@ -345,9 +319,13 @@ def _op_setup_context(ctx, inputs, output):
     logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[7:]
     # With float_options the four floats are placeholders: the gradient op reads the tensor
     # (the target's gradient, which reads opts here, never takes that route: see cross_entropy).
-    ctx.opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    ctx.opts = from_op_args(
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, None
+    )
     ctx.who = who
     ctx.float_options = float_options
+    # The gradient op's options: the forward's arguments, placeholders and tensor included.
+    ctx.grad_op_args = (ignore_index, label_smoothing, logit_scale, softcap, z_loss)
     keep_logits = reduction == "none" or target.requires_grad
     ctx.save_for_backward(
         logits if keep_logits else None, target, weight, output[1], output[2], token_weight
@@ -380,11 +358,7 @@ def _op_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
                 weight,
                 stats,
                 grad_loss,
-                opts.ignore_index,
-                opts.label_smoothing,
-                opts.logit_scale,
-                opts.softcap,
-                opts.z_loss,
+                *ctx.grad_op_args,
                 token_weight,
                 ctx.float_options,
             )
@@ -475,22 +449,9 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
-    return _cross_entropy(
-        _WHO,
-        input,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        inplace_backward,
-        logit_scale,
-        softcap,
-        z_loss,
-        token_weight,
-        return_stats,
-        process_group,
-    )
+    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    call = CallOptions(*loss_args, return_stats, inplace_backward)
+    return _cross_entropy(_WHO, input, target, weight, token_weight, call, process_group)
 
 
 def _cross_entropy(
@@ -498,16 +459,9 @@ def _cross_entropy(
     input: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    inplace_backward: bool,
-    logit_scale: float,
-    softcap: float | None,
-    z_loss: float,
     token_weight: Tensor | None,
-    return_stats: bool,
-    process_group: object,
+    call: CallOptions,
+    process_group: object = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``cross_entropy`` for the public function ``who`` (``cross_entropy``,
     ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
@@ -516,32 +470,16 @@ def _cross_entropy(
     if sharded.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        sharded.refuse_unsharded_options(who, inplace_backward=inplace_backward)
-        extras = {
-            "logit_scale": logit_scale,
-            "softcap": softcap,
-            "z_loss": z_loss,
-            "token_weight": token_weight,
-            "return_stats": return_stats,
-        }
+        sharded.refuse_unsharded_options(who, inplace_backward=call.inplace_backward)
         return sharded.call_cross_entropy(
-            who,
-            input,
-            target,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            extras,
-            process_group,
-            plain=_cross_entropy,
+            who, input, target, weight, token_weight, call, process_group, plain=_cross_entropy
         )
-    opts = check_options(who, ignore_index, label_smoothing, reduction)
-    opts = check_extras(who, opts, logit_scale, softcap, z_loss)
+    opts = call.loss_options(who)
+    inplace_backward = call.inplace_backward
     logits, target, weight, out_shape, tw = _check_and_flatten(
         who, input, target, weight, opts, token_weight
     )
-    extras = bool(return_stats)
+    extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
         return func_transforms.cross_entropy(
@@ -561,25 +499,9 @@ def _cross_entropy(
             return out
     if compiling:
         grad_now = need_grad and not opts.per_row
-        smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(
-            opts, _float_options_as_tensor(logits, opts, target_grad)
-        )
-        loss, _, stats = _cross_entropy_op(
-            logits,
-            target,
-            weight,
-            opts.ignore_index,
-            smoothing,
-            opts.reduction,
-            grad_now,
-            logit_scale,
-            softcap,
-            z_loss,
-            tw,
-            extras,
-            who,
-            float_options,
-        )
+        op_args = to_op_args(opts, _float_options_as_tensor(logits, opts, target_grad))
+        rest = {"grad_now": grad_now, "token_weight": tw, "extras": extras, "who": who}
+        loss, _, stats = _cross_entropy_op(logits, target, weight, **rest, **op_args)
     elif need_grad or target_grad:
         if inplace_backward and input.is_leaf and input.requires_grad:
             raise RuntimeError(
@@ -642,9 +564,8 @@ class CrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        who = "CrossEntropyLoss"
-        opts = check_options(who, ignore_index, label_smoothing, reduction)
-        opts = check_extras(who, opts, logit_scale, softcap, z_loss)
+        call = CallOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+        opts = call.loss_options("CrossEntropyLoss")
         self.register_buffer("weight", weight)
         self.ignore_index = opts.ignore_index
         self.reduction = opts.reduction
@@ -660,22 +581,8 @@ class CrossEntropyLoss(nn.Module):
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None.
         Errors name ``CrossEntropyLoss``."""
-        return _cross_entropy(
-            "CrossEntropyLoss",
-            input,
-            target,
-            self.weight,
-            self.ignore_index,
-            self.reduction,
-            self.label_smoothing,
-            self.inplace_backward,
-            self.logit_scale,
-            self.softcap,
-            self.z_loss,
-            token_weight,
-            self.return_stats,
-            None,
-        )
+        call = CallOptions.of(self)
+        return _cross_entropy("CrossEntropyLoss", input, target, self.weight, token_weight, call)
 
     def extra_repr(self) -> str:
         return (

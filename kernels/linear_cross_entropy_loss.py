@@ -19,26 +19,25 @@ from torch import Tensor, nn
 
 from . import core, func_transforms
 from .core import CrossEntropyStats
-from .cross_entropy_loss import _no_double_backward
+from .cross_entropy_loss import _no_double_backward, op_arguments
 from .index_check import check_class_indices
 from .linear_chunks import Accumulation, chunked_pass, planned_chunk_rows
 from .options import (
+    CallOptions,
     LossOptions,
     accumulation_dtype,
     check_accumulation,
     check_chunk_size,
     check_class_index_dtype,
     check_class_weight,
-    check_extras,
-    check_options,
     check_token_weight,
     check_token_weight_values,
+    from_op_args,
     has_float_options,
     index_target_for_kernels,
-    op_float_args,
     prepare_class_weight,
     prepare_token_weight,
-    resolve_float_options,
+    to_op_args,
 )
 from .sharded import route as sharded
 
@@ -221,8 +220,9 @@ def _lce_op(
     check_class_indices(target, W.shape[0], ignore_index, who)
     check_token_weight_values(who, token_weight)
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
-    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    opts = resolve_float_options(opts, float_options)
+    opts = from_op_args(
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
+    )
     plan = _Plan(opts, chunk_rows, accumulation, extras, who)
     scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
     grads_now = reduction != "none" and any(needs)
@@ -236,26 +236,10 @@ def _lce_op(
 
 
 @_lce_op.register_fake
-def _(
-    x,
-    W,
-    b,
-    target,
-    weight,
-    ignore_index,
-    label_smoothing,
-    reduction,
-    chunk_rows,
-    accumulation,
-    needs,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    extras=False,
-    who=_WHO,
-    float_options=None,
-):
+def _(*args, **kwargs):
+    a = op_arguments(_lce_op, args, kwargs)
+    x, W, b, reduction, needs = a["x"], a["W"], a["b"], a["reduction"], a["needs"]
+    extras = a["extras"]
     acc = accumulation_dtype(x.dtype)
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
     rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
@@ -285,8 +269,9 @@ def _lce_backward_op(
     """reduction="none": recompute the chunks with one upstream factor per row; contiguous
     gradients, whatever the inputs' strides."""
     x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
-    opts = LossOptions(ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss)
-    opts = resolve_float_options(opts, float_options)
+    opts = from_op_args(
+        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
+    )
     plan = _Plan(opts, chunk_rows, accumulation)
     factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
     _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs), token_weight)
@@ -294,25 +279,9 @@ def _lce_backward_op(
 
 
 @_lce_backward_op.register_fake
-def _(
-    grad_output,
-    x,
-    W,
-    b,
-    target,
-    weight,
-    ignore_index,
-    label_smoothing,
-    chunk_rows,
-    accumulation,
-    needs,
-    logit_scale=1.0,
-    softcap=None,
-    z_loss=0.0,
-    token_weight=None,
-    float_options=None,
-):
-    return _fake_grads(x, W, b, True, needs)
+def _(*args, **kwargs):
+    a = op_arguments(_lce_backward_op, args, kwargs)
+    return _fake_grads(a["x"], a["W"], a["b"], True, a["needs"])
 
 
 def _lce_setup_context(ctx, inputs, output):
@@ -422,6 +391,14 @@ def _check_tensors(
     check_class_index_dtype(name, target)
 
 
+def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
+    """The checked loss options, ``chunk_size`` and ``accumulation`` of ``call``."""
+    opts = call.loss_options(who)
+    check_chunk_size(who, call.chunk_size)
+    check_accumulation(who, call.accumulation)
+    return opts, call.chunk_size, call.accumulation
+
+
 def _autocast_cast(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -510,25 +487,10 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
-    return _linear_cross_entropy(
-        _WHO,
-        input,
-        linear_weight,
-        target,
-        linear_bias,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        chunk_size,
-        accumulation,
-        logit_scale,
-        softcap,
-        z_loss,
-        token_weight,
-        return_stats,
-        process_group,
-    )
+    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    call = CallOptions(*loss_args, return_stats, chunk_size=chunk_size, accumulation=accumulation)
+    head = (input, linear_weight, target, linear_bias, weight, token_weight)
+    return _linear_cross_entropy(_WHO, *head, call, process_group)
 
 
 def _linear_cross_entropy(
@@ -538,17 +500,9 @@ def _linear_cross_entropy(
     target: Tensor,
     linear_bias: Tensor | None,
     weight: Tensor | None,
-    reduction: str,
-    ignore_index: int | None,
-    label_smoothing: float,
-    chunk_size: int | None,
-    accumulation: Accumulation,
-    logit_scale: float,
-    softcap: float | None,
-    z_loss: float,
     token_weight: Tensor | None,
-    return_stats: bool,
-    process_group: object,
+    call: CallOptions,
+    process_group: object = None,
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``linear_cross_entropy`` for the public function ``who`` (``linear_cross_entropy``,
     ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
@@ -557,33 +511,12 @@ def _linear_cross_entropy(
     if sharded.wants_vocab_parallel(linear_weight, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        sharded.refuse_unsharded_options(who, accumulation=accumulation)
-        extras = {
-            "logit_scale": logit_scale,
-            "softcap": softcap,
-            "z_loss": z_loss,
-            "token_weight": token_weight,
-            "return_stats": return_stats,
-        }
+        sharded.refuse_unsharded_options(who, accumulation=call.accumulation)
+        head = (input, linear_weight, target, linear_bias, weight, token_weight)
         return sharded.call_linear_cross_entropy(
-            who,
-            input,
-            linear_weight,
-            target,
-            linear_bias,
-            weight,
-            reduction,
-            -100 if ignore_index is None else ignore_index,
-            label_smoothing,
-            chunk_size,
-            extras,
-            process_group,
-            plain=_linear_cross_entropy,
+            who, *head, call, process_group, plain=_linear_cross_entropy
         )
-    opts = check_options(who, ignore_index, label_smoothing, reduction)
-    opts = check_extras(who, opts, logit_scale, softcap, z_loss)
-    check_chunk_size(who, chunk_size)
-    check_accumulation(who, accumulation)
+    opts, chunk_size, accumulation = _check_options(who, call)
     _check_tensors(who, input, linear_weight, target, linear_bias, weight)
     check_token_weight(who, token_weight, tuple(target.shape), input.device)
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
@@ -593,7 +526,7 @@ def _linear_cross_entropy(
     t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
     weight = prepare_class_weight(weight, x.dtype)
     tw = prepare_token_weight(token_weight, x.dtype)
-    extras = bool(return_stats)
+    extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
         return func_transforms.linear_cross_entropy(
@@ -609,28 +542,11 @@ def _linear_cross_entropy(
         needs = [need_grad and p is not None and p.requires_grad for p in params]
         # On the CPU the float options travel in a tensor: one graph for every value of a float
         # that changes between calls (see cross_entropy_loss._float_options_as_tensor).
-        as_tensor = x.device.type == "cpu" and has_float_options(opts)
-        smoothing, logit_scale, softcap, z_loss, float_options = op_float_args(opts, as_tensor)
-        loss, *_, stats = _lce_op(
-            x,
-            linear_weight,
-            linear_bias,
-            t,
-            weight,
-            opts.ignore_index,
-            smoothing,
-            opts.reduction,
-            rows,
-            accumulation,
-            needs,
-            logit_scale,
-            softcap,
-            z_loss,
-            tw,
-            extras,
-            who,
-            float_options,
-        )
+        op_args = to_op_args(opts, x.device.type == "cpu" and has_float_options(opts))
+        head = (x, linear_weight, linear_bias, t, weight)
+        rest = {"chunk_rows": rows, "accumulation": accumulation, "needs": needs}
+        rest.update(token_weight=tw, extras=extras, who=who)
+        loss, *_, stats = _lce_op(*head, **rest, **op_args)
         scale = None
     elif need_grad:
         loss, stats, scale = _LinearCrossEntropy.apply(
@@ -679,11 +595,9 @@ class LinearCrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        who = "LinearCrossEntropyLoss"
-        opts = check_options(who, ignore_index, label_smoothing, reduction)
-        opts = check_extras(who, opts, logit_scale, softcap, z_loss)
-        check_chunk_size(who, chunk_size)
-        check_accumulation(who, accumulation)
+        loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+        call = CallOptions(*loss_args, chunk_size=chunk_size, accumulation=accumulation)
+        opts, chunk_size, accumulation = _check_options("LinearCrossEntropyLoss", call)
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
@@ -721,25 +635,8 @@ class LinearCrossEntropyLoss(nn.Module):
     ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
         """The loss of ``self.linear(input)`` (and stats with ``return_stats``); errors name
         ``LinearCrossEntropyLoss``."""
-        return _linear_cross_entropy(
-            "LinearCrossEntropyLoss",
-            input,
-            self.linear.weight,
-            target,
-            self.linear.bias,
-            self.weight,
-            self.reduction,
-            self.ignore_index,
-            self.label_smoothing,
-            self.chunk_size,
-            self.accumulation,
-            self.logit_scale,
-            self.softcap,
-            self.z_loss,
-            token_weight,
-            self.return_stats,
-            None,
-        )
+        head = (input, self.linear.weight, target, self.linear.bias, self.weight, token_weight)
+        return _linear_cross_entropy("LinearCrossEntropyLoss", *head, CallOptions.of(self))
 
     def extra_repr(self) -> str:
         return (

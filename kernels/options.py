@@ -7,7 +7,8 @@ is passed (``who`` names the caller in the message).
 The float options (``label_smoothing``, ``logit_scale``, ``softcap``, ``z_loss``) are checked
 with comparisons only, which also trace under ``torch.compile``: a float that changes between
 calls becomes symbolic there (a ``SymFloat``), and each comparison becomes a guard instead of
-failing the trace. ``float_options_tensor`` carries them into the custom ops (see there).
+failing the trace. ``to_op_args`` / ``from_op_args`` carry the options across the custom ops'
+boundary (the floats in ``float_options_tensor`` where they vary between compiled calls).
 """
 
 from __future__ import annotations
@@ -62,6 +63,56 @@ class LossOptions:
     def per_row(self) -> bool:
         """Whether the output keeps one loss per element (and backward one factor per row)."""
         return self.reduction == "none"
+
+
+@dataclass(frozen=True, slots=True)
+class CallOptions:
+    """The keyword options of one call as the caller passed them: what the public functions and
+    modules hand to the paths below them (with the tensors and ``process_group`` beside it).
+
+    Nothing is checked here: each path checks them where its errors must be raised (the plain
+    functions first thing; the sharded path inside its rank agreement, so that a bad value on
+    one rank raises on every rank). ``loss_options`` is that check for the ``LossOptions``.
+
+    Attributes:
+        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss: the loss
+            options (``LossOptions``), unchecked.
+        return_stats: also return the statistics.
+        inplace_backward: ``cross_entropy``'s in-place gradient.
+        chunk_size, accumulation: ``linear_cross_entropy``'s chunking.
+    """
+
+    ignore_index: object = -100
+    label_smoothing: object = 0.0
+    reduction: object = "mean"
+    logit_scale: object = 1.0
+    softcap: object = None
+    z_loss: object = 0.0
+    return_stats: object = False
+    inplace_backward: object = False
+    chunk_size: object = None
+    accumulation: object = "float32"
+
+    @classmethod
+    def of(cls, module: object) -> CallOptions:
+        """The options a loss module holds as attributes of these names (those it has)."""
+        held = vars(module)  # plain attributes; the class's own (properties) are read too
+        kind = type(module)
+        return cls(
+            **{
+                k: held[k] if k in held else getattr(module, k)
+                for k in _CALL_FIELDS
+                if k in held or hasattr(kind, k)
+            }
+        )
+
+    def loss_options(self, who: str) -> LossOptions:
+        """The loss options, checked (``check_options`` then ``check_extras``)."""
+        opts = check_options(who, self.ignore_index, self.label_smoothing, self.reduction)
+        return check_extras(who, opts, self.logit_scale, self.softcap, self.z_loss)
+
+
+_CALL_FIELDS = tuple(CallOptions.__dataclass_fields__)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -173,26 +224,45 @@ def float_options_tensor(opts: LossOptions) -> Tensor:
     )
 
 
-def op_float_args(
-    opts: LossOptions, as_tensor: bool
-) -> tuple[float, float, float | None, float, Tensor | None]:
-    """The float arguments of a custom op call: ``(label_smoothing, logit_scale, softcap,
-    z_loss, float_options)``.
+def to_op_args(opts: LossOptions, as_tensor: bool) -> dict[str, object]:
+    """``opts`` as the custom ops' keyword arguments: ``ignore_index``, ``label_smoothing``,
+    ``reduction``, ``logit_scale``, ``softcap``, ``z_loss`` and ``float_options``
+    (``from_op_args`` reads them back inside the op).
 
-    With ``as_tensor``: the values travel in ``float_options_tensor`` and the four floats are
-    NaN placeholders (softcap stays None where it is None: the op reads which logit transform
-    applies from it); else the floats themselves and None.
+    With ``as_tensor``: the float values travel in ``float_options_tensor`` and the four floats
+    are NaN placeholders (softcap stays None where it is None: the op reads which logit
+    transform applies from it); else the floats themselves and ``float_options=None``.
     """
     if not as_tensor:
-        return opts.label_smoothing, opts.logit_scale, opts.softcap, opts.z_loss, None
-    nan = float("nan")
-    cap = None if opts.softcap is None else nan
-    return nan, nan, cap, nan, float_options_tensor(opts)
+        floats = (opts.label_smoothing, opts.logit_scale, opts.softcap, opts.z_loss, None)
+    else:
+        nan = float("nan")
+        cap = None if opts.softcap is None else nan
+        floats = (nan, nan, cap, nan, float_options_tensor(opts))
+    smoothing, scale, softcap, lam, float_options = floats
+    return {
+        "ignore_index": opts.ignore_index,
+        "label_smoothing": smoothing,
+        "reduction": opts.reduction,
+        "logit_scale": scale,
+        "softcap": softcap,
+        "z_loss": lam,
+        "float_options": float_options,
+    }
 
 
-def resolve_float_options(opts: LossOptions, float_options: Tensor | None) -> LossOptions:
-    """``opts`` inside a custom op: the float options read from ``float_options`` where given
-    (see ``op_float_args``)."""
+def from_op_args(
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    logit_scale: float,
+    softcap: float | None,
+    z_loss: float,
+    float_options: Tensor | None,
+) -> LossOptions:
+    """The ``LossOptions`` of a custom op's arguments (``to_op_args``): the float options read
+    from ``float_options`` where given, else the floats themselves."""
+    opts = LossOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
     if float_options is None:
         return opts
     smoothing, scale, cap, lam = float_options.tolist()

@@ -20,7 +20,7 @@ import fusedce
 from ce_reference import make_linear_case, make_logits, make_target
 from fusedce.cross_entropy_loss import _cross_entropy_op
 from fusedce.linear_cross_entropy_loss import _lce_op
-from fusedce.options import LossOptions, op_float_args
+from fusedce.options import LossOptions, to_op_args
 
 # Three values per option: the first compiles with the value as a constant, the second as a
 # symbolic float, the third must reuse that graph.
@@ -187,8 +187,9 @@ def test_opcheck_with_the_options_tensor(reduction):
     fake kernels, autograd registration and AOT dispatch agree, and the result is the one of the
     same options passed as floats."""
     opts = LossOptions(-100, 0.1, reduction, 0.7, 5.0, 0.01)
-    floats = op_float_args(opts, as_tensor=False)[:4]
-    smoothing, scale, cap, lam, tensor = op_float_args(opts, as_tensor=True)
+    names = ("label_smoothing", "logit_scale", "softcap", "z_loss", "float_options")
+    floats = [to_op_args(opts, as_tensor=False)[k] for k in names[:4]]
+    smoothing, scale, cap, lam, tensor = (to_op_args(opts, as_tensor=True)[k] for k in names)
     assert tensor is not None and tensor.device.type == "cpu"
     x = make_logits((6, 19), torch.float32).requires_grad_()
     t = make_target((6, 19), "hard", ignore_frac=0.2)

@@ -74,11 +74,12 @@ def cross_entropy_parts(
     input: Tensor,
     target: object,
     weight: object,
-    extras: dict[str, object],
+    token_weight: object,
     process_group: object,
-) -> tuple[object, Tensor, object, object, dict[str, object]]:
+) -> tuple[object, Tensor, object, object, object]:
     """A DTensor ``input`` sharded on the class dimension of a 1-D mesh: (the mesh, the local
-    logits, target, class weights and extras) of this rank, for a call on the mesh's group."""
+    logits, target, class weights and token weights) of this rank, for a call on the mesh's
+    group."""
     mesh = _mesh_of(who, input, process_group)
     class_dim = 1 if input.dim() >= 2 else 0
     (place,) = input.placements
@@ -87,13 +88,13 @@ def cross_entropy_parts(
             f"{who}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
             f"), got {input.placements}"
         )
-    extras = dict(extras, token_weight=_local_part(who, extras["token_weight"], "token_weight"))
+    token_weight = _local_part(who, token_weight, "token_weight")
     return (
         mesh,
         input.to_local(),
         _local_part(who, target, "target", class_dim),
         _local_part(who, weight, "weight"),
-        extras,
+        token_weight,
     )
 
 
@@ -104,12 +105,12 @@ def linear_parts(
     target: object,
     linear_bias: object,
     weight: object,
-    extras: dict[str, object],
+    token_weight: object,
     process_group: object,
-) -> tuple[object, object, Tensor, object, object, object, dict[str, object]]:
+) -> tuple[object, object, Tensor, object, object, object, object]:
     """A DTensor linear weight (V, D) sharded by rows on a 1-D mesh: (the mesh, the local input,
-    weight rows, target, bias, class weights and extras) of this rank, for a call on the mesh's
-    group."""
+    weight rows, target, bias, class weights and token weights) of this rank, for a call on the
+    mesh's group."""
     name = "local_weight" if who == _LCE else "linear_weight"
     mesh = _mesh_of(who, local_weight, process_group)
     if not all(p.is_shard() and p.dim % 2 == 0 for p in local_weight.placements):
@@ -117,7 +118,7 @@ def linear_parts(
             f"{who}: a DTensor {name} must be sharded by rows (Shard(0)), got "
             f"{local_weight.placements}"
         )
-    extras = dict(extras, token_weight=_local_part(who, extras["token_weight"], "token_weight"))
+    token_weight = _local_part(who, token_weight, "token_weight")
     return (
         mesh,
         _local_part(who, input, "input"),
@@ -125,5 +126,5 @@ def linear_parts(
         _local_part(who, target, "target"),
         _local_part(who, linear_bias, "linear_bias", 0),
         _local_part(who, weight, "weight"),
-        extras,
+        token_weight,
     )

@@ -20,10 +20,10 @@ from torch import Tensor
 from ..core import CrossEntropyStats
 from ..linear_chunks import planned_chunk_rows
 from ..options import (
+    CallOptions,
+    LossOptions,
     accumulation_dtype,
     check_chunk_size,
-    check_extras,
-    check_options,
     check_token_weight,
     index_target_for_kernels,
     prepare_token_weight,
@@ -91,15 +91,77 @@ def _public_stats(extras: Tensor, z_red: Tensor, per_row: bool, shape: tuple[int
     )
 
 
+def _meta(
+    opts: LossOptions,
+    want_stats: bool,
+    weight: Tensor | None,
+    explicit: tuple[int, int] | None,
+    shape: tuple[int, int, int],
+    out_shape: tuple[int, ...],
+    soft: bool,
+    dtype: torch.dtype,
+) -> _Meta:
+    """This rank's metadata for the agreement; ``shape``: (rows, width, features)."""
+    rows, width, features = shape
+    return _Meta(
+        width=width,
+        rows=rows,
+        out_shape=out_shape,
+        soft=soft,
+        features=features,
+        dtype=dtype,
+        weight_numel=-1 if weight is None else weight.numel(),
+        opts_key=_opts_key(opts),
+        extras_key=_extras_key(opts, want_stats),
+        declared=explicit,
+    )
+
+
+def _shard(
+    who: str,
+    group: object,
+    exchange: bool,
+    input: object,
+    call: CallOptions,
+    error: Exception | None,
+    meta: _Meta | None,
+    t: Tensor | None,
+    tw: Tensor | None,
+    weight: Tensor | None,
+    explicit: tuple[int, int] | None,
+):
+    """This rank's shard: agreed in the exchange (which raises ``error``, or any rank's, on
+    every rank; the targets are compared with ignore_index, -100 for a bad or None value: its
+    error comes from the check), or from the explicit sizes. ``input`` gives the device."""
+    if not exchange:
+        return _explicit_shard(who, group, explicit, meta.width, weight)
+    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+    ii = call.ignore_index if isinstance(call.ignore_index, int) else -100
+    return _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
+
+
+def _result(
+    loss: Tensor,
+    rows: Tensor,
+    z_red: Tensor,
+    opts: LossOptions,
+    want_stats: bool,
+    out_shape: tuple[int, ...],
+) -> Result:
+    """The loss (and the stats) in the call's output shape."""
+    loss = loss.reshape(out_shape) if opts.per_row else loss
+    if not want_stats:
+        return loss
+    return loss, _public_stats(rows, z_red, opts.per_row, out_shape)
+
+
 def call_cross_entropy(
     who: str,
     local_logits: Tensor,
     target: Tensor,
     weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    extras: dict[str, object],
+    token_weight: Tensor | None,
+    call: CallOptions,
     process_group: object,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -107,28 +169,17 @@ def call_cross_entropy(
     plain: PlainLoss,
 ) -> Result:
     """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
-    errors name); ``extras``: the one-pass extras by keyword; ``plain``: the unsharded
+    errors name); ``call``: the keyword options as passed; ``plain``: the unsharded
     ``_cross_entropy`` (of ``fusedce.cross_entropy_loss``), which a group of one rank runs."""
     sizes_given = vocab_start is not None or vocab_size is not None
     if dtensor.is_dtensor(local_logits):
         # A DTensor sharded on the class dimension: the local slices on the mesh's group.
-        mesh, local_logits, target, weight, extras = dtensor.cross_entropy_parts(
-            who, local_logits, target, weight, extras, process_group
+        mesh, *local = dtensor.cross_entropy_parts(
+            who, local_logits, target, weight, token_weight, process_group
         )
-        result = call_cross_entropy(
-            who,
-            local_logits,
-            target,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            extras,
-            mesh.get_group(),
-            vocab_start,
-            vocab_size,
-            plain=plain,
-        )
+        group = mesh.get_group()
+        sizes = (vocab_start, vocab_size)
+        result = call_cross_entropy(who, *local, call, group, *sizes, plain=plain)
         return dtensor.replicated(result, mesh)
     group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
@@ -137,97 +188,43 @@ def call_cross_entropy(
             _check_explicit_sizes(who, vocab_start, vocab_size, width)
             if sizes_given and (vocab_start, vocab_size) != (0, width):
                 raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
-        return plain(
-            who,
-            local_logits,
-            target,
-            weight,
-            ignore_index,
-            reduction,
-            label_smoothing,
-            False,
-            extras["logit_scale"],
-            extras["softcap"],
-            extras["z_loss"],
-            extras["token_weight"],
-            extras["return_stats"],
-            None,
-        )
+        return plain(who, local_logits, target, weight, token_weight, call)
     return _sharded_cross_entropy(
-        who,
-        local_logits,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        extras,
-        group,
-        vocab_start,
-        vocab_size,
+        who, local_logits, target, weight, token_weight, call, group, vocab_start, vocab_size
     )
 
 
 @torch.compiler.disable
 def _sharded_cross_entropy(
-    who,
-    local_logits,
-    target,
-    weight,
-    ignore_index,
-    reduction,
-    label_smoothing,
-    extras,
-    group,
-    vocab_start,
-    vocab_size,
+    who, local_logits, target, weight, tw, call, group, vocab_start, vocab_size
 ) -> Result:
     """The sharded call. Run eagerly under ``torch.compile`` (a graph break): the metadata
     exchange reads values back to the host and the autograd Function holds collectives."""
     exchange = _exchanges(vocab_start is not None or vocab_size is not None)
     error: Exception | None = None
-    meta = logits = t = tw = None
+    meta = logits = t = None
     explicit = None
     try:
-        opts = check_options(who, ignore_index, label_smoothing, reduction)
-        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
-        want_stats = _check_return_stats(who, extras["return_stats"])
+        opts = call.loss_options(who)
+        want_stats = _check_return_stats(who, call.return_stats)
         logits, t, out_shape, soft = _flatten_ce(
             who, local_logits, target, weight, opts.ignore_index
         )
-        tw = extras["token_weight"]
         check_token_weight(who, tw, out_shape, logits.device)
         explicit = _check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
-        meta = _Meta(
-            width=logits.shape[1],
-            rows=logits.shape[0],
-            out_shape=out_shape,
-            soft=soft,
-            features=0,
-            dtype=logits.dtype,
-            weight_numel=-1 if weight is None else weight.numel(),
-            opts_key=_opts_key(opts),
-            extras_key=_extras_key(opts, want_stats),
-            declared=explicit,
-        )
+        shape = (logits.shape[0], logits.shape[1], 0)
+        meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, soft, logits.dtype)
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
         if not exchange:
             raise
         error = exc
-    if exchange:
-        device = local_logits.device if isinstance(local_logits, Tensor) else torch.device("cpu")
-        ii = ignore_index if isinstance(ignore_index, int) else -100
-        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
-    else:
-        sh = _explicit_shard(who, group, explicit, meta.width, weight)
+    agreed = (error, meta, t, tw, weight, explicit)
+    sh = _shard(who, group, exchange, local_logits, call, *agreed)
     _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
     w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
     tw = prepare_token_weight(tw, logits.dtype)
     loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
-    loss = loss.reshape(meta.out_shape) if opts.per_row else loss
-    if not want_stats:
-        return loss
-    return loss, _public_stats(rows, z_red, opts.per_row, meta.out_shape)
+    return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)
 
 
 def call_linear_cross_entropy(
@@ -237,11 +234,8 @@ def call_linear_cross_entropy(
     target: Tensor,
     linear_bias: Tensor | None,
     weight: Tensor | None,
-    reduction: str,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_size: int | None,
-    extras: dict[str, object],
+    token_weight: Tensor | None,
+    call: CallOptions,
     process_group: object,
     vocab_start: int | None = None,
     vocab_size: int | None = None,
@@ -249,140 +243,62 @@ def call_linear_cross_entropy(
     plain: PlainLoss,
 ) -> Result:
     """``vocab_parallel_linear_cross_entropy`` called through the public function ``who``
-    (which the errors name); ``extras``: the one-pass extras by keyword; ``plain``: the
-    unsharded ``_linear_cross_entropy`` (of ``fusedce.linear_cross_entropy_loss``), which a
-    group of one rank runs."""
+    (which the errors name); ``call``: the keyword options as passed; ``plain``: the unsharded
+    ``_linear_cross_entropy`` (of ``fusedce.linear_cross_entropy_loss``), which a group of one
+    rank runs."""
     if dtensor.is_dtensor(local_weight):
         # A DTensor weight sharded by rows: the local rows on the mesh's group.
-        mesh, input, local_weight, target, linear_bias, weight, extras = dtensor.linear_parts(
-            who, input, local_weight, target, linear_bias, weight, extras, process_group
+        mesh, *local = dtensor.linear_parts(
+            who, input, local_weight, target, linear_bias, weight, token_weight, process_group
         )
-        result = call_linear_cross_entropy(
-            who,
-            input,
-            local_weight,
-            target,
-            linear_bias,
-            weight,
-            reduction,
-            ignore_index,
-            label_smoothing,
-            chunk_size,
-            extras,
-            mesh.get_group(),
-            vocab_start,
-            vocab_size,
-            plain=plain,
-        )
+        group = mesh.get_group()
+        sizes = (vocab_start, vocab_size)
+        result = call_linear_cross_entropy(who, *local, call, group, *sizes, plain=plain)
         return dtensor.replicated(result, mesh)
     group = _resolve_group(who, process_group)
+    head = (input, local_weight, target, linear_bias, weight, token_weight)
     if group is None or dist.get_world_size(group) == 1:
         if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
             width = local_weight.shape[0]
             sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
             if sizes is not None and sizes != (0, width):
                 raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
-        return plain(
-            who,
-            input,
-            local_weight,
-            target,
-            linear_bias,
-            weight,
-            reduction,
-            ignore_index,
-            label_smoothing,
-            chunk_size,
-            "float32",
-            extras["logit_scale"],
-            extras["softcap"],
-            extras["z_loss"],
-            extras["token_weight"],
-            extras["return_stats"],
-            None,
-        )
-    return _sharded_linear_cross_entropy(
-        who,
-        input,
-        local_weight,
-        target,
-        linear_bias,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        chunk_size,
-        extras,
-        group,
-        vocab_start,
-        vocab_size,
-    )
+        return plain(who, *head, call)
+    return _sharded_linear_cross_entropy(who, *head, call, group, vocab_start, vocab_size)
 
 
 @torch.compiler.disable
 def _sharded_linear_cross_entropy(
-    who,
-    input,
-    local_weight,
-    target,
-    linear_bias,
-    weight,
-    reduction,
-    ignore_index,
-    label_smoothing,
-    chunk_size,
-    extras,
-    group,
-    vocab_start,
-    vocab_size,
+    who, input, local_weight, target, linear_bias, weight, tw, call, group, vocab_start, vocab_size
 ) -> Result:
     """The sharded call of the linear head (run eagerly under ``torch.compile``)."""
     exchange = _exchanges(vocab_start is not None or vocab_size is not None)
     error: Exception | None = None
-    meta = t = tw = None
+    meta = t = None
     explicit = None
     try:
-        opts = check_options(who, ignore_index, label_smoothing, reduction)
-        opts = check_extras(who, opts, extras["logit_scale"], extras["softcap"], extras["z_loss"])
-        want_stats = _check_return_stats(who, extras["return_stats"])
-        check_chunk_size(who, chunk_size)
+        opts = call.loss_options(who)
+        want_stats = _check_return_stats(who, call.return_stats)
+        check_chunk_size(who, call.chunk_size)
         _check_linear(who, input, local_weight, target, linear_bias, weight)
-        tw = extras["token_weight"]
         check_token_weight(who, tw, tuple(target.shape), input.device)
         width, D = local_weight.shape
         explicit = _check_explicit_sizes(who, vocab_start, vocab_size, width)
         x = input.reshape(-1, D)
         t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
-        meta = _Meta(
-            width=width,
-            rows=x.shape[0],
-            out_shape=tuple(target.shape),
-            soft=False,
-            features=D,
-            dtype=x.dtype,
-            weight_numel=-1 if weight is None else weight.numel(),
-            opts_key=_opts_key(opts),
-            extras_key=_extras_key(opts, want_stats),
-            declared=explicit,
-        )
+        out_shape = tuple(target.shape)
+        shape = (x.shape[0], width, D)
+        meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, False, x.dtype)
     except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
         if not exchange:
             raise
         error = exc
-    if exchange:
-        device = input.device if isinstance(input, Tensor) else torch.device("cpu")
-        ii = -100 if ignore_index is None else ignore_index
-        ii = ii if isinstance(ii, int) else -100
-        sh = _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
-    else:
-        sh = _explicit_shard(who, group, explicit, meta.width, weight)
+    agreed = (error, meta, t, tw, weight, explicit)
+    sh = _shard(who, group, exchange, input, call, *agreed)
     w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
     tw = prepare_token_weight(tw, x.dtype)
-    step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, chunk_size, x.device)
+    step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, call.chunk_size, x.device)
     loss, rows, z_red = _VocabParallelLinearCrossEntropy.apply(
         x, local_weight, linear_bias, t, w, tw, sh, opts, want_stats, step
     )
-    loss = loss.reshape(meta.out_shape) if opts.per_row else loss
-    if not want_stats:
-        return loss
-    return loss, _public_stats(rows, z_red, opts.per_row, meta.out_shape)
+    return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)

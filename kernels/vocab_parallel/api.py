@@ -9,11 +9,14 @@ one rank or no group, the plain functions (``fusedce.cross_entropy_loss`` /
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import Tensor
 
 from ..core import CrossEntropyStats
 from ..cross_entropy_loss import _cross_entropy
 from ..linear_cross_entropy_loss import _linear_cross_entropy
+from ..options import CallOptions
 from ..sharded import route
 from ..sharded.arguments import _CE, _LCE
 
@@ -104,57 +107,15 @@ def vocab_parallel_cross_entropy(
         arguments, and a rank-specific error raises on that rank alone while the others wait
         until the group's timeout.
     """
-    extras = {
-        "logit_scale": logit_scale,
-        "softcap": softcap,
-        "z_loss": z_loss,
-        "token_weight": token_weight,
-        "return_stats": return_stats,
-    }
-    return call_cross_entropy(
-        _CE,
-        local_logits,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        extras,
-        process_group,
-        vocab_start,
-        vocab_size,
-    )
+    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    call = CallOptions(*loss_args, return_stats)
+    tensors = (local_logits, target, weight, token_weight)
+    return call_cross_entropy(_CE, *tensors, call, process_group, vocab_start, vocab_size)
 
 
-def call_cross_entropy(
-    who: str,
-    local_logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    extras: dict[str, object],
-    process_group: object,
-    vocab_start: int | None = None,
-    vocab_size: int | None = None,
-) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
-    errors name); ``extras``: the one-pass extras by keyword."""
-    return route.call_cross_entropy(
-        who,
-        local_logits,
-        target,
-        weight,
-        ignore_index,
-        reduction,
-        label_smoothing,
-        extras,
-        process_group,
-        vocab_start,
-        vocab_size,
-        plain=_cross_entropy,
-    )
+# ``vocab_parallel_cross_entropy`` called through the public function ``who`` (its first
+# argument, which the errors name): ``route.call_cross_entropy`` with the plain implementation.
+call_cross_entropy = partial(route.call_cross_entropy, plain=_cross_entropy)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -226,63 +187,11 @@ def vocab_parallel_linear_cross_entropy(
         As :func:`vocab_parallel_cross_entropy` (the ranks also agree on D);
         NotImplementedError: probability targets.
     """
-    extras = {
-        "logit_scale": logit_scale,
-        "softcap": softcap,
-        "z_loss": z_loss,
-        "token_weight": token_weight,
-        "return_stats": return_stats,
-    }
-    return call_linear_cross_entropy(
-        _LCE,
-        input,
-        local_weight,
-        target,
-        linear_bias,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        chunk_size,
-        extras,
-        process_group,
-        vocab_start,
-        vocab_size,
-    )
+    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
+    call = CallOptions(*loss_args, return_stats, chunk_size=chunk_size)
+    head = (input, local_weight, target, linear_bias, weight, token_weight)
+    return call_linear_cross_entropy(_LCE, *head, call, process_group, vocab_start, vocab_size)
 
 
-def call_linear_cross_entropy(
-    who: str,
-    input: Tensor,
-    local_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-    reduction: str,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_size: int | None,
-    extras: dict[str, object],
-    process_group: object,
-    vocab_start: int | None = None,
-    vocab_size: int | None = None,
-) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``vocab_parallel_linear_cross_entropy`` called through the public function ``who``
-    (which the errors name); ``extras``: the one-pass extras by keyword."""
-    return route.call_linear_cross_entropy(
-        who,
-        input,
-        local_weight,
-        target,
-        linear_bias,
-        weight,
-        reduction,
-        ignore_index,
-        label_smoothing,
-        chunk_size,
-        extras,
-        process_group,
-        vocab_start,
-        vocab_size,
-        plain=_linear_cross_entropy,
-    )
+# ``vocab_parallel_linear_cross_entropy`` called through the public function ``who``.
+call_linear_cross_entropy = partial(route.call_linear_cross_entropy, plain=_linear_cross_entropy)
