@@ -12,6 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from .callbacks import DecisionBoundaryPlot, LastCheckpointOnInterrupt, PredictionWriter, RunSummary
 from .checkpoints import RunInfoInCheckpoint
+from .tune_trial import trial_callbacks
 
 
 def stack_callbacks(
@@ -37,6 +38,7 @@ def stack_callbacks(
         if len(callbacks) < len(configured):
             rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
     callbacks += [RunSummary(), RunInfoInCheckpoint()]
+    callbacks += trial_callbacks(subcommand)  # `tune_trial.TrialReporter` in a tune trial
     if subcommand == "fit":
         callbacks.append(LastCheckpointOnInterrupt())
         if opts.get("plot", True):
