@@ -262,15 +262,19 @@ def summary_text(
 ) -> str:
     """The lines that ``tune`` ends with."""
     s = runner.setup
-    states = [r["state"] for r in rows]
+    retried = {r["retry_of"] for r in rows}
+    states = [
+        "STOPPED" if r["state"] == "FAIL" and r["number"] in retried else r["state"] for r in rows
+    ]
     parts = [
         f"{states.count(k)} {w}"
         for k, w in (
             ("COMPLETE", "complete"),
             ("PRUNED", "pruned"),
             ("FAIL", "failed"),
+            ("STOPPED", "stopped and run again"),
             ("RUNNING", "running"),
-            ("WAITING", "waiting"),
+            ("WAITING", "queued"),
         )
         if states.count(k)
     ]
@@ -278,7 +282,8 @@ def summary_text(
     if runner.interrupted:
         head += f" (interrupted by {runner.interrupted}: the summary so far)"
     lines = [
-        f"{head}: {len(rows)} trials ({', '.join(parts) or 'none'}); {s.direction} {s.opts.metric}"
+        f"{head}: {len(rows)} trials ({', '.join(parts) or 'none'}), {runner.total} wanted; "
+        f"{s.direction} {s.opts.metric}"
     ]
     if best is None:
         lines.append("  best:        none (no trial completed)")
