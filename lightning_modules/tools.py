@@ -47,6 +47,9 @@ def run_tool(args: list[str], *, fit_main: FitMain, cli_class: type, script: Pat
     except TrainError as err:
         sys.stderr.write(f"train.py {tool}: error: {err}\n")
         raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:  # before any run started (a run's own Ctrl-C is handled there)
+        sys.stderr.write(f"train.py {tool}: interrupted\n")
+        raise SystemExit(130) from None
 
 
 def split_options(args: list[str], section: str) -> tuple[dict[str, str], list[str]]:

@@ -282,8 +282,8 @@ def summary_text(
     if runner.interrupted:
         head += f" (interrupted by {runner.interrupted}: the summary so far)"
     lines = [
-        f"{head}: {len(rows)} trials ({', '.join(parts) or 'none'}), {runner.total} wanted; "
-        f"{s.direction} {s.opts.metric}"
+        f"{head}: {len(rows)} trial{'' if len(rows) == 1 else 's'} "
+        f"({', '.join(parts) or 'none'}), {runner.total} wanted; {s.direction} {s.opts.metric}"
     ]
     if best is None:
         lines.append("  best:        none (no trial completed)")

@@ -122,6 +122,8 @@ class TrialReporter(Callback):
         self._study: Any = None
         self._storage: Any = None
         self._trial_id: int | None = None
+        # The process that tune started (not its DDP workers) watches tune's process.
+        self._watch_parent = parent_pid is not None and os.getppid() == parent_pid
 
     def _connect(self) -> None:
         import optuna
@@ -152,7 +154,7 @@ class TrialReporter(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
-        if self.parent_pid and os.getppid() != self.parent_pid:
+        if self._watch_parent and os.getppid() != self.parent_pid:
             trainer.should_stop = True  # tune is gone: nobody reads this trial's result
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

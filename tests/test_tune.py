@@ -360,3 +360,54 @@ def test_two_processes_share_one_grid_study(tmp_path: Path) -> None:
     trials = study_trials(runs / "two")
     assert [t["state"] for t in trials] == ["COMPLETE"] * 4
     assert sorted(t["params"]["model.optimizer.lr"] for t in trials) == [0.003, 0.01, 0.03, 0.1]
+
+
+class _FakeTrainer:
+    """What `TrialReporter` reads of a trainer after a validation."""
+
+    is_global_zero, sanity_checking, world_size = True, False, 1
+
+    def __init__(self, epoch: int, **metrics: float) -> None:
+        import torch
+
+        self.current_epoch = epoch
+        self.callback_metrics = {
+            k.replace("_", "/", 1): torch.tensor(v) for k, v in metrics.items()
+        }
+        self.should_stop = False
+
+
+def test_trial_reporter_prunes_a_poor_trial_and_stops_a_diverged_one(tmp_path: Path) -> None:
+    """After 5 finished trials, the median pruner stops a trial far below them from its second
+    validation on; a non-finite loss stops a trial as diverged."""
+    import optuna
+
+    from fusedce.lightning_modules.tune_trial import TrialReporter, open_storage
+
+    journal = str(tmp_path / "optuna.journal")
+    study = optuna.create_study(study_name="s", storage=open_storage(journal), direction="maximize")
+    for _ in range(5):
+        trial = study.ask()
+        trial.report(0.9, 0)
+        trial.report(0.95, 1)
+        study.tell(trial, 0.95)
+
+    poor = study.ask()
+    reporter = TrialReporter(storage=journal, study="s", trial=poor.number, metric="val/acc")
+    first = _FakeTrainer(0, val_acc=0.1, val_loss=2.0, train_loss=2.0)
+    reporter.on_validation_end(first, None)  # type: ignore[arg-type]
+    assert not first.should_stop  # epoch 0: the pruner's warm-up
+    second = _FakeTrainer(1, val_acc=0.1, val_loss=2.0, train_loss=2.0)
+    reporter.on_validation_end(second, None)  # type: ignore[arg-type]
+    assert second.should_stop
+    frozen = study.trials[poor.number]
+    assert frozen.user_attrs["pruned_at_epoch"] == 1
+    assert frozen.intermediate_values == pytest.approx({0: 0.1, 1: 0.1})
+
+    diverged = study.ask()
+    reporter = TrialReporter(storage=journal, study="s", trial=diverged.number, metric="val/acc")
+    nan = _FakeTrainer(0, val_acc=0.5, val_loss=float("nan"), train_loss=float("inf"))
+    reporter.on_validation_end(nan, None)  # type: ignore[arg-type]
+    assert nan.should_stop
+    reason = study.trials[diverged.number].user_attrs["diverged"]
+    assert reason in ("train/loss = inf at epoch 0", "val/loss = nan at epoch 0")
