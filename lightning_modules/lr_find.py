@@ -9,7 +9,8 @@ directory (``<root>/<stamp>-lr_find-<id>``) it writes::
     lr_find.json    {"suggestion": float | null, "lr": [...], "loss": [...]}
     config.yaml     the configuration it ran with; the W&B run (the plot, the suggestion)
 
-and prints the suggestion with the ``fit`` command that uses it (``--model.optimizer.lr``).
+and prints the suggestion (where the smoothed loss falls fastest against ``log(lr)``,
+`steepest_descent`) with the ``fit`` command that uses it (``--model.optimizer.lr``).
 """
 
 from __future__ import annotations
@@ -98,14 +99,10 @@ def lr_find_cli(base: type) -> type:
             )
             if finder is None or not self.trainer.is_global_zero:
                 return
-            suggestion = finder.suggestion()
-            if suggestion is not None and not (math.isfinite(suggestion) and suggestion > 0):
-                suggestion = None
-            self.results = {
-                "suggestion": suggestion,
-                "lr": [_finite(v) for v in finder.results["lr"]],
-                "loss": [_finite(v) for v in finder.results["loss"]],
-            }
+            lrs = [_finite(v) for v in finder.results["lr"]]
+            losses = [_finite(v) for v in finder.results["loss"]]
+            suggestion = steepest_descent(lrs, losses)
+            self.results = {"suggestion": suggestion, "lr": lrs, "loss": losses}
             assert self.run_dir is not None
             self.files = write_results(self.results, self.run_dir)
             log_to_wandb(self.trainer, self.files[0], suggestion)
@@ -135,6 +132,35 @@ def lr_find_cli(base: type) -> type:
             return "\n".join(lines)
 
     return LRFindCLI
+
+
+def steepest_descent(
+    lrs: list[float | None], losses: list[float | None], skip_begin: int = 10, skip_end: int = 1
+) -> float | None:
+    """The learning rate where the smoothed loss falls fastest against ``log(lr)``.
+
+    The first ``skip_begin`` and last ``skip_end`` points are left out (the start of the
+    smoothing and the blow-up at the end), and so are non-finite losses. The slope is taken
+    against ``log(lr)``, as the curve is plotted: against ``lr`` itself (Lightning's
+    ``_LRFinder.suggestion``), the tiny steps between the smallest rates turn the noise there
+    into the steepest slopes.
+
+    Returns:
+        The learning rate, or None with fewer than 3 usable points or no descent.
+    """
+    points = [
+        (math.log(lr), loss, lr)
+        for lr, loss in list(zip(lrs, losses, strict=True))[skip_begin : len(lrs) - skip_end]
+        if lr is not None and lr > 0 and loss is not None
+    ]
+    if len(points) < 3:
+        return None
+    slopes = []
+    for i in range(len(points)):
+        lo, hi = points[max(i - 1, 0)], points[min(i + 1, len(points) - 1)]
+        slopes.append((hi[1] - lo[1]) / (hi[0] - lo[0]) if hi[0] > lo[0] else 0.0)
+    best = min(range(len(points)), key=lambda i: slopes[i])
+    return points[best][2] if slopes[best] < 0 else None
 
 
 def _finite(value: Any) -> float | None:

@@ -411,3 +411,17 @@ def test_trial_reporter_prunes_a_poor_trial_and_stops_a_diverged_one(tmp_path: P
     assert nan.should_stop
     reason = study.trials[diverged.number].user_attrs["diverged"]
     assert reason in ("train/loss = inf at epoch 0", "val/loss = nan at epoch 0")
+
+
+def test_lr_find_suggests_the_steepest_descent_against_log_lr() -> None:
+    """Noise at the smallest rates (tiny steps in lr) does not win over the real descent."""
+    from fusedce.lightning_modules.lr_find import steepest_descent
+
+    lrs = [10 ** (-8 + 8 * i / 99) for i in range(100)]
+    losses = [0.65 + (0.001 if i % 2 else 0.0) for i in range(100)]  # flat and noisy
+    for i in range(70, 90):  # the descent: 1e-2.3 .. 1e-0.8
+        losses[i] = 0.65 - 0.02 * (i - 70) - (0.05 if i >= 80 else 0.0)
+    suggestion = steepest_descent(lrs, losses)
+    assert suggestion == lrs[80] or suggestion == lrs[79]
+    assert steepest_descent(lrs, sorted(losses)) is None  # rising only: no suggestion
+    assert steepest_descent(lrs[:12], losses[:12]) is None  # too few points
