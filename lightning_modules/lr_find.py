@@ -25,7 +25,7 @@ from typing import Any, Literal
 from .errors import TrainError
 from .run_dir import choose_run_dir
 from .run_options import run_options_dict
-from .tools import FitMain, command_line, split_options
+from .tools import FitMain, command_line, flag_names, split_options, without_flag
 from .wandb_setup import ConfigToWandb
 
 LR_FLAG = "--model.optimizer.lr"
@@ -125,6 +125,7 @@ def lr_find_cli(base: type) -> type:
                 )
                 return "\n".join(lines)
             _, fit_args = split_options(self.user_args, "lr_find")
+            fit_args = without_flag(fit_args, flag_names(LR_FLAG[2:]))
             lines.append(f"  suggestion:  {LR_FLAG} {suggestion:.3g}")
             lines.append(
                 f"  train with:  {command_line(['fit', *fit_args, LR_FLAG, f'{suggestion:.3g}'])}"

@@ -81,6 +81,28 @@ def split_options(args: list[str], section: str) -> tuple[dict[str, str], list[s
     return options, rest
 
 
+def without_flag(args: list[str], names: tuple[str, ...]) -> list[str]:
+    """``args`` without the flags ``names`` (``--name value`` and ``--name=value``)."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in names:
+            skip = True
+        elif not arg.startswith(tuple(f"{n}=" for n in names)):
+            out.append(arg)
+    return out
+
+
+def flag_names(key: str) -> tuple[str, ...]:
+    """The spellings of the flag of dotted ``key``: with and without ``init_args``."""
+    short = key.replace(".init_args.", ".")
+    parent, _, last = short.rpartition(".")
+    long = f"{parent}.init_args.{last}" if parent else short
+    return tuple(dict.fromkeys([f"--{key}", f"--{short}", f"--{long}"]))
+
+
 def command_line(args: list[str]) -> str:
     """``python train.py <args>`` as one shell-quoted line."""
     return shlex.join(["python", "train.py", *args])

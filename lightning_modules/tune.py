@@ -50,7 +50,15 @@ from .errors import TrainError
 from .run_dir import end_hand_over
 from .run_options import run_options_dict
 from .search_space import Param, load_space, param_flags, space_spec
-from .tools import FitMain, check_fit_args, command_line, parse_fit, split_options
+from .tools import (
+    FitMain,
+    check_fit_args,
+    command_line,
+    flag_names,
+    parse_fit,
+    split_options,
+    without_flag,
+)
 from .tune_trial import HEARTBEAT_INTERVAL, TRIAL_ENV, make_pruner, open_storage
 from .wandb_setup import settle_wandb_mode
 
@@ -169,8 +177,10 @@ class Setup:
     grid: dict[str, list[Any]] = field(default_factory=dict)
 
     def fit_command(self, values: dict[str, Any]) -> list[str]:
-        """The ``fit`` arguments of a trial with parameters ``values`` (by key)."""
-        return ["fit", *self.fit_args, *param_flags(self.params, values)]
+        """The ``fit`` arguments of a trial with parameters ``values`` (by key): the fit
+        flags without those that the space sets, then the trial's."""
+        names = tuple(n for p in self.params for n in flag_names(p.key))
+        return ["fit", *without_flag(self.fit_args, names), *param_flags(self.params, values)]
 
 
 def check_space(cli: Any, params: list[Param], fit_args: list[str]) -> None:

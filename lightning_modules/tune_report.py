@@ -293,7 +293,7 @@ def summary_text(
             f"  best:        trial {best['number']}, {s.opts.metric} = {best['value']:.4f}",
             f"  params:      {shlex.join(flags)}",
             f"  run dir:     {best['run_dir']}",
-            f"  reproduce:   {command_line(['fit', *s.fit_args, *flags])}",
+            f"  reproduce:   {command_line(s.fit_command(best['params']))}",
         ]
         if best_yaml is not None:
             lines.append(f"               or: python train.py fit --config {best_yaml}")
