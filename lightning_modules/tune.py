@@ -159,9 +159,11 @@ class Setup:
         study_dir: ``<runs root>/<study name>``.
         storage_url: The storage (`tune_trial.open_storage`).
         direction: ``maximize`` or ``minimize``.
-        wandb: ``{"mode", "project", "entity", "auto"}`` of the trials' W&B runs.
+        wandb: ``{"mode", "project", "entity", "auto"}`` of the trials' W&B runs (mode None:
+            a configured ``trainer.logger`` instead of the default W&B logger).
         max_epochs: ``trainer.max_epochs`` (the hyperband pruner's largest budget).
         script: The path of ``train.py``.
+        grid: The grid sampler's values by key (empty for the other samplers).
     """
 
     opts: TuneOptions
@@ -535,7 +537,7 @@ class StudyRunner:
         )
         env["WANDB_RUN_GROUP"] = s.study_name
         env["WANDB_JOB_TYPE"] = "trial"
-        if s.wandb["auto"]:
+        if s.wandb["auto"] and s.wandb["mode"]:  # the probe's answer, for every trial
             env["WANDB_MODE"] = s.wandb["mode"]
         cmd = [sys.executable, str(s.script), *fit]
         cmd += ["--run.root", str(s.study_dir), "--run.name", run_dir.name]

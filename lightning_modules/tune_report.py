@@ -175,7 +175,7 @@ def log_study_to_wandb(runner: Any, rows: list[dict[str, Any]], best: Any, png: 
     """A W&B run of the study (group = the study, job type ``study``): the figure, a table of
     the trials and the best trial in its summary. Returns its directory (None: W&B off)."""
     s = runner.setup
-    if s.wandb["mode"] == "disabled":
+    if s.wandb["mode"] in (None, "disabled"):  # no W&B, or a logger of the user's own
         return None
     import wandb
 
