@@ -25,7 +25,7 @@ from typing import Any, Literal
 from .errors import TrainError
 from .run_dir import choose_run_dir
 from .run_options import run_options_dict
-from .tools import FitMain, command_line, flag_names, split_options, without_flag
+from .tools import FitMain, command_line, flag_names, plain, split_options, without_flag
 from .wandb_setup import ConfigToWandb
 
 LR_FLAG = "--model.optimizer.lr"
@@ -222,7 +222,7 @@ def run_lr_find(args: list[str], fit_main: FitMain, cli_class: type) -> Any:
     cli_type = lr_find_cli(cli_class)
     cli_type.user_args = list(args)
     if any(a in ("-h", "--help") for a in args):
-        print(__doc__.split("\n\n")[1].replace("\n", " ").strip() + "\n", flush=True)
+        print(plain(__doc__) + "\n\nThe --lr_find.* options and all of fit's:\n", flush=True)
     cli = fit_main(["fit", *args], cli_class=cli_type)
     if cli.interrupted:
         raise SystemExit(130 if cli.interrupted == "SIGINT" else 143)

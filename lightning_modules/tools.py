@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import shlex
@@ -101,6 +102,12 @@ def flag_names(key: str) -> tuple[str, ...]:
     parent, _, last = short.rpartition(".")
     long = f"{parent}.init_args.{last}" if parent else short
     return tuple(dict.fromkeys([f"--{key}", f"--{short}", f"--{long}"]))
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as plain text for ``--help`` (without reST's backquotes)."""
+    text = inspect.cleandoc(doc or "").replace("``", "").replace("`", "")
+    return text.replace("::\n", ":\n")
 
 
 def command_line(args: list[str]) -> str:

@@ -56,6 +56,7 @@ from .tools import (
     command_line,
     flag_names,
     parse_fit,
+    plain,
     split_options,
     without_flag,
 )
@@ -667,8 +668,7 @@ def run_tune(args: list[str], *, fit_main: FitMain, cli_class: type, script: Pat
             trial completed.
     """
     if any(a in ("-h", "--help") for a in args):
-        print(__doc__)
-        print(TuneOptions.__doc__)
+        print(plain(__doc__) + "\n\n" + plain(TuneOptions.__doc__))
         return None
     from .tune_report import finish_study
 
