@@ -35,6 +35,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import socket
@@ -72,6 +73,8 @@ _CHOICES = {
 _RESERVED = ("run.root", "run.name", "trainer.default_root_dir")
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 _HOST = socket.gethostname()
+# An error of a trial's fit that says it diverged.
+_DIVERGED = re.compile(r"\b(nan|inf|non-finite|not finite|diverg\w*)\b", re.IGNORECASE)
 
 
 @dataclass
@@ -603,8 +606,11 @@ class StudyRunner:
                 f"--tune.metric {s.opts.metric} is not logged by fit (logged: {logged})"
             )
         elif rc != 0:
+            error = attrs.get("error") or _last_error(run_dir / "train.log")
             why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-            state, reason = "FAIL", f"{why}: {_last_error(run_dir / 'train.log')}"
+            if _DIVERGED.search(error):  # fit itself stopped on a non-finite value
+                why = "diverged"
+            state, reason = "FAIL", f"{why}: {error}"
         elif "pruned_at_epoch" in attrs:
             state = "PRUNED"
         elif not reports:

@@ -11,6 +11,7 @@ variable, ``fit`` is unchanged. Storage and pruner are built here for both sides
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -84,6 +85,8 @@ class TrialReporter(Callback):
     * else reports it at step = epoch; if the study's pruner prunes the trial, sets
       ``pruned_at_epoch`` and stops the run.
 
+    An exception that ends the run is recorded as ``error``.
+
     Stopping is ``trainer.should_stop``: the run ends normally (metrics file, checkpoints,
     W&B run closed) and ``tune`` reads the attributes. The decision is broadcast to all ranks.
     At fit start the trial's parameters go into the W&B run's config (key ``tune``). When the
@@ -156,6 +159,20 @@ class TrialReporter(Callback):
     ) -> None:
         if self._watch_parent and os.getppid() != self.parent_pid:
             trainer.should_stop = True  # tune is gone: nobody reads this trial's result
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        """Records why the run failed (attribute ``error``); a signal is not a failure."""
+        if isinstance(exception, KeyboardInterrupt) or not trainer.is_global_zero:
+            return
+        if type(exception).__name__ == "SIGTERMException":
+            return
+        with contextlib.suppress(Exception):  # the study's storage may be what failed
+            if self._study is None:
+                self._connect()
+            first = (str(exception).strip().splitlines() or [""])[0]
+            self._set("error", f"{type(exception).__name__}: {first}"[:500])
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:

@@ -412,6 +412,11 @@ def test_trial_reporter_prunes_a_poor_trial_and_stops_a_diverged_one(tmp_path: P
     reason = study.trials[diverged.number].user_attrs["diverged"]
     assert reason in ("train/loss = inf at epoch 0", "val/loss = nan at epoch 0")
 
+    crashed = study.ask()  # an exception that ends the run is recorded for tune
+    reporter = TrialReporter(storage=journal, study="s", trial=crashed.number, metric="val/acc")
+    reporter.on_exception(_FakeTrainer(0), None, RuntimeError("out of memory\nmore"))  # type: ignore[arg-type]
+    assert study.trials[crashed.number].user_attrs["error"] == "RuntimeError: out of memory"
+
 
 def test_lr_find_suggests_the_steepest_descent_against_log_lr() -> None:
     """Noise at the smallest rates (tiny steps in lr) does not win over the real descent."""
