@@ -71,11 +71,13 @@ from fusedce.lightning_modules.wandb_setup import (
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "default.yaml"
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+TOOLS = ("lr_find", "tune")  # built on `fit`: the learning-rate range test, the search
 _HELP_FLAGS = ("-h", "--help", "--version")
 _DESCRIPTION = (
     "Trains and evaluates fusedce's Classifier: train.py [fit|validate|test|predict] "
     "[--config cfg.yaml] [flags]; without a subcommand it runs fit. "
-    "`train.py fit --help` lists every flag."
+    "`train.py fit --help` lists every flag. Choosing hyperparameters: "
+    "`train.py lr_find --help`, `train.py tune --help`."
 )
 # Exit codes of a run that a signal stopped (the shell's 128 + signal number).
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
@@ -227,7 +229,7 @@ class FusedCECLI(LightningCLI):
 
 def with_default_subcommand(argv: list[str]) -> list[str]:
     """Prepends ``fit`` when the arguments start without a subcommand (``train.py [flags]``)."""
-    if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in _HELP_FLAGS):
+    if not argv or (argv[0] not in SUBCOMMANDS + TOOLS and argv[0] not in _HELP_FLAGS):
         return ["fit", *argv]
     return argv
 
@@ -243,15 +245,17 @@ def with_default_config(args: list[str]) -> list[str]:
     return args
 
 
-def main(args: list[str] | None = None) -> FusedCECLI:
+def main(args: list[str] | None = None, cli_class: type[FusedCECLI] = FusedCECLI) -> Any:
     """Runs the CLI on ``args`` (default: ``sys.argv[1:]``) and prints where the results are.
 
     A fit stopped by SIGINT (Ctrl-C) or SIGTERM still writes ``metrics.json`` and ``last.ckpt``,
     closes the W&B run and prints the results; the process then exits with 130 / 143. A
     `TrainError` (a bad setting or file) is one line on stderr and exit code 2.
+    ``lr_find`` and ``tune`` go to `fusedce.lightning_modules.tools` (on ``cli_class``).
 
     Returns:
-        The finished CLI (``cli.trainer``, ``cli.model``, ``cli.datamodule``, ``cli.run_dir``).
+        The finished CLI (``cli.trainer``, ``cli.model``, ``cli.datamodule``, ``cli.run_dir``);
+        for ``lr_find`` / ``tune``, what `tools.run_tool` returns.
     """
     from_command_line = args is None
     if args is None:
@@ -259,9 +263,13 @@ def main(args: list[str] | None = None) -> FusedCECLI:
         args = sys.argv[1:]
     else:
         args = with_default_subcommand(list(args))
+    if args[0] in TOOLS:  # imported here: optuna and the tools cost a plain run nothing
+        from fusedce.lightning_modules.tools import run_tool
+
+        return run_tool(args, fit_main=main, cli_class=cli_class, script=Path(__file__))
     quiet_known_noise()
     try:
-        cli = FusedCECLI(
+        cli = cli_class(
             Classifier,
             LightningDataModule,
             subclass_mode_data=True,

@@ -75,13 +75,23 @@ def choose_run_dir(opts: dict[str, Any], trainer_cfg: dict[str, Any], subcommand
     run_dir = (root / name).resolve()
     if _is_first_process():
         check_run_root(root)
-        if opts.get("name") and run_dir.exists() and any(run_dir.iterdir()):
+        if opts.get("name") and holds_a_run(run_dir):
             raise TrainError(
                 f"--run.name {name}: {run_dir} already holds a run; choose another name (or "
                 "remove that directory)"
             )
     hand_over(RUN_DIR_ENV, str(run_dir))
     return run_dir
+
+
+# What a run leaves in its directory (a log file written beside it by a launcher is not a run).
+RUN_MARKERS = ("config.yaml", "metrics.json", "checkpoints", "wandb")
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds (the start of) a run: its config, metrics, checkpoints or W&B
+    files."""
+    return any((run_dir / marker).exists() for marker in RUN_MARKERS)
 
 
 def _is_first_process() -> bool:

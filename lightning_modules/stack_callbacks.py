@@ -21,6 +21,7 @@ from .checkpoints import RunInfoInCheckpoint
 from .divergence import StopOnDivergence
 from .last_checkpoint import LastCheckpoint
 from .rng_state import RngStateInCheckpoint
+from .tune_trial import trial_callbacks
 
 
 def stack_callbacks(
@@ -47,6 +48,7 @@ def stack_callbacks(
         if len(callbacks) < len(configured):
             rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
     callbacks += [RunSummary(), RunInfoInCheckpoint(), RngStateInCheckpoint()]
+    callbacks += trial_callbacks(subcommand)  # `tune_trial.TrialReporter` in a tune trial
     if subcommand == "fit":
         callbacks.append(StopOnDivergence())
         if any(isinstance(c, ModelCheckpoint) and c.save_last is True for c in configured):

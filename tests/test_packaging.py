@@ -34,9 +34,9 @@ PACKAGE_DIRS = {
     "lightning_modules": "fusedce/lightning_modules",
     "datamodules": "fusedce/datamodules",
 }
-TRAIN_ONLY = {"lightning", "wandb", "matplotlib", "jsonargparse", "torchmetrics"}
+TRAIN_ONLY = {"lightning", "wandb", "matplotlib", "jsonargparse", "torchmetrics", "optuna"}
 # Modules a plain `import fusedce` must not load: they belong to the [train] extra.
-TRAIN_MODULES = ("lightning", "pytorch_lightning", "wandb", "matplotlib", "torchmetrics")
+TRAIN_MODULES = ("lightning", "pytorch_lightning", "wandb", "matplotlib", "torchmetrics", "optuna")
 
 
 def _pip(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
