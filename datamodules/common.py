@@ -107,8 +107,8 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, dataset: TensorDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() first")
-        # The order and the workers' seeds come from the seed that `seed_everything` set, not
-        # from the global generator's current state (`EpochShuffle`).
+        # The order and the workers' random state come from the random seed that
+        # `seed_everything` set, not from the global generator's current state (`EpochShuffle`).
         seed = torch.initial_seed() % 2**63
         return DataLoader(
             dataset,
