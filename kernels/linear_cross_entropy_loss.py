@@ -403,6 +403,8 @@ def _autocast_cast(
     input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Under autocast, run the GEMMs in the autocast dtype as F.linear would."""
+    if not isinstance(input, Tensor):  # the checks that follow name the bad argument
+        return input, linear_weight, linear_bias
     device_type = input.device.type
     if not torch.is_autocast_enabled(device_type):
         return input, linear_weight, linear_bias
@@ -508,6 +510,9 @@ def _linear_cross_entropy(
     ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
     names it."""
     compiling = torch.compiler.is_compiling()
+    # Cast before any check: under autocast, F.linear would accept a float32 weight with a
+    # bfloat16 input (both run in the autocast dtype), so the fused head must too.
+    input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     if sharded.wants_vocab_parallel(linear_weight, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
@@ -519,7 +524,6 @@ def _linear_cross_entropy(
     opts, chunk_size, accumulation = _check_options(who, call)
     _check_tensors(who, input, linear_weight, target, linear_bias, weight)
     check_token_weight(who, token_weight, tuple(target.shape), input.device)
-    input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
     V, D = linear_weight.shape
     out_shape = tuple(target.shape)
     x = input.reshape(-1, D).contiguous()

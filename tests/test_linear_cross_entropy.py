@@ -454,3 +454,20 @@ def test_float64_none_reduction_keeps_float64_upstream_factors():
     ref = torch.autograd.grad(F.cross_entropy(F.linear(x, W), t, reduction="none"), (x, W), up)
     for o, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(o, r, rtol=1e-12, atol=1e-13)
+
+
+def test_autocast_casts_before_the_dtype_checks():
+    """Under autocast a float32 head with bfloat16 hidden states is what F.linear accepts: the
+    fused head casts both to the autocast dtype before checking that their dtypes agree."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 8, generator=g).bfloat16().requires_grad_()
+    W = torch.randn(11, 8, generator=g).requires_grad_()
+    b = torch.randn(11, generator=g).requires_grad_()
+    y = torch.randint(0, 11, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fusedce.linear_cross_entropy(x, W, y, linear_bias=b)
+        ref = F.cross_entropy(F.linear(x, W, b).float(), y)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, rtol=2e-2, atol=2e-2)
+    loss.backward()
+    assert W.grad is not None and W.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
