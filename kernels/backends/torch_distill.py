@@ -152,10 +152,7 @@ def _rows(
         bad = (rows & ~y_ok) if bad is None else (bad | (rows & ~y_ok))
         y_safe = torch.where(y_ok, y, 0)[:, None]
         if a > 0.0:
-            if T == 1.0:
-                logq1 = logq
-            else:
-                logq1 = _log_softmax(xf, 1.0)
+            logq1 = logq if T == 1.0 else _log_softmax(xf, 1.0)
             ce = -logq1.gather(1, y_safe)[:, 0]
     # a = 0 or 1: the vanishing term is left out (never 0 * inf).
     if ce is None:
