@@ -12,7 +12,11 @@ import torch
 from distill_reference import GRAD_RTOL, LOSS_ATOL, reference, rel_err, sparse_teacher
 
 import fusedce
+from fusedce import distill_core
+from fusedce.backends import torch_distill
 from fusedce.distillation import distillation_loss
+
+triton_distill = distill_core.triton_distill
 
 pytestmark = pytest.mark.kernel
 
@@ -210,3 +214,24 @@ def test_errors():
     full = torch.log_softmax(torch.randn(4, 10), -1).bfloat16()
     f(x, teacher_ids=torch.arange(10).expand(4, 10).contiguous(), teacher_log_probs=full)
     assert fusedce is not None
+
+
+def test_rows_run_on_the_backend_in_effect():
+    # Under TRITON_INTERPRET=1 the Triton kernel computes the rows (the tests above check its
+    # numbers), with FUSEDCE_BACKEND=torch the torch rows: a wrapper counts the calls.
+    backend = "triton" if fusedce.uses_triton(torch.empty(0)) else "torch"
+    module = triton_distill if backend == "triton" else torch_distill
+    calls = []
+    original = module.run_rows
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    module.run_rows = counting
+    try:
+        x = torch.randn(3, 10, requires_grad=True)
+        distillation_loss(x, teacher_logits=torch.randn(3, 10)).backward()
+    finally:
+        module.run_rows = original
+    assert calls == [1]
