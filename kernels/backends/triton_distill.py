@@ -15,6 +15,9 @@ tiles of BLOCK_V:
   or 0 (renormalize) everywhere, and after a barrier the k columns of S are written again with
   their own value (ids are distinct: checked before the launch).
 
+The gradient may be written over the logits (``grad`` is ``logits``): every logit read after
+the gradient sweep has been read before it.
+
 Everything is relative to the row max, as in the cross-entropy: log q = (z - m) - log_sum.
 """
 
@@ -132,6 +135,11 @@ def _distill_kernel(
     log_sum1 = tl.log(s1)
     mt = tl.where(mt == float("-inf"), 0.0, mt)
     log_sum_t = tl.log(st)
+    # Every gathered logit is read before the gradient sweep: the gradient may be written over
+    # the logits (the fused head does so).
+    x_y = zero
+    if HARD:
+        x_y += tl.load(x_row + y).to(tl.float32)
 
     D = zero
     G = zero
@@ -157,7 +165,8 @@ def _distill_kernel(
             ids = tl.load(ids_ptr + row * K + offs, mask=kin, other=-1)
             bad = bad | (tl.sum(tl.where(kin & ((ids < -1) | (ids >= V)), 1, 0), axis=0) > 0)
             valid = kin & (ids >= 0) & (ids < V)
-            z_s = tl.load(x_row + ids, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+            x_s = tl.load(x_row + ids, mask=valid, other=float("-inf")).to(tl.float32)
+            z_s = x_s * inv_t
             lq = tl.where(valid, (z_s - m) - log_sum, float("-inf"))
             lp = tl.load(lp_ptr + row * K + offs, mask=valid, other=float("-inf"))
             lp = tl.where(valid, lp.to(tl.float32), float("-inf"))
@@ -224,7 +233,6 @@ def _distill_kernel(
             q_s = tl.exp(lq)
             g_s = fd * (r - q_s * G)
             if HARD:
-                x_s = tl.load(x_row + ids, mask=valid, other=float("-inf")).to(tl.float32)
                 g_s += fh * (tl.exp((x_s - m1) - log_sum1) - tl.where(ids == y, 1.0, 0.0))
             g_s = tl.where(bad, float("nan"), g_s)
             tl.store(g_row + ids, g_s.to(grad_ptr.dtype.element_ty), mask=valid)
@@ -233,7 +241,6 @@ def _distill_kernel(
     if SOFT:
         loss += (1.0 - hard) * D
     if HARD:
-        x_y = tl.load(x_row + y).to(tl.float32)
         loss += hard * ((m1 - x_y) + log_sum1)
     loss = tl.where(counted, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
