@@ -6,6 +6,8 @@ Public API, mirroring torch's own:
     linear_cross_entropy   -- torch.nn.functional.linear_cross_entropy (chunked, never N x V)
     LinearCrossEntropyLoss -- torch.nn.LinearCrossEntropyLoss
     CrossEntropyStats      -- what ``return_stats=True`` returns (z_loss, lse, entropy, correct)
+    distillation_loss      -- forward / reverse KL or JSD to a dense or top-k teacher
+    linear_distillation_loss -- the same on the fused linear head (never N x V)
 
 and the switches: ``set_target_check`` / ``wait_target_check`` (the class-index range check) and
 the backend choice
@@ -31,8 +33,10 @@ from .backends import available_backends, get_backend, set_backend, use_backend,
 from .backends.cpu_compiled import set_cpu_compile
 from .core import CrossEntropyStats
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
+from .distillation import distillation_loss
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
+from .linear_distillation import linear_distillation_loss
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __version__ = _installed_version()
@@ -43,8 +47,10 @@ __all__ = [
     "LinearCrossEntropyLoss",
     "available_backends",
     "cross_entropy",
+    "distillation_loss",
     "get_backend",
     "linear_cross_entropy",
+    "linear_distillation_loss",
     "set_backend",
     "set_cpu_compile",
     "set_target_check",
