@@ -186,6 +186,168 @@ class _FusedLinearDistillation(torch.autograd.Function):
         return (gx, gw, gb) + (None,) * 9
 
 
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusedce::linear_distillation_loss", mutates_args=())
+def _linear_distillation_op(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    teacher_x: Tensor | None,
+    teacher_w: Tensor | None,
+    teacher_b: Tensor | None,
+    ids: Tensor | None,
+    log_probs: Tensor | None,
+    target: Tensor | None,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    tail: str,
+    ignore_index: int,
+    hard_weight: float,
+    reduction: str,
+    chunk_rows: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+    who: str = _WHO,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, grad_x, grad_W, grad_b): the gradients of the reduced loss for scalar reductions
+    where asked, else empty tensors; every output contiguous."""
+    opts = DistillOptions(divergence, beta, temperature, tail, ignore_index, hard_weight, reduction)
+    x, W = x.contiguous(), W.contiguous()
+    dense = None
+    if teacher_x is not None:
+        dense = DenseTeacher(teacher_x.contiguous(), teacher_w.contiguous(), teacher_b)
+    distill_core.check_values(who, W.shape[0], ids, log_probs, target, ignore_index, False)
+    scale = distill_core.mean_scale(x.shape[0], target, opts, x.device)
+    needs = (need_x, need_w, need_b and b is not None)
+    grads = not opts.per_row and any(needs)
+    rows_loss, gx, gw, gb = chunked_distill(
+        x, W, b, dense, ids, log_probs, target, opts, chunk_rows, scale if grads else None, needs
+    )
+    loss = distill_core.reduce(rows_loss, scale, opts)
+    return loss, _or(gx, x), _or(gw, x), _or(gb, x)
+
+
+def _or(t: Tensor | None, like: Tensor) -> Tensor:
+    """``t``, or a new empty tensor (one per output: an op's outputs may not alias)."""
+    return t if t is not None else like.new_empty((0,))
+
+
+@_linear_distillation_op.register_fake
+def _(x, W, b, *args, **kwargs):
+    a = dict(zip(_OP_OPTION_NAMES, args[6:], strict=False))
+    a.update(kwargs)
+    per_row = a["reduction"] == "none"
+    loss = x.new_empty((x.shape[0],) if per_row else (), dtype=accumulation_dtype(x.dtype))
+    gx = x.new_empty(x.shape if a["need_x"] and not per_row else (0,))
+    gw = W.new_empty(W.shape) if a["need_w"] and not per_row else x.new_empty((0,))
+    gb = b.new_empty(b.shape) if b is not None and a["need_b"] and not per_row else None
+    gb = gb if gb is not None else x.new_empty((0,))
+    return loss, gx, gw, gb
+
+
+_OP_OPTION_NAMES = (
+    "divergence",
+    "beta",
+    "temperature",
+    "tail",
+    "ignore_index",
+    "hard_weight",
+    "reduction",
+    "chunk_rows",
+    "need_x",
+    "need_w",
+    "need_b",
+)
+
+
+@torch.library.custom_op("fusedce::linear_distillation_loss_grad", mutates_args=())
+def _linear_distillation_grad_op(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    teacher_x: Tensor | None,
+    teacher_w: Tensor | None,
+    teacher_b: Tensor | None,
+    ids: Tensor | None,
+    log_probs: Tensor | None,
+    target: Tensor | None,
+    row_factor: Tensor,
+    divergence: str,
+    beta: float,
+    temperature: float,
+    tail: str,
+    ignore_index: int,
+    hard_weight: float,
+    chunk_rows: int,
+    need_x: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """reduction="none": the three gradients with each row's upstream factor (empty where not
+    asked), contiguous."""
+    opts = DistillOptions(divergence, beta, temperature, tail, ignore_index, hard_weight, "none")
+    x, W = x.contiguous(), W.contiguous()
+    dense = None
+    if teacher_x is not None:
+        dense = DenseTeacher(teacher_x.contiguous(), teacher_w.contiguous(), teacher_b)
+    factor = row_factor.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
+    needs = (need_x, need_w, need_b and b is not None)
+    _, gx, gw, gb = chunked_distill(
+        x, W, b, dense, ids, log_probs, target, opts, chunk_rows, factor, needs
+    )
+    return _or(gx, x), _or(gw, x), _or(gb, x)
+
+
+@_linear_distillation_grad_op.register_fake
+def _(x, W, b, *args, **kwargs):
+    names = ("row_factor", *_OP_OPTION_NAMES[:6], *_OP_OPTION_NAMES[7:])
+    a = dict(zip(names, args[6:], strict=False))
+    a.update(kwargs)
+    gx = x.new_empty(x.shape if a["need_x"] else (0,))
+    gw = W.new_empty(W.shape) if a["need_w"] else x.new_empty((0,))
+    gb = b.new_empty(b.shape) if b is not None and a["need_b"] else x.new_empty((0,))
+    return gx, gw, gb
+
+
+def _op_setup_context(ctx, inputs, output):
+    tensors = inputs[:9]
+    ctx.options = inputs[9:15]  # divergence .. hard_weight
+    ctx.per_row = inputs[15] == "none"
+    ctx.rest = inputs[16:20]  # chunk_rows, need_x, need_w, need_b
+    ctx.who = inputs[20]
+    if ctx.per_row:
+        ctx.save_for_backward(*tensors)
+    else:
+        ctx.save_for_backward(*output[1:])
+
+
+def _op_backward(ctx, grad_loss, *_grads_of_grads):
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"fusedce.{ctx.who}: double backward (create_graph=True) is not supported"
+        )
+    if ctx.per_row:
+        tensors = ctx.saved_tensors
+        gx, gw, gb = _linear_distillation_grad_op(*tensors, grad_loss, *ctx.options, *ctx.rest)
+    else:
+        gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+    _, need_x, need_w, need_b = ctx.rest
+    return (
+        gx if need_x else None,
+        gw if need_w else None,
+        gb if need_b and gb.numel() else None,
+    ) + (None,) * 18
+
+
+_linear_distillation_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
 def _check_head(
     who: str, input: Tensor, W: Tensor, b: Tensor | None, names: tuple[str, str, str]
 ) -> None:
@@ -317,7 +479,12 @@ def linear_distillation_loss(
     dense_b = teacher_bias if dense_given else None
     grad_enabled = torch.is_grad_enabled()
     wants = [grad_enabled and t is not None and t.requires_grad for t in (input, W, b)]
-    if any(wants):
+    if torch.compiler.is_compiling():
+        heads = (x, W, b, dense_x, dense_w, dense_b)
+        loss, *_ = _linear_distillation_op(
+            *heads, teacher.ids, teacher.log_probs, target, *opts.as_args(), rows, *wants, who
+        )
+    elif any(wants):
         heads = (x, W, b, dense_x, dense_w, dense_b)
         loss = _FusedLinearDistillation.apply(
             *heads, teacher.ids, teacher.log_probs, target, opts, rows, who
