@@ -158,15 +158,16 @@ def check_values(
     return None
 
 
-def mean_scale(num_rows: int, target: Tensor | None, opts: DistillOptions, device) -> Tensor:
-    """() float32 gradient scale: 1 / the number of counted rows for "mean" (0 when none), else
-    1; no host sync."""
+def mean_scale(num_rows: int, target: Tensor | None, opts: DistillOptions, like: Tensor) -> Tensor:
+    """() gradient scale in the accumulation dtype of ``like`` (the logits or the input): 1 /
+    the number of counted rows for "mean" (0 when none), else 1; no host sync."""
+    acc = accumulation_dtype(like.dtype)
     if not opts.mean:
-        return torch.ones((), dtype=torch.float32, device=device)
+        return torch.ones((), dtype=acc, device=like.device)
     if target is None:
-        count = torch.full((), float(num_rows), dtype=torch.float32, device=device)
+        count = torch.full((), float(num_rows), dtype=acc, device=like.device)
     else:
-        count = (target != opts.ignore_index).sum(dtype=torch.float32)
+        count = (target != opts.ignore_index).sum(dtype=acc)
     return inverse_normaliser(count)
 
 
@@ -215,7 +216,7 @@ def forward(
     gradient of the reduced loss with ``grad_now``, or each row's gradient times
     ``row_factor`` (M,) when given (reduction "none", backward)."""
     M = logits.shape[0]
-    scale = mean_scale(M, target, opts, logits.device)
+    scale = mean_scale(M, target, opts, logits)
     loss = torch.empty(M, dtype=accumulation_dtype(logits.dtype), device=logits.device)
     grad = None
     if grad_now or row_factor is not None:

@@ -9,10 +9,13 @@ docs/DISTILLATION.md.
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-from . import core, distill_core, index_check
+from . import core, distill_core, distill_sharded, index_check
 from .distill_options import DistillOptions, check_distill_options
 from .options import INDEX_DTYPES, accumulation_dtype
 
@@ -127,6 +130,7 @@ def _check_and_flatten(
     log_probs: Tensor | None,
     target: Tensor | None,
     opts: DistillOptions,
+    sharded: bool = False,
 ) -> tuple[Tensor, Teacher, Tensor | None, tuple[int, ...]]:
     """Checks the tensors; returns (logits (M, V), teacher rows, target (M,) or None, the
     leading shape)."""
@@ -134,7 +138,8 @@ def _check_and_flatten(
         raise TypeError(f"{who}: logits must be a tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise TypeError(f"{who}: logits must be floating, got {logits.dtype}")
-    if logits.dim() == 0 or logits.shape[-1] == 0:
+    # A vocabulary slice may hold no class (a rank of a skewed split); a whole row may not.
+    if logits.dim() == 0 or (logits.shape[-1] == 0 and not sharded):
         raise ValueError(f"{who}: logits must have shape (..., V) with V >= 1")
     check_teacher_form(who, teacher_logits, ids, log_probs)
     lead = tuple(logits.shape[:-1])
@@ -167,7 +172,7 @@ def _check_and_flatten(
 
 def _rows(t: Tensor, V: int) -> Tensor:
     """(M, V) with unit stride along V (a copy only where the input lacks it)."""
-    t = t.reshape(-1, V)
+    t = t.reshape(math.prod(t.shape[:-1]), V)  # not -1: V may be 0 on a vocabulary slice
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
@@ -349,14 +354,23 @@ _distillation_op.register_autograd(_op_backward, setup_context=_op_setup_context
 # --------------------------------------------------------------------------------------------
 
 
-def refuse_process_group(who: str, process_group: object) -> None:
-    """The vocabulary-parallel form is not built yet: a group raises rather than being
-    ignored (one rank's slice of the logits is not the whole row)."""
-    if process_group is not None:
-        raise NotImplementedError(
-            f"{who}: process_group (vocabulary parallelism) is not supported yet; gather the "
-            "logits or call it on unsharded logits"
+def wants_group(who: str, process_group: object) -> bool:
+    """Whether a call runs vocabulary-parallel: a ``ProcessGroup`` of more than one rank (None,
+    as ``torch.distributed.group.WORLD`` before ``init_process_group``, and a group of one rank
+    run the plain function)."""
+    if process_group is None:
+        return False
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{who}: process_group is given but torch.distributed is not initialised; call "
+            "torch.distributed.init_process_group first"
         )
+    if not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            f"{who}: process_group must be a torch.distributed.ProcessGroup, got "
+            f"{type(process_group).__name__}"
+        )
+    return dist.get_world_size(process_group) > 1
 
 
 def distillation_loss(
@@ -400,8 +414,10 @@ def distillation_loss(
             logits at temperature 1 (needs ``target``).
         reduction: "mean" (over the counted rows; 0 when none), "sum" or "none" (the leading
             shape, 0 at rows not counted).
-        process_group: reserved for the vocabulary-parallel form (not supported yet: raises
-            NotImplementedError).
+        process_group: a ``torch.distributed.ProcessGroup`` over which the class dimension is
+            split: ``logits`` (and ``teacher_logits``) are then this rank's contiguous slice of
+            the classes (rank order), ids and class indices global; every rank gets the loss
+            of the whole vocabulary, O(N k) numbers exchanged, never the logits.
 
     Returns:
         float32 (float64 for float64 logits): a scalar, or the leading shape for "none".
@@ -413,17 +429,21 @@ def distillation_loss(
             class index outside [0, V) other than ``ignore_index`` (on CUDA with a gradient:
             raised from backward, as ``set_target_check`` describes). Messages start with
             ``distillation_loss``.
+        RuntimeError: ``process_group`` while ``torch.distributed`` is not initialised.
     """
     who = _WHO
-    refuse_process_group(who, process_group)
+    sharded = wants_group(who, process_group)
     opts = check_distill_options(
         who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
     )
     x, teacher, target, lead = _check_and_flatten(
-        who, logits, teacher_logits, teacher_ids, teacher_log_probs, target, opts
+        who, logits, teacher_logits, teacher_ids, teacher_log_probs, target, opts, sharded
     )
     need_grad = torch.is_grad_enabled() and logits.requires_grad
-    if torch.compiler.is_compiling():
+    if sharded:
+        args = (x, teacher.logits, teacher.ids, teacher.log_probs, target, opts, process_group)
+        loss = distill_sharded.distillation_loss_sharded(who, *args)
+    elif torch.compiler.is_compiling():
         grad_now = need_grad and not opts.per_row
         tensors = (x, teacher.logits, teacher.ids, teacher.log_probs, target)
         loss, _ = _distillation_op(*tensors, *opts.as_args(), grad_now=grad_now, who=who)

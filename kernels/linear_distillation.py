@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import distill_core
+from . import distill_core, distill_sharded
 from .distill_options import DistillOptions, check_distill_options
 from .distillation import (
     Teacher,
     check_sparse_and_target,
     check_teacher_form,
-    refuse_process_group,
+    wants_group,
 )
 from .linear_chunks import WeightGrad, _chunk_logits, planned_chunk_rows
 from .options import accumulation_dtype, check_chunk_size
@@ -144,7 +144,7 @@ class _FusedLinearDistillation(torch.autograd.Function):
         ctx.pending = distill_core.check_values(
             who, V, ids, log_probs, target, opts.ignore_index, defer=True
         )
-        scale = distill_core.mean_scale(x.shape[0], target, opts, x.device)
+        scale = distill_core.mean_scale(x.shape[0], target, opts, x)
         if opts.per_row:
             loss, *_ = chunked_distill(
                 x, W, b, dense, ids, log_probs, target, opts, rows, None, needs
@@ -223,7 +223,7 @@ def _linear_distillation_op(
     if teacher_x is not None:
         dense = DenseTeacher(teacher_x.contiguous(), teacher_w.contiguous(), teacher_b)
     distill_core.check_values(who, W.shape[0], ids, log_probs, target, ignore_index, False)
-    scale = distill_core.mean_scale(x.shape[0], target, opts, x.device)
+    scale = distill_core.mean_scale(x.shape[0], target, opts, x)
     needs = (need_x, need_w, need_b and b is not None)
     grads = not opts.per_row and any(needs)
     rows_loss, gx, gw, gb = chunked_distill(
@@ -349,7 +349,12 @@ _linear_distillation_op.register_autograd(_op_backward, setup_context=_op_setup_
 
 
 def _check_head(
-    who: str, input: Tensor, W: Tensor, b: Tensor | None, names: tuple[str, str, str]
+    who: str,
+    input: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    names: tuple[str, str, str],
+    sharded: bool = False,
 ) -> None:
     """The tensors of one head: floating, one dtype and device, W (V, D) against input
     (..., D), b (V,)."""
@@ -369,7 +374,8 @@ def _check_head(
             raise ValueError(f"{who}: {name} is on {t.device}, {n_in} on {input.device}")
     if input.dim() == 0:
         raise ValueError(f"{who}: {n_in} must have shape (..., D)")
-    if W.dim() != 2 or W.shape[1] != input.shape[-1] or W.shape[0] == 0:
+    # A vocabulary slice may hold no class (a rank of a skewed split); a whole head may not.
+    if W.dim() != 2 or W.shape[1] != input.shape[-1] or (W.shape[0] == 0 and not sharded):
         raise ValueError(
             f"{who}: {n_w} must have shape (V, D) with V >= 1 and D = {n_in}.shape[-1] = "
             f"{input.shape[-1]}, got {tuple(W.shape)}"
@@ -412,7 +418,10 @@ def linear_distillation_loss(
         teacher_ids, teacher_log_probs: (..., k) a sparse teacher, as in ``distillation_loss``.
         divergence, beta, temperature, tail, target, ignore_index, hard_weight, reduction: as
             in ``distillation_loss``.
-        process_group: reserved for the vocabulary-parallel form (raises NotImplementedError).
+        process_group: a ``torch.distributed.ProcessGroup`` over which the classes are split:
+            ``linear_weight`` / ``linear_bias`` (and ``teacher_weight`` / ``teacher_bias``)
+            are this rank's contiguous slice of the classes (rank order), ``input`` whole; the
+            input's gradient is all-reduced inside.
         chunk_size: token rows per chunk (>= 1), or None: as many as fit 256 MiB of logits on
             a GPU (32 MiB on the CPU).
 
@@ -425,12 +434,13 @@ def linear_distillation_loss(
             dtypes and devices; messages start with ``linear_distillation_loss``.
     """
     who = _WHO
-    refuse_process_group(who, process_group)
+    sharded = wants_group(who, process_group)
     opts = check_distill_options(
         who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
     )
     check_chunk_size(who, chunk_size)
-    _check_head(who, input, linear_weight, linear_bias, ("input", "linear_weight", "linear_bias"))
+    names = ("input", "linear_weight", "linear_bias")
+    _check_head(who, input, linear_weight, linear_bias, names, sharded)
     dense_given = teacher_input is not None or teacher_weight is not None
     check_teacher_form(
         who,
@@ -446,7 +456,7 @@ def linear_distillation_loss(
         if teacher_input is None or teacher_weight is None:
             raise ValueError(f"{who}: teacher_input and teacher_weight go together; pass both")
         names = ("teacher_input", "teacher_weight", "teacher_bias")
-        _check_head(who, teacher_input, teacher_weight, teacher_bias, names)
+        _check_head(who, teacher_input, teacher_weight, teacher_bias, names, sharded)
         for name, t in zip(names, (teacher_input, teacher_weight, teacher_bias), strict=True):
             if t is not None and t.requires_grad:
                 raise ValueError(
@@ -479,7 +489,14 @@ def linear_distillation_loss(
     dense_b = teacher_bias if dense_given else None
     grad_enabled = torch.is_grad_enabled()
     wants = [grad_enabled and t is not None and t.requires_grad for t in (input, W, b)]
-    if torch.compiler.is_compiling():
+    if sharded:
+        v0, V_all = distill_sharded.slice_bounds(V, process_group, x.device)
+        distill_core.check_values(who, V_all, ids, log_probs, target, opts.ignore_index, False)
+        heads = (x, W, b, dense_x, dense_w, dense_b)
+        loss = distill_sharded.ShardedLinearDistillation.apply(
+            *heads, ids, log_probs, target, opts, rows, v0, V_all, process_group
+        )
+    elif torch.compiler.is_compiling():
         heads = (x, W, b, dense_x, dense_w, dense_b)
         loss, *_ = _linear_distillation_op(
             *heads, teacher.ids, teacher.log_probs, target, *opts.as_args(), rows, *wants, who
@@ -495,6 +512,6 @@ def linear_distillation_loss(
         loss_rows, *_ = chunked_distill(
             x, W, b, dense, ids, log_probs, target, opts, rows, None, (False,) * 3
         )
-        scale = distill_core.mean_scale(N, target, opts, x.device)
+        scale = distill_core.mean_scale(N, target, opts, x)
         loss = distill_core.reduce(loss_rows, scale, opts)
     return loss.reshape(lead) if opts.per_row else loss

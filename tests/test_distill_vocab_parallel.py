@@ -1,0 +1,128 @@
+"""The distillation losses over vocabulary slices on real process groups: 2 and 3 CPU processes
+over gloo. Every rank builds the same full tensors from one random seed, computes the float64
+reference of the UNSHARDED loss (tests/distill_reference.py) and compares the loss and its own
+slice of the gradient; one set of processes per world size checks every case."""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+
+import pytest
+import torch
+import torch.distributed as dist
+from distill_reference import reference, rel_err, sparse_teacher
+from test_vocab_parallel import _spawn
+
+import fusedce
+
+V, N, D, Dt, K = 37, 6, 8, 5, 5
+
+
+def _slice(widths: list[int], rank: int) -> slice:
+    v0 = sum(widths[:rank])
+    return slice(v0, v0 + widths[rank])
+
+
+def _check_logits(rank: int, widths: list[int], group) -> None:
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    ids, logp = sparse_teacher(N, V, K, pad=1)
+    target = torch.randint(0, V, (N,), generator=g)
+    target[2] = -100
+    up = torch.randn(N, generator=g, dtype=torch.float64)
+    s = _slice(widths, rank)
+    forms = [
+        {"teacher_logits": teacher},
+        {"teacher_ids": ids, "teacher_log_probs": logp, "tail": "bin"},
+        {"teacher_ids": ids, "teacher_log_probs": logp, "tail": "renormalize"},
+    ]
+    # (divergence, T, hard_weight, target, reduction) rotating over the forms.
+    variants = [
+        ("forward_kl", 1.0, 0.0, None, "mean"),
+        ("reverse_kl", 2.0, 0.3, target, "none"),
+        ("jsd", 0.7, 0.0, target, "sum"),
+        ("forward_kl", 1.5, 1.0, target, "mean"),
+    ]
+    for form, (div, T, a, y, red), dtype in itertools.product(
+        forms, variants, (torch.float32, torch.float64)
+    ):
+        kw = dict(form, divergence=div, temperature=T, hard_weight=a, target=y, reduction=red)
+        ref_loss, ref_grad = reference(
+            logits.to(dtype), **kw, upstream=up if red == "none" else None
+        )
+        local = dict(kw)
+        if "teacher_logits" in local:
+            local["teacher_logits"] = teacher[:, s].to(dtype)
+        x = logits[:, s].to(dtype).requires_grad_(True)
+        loss = fusedce.distillation_loss(x, **local, process_group=group)
+        (loss * (up.to(loss.dtype) if red == "none" else 1.0)).sum().backward()
+        tol = 1e-10 if dtype == torch.float64 else 3e-5
+        torch.testing.assert_close(loss.double(), ref_loss, atol=tol, rtol=tol)
+        err = rel_err(x.grad, ref_grad[:, s])
+        what = (rank, widths, div, T, a, red, dtype, err, list(form)[-1])
+        assert err < tol or ref_grad[:, s].numel() == 0, what
+
+
+def _check_linear(rank: int, widths: list[int], group) -> None:
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    th = torch.randn(N, Dt, generator=g, dtype=torch.float64)
+    tW = torch.randn(V, Dt, generator=g, dtype=torch.float64) * 0.5
+    ids, logp = sparse_teacher(N, V, K, pad=1)
+    target = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g, dtype=torch.float64)
+    s = _slice(widths, rank)
+    for dense, red in ((True, "mean"), (False, "none"), (False, "sum")):
+        kw = {"divergence": "jsd", "target": target, "hard_weight": 0.2, "reduction": red}
+        hs, Ws, bs = h.clone().requires_grad_(), W[s].clone().requires_grad_(), b[s].clone()
+        bs.requires_grad_()
+        if dense:
+            teach = {"teacher_input": th, "teacher_weight": tW[s]}
+            ref_teacher = {"teacher_logits": th @ tW.t()}
+        else:
+            teach = ref_teacher = {"teacher_ids": ids, "teacher_log_probs": logp}
+        loss = fusedce.linear_distillation_loss(
+            hs, Ws, linear_bias=bs, **teach, **kw, chunk_size=4, process_group=group
+        )
+        (loss * (up if red == "none" else 1.0)).sum().backward()
+        hr, Wr, br = (t.clone().requires_grad_() for t in (h, W, b))
+        logits = hr @ Wr.t() + br
+        ref_loss, g_logits = reference(
+            logits.detach(), **ref_teacher, **kw, upstream=up if red == "none" else None
+        )
+        gh, gW, gb = torch.autograd.grad(logits, (hr, Wr, br), g_logits)
+        torch.testing.assert_close(loss, ref_loss, atol=1e-10, rtol=1e-10)
+        assert rel_err(hs.grad, gh) < 1e-10
+        assert rel_err(Ws.grad, gW[s]) < 1e-10 or Ws.numel() == 0
+        assert rel_err(bs.grad, gb[s]) < 1e-10 or bs.numel() == 0
+
+
+def _worker(rank: int, world: int, init_file: str, _local: str = "") -> None:
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        torch.set_num_threads(1)
+        group = dist.group.WORLD
+        even = [len(c) for c in torch.arange(V).chunk(world)]
+        # Uneven slices, one of them holding no class on 3 ranks.
+        skewed = [1, V - 1] if world == 2 else [20, 0, V - 20]
+        for widths in (even, skewed):
+            _check_logits(rank, widths, group)
+            _check_linear(rank, widths, group)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_distillation_matches_unsharded(world: int, tmp_path) -> None:
+    _spawn(world, tmp_path, timeout_s=240.0, worker=_worker)
