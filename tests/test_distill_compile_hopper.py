@@ -55,7 +55,8 @@ def test_distill_kernel_compiles_for_sm90(div, dense):
     # (SOFT, HARD): the divergence alone, mixed with the cross-entropy, the cross-entropy alone.
     parts = [(True, False), (True, True), (False, True)]
     grads = [(True, False), (True, True), (False, False)]
-    for bin_, (soft, hard), (write, per_row) in itertools.product(tails, parts, grads):
+    combos = itertools.product(tails, parts, grads, [False, True])
+    for bin_, (soft, hard), (write, per_row), hard_stats in combos:
         kernel = _compile(
             dict(
                 DIV=div,
@@ -63,6 +64,7 @@ def test_distill_kernel_compiles_for_sm90(div, dense):
                 BIN=bin_,
                 SOFT=soft,
                 HARD=hard,
+                HARD_STATS=hard and hard_stats,
                 HAS_TARGET=hard or per_row,
                 WRITE_GRAD=write,
                 PER_ROW_SCALE=per_row,

@@ -23,11 +23,13 @@ pytestmark = pytest.mark.kernel
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 FORMS = ["dense", "bin", "renormalize"]
 DIVERGENCES = ["forward_kl", "reverse_kl", "jsd"]
-# (temperature, hard_weight, with target, reduction, beta): the plain call; a temperature with
-# a mixed-in cross-entropy and ignored rows; the cross-entropy alone (a = 1) at T < 1; the JSD's
-# end points beta = 0 and 1 ride along where the divergence is "jsd".
+# (temperature, hard_weight, with target, reduction, beta): the plain call; the cross-entropy
+# mixed in at T = 1 (it shares the student's row statistics) and at T = 2 (its own), with
+# ignored rows; the cross-entropy alone (a = 1) at T < 1; the JSD's end points beta = 0 and 1
+# ride along where the divergence is "jsd".
 VARIANTS = [
     (1.0, 0.0, False, "mean", 0.5),
+    (1.0, 0.5, True, "mean", 0.7),
     (2.0, 0.3, True, "sum", 0.0),
     (0.5, 1.0, True, "none", 1.0),
     (1.5, 0.0, True, "none", 0.25),

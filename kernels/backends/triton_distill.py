@@ -95,6 +95,7 @@ def _distill_kernel(
     BIN: tl.constexpr,
     SOFT: tl.constexpr,
     HARD: tl.constexpr,
+    HARD_STATS: tl.constexpr,
     HAS_TARGET: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     PER_ROW_SCALE: tl.constexpr,
@@ -102,7 +103,8 @@ def _distill_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """One row: loss (and the scaled gradient row); see the module doc. SOFT: the divergence
-    has weight 1 - hard > 0; HARD: the cross-entropy has weight hard > 0."""
+    has weight 1 - hard > 0; HARD: the cross-entropy has weight hard > 0; HARD_STATS: it needs
+    the raw logits' own (m1, log_sum1) (T != 1; at T = 1 they are the student's)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     one = tl.arange(0, 1)
@@ -124,15 +126,19 @@ def _distill_kernel(
         ok = cols < V
         x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
         m, s = _online(m, s, x * inv_t)
-        if HARD:
+        if HARD_STATS:
             m1, s1 = _online(m1, s1, x)
         if DENSE and SOFT:
             t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf"))
             mt, st = _online(mt, st, t.to(tl.float32) * inv_t)
     m = tl.where(m == float("-inf"), 0.0, m)
     log_sum = tl.log(s)
-    m1 = tl.where(m1 == float("-inf"), 0.0, m1)
-    log_sum1 = tl.log(s1)
+    if HARD_STATS:
+        m1 = tl.where(m1 == float("-inf"), 0.0, m1)
+        log_sum1 = tl.log(s1)
+    else:
+        m1 = m
+        log_sum1 = log_sum
     mt = tl.where(mt == float("-inf"), 0.0, mt)
     log_sum_t = tl.log(st)
     # Every gathered logit is read before the gradient sweep: the gradient may be written over
@@ -307,6 +313,7 @@ def run_rows(
         BIN=opts.bin,
         SOFT=a < 1.0,
         HARD=a > 0.0 and has_target,
+        HARD_STATS=a > 0.0 and has_target and opts.temperature != 1.0,
         HAS_TARGET=has_target,
         WRITE_GRAD=write_grad,
         PER_ROW_SCALE=scale.dim() == 1,
