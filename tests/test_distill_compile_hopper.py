@@ -52,11 +52,11 @@ def test_distill_kernel_compiles_for_sm90(div, dense):
     # switch that changes the code: tail, the two loss parts, target, gradient, per-row scale.
     block_v, block_k, warps = td.launch_config(128256, 256)
     tails = [True] if dense else [True, False]
-    # (SOFT, HARD): the divergence alone, mixed with the cross-entropy, the cross-entropy alone.
-    parts = [(True, False), (True, True), (False, True)]
+    # (SOFT, HARD, HARD_STATS): the divergence alone; mixed with the cross-entropy at T = 1 and
+    # at T != 1 (its own row statistics); the cross-entropy alone at T != 1.
+    parts = [(True, False, False), (True, True, False), (True, True, True), (False, True, True)]
     grads = [(True, False), (True, True), (False, False)]
-    combos = itertools.product(tails, parts, grads, [False, True])
-    for bin_, (soft, hard), (write, per_row), hard_stats in combos:
+    for bin_, (soft, hard, hard_stats), (write, per_row) in itertools.product(tails, parts, grads):
         kernel = _compile(
             dict(
                 DIV=div,
@@ -64,7 +64,7 @@ def test_distill_kernel_compiles_for_sm90(div, dense):
                 BIN=bin_,
                 SOFT=soft,
                 HARD=hard,
-                HARD_STATS=hard and hard_stats,
+                HARD_STATS=hard_stats,
                 HAS_TARGET=hard or per_row,
                 WRITE_GRAD=write,
                 PER_ROW_SCALE=per_row,
