@@ -238,3 +238,18 @@ def test_rows_run_on_the_backend_in_effect():
     finally:
         module.run_rows = original
     assert calls == [1]
+
+
+def test_several_row_blocks():
+    # 70 rows of 4099 classes: the torch rows work through the CPU rows in two blocks of 1 MiB
+    # (63 rows), the kernel in four tiles per row; one divergence per teacher form.
+    logits = torch.randn(70, 4099) * 3
+    ids, logp = sparse_teacher(70, 4099, 9, pad=2)
+    target = torch.randint(0, 4099, (70,))
+    cases = [
+        {"teacher_logits": torch.randn(70, 4099) * 3, "divergence": "jsd"},
+        {"teacher_ids": ids, "teacher_log_probs": logp, "divergence": "reverse_kl"},
+        {"teacher_ids": ids, "teacher_log_probs": logp, "tail": "renormalize"},
+    ]
+    for kw in cases:
+        _check(logits, dict(kw, target=target, hard_weight=0.2, temperature=1.3))

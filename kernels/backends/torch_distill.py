@@ -25,9 +25,11 @@ from torch import Tensor
 from ..distill_options import DistillOptions
 from ..options import accumulation_dtype
 
-# As the cross-entropy's torch rows: work through CPU rows in blocks of about this many bytes of
-# accumulation-dtype values, so that the temporaries (a few (rows, V) tensors) stay small.
-CPU_ROW_BLOCK_BYTES = 2 << 20
+# Work through CPU rows in blocks of about this many bytes of accumulation-dtype values: a dense
+# teacher's rows hold about six block-sized temporaries (log q, log p, d, r, q, the gradient),
+# so the blocks are half the cross-entropy's (1 MiB: the fused head's peak stays within a few
+# MiB of the fused cross-entropy's, plus the teacher's chunk).
+CPU_ROW_BLOCK_BYTES = 1 << 20
 
 
 def terms(logp: Tensor, logq: Tensor, opts: DistillOptions) -> tuple[Tensor, Tensor]:
@@ -60,13 +62,9 @@ def terms(logp: Tensor, logq: Tensor, opts: DistillOptions) -> tuple[Tensor, Ten
 
 
 def _log_softmax(x: Tensor, temperature: float) -> Tensor:
-    """log softmax(x / T) of (M, V) rows in the accumulation dtype, from the row max m (0 for a
-    row with no finite value): (z - m) - log_sum."""
-    z = x / temperature if temperature != 1.0 else x
-    m = z.amax(1)
-    m = torch.where(m == float("-inf"), 0.0, m)
-    zc = z - m[:, None]
-    return zc - torch.logsumexp(zc, 1, keepdim=True)
+    """log softmax(x / T) of (M, V) rows in the accumulation dtype: torch's ``log_softmax``,
+    which works from the row max ((z - m) - log_sum, shift-exact), in one fused pass."""
+    return torch.log_softmax(x / temperature if temperature != 1.0 else x, 1)
 
 
 def _masked_log_softmax(v: Tensor, valid: Tensor) -> Tensor:
