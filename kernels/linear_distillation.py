@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import distill_core, distill_sharded
+from . import core, distill_core, distill_sharded
 from .distill_options import DistillOptions, check_distill_options
 from .distillation import (
     Teacher,
@@ -126,10 +126,12 @@ def chunked_distill(
 
 
 def _scaled(g: Tensor | None, factor: Tensor) -> Tensor | None:
-    """``g * factor`` in place (no host sync); None stays None."""
+    """``g *= factor`` in place, without a host sync on CUDA: a factor of exactly 1 moves no
+    data (the weight's gradient is the size of the head); None stays None."""
     if g is None:
         return None
-    return g.mul_(factor.to(g.dtype))
+    core.apply_upstream_grad_(g.reshape(1, -1) if g.dim() == 1 else g, factor)
+    return g
 
 
 class _FusedLinearDistillation(torch.autograd.Function):

@@ -54,7 +54,8 @@ def _inputs(shape, V, k, pad, dtype, form, random_seed=0):
 def _check(logits, kw, upstream=None):
     x = logits.clone().requires_grad_(True)
     loss = distillation_loss(x, **kw)
-    up = upstream if upstream is not None else torch.ones_like(loss)
+    # A scalar upstream gradient other than 1: backward scales the fused gradient.
+    up = upstream if upstream is not None else torch.full_like(loss, 0.7)
     (loss * up).sum().backward()
     ref_loss, ref_grad = reference(logits, **kw, upstream=up)
     assert loss.dtype == (torch.float64 if logits.dtype == torch.float64 else torch.float32)

@@ -67,7 +67,8 @@ def test_fused_head_matches_reference(form, dtype):
         opts = dict(kw, divergence=divergence, reduction=reduction, **extra)
         xs, Ws, bs = (t.clone().requires_grad_() for t in (x, W, b))
         loss = linear_distillation_loss(xs, Ws, linear_bias=bs, chunk_size=chunk, **opts)
-        up = torch.randn(loss.shape, generator=g) if reduction == "none" else torch.ones(())
+        # Random per-row factors for "none", a scalar other than 1 otherwise.
+        up = torch.randn(loss.shape, generator=g) if reduction == "none" else torch.tensor(0.7)
         (loss * up).sum().backward()
         ref_loss, (gx, gW, gb) = _head_reference(x, W, b, opts, up)
         torch.testing.assert_close(loss.double(), ref_loss, atol=1e-4, rtol=1e-4)
