@@ -254,3 +254,26 @@ def test_several_row_blocks():
     ]
     for kw in cases:
         _check(logits, dict(kw, target=target, hard_weight=0.2, temperature=1.3))
+
+
+def test_unchecked_bad_values_give_nan_rows():
+    # With the value check off, an id or class index out of range is never read: its row's
+    # loss and gradient are NaN, the other rows exact.
+    x = torch.randn(4, 10)
+    ids, logp = sparse_teacher(4, 10, 3)
+    ids[1, 0] = 12
+    target = torch.tensor([0, 1, 2, 30])
+    fusedce.set_target_check(False)
+    try:
+        xs = x.clone().requires_grad_()
+        kw = {"teacher_ids": ids, "teacher_log_probs": logp, "target": target, "hard_weight": 0.5}
+        loss = distillation_loss(xs, **kw, reduction="none")
+        loss.sum().backward()
+    finally:
+        fusedce.set_target_check(True)
+    assert torch.isnan(loss[[1, 3]]).all() and torch.isnan(xs.grad[[1, 3]]).all()
+    good = [0, 2]
+    sub = {"teacher_ids": ids[good], "teacher_log_probs": logp[good], "target": target[good]}
+    ref_loss, ref_grad = reference(x[good], **sub, hard_weight=0.5, reduction="none")
+    torch.testing.assert_close(loss[good].double(), ref_loss, atol=3e-5, rtol=1e-5)
+    assert rel_err(xs.grad[good], ref_grad) < 3e-5
