@@ -83,7 +83,7 @@ class Classifier(LightningModule):
             ``"torch"`` the same objective is computed unfused. Its statistics (accuracy,
             entropy, z-loss) come from the logit chunks it computes anyway.
             ``linear_cross_entropy`` takes class indices only: soft-target batches use
-            ``fusedce.cross_entropy`` on materialised logits instead.
+            ``fusedce.cross_entropy`` on materialised logits instead, unless ``distill_top_k``.
         z_loss: Coefficient ``lambda >= 0`` of the z-loss ``lambda * lse(z)**2`` (PaLM) added per
             row that counts; keeps the log-normaliser near 0. 0 = off.
         logit_softcap: Soft cap ``c > 0``: the loss sees ``c * tanh(z / c)`` (Gemma 2), after
@@ -108,6 +108,17 @@ class Classifier(LightningModule):
             statistics come from its pass (the full rows, no extra communication); l1 / l2 of
             the head cost one scalar all-reduce. Only with ``loss_impl="fused"``, no
             ``inplace_backward``; no ``predict``.
+        distill_top_k: With ``fused_head`` and soft targets (the teacher's distribution P,
+            ``(B, C)``): train on the teacher's top-k only, through the fused head
+            (``fusedce.linear_distillation_loss`` with ``teacher_ids`` / ``teacher_log_probs``
+            from P's k largest entries and the tail as one bin); logged as
+            ``train/divergence`` (no ``train/acc`` / ``train/entropy``: the logits are never
+            built). 0 (default): the cross-entropy against the whole P.
+        distill_divergence: The divergence of ``distill_top_k``: ``"forward_kl"``,
+            ``"reverse_kl"`` or ``"jsd"``.
+
+    With soft targets the evaluation also logs ``val/gap`` (``test/gap``): the teacher-student
+    gap H(P, Q) - H(P) = KL(P || Q), averaged over the rows.
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
@@ -142,6 +153,8 @@ class Classifier(LightningModule):
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         compile: bool = False,
         vocab_parallel: bool = False,
+        distill_top_k: int = 0,
+        distill_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -155,6 +168,28 @@ class Classifier(LightningModule):
         if logit_softcap is not None:
             _check_number("logit_softcap", logit_softcap, positive=True)
         _check_number("loss_logit_scale", loss_logit_scale, positive=True)
+        if (
+            isinstance(distill_top_k, bool)
+            or not isinstance(distill_top_k, int)
+            or distill_top_k < 0
+        ):
+            raise ValueError(f"distill_top_k must be an integer >= 0, got {distill_top_k!r}")
+        if distill_divergence not in ("forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(
+                "distill_divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got "
+                f"{distill_divergence!r}"
+            )
+        if distill_top_k:
+            extras = {
+                "vocab_parallel": vocab_parallel,
+                "z_loss": z_loss != 0,
+                "label_smoothing": label_smoothing != 0,
+                "logit_softcap": logit_softcap is not None,
+                "loss_logit_scale": loss_logit_scale != 1,
+            }
+            refused = [name for name, on in extras.items() if on]
+            if refused:  # the top-k divergence takes none of them: refuse, never ignore
+                raise ValueError(f"distill_top_k does not take {', '.join(refused)}")
         self.net = MLP(
             in_features,
             num_classes,
@@ -184,6 +219,7 @@ class Classifier(LightningModule):
         self.val_entropy, self.val_z_loss = MeanMetric(), MeanMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
         self.test_entropy, self.test_z_loss = MeanMetric(), MeanMetric()
+        self.val_gap, self.test_gap = MeanMetric(), MeanMetric()  # soft targets: KL(P || Q)
         self._resumed_acc_best: float | None = None  # val/acc_best of a resumed checkpoint
 
     # ------------------------------------------------------------------------------ model
@@ -395,8 +431,11 @@ class Classifier(LightningModule):
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
         hp = self.hparams
+        stats: CrossEntropyStats | None = None
         if self._shard is not None:
             loss, stats = self._sharded_loss(x, y)
+        elif self._fuse_head and y.is_floating_point() and hp.distill_top_k:
+            loss = self._top_k_distillation(x, y)
         elif self._fuse_head and not y.is_floating_point():
             h = self.features(x)
             weight, bias = self.head.weight, self.head.bias
@@ -422,6 +461,9 @@ class Classifier(LightningModule):
         bs = x.shape[0]
         weights = self._valid(y).float()
         self.log("train/loss", objective, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
+        if stats is None:  # the teacher's top-k on the fused head: no logits, no statistics
+            self.log("train/divergence", loss.detach(), on_step=True, on_epoch=True, batch_size=bs)
+            return objective
         self.log(
             "train/ce", loss.detach() - stats.z_loss, on_step=False, on_epoch=True, batch_size=bs
         )
@@ -432,6 +474,26 @@ class Classifier(LightningModule):
         self.train_entropy(stats.entropy.float(), weights)
         self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True, batch_size=bs)
         return objective
+
+    def _top_k_distillation(self, x: Tensor, p: Tensor) -> Tensor:
+        """The divergence between the teacher's top-k of ``p`` ``(B, C)`` (the tail as one bin)
+        and the student, on the fused head: the ``(B, C)`` logits are never built."""
+        hp = self.hparams
+        h = self.features(x)
+        weight, bias = self.head.weight, self.head.bias
+        device_type = h.device.type
+        if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
+            dtype = torch.get_autocast_dtype(device_type)
+            h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        top_p, ids = p.float().topk(min(hp.distill_top_k, p.shape[-1]), dim=-1)
+        return fusedce.linear_distillation_loss(
+            h,
+            weight,
+            linear_bias=bias,
+            teacher_ids=ids,
+            teacher_log_probs=top_p.log(),
+            divergence=hp.distill_divergence,
+        )
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
@@ -446,6 +508,10 @@ class Classifier(LightningModule):
         getattr(self, f"{stage}_entropy").update(stats.entropy.float(), weights)
         if self.hparams.z_loss > 0:
             getattr(self, f"{stage}_z_loss").update(stats.z_loss, n)
+        if y.is_floating_point():  # the teacher-student gap H(P, Q) - H(P) = KL(P || Q)
+            p = y.float()
+            teacher_entropy = -torch.xlogy(p, p).sum(-1).mean()
+            getattr(self, f"{stage}_gap").update(loss - stats.z_loss - teacher_entropy, n)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accumulates the validation metrics."""
@@ -513,7 +579,10 @@ class Classifier(LightningModule):
         self.log(f"{stage}/entropy", getattr(self, f"{stage}_entropy").compute(), sync_dist=True)
         if self.hparams.z_loss > 0:
             self.log(f"{stage}/z_loss", getattr(self, f"{stage}_z_loss").compute(), sync_dist=True)
-        for name in ("loss", "acc", "entropy", "z_loss"):
+        gap = getattr(self, f"{stage}_gap")
+        if gap.update_count:
+            self.log(f"{stage}/gap", gap.compute(), sync_dist=True)
+        for name in ("loss", "acc", "entropy", "z_loss", "gap"):
             getattr(self, f"{stage}_{name}").reset()
         return acc
 

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, Throughp
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+import fusedce
 from fusedce.datamodules import CurveDataModule, TeacherDataModule
 from fusedce.lightning_modules import MLP, Classifier, batch_size
 
@@ -420,6 +421,29 @@ def test_teacher_task_trains_with_hard_and_soft_targets(tmp_path: Path, soft: bo
     trainer.fit(model, datamodule=dm)
     assert float(trainer.callback_metrics["val/loss"]) < first
     assert float(trainer.callback_metrics["val/acc"]) > 1 / 300
+
+
+def test_top_k_distillation_step_matches_the_fused_loss(tmp_path: Path) -> None:
+    """``distill_top_k``: a training step's objective is fusedce.linear_distillation_loss of
+    the teacher's top-k of P on the fused head; the options it cannot take are refused."""
+    seed_everything(3)
+    model = Classifier(
+        in_features=16, num_classes=300, hidden_sizes=[32], fused_head=True, distill_top_k=8
+    )
+    x = torch.randn(16, 16)
+    p = torch.softmax(torch.randn(16, 300) * 3, -1)
+    top_p, ids = p.topk(8, dim=-1)
+    want = fusedce.linear_distillation_loss(
+        model.features(x), model.head.weight, linear_bias=model.head.bias,
+        teacher_ids=ids, teacher_log_probs=top_p.log(),
+    )  # fmt: skip
+    model.log = lambda *args, **kwargs: None  # outside a Trainer: nothing to log to
+    torch.testing.assert_close(model.training_step((x, p), 0), want)
+    for extra in ({"z_loss": 1e-4}, {"label_smoothing": 0.1}, {"vocab_parallel": True}):
+        with pytest.raises(ValueError, match="distill_top_k does not take"):
+            Classifier(in_features=16, num_classes=300, distill_top_k=8, **extra)
+    with pytest.raises(ValueError, match="distill_divergence"):
+        Classifier(in_features=16, num_classes=300, distill_top_k=8, distill_divergence="kl")
 
 
 @pytest.mark.parametrize("soft", [False, True])
