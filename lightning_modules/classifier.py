@@ -560,7 +560,7 @@ class Classifier(LightningModule):
     def on_train_start(self) -> None:
         """Forgets the sanity check's validation values; a resumed fit starts ``val/acc_best``
         from the checkpoint's."""
-        for name in ("loss", "acc", "acc_best", "entropy", "z_loss"):
+        for name in ("loss", "acc", "acc_best", "entropy", "z_loss", "gap"):
             getattr(self, f"val_{name}").reset()
         if self._resumed_acc_best is not None:
             self.val_acc_best.update(torch.tensor(self._resumed_acc_best, device=self.device))
