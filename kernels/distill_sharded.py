@@ -31,14 +31,29 @@ from .distill_options import DistillOptions
 from .options import accumulation_dtype
 
 
-def slice_bounds(local_width: int, group: object, device: torch.device) -> tuple[int, int]:
-    """(v0, V): this rank's first global class and the whole vocabulary, from one all_gather
-    of the widths."""
+def agree(
+    who: str, width: int, refused: Exception | None, group: object, device: torch.device
+) -> tuple[int, int]:
+    """The ranks' agreement, one all_gather of (slice width, refused) per rank: (v0, V), this
+    rank's first global class and the whole vocabulary.
+
+    A rank whose arguments were refused raises its own error after the exchange, and every
+    other rank a ValueError naming it, so that no rank waits for a collective that another
+    will never join.
+    """
     world = dist.get_world_size(group)
-    mine = torch.tensor([local_width], dtype=torch.int64, device=device)
-    widths = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(widths, mine, group=group)
-    sizes = [int(w) for w in widths]
+    mine = torch.tensor([width, int(refused is not None)], dtype=torch.int64, device=device)
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine, group=group)
+    if refused is not None:
+        raise refused
+    bad = [r for r, t in enumerate(rows) if int(t[1])]
+    if bad:
+        raise ValueError(
+            f"{who}: the arguments of rank(s) {bad} of the process group were refused (their "
+            "error says why); every rank raises"
+        )
+    sizes = [int(t[0]) for t in rows]
     rank = dist.get_rank(group)
     return sum(sizes[:rank]), sum(sizes)
 
@@ -201,10 +216,12 @@ def distillation_loss_sharded(
     target: Tensor | None,
     opts: DistillOptions,
     group: object,
+    v0: int,
+    V: int,
 ) -> Tensor:
-    """``distillation_loss`` of the slice ``x`` (N, V_r) (rows flattened, checked) over
-    ``group``: the (reduced) loss of the whole vocabulary, identical on every rank."""
-    v0, V = slice_bounds(x.shape[1], group, x.device)
+    """``distillation_loss`` of the slice ``x`` (N, V_r) of global classes [v0, v0 + V_r) (rows
+    flattened, checked, agreed: ``agree``) over ``group``: the (reduced) loss of the whole
+    vocabulary, identical on every rank."""
     distill_core.check_values(who, V, ids, log_probs, target, opts.ignore_index, False)
     if torch.is_grad_enabled() and x.requires_grad:
         return ShardedDistillation.apply(x, teacher, ids, log_probs, target, opts, v0, V, group)

@@ -433,17 +433,30 @@ def distillation_loss(
     """
     who = _WHO
     sharded = wants_group(who, process_group)
-    opts = check_distill_options(
-        who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
-    )
-    x, teacher, target, lead = _check_and_flatten(
-        who, logits, teacher_logits, teacher_ids, teacher_log_probs, target, opts, sharded
-    )
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    # Vocabulary-parallel: a rank whose arguments are refused still joins the ranks' agreement
+    # (one all_gather), so that every rank raises instead of waiting for it.
+    refused = None
+    try:
+        opts = check_distill_options(
+            who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
+        )
+        x, teacher, target, lead = _check_and_flatten(
+            who, logits, teacher_logits, teacher_ids, teacher_log_probs, target, opts, sharded
+        )
+    except (TypeError, ValueError, IndexError) as err:
+        if not sharded:
+            raise
+        refused = err
     if sharded:
+        device = logits.device if isinstance(logits, Tensor) else torch.device("cpu")
+        width = 0 if refused is not None else x.shape[1]
+        v0, V = distill_sharded.agree(who, width, refused, process_group, device)
         args = (x, teacher.logits, teacher.ids, teacher.log_probs, target, opts, process_group)
-        loss = distill_sharded.distillation_loss_sharded(who, *args)
-    elif torch.compiler.is_compiling():
+        return distill_sharded.distillation_loss_sharded(who, *args, v0, V).reshape(
+            lead if opts.per_row else ()
+        )
+    need_grad = torch.is_grad_enabled() and logits.requires_grad
+    if torch.compiler.is_compiling():
         grad_now = need_grad and not opts.per_row
         tensors = (x, teacher.logits, teacher.ids, teacher.log_probs, target)
         loss, _ = _distillation_op(*tensors, *opts.as_args(), grad_now=grad_now, who=who)

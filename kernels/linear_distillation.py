@@ -437,62 +437,74 @@ def linear_distillation_loss(
     """
     who = _WHO
     sharded = wants_group(who, process_group)
-    opts = check_distill_options(
-        who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
-    )
-    check_chunk_size(who, chunk_size)
-    names = ("input", "linear_weight", "linear_bias")
-    _check_head(who, input, linear_weight, linear_bias, names, sharded)
-    dense_given = teacher_input is not None or teacher_weight is not None
-    check_teacher_form(
-        who,
-        teacher_input if dense_given else None,
-        teacher_ids,
-        teacher_log_probs,
-        dense_name="teacher_input with teacher_weight",
-    )
-    lead = tuple(input.shape[:-1])
-    V = linear_weight.shape[0]
-    dense_x = None
-    if dense_given:
-        if teacher_input is None or teacher_weight is None:
-            raise ValueError(f"{who}: teacher_input and teacher_weight go together; pass both")
-        names = ("teacher_input", "teacher_weight", "teacher_bias")
-        _check_head(who, teacher_input, teacher_weight, teacher_bias, names, sharded)
-        for name, t in zip(names, (teacher_input, teacher_weight, teacher_bias), strict=True):
-            if t is not None and t.requires_grad:
+    # Vocabulary-parallel: a rank whose arguments are refused still joins the ranks'
+    # agreement (one all_gather), so that every rank raises instead of waiting.
+    refused = None
+    try:
+        opts = check_distill_options(
+            who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
+        )
+        check_chunk_size(who, chunk_size)
+        names = ("input", "linear_weight", "linear_bias")
+        _check_head(who, input, linear_weight, linear_bias, names, sharded)
+        dense_given = teacher_input is not None or teacher_weight is not None
+        check_teacher_form(
+            who,
+            teacher_input if dense_given else None,
+            teacher_ids,
+            teacher_log_probs,
+            dense_name="teacher_input with teacher_weight",
+        )
+        lead = tuple(input.shape[:-1])
+        V = linear_weight.shape[0]
+        dense_x = None
+        if dense_given:
+            if teacher_input is None or teacher_weight is None:
+                raise ValueError(f"{who}: teacher_input and teacher_weight go together; pass both")
+            names = ("teacher_input", "teacher_weight", "teacher_bias")
+            _check_head(who, teacher_input, teacher_weight, teacher_bias, names, sharded)
+            for name, t in zip(names, (teacher_input, teacher_weight, teacher_bias), strict=True):
+                if t is not None and t.requires_grad:
+                    raise ValueError(
+                        f"{who}: {name} requires grad; the teacher is not differentiated "
+                        f"(gradients reach the student only): pass {name}.detach()"
+                    )
+            if teacher_weight.shape[0] != V:
                 raise ValueError(
-                    f"{who}: {name} requires grad; the teacher is not differentiated "
-                    f"(gradients reach the student only): pass {name}.detach()"
+                    f"{who}: teacher_weight has {teacher_weight.shape[0]} classes, "
+                    f"linear_weight {V}"
                 )
-        if teacher_weight.shape[0] != V:
-            raise ValueError(
-                f"{who}: teacher_weight has {teacher_weight.shape[0]} classes, linear_weight {V}"
-            )
-        if tuple(teacher_input.shape[:-1]) != lead:
-            raise ValueError(
-                f"{who}: teacher_input {tuple(teacher_input.shape)} must have the input's "
-                f"leading shape {lead}"
-            )
-        if teacher_input.device != input.device:
-            raise ValueError(
-                f"{who}: the teacher is on {teacher_input.device}, the input on {input.device}"
-            )
-        dense_x = teacher_input.reshape(-1, teacher_input.shape[-1]).contiguous()
-    ids, log_probs, target = check_sparse_and_target(
-        who, lead, V, input.device, teacher_ids, teacher_log_probs, target, opts
-    )
-    teacher = Teacher(None, ids, log_probs)
-    x = input.reshape(-1, input.shape[-1]).contiguous()
-    N = x.shape[0]
-    rows = planned_chunk_rows(N, V, x.dtype, chunk_size, x.device)
-    W, b = linear_weight, linear_bias
-    dense_w = teacher_weight if dense_given else None
-    dense_b = teacher_bias if dense_given else None
+            if tuple(teacher_input.shape[:-1]) != lead:
+                raise ValueError(
+                    f"{who}: teacher_input {tuple(teacher_input.shape)} must have the input's "
+                    f"leading shape {lead}"
+                )
+            if teacher_input.device != input.device:
+                raise ValueError(
+                    f"{who}: the teacher is on {teacher_input.device}, the input on {input.device}"
+                )
+            dense_x = teacher_input.reshape(-1, teacher_input.shape[-1]).contiguous()
+        ids, log_probs, target = check_sparse_and_target(
+            who, lead, V, input.device, teacher_ids, teacher_log_probs, target, opts
+        )
+        teacher = Teacher(None, ids, log_probs)
+        x = input.reshape(-1, input.shape[-1]).contiguous()
+        N = x.shape[0]
+        rows = planned_chunk_rows(N, V, x.dtype, chunk_size, x.device)
+        W, b = linear_weight, linear_bias
+        dense_w = teacher_weight if dense_given else None
+        dense_b = teacher_bias if dense_given else None
+    except (TypeError, ValueError, IndexError) as err:
+        if not sharded:
+            raise
+        refused = err
+    if sharded:
+        device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+        width = 0 if refused is not None else V
+        v0, V_all = distill_sharded.agree(who, width, refused, process_group, device)
     grad_enabled = torch.is_grad_enabled()
     wants = [grad_enabled and t is not None and t.requires_grad for t in (input, W, b)]
     if sharded:
-        v0, V_all = distill_sharded.slice_bounds(V, process_group, x.device)
         distill_core.check_values(who, V_all, ids, log_probs, target, opts.ignore_index, False)
         heads = (x, W, b, dense_x, dense_w, dense_b)
         loss = distill_sharded.ShardedLinearDistillation.apply(

@@ -101,6 +101,34 @@ def _check_linear(rank: int, widths: list[int], group) -> None:
         assert rel_err(bs.grad, gb[s]) < 1e-10 or bs.numel() == 0
 
 
+def _check_errors(rank: int, world: int, group) -> None:
+    """Arguments refused on one rank only: every rank raises (none waits for the others), and
+    the group stays usable."""
+    s = _slice([len(c) for c in torch.arange(V).chunk(world)], rank)
+    x = torch.randn(N, V)[:, s].requires_grad_()
+    h, W = torch.randn(N, D), torch.randn(V, D)[s]
+    ids, logp = sparse_teacher(N, V, K)
+    last = rank == world - 1
+    cases = [
+        # the last rank's teacher slice has the wrong width / a bad option there
+        lambda: fusedce.distillation_loss(
+            x, teacher_logits=torch.randn(N, x.shape[1] + int(last)), process_group=group
+        ),
+        lambda: fusedce.linear_distillation_loss(
+            h, W, teacher_ids=ids, teacher_log_probs=logp, beta=2.0 if last else 0.5,
+            divergence="jsd", process_group=group,
+        ),
+    ]  # fmt: skip
+    for call in cases:
+        match = "teacher_logits|beta" if last else "were refused"
+        with pytest.raises(ValueError, match=match):
+            call()
+    loss = fusedce.distillation_loss(
+        x, teacher_ids=ids, teacher_log_probs=logp, process_group=group
+    )
+    assert torch.isfinite(loss)
+
+
 def _worker(rank: int, world: int, init_file: str, _local: str = "") -> None:
     dist.init_process_group(
         "gloo",
@@ -118,6 +146,7 @@ def _worker(rank: int, world: int, init_file: str, _local: str = "") -> None:
         for widths in (even, skewed):
             _check_logits(rank, widths, group)
             _check_linear(rank, widths, group)
+        _check_errors(rank, world, group)
     finally:
         dist.destroy_process_group()
 
