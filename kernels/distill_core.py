@@ -22,8 +22,9 @@ from .backends.torch_ops import inverse_normaliser
 from .distill_options import DistillOptions
 from .options import accumulation_dtype
 
-# The Triton rows where Triton imports (the backends' own guard: it is None without Triton).
-if backends.triton_kernels is not None:
+# The Triton rows where Triton imports (the backends' own guard decides: "triton" is available
+# only then).
+if "triton" in backends.available_backends():
     from .backends import triton_distill
 else:  # pragma: no cover - depends on the platform
     triton_distill = None
