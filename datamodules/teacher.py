@@ -114,6 +114,20 @@ class TeacherDataModule(SplitDataModule):
         return torch.tanh(x.float() @ w1.T + b1) @ w2.T
 
     @torch.no_grad()
+    def teacher_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher as a linear head over its hidden layer, for a fused dense-teacher loss:
+        ``(h, W)`` with ``h = tanh(W1 @ x + b1)`` of shape ``(B, H)`` and ``W = W2 / temperature``
+        of shape ``(V, H)``, so that ``softmax(h @ W.T)`` is the soft targets' distribution.
+
+        Args:
+            x: Features, shape ``(B, D)``, on any device.
+        """
+        if x.device not in self._teacher_dev:
+            self._teacher_dev[x.device] = tuple(t.to(x.device) for t in self._build_teacher())
+        w1, b1, w2 = self._teacher_dev[x.device]
+        return torch.tanh(x.float() @ w1.T + b1), w2 / self.hparams.temperature
+
+    @torch.no_grad()
     def teacher_targets(self, x: torch.Tensor) -> torch.Tensor:
         """Targets for features ``x`` of shape ``(B, D)``.
 

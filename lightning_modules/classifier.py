@@ -114,8 +114,13 @@ class Classifier(LightningModule):
             from P's k largest entries and the tail as one bin); logged as
             ``train/divergence`` (no ``train/acc`` / ``train/entropy``: the logits are never
             built). 0 (default): the cross-entropy against the whole P.
-        distill_divergence: The divergence of ``distill_top_k``: ``"forward_kl"``,
-            ``"reverse_kl"`` or ``"jsd"``.
+        distill_divergence: The divergence of ``distill_top_k`` / ``distill_dense``:
+            ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
+        distill_dense: With ``fused_head`` and soft targets from a data module with a
+            ``teacher_head(x) -> (hidden, weight)`` (`datamodules.TeacherDataModule`): train on
+            the teacher's whole distribution with both heads fused
+            (``fusedce.linear_distillation_loss`` with ``teacher_input`` / ``teacher_weight``:
+            neither head's logits are built whole); logged as ``train/divergence``.
 
     With soft targets the evaluation also logs ``val/gap`` (``test/gap``): the teacher-student
     gap H(P, Q) - H(P) = KL(P || Q), averaged over the rows.
@@ -155,6 +160,7 @@ class Classifier(LightningModule):
         vocab_parallel: bool = False,
         distill_top_k: int = 0,
         distill_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+        distill_dense: bool = False,
     ) -> None:
         super().__init__()
         hidden_sizes = list(hidden_sizes)
@@ -179,7 +185,9 @@ class Classifier(LightningModule):
                 "distill_divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got "
                 f"{distill_divergence!r}"
             )
-        if distill_top_k:
+        if distill_top_k and distill_dense:
+            raise ValueError("distill_top_k and distill_dense exclude each other: choose one")
+        if distill_top_k or distill_dense:
             extras = {
                 "vocab_parallel": vocab_parallel,
                 "z_loss": z_loss != 0,
@@ -188,8 +196,9 @@ class Classifier(LightningModule):
                 "loss_logit_scale": loss_logit_scale != 1,
             }
             refused = [name for name, on in extras.items() if on]
-            if refused:  # the top-k divergence takes none of them: refuse, never ignore
-                raise ValueError(f"distill_top_k does not take {', '.join(refused)}")
+            if refused:  # the divergence takes none of them: refuse, never ignore
+                which = "distill_top_k" if distill_top_k else "distill_dense"
+                raise ValueError(f"{which} does not take {', '.join(refused)}")
         self.net = MLP(
             in_features,
             num_classes,
@@ -434,8 +443,8 @@ class Classifier(LightningModule):
         stats: CrossEntropyStats | None = None
         if self._shard is not None:
             loss, stats = self._sharded_loss(x, y)
-        elif self._fuse_head and y.is_floating_point() and hp.distill_top_k:
-            loss = self._top_k_distillation(x, y)
+        elif self._fuse_head and y.is_floating_point() and (hp.distill_top_k or hp.distill_dense):
+            loss = self._fused_distillation(x, y)
         elif self._fuse_head and not y.is_floating_point():
             h = self.features(x)
             weight, bias = self.head.weight, self.head.bias
@@ -461,7 +470,7 @@ class Classifier(LightningModule):
         bs = x.shape[0]
         weights = self._valid(y).float()
         self.log("train/loss", objective, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        if stats is None:  # the teacher's top-k on the fused head: no logits, no statistics
+        if stats is None:  # distillation on the fused head: no logits, no statistics
             self.log("train/divergence", loss.detach(), on_step=True, on_epoch=True, batch_size=bs)
             return objective
         self.log(
@@ -475,9 +484,11 @@ class Classifier(LightningModule):
         self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True, batch_size=bs)
         return objective
 
-    def _top_k_distillation(self, x: Tensor, p: Tensor) -> Tensor:
-        """The divergence between the teacher's top-k of ``p`` ``(B, C)`` (the tail as one bin)
-        and the student, on the fused head: the ``(B, C)`` logits are never built."""
+    def _fused_distillation(self, x: Tensor, p: Tensor) -> Tensor:
+        """The divergence between the teacher and the student on the fused head (the ``(B, C)``
+        logits are never built): the teacher's top-k of ``p`` ``(B, C)`` with the tail as one
+        bin (``distill_top_k``), or its whole distribution from its own head, fused beside the
+        student's (``distill_dense``)."""
         hp = self.hparams
         h = self.features(x)
         weight, bias = self.head.weight, self.head.bias
@@ -485,6 +496,17 @@ class Classifier(LightningModule):
         if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
             dtype = torch.get_autocast_dtype(device_type)
             h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        if hp.distill_dense:
+            teacher_h, teacher_w = self.trainer.datamodule.teacher_head(x)
+            dtype = h.dtype  # one dtype per head: the teacher's in the student's
+            return fusedce.linear_distillation_loss(
+                h,
+                weight,
+                linear_bias=bias,
+                teacher_input=teacher_h.to(dtype),
+                teacher_weight=teacher_w.to(dtype),
+                divergence=hp.distill_divergence,
+            )
         top_p, ids = p.float().topk(min(hp.distill_top_k, p.shape[-1]), dim=-1)
         return fusedce.linear_distillation_loss(
             h,

@@ -444,6 +444,19 @@ def test_top_k_distillation_step_matches_the_fused_loss(tmp_path: Path) -> None:
             Classifier(in_features=16, num_classes=300, distill_top_k=8, **extra)
     with pytest.raises(ValueError, match="distill_divergence"):
         Classifier(in_features=16, num_classes=300, distill_top_k=8, distill_divergence="kl")
+    with pytest.raises(ValueError, match="exclude each other"):
+        Classifier(in_features=16, num_classes=300, distill_top_k=8, distill_dense=True)
+    with pytest.raises(ValueError, match="distill_dense does not take"):
+        Classifier(in_features=16, num_classes=300, distill_dense=True, z_loss=1e-4)
+
+
+def test_teacher_head_gives_the_soft_targets() -> None:
+    # TeacherDataModule.teacher_head: softmax(h @ W.T) is the soft targets' distribution (the
+    # dense-teacher distillation's teacher head).
+    dm = TeacherDataModule(vocab_size=50, in_features=8, soft_targets=True, temperature=2.0)
+    x = torch.randn(5, 8)
+    h, W = dm.teacher_head(x)
+    torch.testing.assert_close(torch.softmax(h @ W.T, -1), dm.teacher_targets(x))
 
 
 @pytest.mark.parametrize("soft", [False, True])

@@ -29,6 +29,7 @@ import train  # noqa: E402
 LINEAR = str(REPO / "configs" / "linear.yaml")
 LARGE_VOCAB = str(REPO / "configs" / "large_vocab.yaml")
 DISTILL = str(REPO / "configs" / "large_vocab_distill.yaml")
+DISTILL_DENSE = str(REPO / "configs" / "large_vocab_distill_dense.yaml")
 FAST = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 
 
@@ -451,7 +452,11 @@ def test_no_logger_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--config", DISTILL]], ids=["fused_head", "distill"])
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--config", DISTILL], ["--config", DISTILL, "--config", DISTILL_DENSE]],
+    ids=["fused_head", "distill", "distill_dense"],
+)
 def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_path: Path) -> None:
     """The large-vocabulary presets (fused linear head with hard labels; distillation from the
     teacher's top-k on the fused head), shrunk to CPU size: they run, and the loss falls from
@@ -493,8 +498,10 @@ def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_pat
     assert len(losses) >= 2 and losses[-1] < losses[0]
     assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
     logged = {k for r in rows for k, v in r.items() if v}
-    if extra:  # the teacher's top-k on the fused head, and the teacher-student gap
-        assert model.hparams.distill_top_k == 256 and model.hparams.z_loss == 0
+    if extra:  # distillation on the fused head (top-k, or both heads), the teacher-student gap
+        dense = DISTILL_DENSE in extra
+        assert model.hparams.distill_top_k == (0 if dense else 256)
+        assert model.hparams.distill_dense is dense and model.hparams.z_loss == 0
         assert {"train/divergence_step", "val/gap"} <= logged, logged
         assert float(cli.trainer.callback_metrics["val/gap"]) >= 0
         return
