@@ -12,7 +12,9 @@
 # memory of a Llama training step with and without fusedce.integrations.transformers.apply;
 # FUSEDCE_INTEG_ARGS adds options to it; "vp" = benchmarks/bench_vocab_parallel.py, bytes and
 # time of the vocabulary-parallel loss vs gathering the logits over NCCL, needs >= 2 GPUs and is
-# skipped with a note otherwise, FUSEDCE_VP_ARGS adds options to it; a rerun can name fewer),
+# skipped with a note otherwise, FUSEDCE_VP_ARGS adds options to it; "distill" =
+# benchmarks/bench_distillation.py, the fused distillation head's time against
+# linear_cross_entropy at 8192 x 4096 x 128256 bf16, k = 256; a rerun can name fewer),
 # FUSEDCE_GPU_CHECK_TOTAL_S (default 510), FUSEDCE_GIT_COMMIT (recorded in the JSON where the copy on the device has no
 # .git), PYTHON (default python3), FUSEDCE_BACKEND (default auto: the backend of the tests and of
 # the benchmarks' fusedce columns).
@@ -206,6 +208,18 @@ if wanted vp; then
       tee -a "$LOG"
     record "bench_vocab_parallel" $?
   fi
+fi
+
+# --- distillation: the fused head's time against linear_cross_entropy (asked for by name) -----
+if wanted distill; then
+  step "distillation benchmark: python -m benchmarks.bench_distillation"
+  DISTILL_LIMIT=$(clamp $(($(left) - 5)) 30 "${FUSEDCE_DISTILL_S:-120}")
+  DISTILL_ARGS=(--out "$EXTRA_OUT/distill.md")
+  [ "$DRY" = "1" ] && DISTILL_ARGS+=(--shape 64x16x512 --dtype fp32 --k 8 --device cpu)
+  log "limit ${DISTILL_LIMIT} s: $PY -m benchmarks.bench_distillation ${DISTILL_ARGS[*]}"
+  timeout -k 10 "$DISTILL_LIMIT" "$PY" -m benchmarks.bench_distillation "${DISTILL_ARGS[@]}" 2>&1 |
+    tee -a "$LOG"
+  record "bench_distillation" $?
 fi
 
 # At most 8 files come back: copy the linear / integration files if they fit, else one tarball.
