@@ -24,10 +24,10 @@ from ..options import (
     LossOptions,
     accumulation_dtype,
     check_chunk_size,
-    check_token_weight,
     index_target_for_kernels,
     prepare_token_weight,
 )
+from ..validation import check_token_weight
 from . import dtensor
 from .agreement import (
     _agree,
