@@ -16,6 +16,7 @@ backward recomputes the chunks with the per-row factors folded into the gradient
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import core, func_transforms
@@ -190,9 +191,8 @@ def _linear_cross_entropy(
     extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
-        return func_transforms.linear_cross_entropy(
-            x, linear_weight, linear_bias, t, weight, opts, tw, out_shape, extras, who
-        )
+        logits = F.linear(x, linear_weight, linear_bias)  # (N, V), as each chunk's dtype
+        return func_transforms.cross_entropy(logits, t, weight, opts, tw, out_shape, extras, who)
     if not compiling:  # the custom op checks inside, opaque to dynamo
         check_class_indices(t, V, opts.ignore_index, who)
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)

@@ -155,6 +155,14 @@ def _result(
     return loss, _public_stats(rows, z_red, opts.per_row, out_shape)
 
 
+def _check_one_rank_sizes(who: str, vocab_start: object, vocab_size: object, width: int) -> None:
+    """A group of one rank holds all ``width`` classes: ``vocab_start`` / ``vocab_size``, where
+    given, must say so."""
+    sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
+    if sizes is not None and sizes != (0, width):
+        raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+
+
 def call_cross_entropy(
     who: str,
     local_logits: Tensor,
@@ -171,7 +179,6 @@ def call_cross_entropy(
     """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
     errors name); ``call``: the keyword options as passed; ``plain``: the unsharded
     ``_cross_entropy`` (of ``fusedce.cross_entropy_loss``), which a group of one rank runs."""
-    sizes_given = vocab_start is not None or vocab_size is not None
     if dtensor.is_dtensor(local_logits):
         # A DTensor sharded on the class dimension: the local slices on the mesh's group.
         mesh, *local = dtensor.cross_entropy_parts(
@@ -185,9 +192,7 @@ def call_cross_entropy(
     if group is None or dist.get_world_size(group) == 1:
         if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
             width = local_logits.shape[0 if local_logits.dim() == 1 else 1]
-            _check_explicit_sizes(who, vocab_start, vocab_size, width)
-            if sizes_given and (vocab_start, vocab_size) != (0, width):
-                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+            _check_one_rank_sizes(who, vocab_start, vocab_size, width)
         return plain(who, local_logits, target, weight, token_weight, call)
     return _sharded_cross_entropy(
         who, local_logits, target, weight, token_weight, call, group, vocab_start, vocab_size
@@ -259,10 +264,7 @@ def call_linear_cross_entropy(
     head = (input, local_weight, target, linear_bias, weight, token_weight)
     if group is None or dist.get_world_size(group) == 1:
         if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
-            width = local_weight.shape[0]
-            sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
-            if sizes is not None and sizes != (0, width):
-                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+            _check_one_rank_sizes(who, vocab_start, vocab_size, local_weight.shape[0])
         return plain(who, *head, call)
     return _sharded_linear_cross_entropy(who, *head, call, group, vocab_start, vocab_size)
 
