@@ -39,11 +39,6 @@ __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 _WHO = "cross_entropy"
 
 
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -134,7 +129,7 @@ def _flatten(
     """Checks the tensors; returns (logits (M, C) with unit stride along C, target (M,) or
     (M, C), class weights (C,), the per-element loss shape, token weights (M,) or None), as the
     backends read them."""
-    _, soft = check_cross_entropy_args(who, input, target, weight, opts.ignore_index)
+    soft = check_cross_entropy_args(who, input, target, weight, opts.ignore_index)
     out_shape = loss_shape(input)
     check_token_weight(who, token_weight, out_shape, input.device)
     if not soft:

@@ -42,6 +42,25 @@ def op_arguments(op: object, args: tuple, kwargs: dict) -> dict[str, object]:
     return named
 
 
+def float_options_as_tensor(logits: Tensor, opts: LossOptions, target_grad: bool) -> bool:
+    """Whether a compiled call passes its float options to the custom op in a tensor (one graph
+    for every value of a float that changes between calls; see
+    ``options.float_options_tensor``) rather than as floats (one graph per value, as torch's
+    own ``F.cross_entropy`` compiles ``label_smoothing``).
+
+    The tensor is a CPU tensor, read on the host: on the CPU that is free. CUDA logits keep
+    the floats: a CPU tensor in the graph would keep Inductor from CUDA graphs, and a device
+    tensor would cost a host sync per call. The target's gradient (probability targets that
+    require grad) is computed from the floats in backward, so it keeps them too.
+    """
+    return logits.device.type == "cpu" and not target_grad and has_float_options(opts)
+
+
+# --------------------------------------------------------------------------------------------
+# fusedce::cross_entropy and its gradient op
+# --------------------------------------------------------------------------------------------
+
+
 def _logits_layout(
     logits: Tensor,
     target: Tensor,
@@ -206,20 +225,6 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
 
 
 cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context)
-
-
-def float_options_as_tensor(logits: Tensor, opts: LossOptions, target_grad: bool) -> bool:
-    """Whether a compiled call passes its float options to the custom op in a tensor (one graph
-    for every value of a float that changes between calls; see
-    ``options.float_options_tensor``) rather than as floats (one graph per value, as torch's
-    own ``F.cross_entropy`` compiles ``label_smoothing``).
-
-    The tensor is a CPU tensor, read on the host: on the CPU that is free. CUDA logits keep
-    the floats: a CPU tensor in the graph would keep Inductor from CUDA graphs, and a device
-    tensor would cost a host sync per call. The target's gradient (probability targets that
-    require grad) is computed from the floats in backward, so it keeps them too.
-    """
-    return logits.device.type == "cpu" and not target_grad and has_float_options(opts)
 
 
 # --------------------------------------------------------------------------------------------

@@ -44,11 +44,6 @@ __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 _WHO = "linear_cross_entropy"
 
 
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
 def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
     """The checked loss options, ``chunk_size`` and ``accumulation`` of ``call``."""
     opts = call.loss_options(who)

@@ -198,13 +198,10 @@ def check_cross_entropy_args(
     ignore_index: int,
     name: str = "input",
     sharded: bool = False,
-) -> tuple[int, bool]:
+) -> bool:
     """The tensors of a cross-entropy call: logits ``input`` of shape (C,), (N, C) or
-    (N, C, d1, ..., dk), its ``target`` and class ``weight`` (C,).
-
-    Returns:
-        (C, whether the targets are probabilities).
-    """
+    (N, C, d1, ..., dk), its ``target`` and class ``weight`` (C,; the full V, only checked as
+    1-D where ``sharded``). Returns whether the targets are probabilities."""
     check_tensors(who, **{name: input, "target": target})
     classes = "C_r" if sharded else "C"
     check_input(who, input, f"({classes},), (N, {classes}) or (N, {classes}, d1, ...)", name)
@@ -213,8 +210,7 @@ def check_cross_entropy_args(
     if width == 0 and not sharded:  # a rank's slice may hold no class
         raise ValueError(f"{who}: {name} has 0 classes")
     check_class_weight(who, weight, None if sharded else width, input.device)
-    soft = check_logits_target(who, input, target, ignore_index, name, sharded)
-    return width, soft
+    return check_logits_target(who, input, target, ignore_index, name, sharded)
 
 
 def loss_shape(input: Tensor) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ def _flatten_ce(
     """Checks one rank's tensors; returns (logits (M, V_r), target (M,) or (M, V_r), output
     shape, whether the targets are probabilities)."""
     name = "local_logits" if who == _CE else "input"  # the argument's name in ``who``
-    _, soft = check_cross_entropy_args(who, input, target, weight, ignore_index, name, True)
+    soft = check_cross_entropy_args(who, input, target, weight, ignore_index, name, True)
     if not soft:
         target = index_target_for_kernels(target, ignore_index)
     logits, target = logits_rows(input, target, soft)
