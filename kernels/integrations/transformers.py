@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 import fusedce
 
-from ._head import head_loss, logit_options, shifted_labels
+from ._head import MARK as _MARK
+from ._head import head_loss, is_applied, logit_options, revert, shifted_labels
 
 try:
     import transformers
@@ -92,8 +93,6 @@ _GENERIC_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 
 # Arguments of a causal LM's forward that belong to its head and loss, not to its base model.
 _HEAD_ARGS = ("labels", "logits_to_keep", "return_dict")
-
-_MARK = "__fusedce_forward__"
 
 
 def causal_lm_loss(
@@ -326,16 +325,3 @@ def _fused_forward(
     }
     result = out_cls(loss=loss, logits=None, **fields)
     return result if return_dict else result.to_tuple()
-
-
-def is_applied(model: nn.Module) -> bool:
-    """Whether ``apply`` has patched this model instance."""
-    fwd = model.__dict__.get("forward")
-    return fwd is not None and getattr(fwd, _MARK, False)
-
-
-def revert(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: the model's own forward again. Returns ``model``."""
-    if is_applied(model):
-        del model.__dict__["forward"]
-    return model
