@@ -171,6 +171,36 @@ def test_bad_values_are_one_line_errors(args: list[str], flag: str, tmp_path: Pa
     assert not runs.exists() or not any(runs.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--model.activation", "swish"],
+            "--model.activation: got 'swish'; expected one of: "
+            "relu, leaky_relu, tanh, sigmoid, gelu",
+        ),
+        (
+            ["--model.init=bogus"],
+            "--model.init: got 'bogus'; expected one of: default, xavier, kaiming",
+        ),
+        (
+            ["--model.loss_impl", "bogus"],
+            "--model.loss_impl: got 'bogus'; expected one of: fused, torch",
+        ),
+    ],
+    ids=["activation", "init", "loss_impl"],
+)
+def test_bad_choice_names_the_value_and_the_choices(
+    args: list[str], line: str, tmp_path: Path
+) -> None:
+    """A value outside a choice is exactly one line: the flag, the value, every valid choice."""
+    runs = tmp_path / "runs"
+    proc = train([*args, *TINY], runs)
+    assert one_error_line(proc) == f"train.py fit: error: {line}"
+    assert proc.stderr.strip().splitlines() == [f"train.py fit: error: {line}"]
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
