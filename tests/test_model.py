@@ -17,6 +17,7 @@ from torch import nn
 
 from fusedce.datamodules import CurveDataModule, TeacherDataModule
 from fusedce.lightning_modules import MLP, Classifier, batch_size
+from fusedce.lightning_modules.torch_loss import accuracy
 
 
 def small_curve(**kwargs) -> CurveDataModule:
@@ -395,11 +396,10 @@ def test_grad_norm_is_the_total_norm_before_clipping(tmp_path: Path) -> None:
 
 
 def test_ignore_index_is_skipped_by_accuracy() -> None:
-    model = Classifier(num_classes=3)
     logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
-    acc, n = model._correct(logits, torch.tensor([0, -100, 1]))
+    acc, n = accuracy(logits, torch.tensor([0, -100, 1]), ignore_index=-100)
     assert float(n) == 2 and float(acc) == 0.5
-    acc, n = model._correct(logits, torch.full((3,), -100))
+    acc, n = accuracy(logits, torch.full((3,), -100), ignore_index=-100)
     assert float(n) == 0 and float(acc) == 0.0
 
 
