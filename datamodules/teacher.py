@@ -126,7 +126,10 @@ class TeacherDataModule(SplitDataModule):
         return logits.argmax(dim=-1)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Turns a feature batch ``[x]`` into ``(x, targets)`` on the training device."""
+        """Turns a feature batch ``[x]`` into ``(x, targets)`` on the training device; a
+        mapping (the model's ``example_input_array``, run by the model summary) passes as is."""
+        if isinstance(batch, dict):
+            return batch
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return x, self.teacher_targets(x)
 

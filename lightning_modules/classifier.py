@@ -176,6 +176,11 @@ class Classifier(LightningModule):
         self._compiled: tuple[Any, Any] | None = None
         if compile:
             self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
+        elif not vocab_parallel:
+            # One row that Lightning's model summary runs to count the forward's FLOPs and
+            # show each layer's sizes (without it: FLOPs 0). Not with compile (a compilation
+            # for a batch of one) nor the sharded head (its layers exist only after setup).
+            self.example_input_array = {"x": torch.zeros(1, in_features)}
 
         # Weighted by the rows that count; states are not in the state dict (checkpoints keep
         # val/acc_best beside it: `on_save_checkpoint`).
