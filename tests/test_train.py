@@ -289,7 +289,9 @@ def test_default_run_reports_where_results_are(default_run: dict[str, Any]) -> N
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["stage"] == "fit" and summary["epoch"] == 3
+    # epochs counted from 0 as the progress bar, W&B and the checkpoint names count them
+    assert summary["stage"] == "fit" and summary["epoch"] == 2
+    assert summary["epochs_completed"] == 3
     assert not (REPO / "lightning_logs").exists()
 
 
@@ -318,6 +320,9 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
     assert not any("z_loss" in k for k in keys)  # off by default
     val_acc = [row["val/acc"] for row in run["history"] if "val/acc" in row]
     assert len(val_acc) == 3
+    # one epoch convention: W&B's last "epoch" is metrics.json's
+    summary_file = json.loads((default_run["run_dir"] / "metrics.json").read_text())
+    assert max(row["epoch"] for row in run["history"] if "epoch" in row) == summary_file["epoch"]
     summary = run["summary"]
     # the default MLP separates the curve: >= 0.97 after 3 of its 25 epochs already
     assert summary["val/acc"] >= 0.97
