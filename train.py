@@ -32,6 +32,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fusedce.lightning_modules import Classifier
 from fusedce.lightning_modules.checkpoint_io import with_atomic_io
@@ -80,6 +81,7 @@ _DESCRIPTION = (
     "`train.py fit --help` lists every flag. Choosing hyperparameters: "
     "`train.py lr_find --help`, `train.py tune --help`."
 )
+_FULL = "(the preset is sized for a GPU; --run.cpu_overrides '{}' keeps the full size)"
 # Exit codes of a run that a signal stopped (the shell's 128 + signal number).
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -153,13 +155,9 @@ class FusedCECLI(LightningCLI):
         """
         config = self.config[self.subcommand]
         applied = apply_cpu_overrides(config, self._cli_args)
-        if applied:
-            print(
-                "train.py: no GPU: this preset is sized for one; running its CPU size: "
-                + " ".join(applied)
-                + " (--run.cpu_overrides '{}' keeps the full size)",
-                flush=True,
-            )
+        if applied and rank_zero_only.rank == 0:  # DDP workers re-run this: say it once
+            sizes = " ".join(applied)
+            print(f"train.py: no GPU: running this preset's CPU size: {sizes} {_FULL}", flush=True)
         trainer_cfg = config.get("trainer", {})
         self.wandb_mode = settle_wandb_mode(config.get("run", {}), trainer_cfg.get("logger"))
         early_stopping_at_validation_ends(trainer_cfg.get("callbacks"))

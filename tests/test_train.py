@@ -268,11 +268,23 @@ def test_bad_config_clear_error_and_no_run_dir(
 
 
 # ---------------------------------------------------------------------------------- default run
+# What a default run may write to stderr: Lightning's informational lines (docs/TRAINING.md,
+# "What a run prints"); any other line, a warning above all, fails
+# `test_default_run_writes_no_warnings`.
+STDERR_ALLOWED = (
+    r"Seed set to 42",
+    r"GPU available: (True|False), used: (True|False)",
+    r"TPU available: False, using: 0 TPU cores",
+    r"`Trainer\.fit` stopped: `max_epochs=\d+` reached\.",
+)
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`python train.py` (the default config) shortened to 3 epochs, as a subprocess."""
+    """`python train.py` (the default config, model summary and progress included) shortened
+    to 3 epochs, as a subprocess (its output is not a terminal)."""
     runs = tmp_path_factory.mktemp("runs")
-    proc = run_train(["--trainer.max_epochs", "3", *FAST], runs)
+    proc = run_train(["--trainer.max_epochs", "3"], runs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
     return {"proc": proc, "run_dir": run_dir, "runs": runs}
@@ -293,6 +305,26 @@ def test_default_run_reports_where_results_are(default_run: dict[str, Any]) -> N
     assert summary["stage"] == "fit" and summary["epoch"] == 2
     assert summary["epochs_completed"] == 3
     assert not (REPO / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_default_run_writes_no_warnings(default_run: dict[str, Any]) -> None:
+    """stderr holds Lightning's informational lines only; stdout one line per epoch (not a
+    redrawn bar), the model summary with the forward's FLOPs, and the thread count."""
+    proc = default_run["proc"]
+    unexpected = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and not any(re.fullmatch(p, line) for p in STDERR_ALLOWED)
+    ]
+    assert not unexpected, "\n".join(unexpected)
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["Epoch 0/2", "Epoch 1/2", "Epoch 2/2"]
+    assert all("val/acc" in line and "train/loss" in line for line in epochs)
+    assert "\r" not in proc.stdout
+    flops = re.search(r"Total FLOPs: ([\d.]+) K", proc.stdout)
+    assert flops is not None and float(flops[1]) > 0  # 2 x 4.5 K weights for one row
+    assert "threads:     1 (a small model, 4,482 parameters" in proc.stdout
 
 
 @pytest.mark.slow

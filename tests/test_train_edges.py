@@ -159,8 +159,9 @@ def test_wandb_online_without_key_is_one_line(tmp_path: Path) -> None:
         (["--ckpt_path", "runs/nope/last.ckpt"], "--ckpt_path runs/nope/last.ckpt: no such file"),
         (["--trainer.max_epohcs", "3"], "--trainer.max_epohcs"),
         (["--optimizer", "SGD"], "--model.optimizer"),
+        (["--run.threads", "0"], "--run.threads 0: must be at least 1"),
     ],
-    ids=["lr", "weight_decay", "T_max", "ckpt_path", "typo", "top_level_optimizer"],
+    ids=["lr", "weight_decay", "T_max", "ckpt_path", "typo", "top_level_optimizer", "threads"],
 )
 def test_bad_values_are_one_line_errors(args: list[str], flag: str, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
@@ -340,6 +341,7 @@ def test_large_vocab_preset_shrinks_on_cpu(tmp_path: Path) -> None:
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("train.py: no GPU")]
     assert "data.vocab_size=8192" in line and "data.num_workers=0" in line
     assert "data.batch_size" not in line  # the explicit flag wins
+    assert "(torch's default; --run.threads N to change)" in proc.stdout  # 2.1 M parameters
     config = (runs / "lv" / "config.yaml").read_text()
     assert "vocab_size: 8192" in config and "batch_size: 64" in config
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
@@ -364,11 +366,11 @@ def test_help_and_runs_are_quiet(tmp_path: Path) -> None:
     proc = train(["--help"], tmp_path / "runs")
     assert proc.returncode == 0 and "(default: fit)" in proc.stdout
     assert "(required)" not in proc.stdout
-    proc = train(
-        ["--trainer.max_steps", "1", "--run.wandb_log_model", "true", *TINY], tmp_path / "runs"
-    )
+    args = ["--trainer.max_steps", "1", "--run.wandb_log_model", "true", "--run.threads", "2"]
+    proc = train([*args, *TINY], tmp_path / "runs")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "--run.wandb_log_model is not used: W&B is offline" in proc.stdout
+    assert "threads:     2 (--run.threads)" in proc.stdout  # the flag overrides the choice
     out = proc.stdout + proc.stderr
     for noise in ("💡 Tip", "LeafSpec", "anonymous setting"):
         assert noise not in out
