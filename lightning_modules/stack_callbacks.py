@@ -7,6 +7,7 @@ import importlib.util
 import sys
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import (
     Callback,
@@ -23,6 +24,7 @@ from .divergence import StopOnDivergence
 from .epoch_lines import EpochLines
 from .last_checkpoint import LastCheckpoint
 from .rng_state import RngStateInCheckpoint
+from .threads import KeepThreads
 from .tune_trial import trial_callbacks
 
 
@@ -31,7 +33,8 @@ def stack_callbacks(
 ) -> list[Any]:
     """The callbacks of a ``train.py`` trainer: the configured ones and the stack's.
 
-    The stack adds `RunSummary`, `RunInfoInCheckpoint` and `RngStateInCheckpoint` always;
+    The stack adds `RunSummary`, `RunInfoInCheckpoint`, `RngStateInCheckpoint` and
+    `KeepThreads` (the thread count `threads.set_threads` has just set) always;
     `StopOnDivergence`, `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``)
     and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to
     ``predict``; and where a bar is wanted and none is configured, a Rich progress bar on a
@@ -51,6 +54,7 @@ def stack_callbacks(
         if len(callbacks) < len(configured):
             rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
     callbacks += [RunSummary(), RunInfoInCheckpoint(), RngStateInCheckpoint()]
+    callbacks.append(KeepThreads(torch.get_num_threads()))
     callbacks += trial_callbacks(subcommand)  # `tune_trial.TrialReporter` in a tune trial
     if subcommand == "fit":
         callbacks.append(StopOnDivergence())

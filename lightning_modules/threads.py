@@ -10,6 +10,7 @@ processes (the default curve-task run, 4.5 K parameters, takes twice as long on 
 from __future__ import annotations
 
 import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from .errors import TrainError
@@ -51,3 +52,22 @@ def set_threads(requested: int | None, model: nn.Module) -> str:
     threads, reason = choose_threads(requested, model)
     torch.set_num_threads(threads)
     return f"{threads} ({reason})"
+
+
+class KeepThreads(Callback):
+    """Sets the run's thread count again in every process once the trainer has launched them.
+
+    Lightning's DDP launchers set torch's threads to cores / processes (unless
+    ``OMP_NUM_THREADS`` is set) after `set_threads` ran; this puts the run's count back, so the
+    summary's ``threads:`` line holds under DDP too.
+
+    Args:
+        threads: The intra-op thread count (`set_threads`' choice).
+    """
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Sets torch's intra-op thread count (every process runs it after the launch)."""
+        torch.set_num_threads(self.threads)
