@@ -205,13 +205,16 @@ def test_bad_choice_names_the_value_and_the_choices(
 # ---------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 2-epoch fit of a [8] MLP (offline W&B), for the checkpoint tests."""
+    """A 2-epoch fit of a [8] MLP (offline W&B), for the checkpoint tests; with two run options
+    that change no checkpoint, checked by `test_help_and_runs_are_quiet` (one process less)."""
     runs = tmp_path_factory.mktemp("ckpt") / "runs"
     args = ["--trainer.max_epochs", "2", "--model.hidden_sizes", "[8]", "--run.name", "small"]
+    args += ["--run.wandb_log_model", "true", "--run.threads", "2"]
     proc = train([*args, *TINY], runs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = runs / "small"
-    return {"runs": runs, "run_dir": run_dir, "last": run_dir / "checkpoints" / "last.ckpt"}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return {"runs": runs, "run_dir": run_dir, "last": last, "proc": proc}
 
 
 @pytest.mark.slow
@@ -361,14 +364,12 @@ def test_predictions_hold_inputs_and_targets(small_run: dict[str, Any]) -> None:
     assert torch.equal(out["targets"], true)
 
 
-def test_help_and_runs_are_quiet(tmp_path: Path) -> None:
+def test_help_and_runs_are_quiet(small_run: dict[str, Any], tmp_path: Path) -> None:
     """``--help`` says fit is the default; a run prints no known third-party noise."""
     proc = train(["--help"], tmp_path / "runs")
     assert proc.returncode == 0 and "(default: fit)" in proc.stdout
     assert "(required)" not in proc.stdout
-    args = ["--trainer.max_steps", "1", "--run.wandb_log_model", "true", "--run.threads", "2"]
-    proc = train([*args, *TINY], tmp_path / "runs")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = small_run["proc"]  # with --run.wandb_log_model true --run.threads 2
     assert "--run.wandb_log_model is not used: W&B is offline" in proc.stdout
     assert "threads:     2 (--run.threads)" in proc.stdout  # the flag overrides the choice
     out = proc.stdout + proc.stderr
