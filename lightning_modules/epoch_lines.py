@@ -16,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ProgressBar
 
 # The metrics an epoch line shows, in this order, when the run logged them.
-SHOWN = ("train/loss", "val/loss", "val/acc", "val/acc_best")
+SHOWN = ("train/loss", "val/loss", "val/loss_gap", "val/acc", "val/acc_best")
 
 
 def epoch_line(

@@ -24,6 +24,7 @@ from .divergence import StopOnDivergence
 from .epoch_lines import EpochLines
 from .last_checkpoint import LastCheckpoint
 from .rng_state import RngStateInCheckpoint
+from .teacher_gap import TeacherGap
 from .threads import KeepThreads
 from .tune_trial import trial_callbacks
 
@@ -35,12 +36,12 @@ def stack_callbacks(
 
     The stack adds `RunSummary`, `RunInfoInCheckpoint`, `RngStateInCheckpoint` and
     `KeepThreads` (the thread count `threads.set_threads` has just set) always;
-    `StopOnDivergence`, `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``)
-    and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to
-    ``predict``; and where a bar is wanted and none is configured, a Rich progress bar on a
-    terminal (with ``rich`` installed) or `EpochLines` (one line per epoch) elsewhere. A
-    `LearningRateMonitor` is left out (with a warning) when the trainer has no logger: it
-    would fail at fit start.
+    `StopOnDivergence`, `TeacherGap`, `LastCheckpoint` (where a `ModelCheckpoint` has
+    ``save_last: true``) and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``;
+    `PredictionWriter` to ``predict``; and where a bar is wanted and none is configured, a
+    Rich progress bar on a terminal (with ``rich`` installed) or `EpochLines` (one line per
+    epoch) elsewhere. A `LearningRateMonitor` is left out (with a warning) when the trainer
+    has no logger: it would fail at fit start.
 
     Args:
         subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
@@ -57,7 +58,7 @@ def stack_callbacks(
     callbacks.append(KeepThreads(torch.get_num_threads()))
     callbacks += trial_callbacks(subcommand)  # `tune_trial.TrialReporter` in a tune trial
     if subcommand == "fit":
-        callbacks.append(StopOnDivergence())
+        callbacks += [StopOnDivergence(), TeacherGap()]
         if any(isinstance(c, ModelCheckpoint) and c.save_last is True for c in configured):
             callbacks.append(LastCheckpoint())
         if opts.get("plot", True):

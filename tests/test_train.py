@@ -531,7 +531,17 @@ def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_pat
     rows = list(csv.DictReader((cli.run_dir / "metrics.csv").open()))
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(losses) >= 2 and losses[-1] < losses[0]
-    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["val/loss"]))
+    # the gap to the teacher's own cross-entropy: val/loss minus it; with soft targets a KL
+    # divergence (>= 0); the student learned: below the untrained ln(V)
+    reference = cli.datamodule.reference_loss()
+    assert float(metrics["val/teacher_loss"]) == pytest.approx(reference, rel=1e-5)
+    gap = float(metrics["val/loss_gap"])
+    assert gap == pytest.approx(float(metrics["val/loss"]) - reference, rel=1e-5)
+    assert float(metrics["val/loss"]) < math.log(257)
+    if extra:
+        assert gap >= -1e-4
     # the preset's z-loss is on and logged, with the statistics of the same pass
     assert model.hparams.z_loss == 1e-4
     logged = {k for r in rows for k, v in r.items() if v}

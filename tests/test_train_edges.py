@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from test_train import read_wandb_records, wandb_run_contents
 
 from fusedce.lightning_modules import Classifier
+from fusedce.lightning_modules.threads import choose_threads
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR = str(REPO / "configs" / "linear.yaml")
@@ -342,12 +343,21 @@ def test_large_vocab_preset_shrinks_on_cpu(tmp_path: Path) -> None:
     proc = train(args, runs, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("train.py: no GPU")]
-    assert "data.vocab_size=8192" in line and "data.num_workers=0" in line
+    assert "data.vocab_size=2048" in line and "data.num_workers=0" in line
     assert "data.batch_size" not in line  # the explicit flag wins
-    assert "(torch's default; --run.threads N to change)" in proc.stdout  # 2.1 M parameters
+    assert "threads:     1 (a small model, 559,360 parameters" in proc.stdout
     config = (runs / "lv" / "config.yaml").read_text()
-    assert "vocab_size: 8192" in config and "batch_size: 64" in config
+    assert "vocab_size: 2048" in config and "batch_size: 64" in config
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
+
+
+def test_thread_count_follows_the_model_size() -> None:
+    """Under a million parameters: 1 thread; from a million on: torch's default; a flag wins."""
+    small, large = torch.nn.Linear(998, 1000), torch.nn.Linear(1000, 1000)  # 999,000; 1,001,000
+    assert choose_threads(None, small)[0] == 1
+    threads, reason = choose_threads(None, large)
+    assert threads == torch.get_num_threads() and reason.startswith("torch's default")
+    assert choose_threads(3, large) == (3, "--run.threads")
 
 
 # ---------------------------------------------------------------------------------- small items
