@@ -31,5 +31,6 @@ class TeacherGap(Callback):
             return
         if self.reference is None:
             self.reference = dm.reference_loss(pl_module.device)
-        pl_module.log("val/teacher_loss", self.reference)
-        pl_module.log("val/loss_gap", float(loss) - self.reference)
+        # the same on every rank (val/loss is synchronised); sync_dist says so to Lightning
+        pl_module.log("val/teacher_loss", self.reference, sync_dist=True)
+        pl_module.log("val/loss_gap", float(loss) - self.reference, sync_dist=True)
