@@ -32,7 +32,9 @@ from torch import Tensor, nn
 
 import fusedce
 
-from ._head import head_loss, logit_options, shifted_labels
+from ._head import MARK as _MARK
+from ._head import head_loss, is_applied, logit_options, shifted_labels
+from ._head import revert as _revert_forward
 
 try:
     import transformers
@@ -96,7 +98,7 @@ _GENERIC_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # Arguments of a causal LM's forward that belong to its head and loss, not to its base model.
 _HEAD_ARGS = ("labels", "logits_to_keep", "return_dict")
 
-_MARK = "__fusedce_forward__"
+# Set on the patched forward when apply() named the model's loss_type (`revert` clears it).
 _NAMED_LOSS_TYPE = "__fusedce_named_loss_type__"
 
 
@@ -385,16 +387,9 @@ def _fused_forward(
     return result if return_dict else result.to_tuple()
 
 
-def is_applied(model: nn.Module) -> bool:
-    """Whether ``apply`` has patched this model instance."""
-    fwd = model.__dict__.get("forward")
-    return fwd is not None and getattr(fwd, _MARK, False)
-
-
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: the model's own forward again. Returns ``model``."""
-    if is_applied(model):
-        if getattr(model.__dict__["forward"], _NAMED_LOSS_TYPE, False):
-            model.loss_type = None
-        del model.__dict__["forward"]
-    return model
+    """Undo ``apply``: the model's own forward (and its unnamed ``loss_type``) again. Returns
+    ``model``."""
+    if is_applied(model) and getattr(model.__dict__["forward"], _NAMED_LOSS_TYPE, False):
+        model.loss_type = None
+    return _revert_forward(model)
