@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import grad_norm
@@ -18,6 +17,7 @@ import fusedce
 from fusedce import CrossEntropyStats
 
 from .networks import MLP, Activation, Init
+from .torch_loss import scaled_logits, torch_cross_entropy, valid_rows
 from .vocab_parallel import (
     HeadShard,
     clip_gradients,
@@ -83,7 +83,7 @@ class Classifier(LightningModule):
             ``"torch"`` the same objective is computed unfused. Its statistics (accuracy,
             entropy, z-loss) come from the logit chunks it computes anyway.
             ``linear_cross_entropy`` takes class indices only: soft-target batches use
-            ``fusedce.cross_entropy`` on materialised logits instead, unless ``distill_top_k``.
+            ``fusedce.cross_entropy`` on materialised logits instead.
         z_loss: Coefficient ``lambda >= 0`` of the z-loss ``lambda * lse(z)**2`` (PaLM) added per
             row that counts; keeps the log-normaliser near 0. 0 = off.
         logit_softcap: Soft cap ``c > 0``: the loss sees ``c * tanh(z / c)`` (Gemma 2), after
@@ -112,8 +112,8 @@ class Classifier(LightningModule):
             ``(B, C)``): train on the teacher's top-k only, through the fused head
             (``fusedce.linear_distillation_loss`` with ``teacher_ids`` / ``teacher_log_probs``
             from P's k largest entries and the tail as one bin); logged as
-            ``train/divergence`` (no ``train/acc`` / ``train/entropy``: the logits are never
-            built). 0 (default): the cross-entropy against the whole P.
+            ``train/divergence`` (no ``train/ce`` / ``train/acc`` / ``train/entropy``: the
+            logits are never built). 0 (default): the cross-entropy against the whole P.
         distill_divergence: The divergence of ``distill_top_k`` / ``distill_dense``:
             ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         distill_dense: With ``fused_head`` and soft targets from a data module with a
@@ -121,9 +121,6 @@ class Classifier(LightningModule):
             the teacher's whole distribution with both heads fused
             (``fusedce.linear_distillation_loss`` with ``teacher_input`` / ``teacher_weight``:
             neither head's logits are built whole); logged as ``train/divergence``.
-
-    With soft targets the evaluation also logs ``val/gap`` (``test/gap``): the teacher-student
-    gap H(P, Q) - H(P) = KL(P || Q), averaged over the rows.
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
@@ -174,31 +171,18 @@ class Classifier(LightningModule):
         if logit_softcap is not None:
             _check_number("logit_softcap", logit_softcap, positive=True)
         _check_number("loss_logit_scale", loss_logit_scale, positive=True)
-        if (
-            isinstance(distill_top_k, bool)
-            or not isinstance(distill_top_k, int)
-            or distill_top_k < 0
-        ):
-            raise ValueError(f"distill_top_k must be an integer >= 0, got {distill_top_k!r}")
-        if distill_divergence not in ("forward_kl", "reverse_kl", "jsd"):
-            raise ValueError(
-                "distill_divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got "
-                f"{distill_divergence!r}"
-            )
-        if distill_top_k and distill_dense:
-            raise ValueError("distill_top_k and distill_dense exclude each other: choose one")
-        if distill_top_k or distill_dense:
-            extras = {
+        _check_distillation(
+            distill_top_k,
+            distill_divergence,
+            distill_dense,
+            {
                 "vocab_parallel": vocab_parallel,
                 "z_loss": z_loss != 0,
                 "label_smoothing": label_smoothing != 0,
                 "logit_softcap": logit_softcap is not None,
                 "loss_logit_scale": loss_logit_scale != 1,
-            }
-            refused = [name for name, on in extras.items() if on]
-            if refused:  # the divergence takes none of them: refuse, never ignore
-                which = "distill_top_k" if distill_top_k else "distill_dense"
-                raise ValueError(f"{which} does not take {', '.join(refused)}")
+            },
+        )
         self.net = MLP(
             in_features,
             num_classes,
@@ -220,15 +204,21 @@ class Classifier(LightningModule):
         self._compiled: tuple[Any, Any] | None = None
         if compile:
             self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
+        elif not vocab_parallel:
+            # One row that Lightning's model summary runs to count the forward's FLOPs and
+            # show each layer's sizes (without it: FLOPs 0). Not with compile (a compilation
+            # for a batch of one) nor the sharded head (its layers exist only after setup).
+            self.example_input_array = {"x": torch.zeros(1, in_features)}
 
         # Weighted by the rows that count; states are not in the state dict (checkpoints keep
         # val/acc_best beside it: `on_save_checkpoint`).
         self.train_acc, self.train_entropy = MeanMetric(), MeanMetric()
+        self.train_loss, self.train_ce, self.train_z_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_divergence = MeanMetric()  # distill_top_k / distill_dense
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
         self.val_entropy, self.val_z_loss = MeanMetric(), MeanMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
         self.test_entropy, self.test_z_loss = MeanMetric(), MeanMetric()
-        self.val_gap, self.test_gap = MeanMetric(), MeanMetric()  # soft targets: KL(P || Q)
         self._resumed_acc_best: float | None = None  # val/acc_best of a resumed checkpoint
 
     # ------------------------------------------------------------------------------ model
@@ -292,56 +282,27 @@ class Classifier(LightningModule):
             )
         self._shard = shard_head(self.head, mesh["tensor_parallel"])
 
-    def _sharded_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, CrossEntropyStats]:
-        """Loss and statistics with the head split over ranks: ``x`` ``(B, D)``, ``y`` global
-        class indices ``(B,)`` or full probabilities ``(B, C)``, the same on every rank.
-
-        The statistics come from the sharded loss's own pass (``return_stats=True``): they are
-        those of the full rows, identical on every rank, at no extra communication or GEMM.
-        """
-        sh, hp = self._shard, self.hparams
-        h = self.features(x)
-        weight, bias = self.head.weight.to_local(), self.head.bias.to_local()
-        options = {
-            "ignore_index": hp.ignore_index,
-            "label_smoothing": hp.label_smoothing,
-            "logit_scale": hp.loss_logit_scale,
-            "softcap": hp.logit_softcap,
-            "z_loss": hp.z_loss,
-            "return_stats": True,
-            "process_group": sh.group,
-        }
-        if self._fuse_head and not y.is_floating_point():
-            device_type = h.device.type
-            if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
-                dtype = torch.get_autocast_dtype(device_type)
-                h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            return fusedce.linear_cross_entropy(h, weight, y, linear_bias=bias, **options)
-        local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
-        target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
-        return fusedce.cross_entropy(local_logits, target, **options)
-
     # ------------------------------------------------------------------------------ loss
     def loss_logits(self, logits: Tensor) -> Tensor:
         """The logits ``z`` that the loss sees, ``(B, C) -> (B, C)`` float32: ``s * logits``,
         then ``c * tanh(z / c)`` (``s = loss_logit_scale``, ``c = logit_softcap`` when set)."""
-        hp = self.hparams
-        z = logits.float()
-        if hp.loss_logit_scale != 1.0:
-            z = z * hp.loss_logit_scale
-        if hp.logit_softcap is not None:
-            z = hp.logit_softcap * torch.tanh(z / hp.logit_softcap)
-        return z
+        return scaled_logits(logits, self.hparams.loss_logit_scale, self.hparams.logit_softcap)
 
     def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         """The loss (float32 scalar) of logits ``(B, C)`` against hard ``(B,)`` or soft
         ``(B, C)`` targets: mean cross-entropy of `loss_logits` plus the z-loss term."""
-        return self._loss(logits, target, return_stats=False)
+        return self.cross_entropy_with_stats(logits, target)[0]
 
     def cross_entropy_with_stats(
-        self, logits: Tensor, target: Tensor
+        self, logits: Tensor, target: Tensor, process_group: Any = None
     ) -> tuple[Tensor, CrossEntropyStats]:
         """`cross_entropy` and its statistics from the same pass over the logits.
+
+        Args:
+            logits: ``(B, C)`` logits (with ``process_group``: this rank's classes).
+            target: Hard ``(B,)`` class indices or soft ``(B, C)`` probabilities (with
+                ``process_group``: this rank's columns).
+            process_group: The ranks the classes are split over (the sharded head), or None.
 
         Returns:
             ``(loss, stats)``: ``loss`` as `cross_entropy`; ``stats`` a
@@ -350,50 +311,58 @@ class Classifier(LightningModule):
             ignored rows). ``loss_impl="torch"`` computes them with torch ops from their
             definitions.
         """
-        return self._loss(logits, target, return_stats=True)
-
-    def _loss(self, logits: Tensor, target: Tensor, return_stats: bool) -> Any:
         hp = self.hparams
         if target.is_floating_point():
             target = target.float()
-        if hp.loss_impl == "fused":
-            return fusedce.cross_entropy(
-                logits,
-                target,
-                ignore_index=hp.ignore_index,
-                label_smoothing=hp.label_smoothing,
-                inplace_backward=hp.inplace_backward,
-                logit_scale=hp.loss_logit_scale,
-                softcap=hp.logit_softcap,
-                z_loss=hp.z_loss,
-                return_stats=return_stats,
-            )
-        z = self.loss_logits(logits)
-        loss = F.cross_entropy(
-            z, target, ignore_index=hp.ignore_index, label_smoothing=hp.label_smoothing
-        )
-        if not (hp.z_loss or return_stats):
-            return loss
-        lse = torch.logsumexp(z, dim=-1)
-        z_part = torch.zeros((), device=z.device)
-        if hp.z_loss:  # a mean over the rows that count; no row counts -> 0, as fusedce
-            valid = self._valid(target)
-            z_part = hp.z_loss * (lse.square() * valid).sum() / valid.sum().clamp_min(1)
-            loss = loss + z_part
-        if not return_stats:
-            return loss
-        with torch.no_grad():
-            entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-            correct, _ = self._correct_mask(z.argmax(dim=-1), target)
-        stats = CrossEntropyStats(z_part.detach(), lse.detach(), entropy.detach(), correct)
-        return loss, stats
+        if hp.loss_impl == "torch":
+            return torch_cross_entropy(logits, target, **self._loss_options())
+        options = self._loss_options(return_stats=True)
+        if process_group is None:
+            options["inplace_backward"] = hp.inplace_backward
+        else:
+            options["process_group"] = process_group
+        return fusedce.cross_entropy(logits, target, **options)
 
-    def _valid(self, target: Tensor) -> Tensor:
-        """Rows that count, ``(B,)`` bool: hard targets other than ``ignore_index``; all soft
-        ones."""
-        if target.is_floating_point():
-            return torch.ones(target.shape[:-1], dtype=torch.bool, device=target.device)
-        return target != self.hparams.ignore_index
+    def _loss_options(self, **more: Any) -> dict[str, Any]:
+        """The loss's keyword arguments from the hyperparameters (fusedce's names)."""
+        hp = self.hparams
+        return {
+            "ignore_index": hp.ignore_index,
+            "label_smoothing": hp.label_smoothing,
+            "logit_scale": hp.loss_logit_scale,
+            "softcap": hp.logit_softcap,
+            "z_loss": hp.z_loss,
+            **more,
+        }
+
+    def batch_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, CrossEntropyStats]:
+        """The loss of a batch and its statistics: the one place the steps compute it.
+
+        ``x`` ``(B, D)``; ``y`` class indices ``(B,)`` or probabilities ``(B, C)`` (with the
+        sharded head: global, the same on every rank). Hard targets with ``fused_head`` go
+        through ``fusedce.linear_cross_entropy`` (no ``(B, C)`` logits; under autocast it casts
+        its inputs itself); everything else through `cross_entropy_with_stats` on the logits.
+        With the sharded head the statistics come from the sharded loss's own pass: those of
+        the full rows, identical on every rank, at no extra communication or GEMM.
+        """
+        sh = self._shard
+        if not (self._fuse_head or sh is not None):
+            return self.cross_entropy_with_stats(self(x), y)
+        h = self.features(x)
+        weight, bias = self.head.weight, self.head.bias
+        group = None
+        if sh is not None:
+            weight, bias, group = weight.to_local(), bias.to_local(), sh.group
+        if self._fuse_head and not y.is_floating_point():
+            options = self._loss_options(return_stats=True)
+            if group is not None:
+                options["process_group"] = group
+            return fusedce.linear_cross_entropy(h, weight, y, linear_bias=bias, **options)
+        if sh is None:
+            return self.cross_entropy_with_stats(self.head(h), y)
+        local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
+        target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
+        return self.cross_entropy_with_stats(local_logits, target, process_group=group)
 
     def regularization(self) -> Tensor:
         """``l1 * sum|W| + l2 * sum W**2`` over all Linear weight matrices (0-dim tensor)."""
@@ -415,125 +384,80 @@ class Classifier(LightningModule):
                 reg = reg + hp.l2 * w.pow(2).sum()
         return reg
 
-    def _correct(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-1 accuracy of logits ``(B, C)`` against hard ``(B,)`` or soft ``(B, C)`` targets.
-
-        Returns:
-            ``(accuracy, count)``: 0-dim tensors; ``count`` = rows that count (hard targets equal
-            to ``ignore_index`` do not). No host synchronisation.
-        """
-        correct, valid = self._correct_mask(logits.argmax(dim=-1), target)
-        count = valid.sum().float()
-        return correct.sum().float() / count.clamp_min(1.0), count
-
-    def _correct_mask(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(correct, valid)``, both ``(B,)`` bool, for classes ``preds (B,)`` against hard
-        ``(B,)`` or soft ``(B, C)`` targets (soft: their argmax); ``correct`` is False where
-        not ``valid``."""
-        valid = self._valid(target)
-        if target.is_floating_point():
-            return preds == target.argmax(dim=-1), valid
-        return (preds == target) & valid, valid
-
     # ------------------------------------------------------------------------------ steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
         hp = self.hparams
-        stats: CrossEntropyStats | None = None
-        if self._shard is not None:
-            loss, stats = self._sharded_loss(x, y)
-        elif self._fuse_head and y.is_floating_point() and (hp.distill_top_k or hp.distill_dense):
-            loss = self._fused_distillation(x, y)
-        elif self._fuse_head and not y.is_floating_point():
-            h = self.features(x)
-            weight, bias = self.head.weight, self.head.bias
-            device_type = h.device.type
-            if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
-                dtype = torch.get_autocast_dtype(device_type)
-                h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            loss, stats = fusedce.linear_cross_entropy(
-                h,
-                weight,
-                y,
-                linear_bias=bias,
-                ignore_index=hp.ignore_index,
-                label_smoothing=hp.label_smoothing,
-                logit_scale=hp.loss_logit_scale,
-                softcap=hp.logit_softcap,
-                z_loss=hp.z_loss,
-                return_stats=True,
-            )
+        stats = None
+        if self._fuse_head and y.is_floating_point() and (hp.distill_top_k or hp.distill_dense):
+            loss = self._fused_distillation(x, y)  # no logits: no statistics
         else:
-            loss, stats = self.cross_entropy_with_stats(self(x), y)
+            loss, stats = self.batch_loss(x, y)
         objective = loss + self.regularization()
         bs = x.shape[0]
-        weights = self._valid(y).float()
-        self.log("train/loss", objective, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        if stats is None:  # distillation on the fused head: no logits, no statistics
-            self.log("train/divergence", loss.detach(), on_step=True, on_epoch=True, batch_size=bs)
+        weights = valid_rows(y, self.hparams.ignore_index).float()
+        # Metrics, not plain tensors: each rank logs its own step value and the epoch value is
+        # the mean over all ranks' batches (torchmetrics syncs once, at the epoch's end).
+        if stats is None:
+            logged = {"loss": objective.detach(), "divergence": loss.detach()}
+        else:
+            logged = {"loss": objective.detach(), "ce": loss.detach() - stats.z_loss}
+        if self.hparams.z_loss > 0 and stats is not None:
+            logged["z_loss"] = stats.z_loss
+        for name, value in logged.items():
+            metric = getattr(self, f"train_{name}")
+            metric(value, bs)
+            self.log(
+                f"train/{name}",
+                metric,
+                on_step=name != "ce",
+                on_epoch=True,
+                prog_bar=name == "loss",
+            )
+        if stats is None:
             return objective
-        self.log(
-            "train/ce", loss.detach() - stats.z_loss, on_step=False, on_epoch=True, batch_size=bs
-        )
-        if hp.z_loss > 0:
-            self.log("train/z_loss", stats.z_loss, on_step=True, on_epoch=True, batch_size=bs)
         self.train_acc(stats.correct.float(), weights)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         self.train_entropy(stats.entropy.float(), weights)
-        self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True)
         return objective
 
     def _fused_distillation(self, x: Tensor, p: Tensor) -> Tensor:
         """The divergence between the teacher and the student on the fused head (the ``(B, C)``
         logits are never built): the teacher's top-k of ``p`` ``(B, C)`` with the tail as one
         bin (``distill_top_k``), or its whole distribution from its own head, fused beside the
-        student's (``distill_dense``)."""
+        student's (``distill_dense``). Under autocast the loss casts nothing itself: the
+        heads are cast here, as autocast does for ``F.linear``."""
         hp = self.hparams
         h = self.features(x)
         weight, bias = self.head.weight, self.head.bias
         device_type = h.device.type
-        if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
+        if torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)
             h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
+        options = {"linear_bias": bias, "divergence": hp.distill_divergence}
         if hp.distill_dense:
             teacher_h, teacher_w = self.trainer.datamodule.teacher_head(x)
-            dtype = h.dtype  # one dtype per head: the teacher's in the student's
-            return fusedce.linear_distillation_loss(
-                h,
-                weight,
-                linear_bias=bias,
-                teacher_input=teacher_h.to(dtype),
-                teacher_weight=teacher_w.to(dtype),
-                divergence=hp.distill_divergence,
-            )
-        top_p, ids = p.float().topk(min(hp.distill_top_k, p.shape[-1]), dim=-1)
-        return fusedce.linear_distillation_loss(
-            h,
-            weight,
-            linear_bias=bias,
-            teacher_ids=ids,
-            teacher_log_probs=top_p.log(),
-            divergence=hp.distill_divergence,
-        )
+            teacher = {  # one dtype per head: the teacher's in the student's
+                "teacher_input": teacher_h.to(h.dtype),
+                "teacher_weight": teacher_w.to(h.dtype),
+            }
+        else:
+            top_p, ids = p.float().topk(min(hp.distill_top_k, p.shape[-1]), dim=-1)
+            teacher = {"teacher_ids": ids, "teacher_log_probs": top_p.log()}
+        return fusedce.linear_distillation_loss(h, weight, **teacher, **options)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
-        if self._shard is not None:
-            loss, stats = self._sharded_loss(x, y)
-        else:
-            loss, stats = self.cross_entropy_with_stats(self(x), y)
-        weights = self._valid(y).float()
+        loss, stats = self.batch_loss(x, y)
+        weights = valid_rows(y, self.hparams.ignore_index).float()
         n = weights.sum()  # the loss is a mean over the rows that count: weight it by them
         getattr(self, f"{stage}_loss").update(loss - stats.z_loss, n)
         getattr(self, f"{stage}_acc").update(stats.correct.float(), weights)
         getattr(self, f"{stage}_entropy").update(stats.entropy.float(), weights)
         if self.hparams.z_loss > 0:
             getattr(self, f"{stage}_z_loss").update(stats.z_loss, n)
-        if y.is_floating_point():  # the teacher-student gap H(P, Q) - H(P) = KL(P || Q)
-            p = y.float()
-            teacher_entropy = -torch.xlogy(p, p).sum(-1).mean()
-            getattr(self, f"{stage}_gap").update(loss - stats.z_loss - teacher_entropy, n)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         """Accumulates the validation metrics."""
@@ -582,7 +506,7 @@ class Classifier(LightningModule):
     def on_train_start(self) -> None:
         """Forgets the sanity check's validation values; a resumed fit starts ``val/acc_best``
         from the checkpoint's."""
-        for name in ("loss", "acc", "acc_best", "entropy", "z_loss", "gap"):
+        for name in ("loss", "acc", "acc_best", "entropy", "z_loss"):
             getattr(self, f"val_{name}").reset()
         if self._resumed_acc_best is not None:
             self.val_acc_best.update(torch.tensor(self._resumed_acc_best, device=self.device))
@@ -601,10 +525,7 @@ class Classifier(LightningModule):
         self.log(f"{stage}/entropy", getattr(self, f"{stage}_entropy").compute(), sync_dist=True)
         if self.hparams.z_loss > 0:
             self.log(f"{stage}/z_loss", getattr(self, f"{stage}_z_loss").compute(), sync_dist=True)
-        gap = getattr(self, f"{stage}_gap")
-        if gap.update_count:
-            self.log(f"{stage}/gap", gap.compute(), sync_dist=True)
-        for name in ("loss", "acc", "entropy", "z_loss", "gap"):
+        for name in ("loss", "acc", "entropy", "z_loss"):
             getattr(self, f"{stage}_{name}").reset()
         return acc
 
@@ -673,6 +594,23 @@ def _check_number(name: str, value: Any, positive: bool) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def _check_distillation(top_k: Any, divergence: Any, dense: Any, extras: dict[str, bool]) -> None:
+    """Raises ``ValueError`` for bad distillation options, or options the fused divergence does
+    not take (``extras``: which are set; refused, never ignored)."""
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"distill_top_k must be an integer >= 0, got {top_k!r}")
+    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
+        raise ValueError(
+            f"distill_divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}"
+        )
+    if top_k and dense:
+        raise ValueError("distill_top_k and distill_dense exclude each other: choose one")
+    refused = [name for name, on in extras.items() if on]
+    if (top_k or dense) and refused:
+        which = "distill_top_k" if top_k else "distill_dense"
+        raise ValueError(f"{which} does not take {', '.join(refused)}")
 
 
 def _check_vocab_parallel(hp: Any) -> None:
