@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fusedce.backends import triton_kernels as tk  # noqa: E402
+from fusedce.backends import triton_log_probs as tlp  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -115,3 +116,37 @@ def test_helper_kernels_compile_for_sm90(mean, soft, check):
     )
     for k in (prologue, reduce, scale):
         assert ".target sm_90" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_log_prob_grad_kernel_compiles_for_sm90(dtype):
+    """``token_log_probs``' gradient pass: logp alone (a slice's rows), the entropy alone, both,
+    with and without a temperature, at the GPU's tile width."""
+    block, warps = tlp.block_v(128256, on_gpu=True)
+    types = {
+        "logits_ptr": f"*{dtype}",
+        "stride_logits": "i64",
+        "grad_ptr": f"*{dtype}",
+        "stride_grad": "i64",
+        "target_ptr": "*i64",
+        "max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "g_lp_ptr": "*fp32",
+        "g_h_ptr": "*fp32",
+        "V": "i32",
+        "vocab": "i32",
+        "col_offset": "i64",
+        "ignore_index": "i64",
+        "inv_temperature": "fp32",
+    }
+    for g_lp, g_h, scale in itertools.product([False, True], [False, True], [False, True]):
+        if not (g_lp or g_h):
+            continue  # never launched: no upstream gradient writes zeros
+        kernel = compile_for_hopper(
+            tlp._log_prob_grad_kernel,
+            types,
+            dict(HAS_G_LP=g_lp, HAS_G_H=g_h, HAS_SCALE=scale, BLOCK_V=block),
+            warps,
+        )
+        assert ".target sm_90" in kernel.asm["ptx"]
