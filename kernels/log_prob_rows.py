@@ -164,6 +164,8 @@ def grad_rows(
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if grad_logp is None and grad_entropy is None:
         return out.zero_()
+    if M == 0 or V == 0:  # nothing to write (V = 0: an empty vocabulary slice)
+        return out
     # The cross-entropy's row gradient where it is the answer (see the module doc); it reads
     # the row contract's own forward rows (the lse coefficient too), so not a slice's.
     if grad_entropy is None and own_stats:
@@ -173,7 +175,7 @@ def grad_rows(
         g.reshape(-1).to(acc).contiguous() if g is not None else None
         for g in (grad_logp, grad_entropy)
     ]
-    if triton_log_probs is not None and backends.uses_triton(logits) and M > 0:
+    if triton_log_probs is not None and backends.uses_triton(logits):
         triton_log_probs.log_prob_grad_rows(
             logits,
             target.contiguous(),

@@ -207,7 +207,7 @@ def call_token_log_probs(
         entropy = check_flag(who, "return_entropy", return_entropy)
         check_logits(who, logits, target, slice_ok=True)
         t = index_target_for_kernels(target.reshape(-1), ii)
-        x = logits.reshape(-1, logits.shape[-1])
+        x = logits.reshape(t.shape[0], logits.shape[-1])  # -1 is ambiguous for V_r = 0
         x = x if x.stride(-1) == 1 else x.contiguous()
         meta = _meta(x.shape[1], x.shape[0], tuple(target.shape), 0, x.dtype, ii, T, entropy)
     except _CHECK_ERRORS as e:
