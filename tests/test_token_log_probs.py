@@ -350,3 +350,56 @@ def test_compile_fullgraph_matches_eager() -> None:
 def test_exported_from_the_package() -> None:
     assert fusedce.token_log_probs is token_log_probs
     assert fusedce.linear_token_log_probs is linear_token_log_probs
+
+
+def test_backward_takes_the_cross_entropy_rows_unless_the_entropy_has_a_gradient(
+    monkeypatch,
+) -> None:
+    """Where only logp receives a gradient, backward is the cross-entropy's gradient launch
+    (``core.gradient_from_stats``); the extra pass runs only for an entropy gradient."""
+    from fusedce import core, log_prob_rows
+
+    counts = {"ce": 0, "extra": 0}
+    ce_rows = core.gradient_from_stats
+    monkeypatch.setattr(
+        core,
+        "gradient_from_stats",
+        lambda *a, **k: (counts.__setitem__("ce", counts["ce"] + 1), ce_rows(*a, **k))[1],
+    )
+    torch_rows = log_prob_rows._torch_grad_rows
+    monkeypatch.setattr(
+        log_prob_rows,
+        "_torch_grad_rows",
+        lambda *a: (counts.__setitem__("extra", counts["extra"] + 1), torch_rows(*a))[1],
+    )
+    if log_prob_rows.triton_log_probs is not None:
+        triton_rows = log_prob_rows.triton_log_probs.log_prob_grad_rows
+        monkeypatch.setattr(
+            log_prob_rows.triton_log_probs,
+            "log_prob_grad_rows",
+            lambda *a: (counts.__setitem__("extra", counts["extra"] + 1), triton_rows(*a))[1],
+        )
+    x = torch.randn(4, 9, requires_grad=True)
+    y = torch.tensor([0, 1, IGNORE, 8])
+    lp, h = token_log_probs(x, y, return_entropy=True)
+    lp.sum().backward()
+    assert counts == {"ce": 1, "extra": 0}, counts
+    lp, h = token_log_probs(x, y, return_entropy=True)
+    (lp.sum() + h.sum()).backward()
+    assert counts == {"ce": 1, "extra": 1}, counts
+
+
+def test_linear_under_autocast_runs_in_the_autocast_dtype() -> None:
+    """As F.linear would: float32 operands under a bfloat16 autocast give the bfloat16 head's
+    numbers, and float32 gradients for the float32 leaves."""
+    g = _gen(9)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    W = torch.randn(11, 8, generator=g, requires_grad=True)
+    y = torch.randint(11, (6,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, h = linear_token_log_probs(x, W, y)
+    (lp.sum() + h.sum()).backward()
+    ref_lp, ref_h = linear_token_log_probs(x.detach().bfloat16(), W.detach().bfloat16(), y)
+    torch.testing.assert_close(lp, ref_lp)
+    torch.testing.assert_close(h, ref_h)
+    assert x.grad.dtype == torch.float32 and W.grad.dtype == torch.float32
