@@ -15,7 +15,9 @@ For logits viewed as (M, V) rows, z = x / T and q = softmax(z):
   writes it (``backends.triton_log_probs`` on CUDA and under the interpreter, torch ops here
   otherwise). Either way backward reads the logits once and writes the gradient once: storing
   the gradient in forward instead would need N x V memory for each of the two terms.
-* The fused head recomputes each chunk's logits in backward (``head_backward``): the upstream
+* The fused head computes the statistics chunk by chunk (``head_forward``, the fused linear
+  cross-entropy's loop without gradients) and recomputes each chunk's logits in backward
+  (``head_backward``): the upstream
   gradients are known only then, and the alternative, keeping N x V gradients, is what the head
   exists to avoid. The input gradient alone could be formed in forward (g_lp * (A @ W) is linear
   in the row factor) but the weight gradient cannot, so the recompute is needed anyway.
@@ -31,10 +33,12 @@ import torch
 from torch import Tensor
 
 from . import backends, core
+from .backends import cpu_compiled_log_probs
+from .backends.torch_ops import CPU_COMPILED_BLOCK_BYTES
 from .index_check import DeferredIndexCheck
-from .linear_chunks import WeightGrad, chunked_pass
+from .linear_chunks import WeightGrad
 from .options import LossOptions, accumulation_dtype
-from .stat_rows import ENTROPY, LOG_SUM, LOSS, MAX
+from .stat_rows import ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS
 
 # Only where ``backends`` found Triton (the same condition, so that both agree).
 if backends.triton_kernels is not None:
@@ -72,15 +76,74 @@ def outputs_from_stats(
     return logp, ent
 
 
+def rows_stats(
+    logits: Tensor, target: Tensor, opts: LossOptions, entropy: bool, stats: Tensor
+) -> None:
+    """Fills the row statistics of (M, V) logits (no index check): the row contract's rows,
+    and with ``entropy`` (7-row ``stats``) the entropy row. The Triton kernel computes the
+    entropy in the same pass (its extras); on the torch backend the plain rows (Inductor-compiled
+    on large CPU blocks) and then ``_torch_entropy`` take a fraction of the general path's
+    time. The other extras' rows (z-loss part, correct) hold 0 or the kernel's values."""
+    if entropy and not backends.uses_triton(logits):
+        core.run_rows(logits, target, None, opts, stats[:STAT_ROWS])
+        stats[STAT_ROWS:].zero_()  # the extras' rows no one reads: defined values all the same
+        if logits.shape[0] > 0:
+            _torch_entropy(logits, stats, opts)
+        return
+    core.run_rows(logits, target, None, opts, stats)
+
+
 def forward_rows(
     logits: Tensor, target: Tensor, opts: LossOptions, entropy: bool, defer_check: bool = False
 ) -> RowsForward:
     """logp (and H) of (M, V) logits with unit stride along V; ``target`` (M,) class indices
     (int32 / int64). One pass of the row contract; raises IndexError for a class index out of
     range (deferred to backward on CUDA with ``defer_check``)."""
-    fwd = core.forward(logits, target, None, opts, False, defer_check=defer_check, extras=entropy)
-    logp, ent = outputs_from_stats(fwd.stats, target, opts.ignore_index, entropy)
-    return RowsForward(logp, ent, fwd.stats, fwd.pending_check)
+    _, pending = core.gradient_scale(logits, target, None, opts, defer_check)
+    stats = core.new_stats(logits.shape[0], logits.dtype, logits.device, entropy)
+    rows_stats(logits, target, opts, entropy, stats)
+    logp, ent = outputs_from_stats(stats, target, opts.ignore_index, entropy)
+    return RowsForward(logp, ent, stats, pending)
+
+
+def _row_blocks(logits: Tensor, acc: torch.dtype, compiled: bool) -> range:
+    """Starts of the row blocks the torch ops work through (all rows at once off the CPU);
+    the compiled functions take larger blocks (``torch_ops.CPU_COMPILED_BLOCK_BYTES``)."""
+    M, V = logits.shape
+    if logits.device.type != "cpu":
+        return range(0, M, max(M, 1))
+    budget = CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES
+    return range(0, M, max(1, budget // max(V * torch.finfo(acc).bits // 8, 1)))
+
+
+# Below this log-probability q is 0 in float32 and float64 alike (exp underflows near -745):
+# clamping log q there changes no q, and keeps q * log q at 0 where a logit is -inf.
+_LOG_Q_FLOOR = cpu_compiled_log_probs.LOG_Q_FLOOR
+
+
+def _torch_entropy(logits: Tensor, stats: Tensor, opts: LossOptions) -> None:
+    """Writes ``stats[ENTROPY]`` from the logits and the rows' max and log-sum, with torch ops:
+    H = log_sum - sum_c q_c (z_c - m), from the row max (shift-exact); a few passes per row
+    block, against about twice as many for the row contract's general path with its extras."""
+    acc = stats.dtype
+    inv_t = opts.logit_scale
+    M = logits.shape[0]
+    compiled = cpu_compiled_log_probs.applies(logits)
+    blocks = _row_blocks(logits, acc, compiled)
+    for r0 in blocks:
+        r = slice(r0, min(M, r0 + blocks.step))
+        if compiled and cpu_compiled_log_probs.applies(logits[r]):
+            h = cpu_compiled_log_probs.entropy(logits[r], stats[MAX, r], stats[LOG_SUM, r], inv_t)
+            if h is not None:
+                stats[ENTROPY, r] = h
+                continue
+        z = logits[r].to(acc)
+        d = z * inv_t if inv_t != 1.0 else z.clone()
+        d.sub_(stats[MAX, r, None]).clamp_(min=_LOG_Q_FLOOR)
+        q = (d - stats[LOG_SUM, r, None]).exp_()
+        # A batched dot product: no (rows, V) temporary for q * d.
+        qd = torch.bmm(q[:, None, :], d[:, :, None]).view(-1)
+        stats[ENTROPY, r] = stats[LOG_SUM, r] - qd
 
 
 def _torch_grad_rows(
@@ -94,7 +157,8 @@ def _torch_grad_rows(
     col_offset: int,
     vocab: int,
 ) -> None:
-    """The gradient rows of the module doc from torch ops (the torch backend's side)."""
+    """The gradient rows of the module doc from torch ops (the torch backend's side), built in
+    the output's storage where it has the accumulation dtype: about 7 passes per row block."""
     M, V = logits.shape
     acc = stats.dtype
     inv_t = opts.logit_scale
@@ -106,26 +170,51 @@ def _torch_grad_rows(
     local = torch.where(own, local, 0)
     zeros = torch.zeros(M, dtype=acc, device=logits.device)
     g_lp = grad_logp.to(acc) if grad_logp is not None else zeros
-    step = max(1, CPU_ROW_BLOCK_BYTES // max(V * torch.finfo(acc).bits // 8, 1))
-    for r0 in range(0, M, step if logits.device.type == "cpu" else M):
-        r = slice(r0, min(M, r0 + step))
+    # The row factors with 1 / T folded in: q * (c0 - g_H log q) + g_lp [c == y], all over T.
+    c0 = -g_lp
+    if grad_entropy is not None:
+        g_h = grad_entropy.to(acc)
+        c0 = c0 - g_h * stats[ENTROPY]
+        neg_g_h = g_h.neg().mul_(inv_t)
+    c0 = c0 * inv_t
+    hot = torch.where(own, g_lp, 0.0) * inv_t
+    cpu = logits.device.type == "cpu"
+    compiled = cpu_compiled_log_probs.applies(logits)
+    if compiled:
+        factors = (c0, neg_g_h if grad_entropy is not None else zeros, local, hot, valid, bad)
+    blocks = _row_blocks(logits, acc, compiled)
+    for r0 in blocks:
+        r = slice(r0, min(M, r0 + blocks.step))
+        if compiled and cpu_compiled_log_probs.applies(logits[r]):
+            rows = tuple(f[r] for f in factors)
+            m, ls = stats[MAX, r], stats[LOG_SUM, r]
+            target_rows = logits[r] if out.is_set_to(logits) else out[r]
+            if cpu_compiled_log_probs.gradient(logits[r], target_rows, m, ls, rows, inv_t):
+                continue
         z = logits[r].to(acc)
-        z = z * inv_t if inv_t != 1.0 else z
-        log_q = (z - stats[MAX, r, None]).sub_(stats[LOG_SUM, r, None])
-        q = log_q.exp()
-        if grad_entropy is not None:
-            g_h = grad_entropy[r].to(acc)[:, None]
-            c0 = (-g_lp[r] - grad_entropy[r].to(acc) * stats[ENTROPY, r])[:, None]
-            # q log q -> 0 as q -> 0: never 0 * inf at a logit of -inf.
-            g = torch.where(q > 0, q * (c0 - g_h * log_q), 0.0)
-        else:
-            g = q.mul_(-g_lp[r, None])
-        g.scatter_add_(1, local[r, None], torch.where(own[r], g_lp[r], 0.0)[:, None])
+        in_place = out.dtype == acc
+        lq = out[r] if in_place else torch.empty(z.shape, dtype=acc, device=z.device)
+        # log q = (z - m) - log_sum, from the row max; may overwrite z (out may be the logits).
         if inv_t != 1.0:
-            g.mul_(inv_t)
-        g = torch.where(valid[r, None], g, 0.0)
-        g.masked_fill_(bad[r, None], float("nan"))
-        out[r].copy_(g)
+            torch.mul(z, inv_t, out=lq).sub_(stats[MAX, r, None])
+        else:
+            torch.sub(z, stats[MAX, r, None], out=lq)
+        lq.sub_(stats[LOG_SUM, r, None])
+        q = lq.exp()
+        if grad_entropy is not None:
+            lq.clamp_(min=_LOG_Q_FLOOR)
+            torch.addcmul(c0[r, None], neg_g_h[r, None], lq, out=lq).mul_(q)
+        else:
+            torch.mul(q, c0[r, None], out=lq)
+        lq.scatter_add_(1, local[r, None], hot[r, None])
+        # Ignored rows exactly 0 (also with NaN logits), unchecked bad ones NaN; on the CPU
+        # only where some row needs it (reading the masks costs no sync there).
+        if not cpu or not bool(valid[r].all()):
+            lq.masked_fill_(~valid[r, None], 0.0)
+        if not cpu or bool(bad[r].any()):
+            lq.masked_fill_(bad[r, None], float("nan"))
+        if not in_place:
+            out[r].copy_(lq)
 
 
 def grad_rows(
@@ -167,8 +256,10 @@ def grad_rows(
     if M == 0 or V == 0:  # nothing to write (V = 0: an empty vocabulary slice)
         return out
     # The cross-entropy's row gradient where it is the answer (see the module doc); it reads
-    # the row contract's own forward rows (the lse coefficient too), so not a slice's.
-    if grad_entropy is None and own_stats:
+    # the row contract's own forward rows (the lse coefficient too), so not a slice's. On large
+    # CPU blocks the compiled gradient rows below are the cheaper of the two (one fused loop,
+    # where the row contract's gradient-only rows run eager torch ops).
+    if grad_entropy is None and own_stats and not cpu_compiled_log_probs.applies(logits):
         return core.gradient_from_stats(logits, target, None, opts, stats, grad_logp.neg(), out=out)
     acc = accumulation_dtype(logits.dtype)
     flat = [
@@ -209,17 +300,33 @@ def head_forward(
     chunk_rows: int,
     entropy: bool,
 ) -> Tensor:
-    """(4, N) or (7, N) row statistics of the head's logits, chunk by chunk: the fused linear
-    cross-entropy's loop (``linear_chunks.chunked_pass``) without gradients.
+    """(4, N) or (7, N) row statistics of the head's logits, chunk by chunk (``rows_stats`` on
+    each chunk of x @ W.T + b; the class indices are checked by the caller, once).
 
     Args:
         x: (N, D) contiguous. W: (V, D). b: (V,) or None. target: (N,) class indices.
-        opts: ``row_options``. chunk_rows: token rows per chunk. entropy: fill the extras.
+        opts: ``row_options``. chunk_rows: token rows per chunk. entropy: fill the entropy row.
     """
-    stats, *_ = chunked_pass(
-        x, W, b, target, None, opts, chunk_rows, "float32", None, (False,) * 3, None, entropy
-    )
+    if torch.is_autocast_enabled(x.device.type):
+        # The operands already have the autocast dtype; the products stay in it.
+        with torch.autocast(x.device.type, enabled=False):
+            return head_forward(x, W, b, target, opts, chunk_rows, entropy)
+    N = x.shape[0]
+    stats = core.new_stats(N, x.dtype, x.device, entropy)
+    buf = torch.empty((min(chunk_rows, N), W.shape[0]), dtype=x.dtype, device=x.device)
+    for start in range(0, N, chunk_rows):
+        end = min(start + chunk_rows, N)
+        logits = _chunk_logits(x[start:end], W, b, buf[: end - start])
+        rows_stats(logits, target[start:end], opts, entropy, stats[:, start:end])
     return stats
+
+
+def _chunk_logits(x_c: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
+    """x_c @ W.T (+ b) into ``out``: the same product in forward and in backward, so that the
+    saved statistics describe the recomputed logits."""
+    if b is None:
+        return torch.mm(x_c, W.t(), out=out)
+    return torch.addmm(b, x_c, W.t(), out=out)
 
 
 def head_backward(
@@ -262,12 +369,7 @@ def head_backward(
     for start in range(0, N, chunk_rows):
         end = min(start + chunk_rows, N)
         x_c = x[start:end]
-        logits = buf[: end - start]
-        # The same product as forward's, so the saved statistics describe these logits.
-        if b is None:
-            torch.mm(x_c, W.t(), out=logits)
-        else:
-            torch.addmm(b, x_c, W.t(), out=logits)
+        logits = _chunk_logits(x_c, W, b, buf[: end - start])
         grad_rows(
             logits,
             target[start:end],

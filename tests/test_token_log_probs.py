@@ -414,3 +414,42 @@ def test_linear_under_autocast_runs_in_the_autocast_dtype() -> None:
     torch.testing.assert_close(lp, ref_lp)
     torch.testing.assert_close(h, ref_h)
     assert x.grad.dtype == torch.float32 and W.grad.dtype == torch.float32
+
+
+@pytest.mark.slow
+# bfloat16 only: the training dtype, and each dtype compiles functions of its own (seconds).
+@pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
+def test_large_cpu_blocks_take_the_compiled_rows(dtype) -> None:
+    """Blocks of at least ``MIN_BLOCK_LOGITS`` logits on the torch backend's CPU path: the
+    Inductor-compiled entropy and gradient rows give the float64 reference's numbers (values,
+    both gradients, ignored NaN rows, -inf classes, a temperature), in place in the head too."""
+    from fusedce.backends import cpu_compiled_log_probs as compiled
+
+    g = _gen(11)
+    V = 4099  # 9 rows: just above MIN_BLOCK_LOGITS
+    x = (torch.randn(9, V, generator=g, dtype=torch.float64) * 3).to(dtype)
+    x[2] = float("nan")
+    x[4, ::3] = float("-inf")
+    y = torch.randint(V, (9,), generator=g)
+    y[2] = IGNORE
+    g_lp, g_h = torch.randn(2, 9, generator=g, dtype=torch.float64)
+    with fusedce.use_backend("torch"):
+        assert compiled.applies(x)
+        leaf = x.clone().requires_grad_()
+        lp, h = token_log_probs(leaf, y, temperature=0.8, return_entropy=True)
+        ((lp * g_lp.float()).sum() + (h * g_h.float()).sum()).backward()
+        ref_lp, ref_h = reference(x.double(), y, 0.8, IGNORE)
+        close(lp, ref_lp, TOL[torch.float32], "logp")
+        close(h, ref_h, TOL[torch.float32], "entropy")
+        close(leaf.grad, _ref_grad(x.double(), y, 0.8, g_lp, g_h), TOL[dtype], "grad")
+        # The head writes each chunk's gradient over its logits: the in-place variant.
+        hx = torch.randn(9, 16, generator=g).to(dtype).requires_grad_()
+        W = torch.randn(V, 16, generator=g).to(dtype).requires_grad_()
+        lp, h = linear_token_log_probs(hx, W, y, chunk_size=9)
+        (lp * g_lp.float() + h * g_h.float()).sum().backward()
+        refs = [t.detach().double().requires_grad_() for t in (hx, W)]
+        r_lp, r_h = reference(refs[0] @ refs[1].t(), y, 1.0, IGNORE)
+        ((r_lp * g_lp).sum() + (r_h * g_h).sum()).backward()
+        tol = TOL[dtype] * (2 if dtype == torch.bfloat16 else 10)
+        close(hx.grad, refs[0].grad, tol, "head grad_input")
+        close(W.grad, refs[1].grad, tol, "head grad_weight")
