@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from log_prob_reference import TOL, close, reference
 
 import fusedce
 from fusedce import log_prob_functions as tlp_module
 from fusedce.log_prob_functions import linear_token_log_probs, token_log_probs
+from log_prob_reference import TOL, close, reference
 
 pytestmark = pytest.mark.kernel
 

@@ -14,10 +14,10 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-from log_prob_reference import TOL, close, reference
 from test_vocab_parallel import _collectives, _expect_same_error, _spawn
 
 import fusedce
+from log_prob_reference import TOL, close, reference
 
 V = 1001  # uneven over 2 and over 3 ranks
 N = 9
