@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import index_check, log_prob_rows
+from . import func_transforms, index_check, log_prob_rows
 from .index_check import check_class_indices
 from .linear_chunks import planned_chunk_rows
 from .log_prob_args import autocast_cast, check_flag, check_head, check_logits, check_temperature
@@ -43,6 +43,25 @@ def _flat_logits(logits: Tensor) -> Tensor:
     """(M, V) with unit stride along V: no copy for a contiguous input."""
     flat = logits.reshape(-1, logits.shape[-1])
     return flat if flat.stride(-1) == 1 else flat.contiguous()
+
+
+def _differentiable(
+    logits: Tensor, target: Tensor, temperature: float, ignore_index: int, entropy: bool
+) -> tuple[Tensor, Tensor | None]:
+    """The definitions in differentiable torch ops, for ``torch.func`` transforms (grad, vmap,
+    jacrev: the autograd Functions and custom ops do not take them). (M, V) logits, (M,)
+    targets; the same semantics (float32 or wider, 0 and no gradient at ignored rows)."""
+    valid = target != ignore_index
+    z = logits.to(accumulation_dtype(logits.dtype)) / temperature
+    # Ignored rows may hold NaN: keep them out of the softmax (and of every gradient).
+    log_q = torch.log_softmax(torch.where(valid[:, None], z, 0.0), dim=-1)
+    y = torch.where(valid, target.long(), 0)
+    logp = torch.where(valid, log_q.gather(1, y[:, None])[:, 0], 0.0)
+    if not entropy:
+        return logp, None
+    q = log_q.exp()
+    h = -(q * torch.where(q > 0, log_q, 0.0)).sum(-1)
+    return logp, torch.where(valid, h, 0.0)
 
 
 def _acc_empty(like: Tensor) -> Tensor:
@@ -332,6 +351,8 @@ def _token_log_probs(
     """``token_log_probs`` for the public function ``who`` (a group of one rank comes back
     here from the sharded path)."""
     if _wants_group(process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(who)
         return sharded.call_token_log_probs(
             who,
             logits,
@@ -349,7 +370,9 @@ def _token_log_probs(
     out_shape = tuple(target.shape)
     x = _flat_logits(logits)
     t = index_target_for_kernels(target.reshape(-1), ii)
-    if torch.compiler.is_compiling():
+    if func_transforms.active():
+        logp, ent = _differentiable(x, t, T, ii, entropy)
+    elif torch.compiler.is_compiling():
         logp, ent, _ = _token_log_probs_op(x, t, ii, T, entropy, who)
     elif torch.is_grad_enabled() and logits.requires_grad:
         out = _TokenLogProbs.apply(x, t, T, ii, entropy, who)
@@ -434,6 +457,8 @@ def _linear_token_log_probs(
     """``linear_token_log_probs`` for the public function ``who``."""
     input, linear_weight, linear_bias = autocast_cast(input, linear_weight, linear_bias)
     if _wants_group(process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(who)
         return sharded.call_linear_token_log_probs(
             who,
             input,
@@ -459,7 +484,11 @@ def _linear_token_log_probs(
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
-    if torch.compiler.is_compiling():
+    if func_transforms.active():
+        # Under a transform the logits are materialised: the chunked Functions cannot run there.
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        logp, ent = _differentiable(logits, t, T, ii, entropy)
+    elif torch.compiler.is_compiling():
         logp, ent, _ = _linear_token_log_probs_op(
             x, linear_weight, linear_bias, t, ii, T, entropy, rows, who
         )
