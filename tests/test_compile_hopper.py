@@ -150,3 +150,65 @@ def test_log_prob_grad_kernel_compiles_for_sm90(dtype):
             warps,
         )
         assert ".target sm_90" in kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one_tile", "two_sweeps"])
+def test_row_kernel_specialisations_of_token_log_probs_compile_for_sm90(single):
+    """The row kernel as ``token_log_probs`` launches it: forward with and without the entropy
+    extra, and the gradient-only launch with per-row factors, each with and without a
+    temperature (``logit_scale``); class indices, no weights, smoothing, softcap or z-loss."""
+    types = {
+        "logits_ptr": "*bf16",
+        "stride_logits": "i64",
+        "grad_ptr": "*bf16",
+        "stride_grad": "i64",
+        "target_ptr": "*i64",
+        "stride_target": "i64",
+        "weight_ptr": "*fp32",
+        "loss_ptr": "*fp32",
+        "max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "coef_ptr": "*fp32",
+        "scale_ptr": "*fp32",
+        "token_weight_ptr": "*fp32",
+        "z_part_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "correct_ptr": "*fp32",
+        "M": "i32",
+        "V": "i32",
+        "ignore_index": "i32",
+        "label_smoothing": "fp32",
+        "logit_scale": "fp32",
+        "softcap": "fp32",
+        "z_loss": "fp32",
+    }
+    V = 16000 if single else 128256
+    block_m, block_v, in_regs, warps = tk._launch_config(64, V, 2, interpreted=False)
+    assert in_regs == single
+    # (write_loss, write_grad, per_row_scale, write_stats)
+    launches = [(True, False, False, True), (True, False, False, False), (False, True, True, False)]
+    for (write_loss, write_grad, per_row, stats), scaled in itertools.product(
+        launches, [False, True]
+    ):
+        kernel = compile_for_hopper(
+            tk._cross_entropy_kernel,
+            types,
+            dict(
+                HAS_WEIGHT=False,
+                SOFT_TARGET=False,
+                HAS_SMOOTHING=False,
+                WRITE_LOSS=write_loss,
+                WRITE_GRAD=write_grad,
+                PER_ROW_SCALE=per_row,
+                HAS_LOGIT_SCALE=scaled,
+                HAS_SOFTCAP=False,
+                HAS_Z_LOSS=False,
+                HAS_TOKEN_WEIGHT=False,
+                WRITE_STATS=stats,
+                SINGLE_TILE=single,
+                BLOCK_M=block_m,
+                BLOCK_V=block_v,
+            ),
+            warps,
+        )
+        assert ".target sm_90" in kernel.asm["ptx"]
