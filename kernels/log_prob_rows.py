@@ -4,23 +4,27 @@
 For logits viewed as (M, V) rows, z = x / T and q = softmax(z):
 
 * logp_i = log q_{i, y_i} is minus the row loss of the cross-entropy with ``logit_scale = 1 / T``
-  and no reduction: the forward is one pass of the row contract (``core.forward``), which also
-  writes each row's max m, log-sum and, with its extras, the entropy H (shift-exact, see
-  ``core``). Nothing new runs forward.
+  and no reduction: the forward is the row contract (``core.run_rows``), which also writes each
+  row's max m and log-sum (shift-exact, see ``core``). The entropy H: on the Triton backend the
+  kernel's extras, in the same pass (nothing new runs forward); on the torch backend the plain
+  rows and then H = log_sum - sum q (z - m) (``_torch_entropy``; compiled by Inductor on large
+  CPU blocks), in fewer passes than the row contract's general path with its extras.
 * The gradient of a row is (g_lp * (onehot(y) - q) + g_H * q * (-log q - H)) / T for upstream
   gradients g_lp, g_H. With g_H absent (no entropy, or an entropy that no gradient reaches) it is
   -g_lp times the cross-entropy's row gradient: the row contract's gradient-only launch
   (``core.gradient_from_stats``) writes it, per-row factor folded in. With g_H it is not one
   row factor times one tensor; one extra pass recomputes q from the saved (m, log_sum, H) and
-  writes it (``backends.triton_log_probs`` on CUDA and under the interpreter, torch ops here
-  otherwise). Either way backward reads the logits once and writes the gradient once: storing
-  the gradient in forward instead would need N x V memory for each of the two terms.
+  writes it (``backends.triton_log_probs`` on CUDA and under the interpreter; torch ops here
+  otherwise, ``backends.cpu_compiled_log_probs`` on large CPU blocks, where that compiled pass
+  also replaces the row contract's eager gradient-only rows). Either way backward reads the
+  logits once and writes the gradient once: storing the gradient in forward instead would need
+  N x V memory for each of the two terms.
 * The fused head computes the statistics chunk by chunk (``head_forward``, the fused linear
   cross-entropy's loop without gradients) and recomputes each chunk's logits in backward
-  (``head_backward``): the upstream
-  gradients are known only then, and the alternative, keeping N x V gradients, is what the head
-  exists to avoid. The input gradient alone could be formed in forward (g_lp * (A @ W) is linear
-  in the row factor) but the weight gradient cannot, so the recompute is needed anyway.
+  (``head_backward``): the upstream gradients are known only then, and the alternative, keeping
+  N x V gradients, is what the head exists to avoid. The input gradient alone could be formed in
+  forward (g_lp * (A @ W) is linear in the row factor) but the weight gradient cannot, so the
+  recompute (one GEMM more than the mean cross-entropy's three) is needed anyway.
 
 Rows whose target is ``ignore_index`` give 0 for both outputs and an exact 0 gradient.
 """
