@@ -24,8 +24,8 @@ NAMES = ("grad_input", "grad_weight", "grad_bias")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def _gen(random_seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(random_seed)
 
 
 def _case(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:

@@ -35,8 +35,8 @@ def _same_on_every_rank(t: torch.Tensor, world: int, what: str) -> None:
     assert all(torch.equal(p, parts[0]) for p in parts), f"{what} differs across ranks"
 
 
-def _data(seed: int, dtype: torch.dtype):
-    g = torch.Generator().manual_seed(seed)
+def _data(random_seed: int, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(random_seed)
     logits = (torch.randn(N, V, generator=g, dtype=torch.float64) * 3).to(dtype)
     y = torch.randint(V, (N,), generator=g)
     y[::4] = IGNORE
