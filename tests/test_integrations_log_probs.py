@@ -73,13 +73,15 @@ def test_completion_log_probs_refuses_what_it_cannot_compute() -> None:
     cls, config = _config("gemma2-softcap")
     model = cls(config)
     ids = torch.randint(config.vocab_size, (2, 6))
-    with pytest.raises(NotImplementedError, match="softcap"):
+    with pytest.raises(NotImplementedError, match=r"^completion_log_probs: .*softcap"):
         fi.completion_log_probs(model, ids)
+    with pytest.raises(TypeError, match=r"^completion_log_probs: "):
+        fi.completion_log_probs(torch.nn.Linear(2, 2), ids)
     cls, config = _config("llama")
     model = cls(config)
-    with pytest.raises(ValueError, match="logits_to_keep"):
+    with pytest.raises(ValueError, match=r"^completion_log_probs: logits_to_keep"):
         fi.completion_log_probs(model, ids, logits_to_keep=6)
-    with pytest.raises(ValueError, match="completion_mask"):
+    with pytest.raises(ValueError, match=r"^completion_log_probs: completion_mask"):
         fi.completion_log_probs(model, ids, logits_to_keep=2, completion_mask=torch.ones(2, 3))
     with pytest.raises(ValueError, match=r"^completion_log_probs: temperature"):
         fi.completion_log_probs(model, ids, temperature=0.0)

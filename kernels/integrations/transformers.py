@@ -389,8 +389,12 @@ def completion_log_probs(
     """
     who = "completion_log_probs"
     temperature = check_temperature(who, temperature)
-    head = _check_model(model)
-    name, (logit_scale, softcap, _fields) = _transforms_of(model, strict=True)
+    try:
+        head = _check_model(model)
+        name, (logit_scale, softcap, _fields) = _transforms_of(model, strict=True)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        # apply()'s checks, named after the function called here.
+        raise type(e)(f"{who}: {e}") from e
     if softcap is not None:
         raise NotImplementedError(
             f"{who}: {name} applies a final softcap to its logits; the fused log-probabilities "
