@@ -19,8 +19,8 @@ Results of each run go to ``<runs root>/<run name>/`` (root: ``--run.root``, env
 
 This file holds the CLI class, which puts the pieces together, and `main`. The pieces live in
 `fusedce.lightning_modules`: ``run_options`` (``--run.*``), ``run_dir``, ``wandb_setup``,
-``checkpoints`` (``--ckpt_path``), ``optimizer_check``, ``cli_parser``, ``report`` and
-``log_filters``.
+``checkpoints`` (``--ckpt_path``), ``optimizer_check``, ``cli_parser``, ``threads``, ``report``
+and ``log_filters``.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from fusedce.lightning_modules import Classifier
 from fusedce.lightning_modules.checkpoint_io import with_atomic_io
@@ -60,6 +61,7 @@ from fusedce.lightning_modules.stack_callbacks import (
     early_stopping_at_validation_ends,
     stack_callbacks,
 )
+from fusedce.lightning_modules.threads import set_threads
 from fusedce.lightning_modules.wandb_setup import (
     ConfigToWandb,
     finish_wandb,
@@ -79,6 +81,7 @@ _DESCRIPTION = (
     "`train.py fit --help` lists every flag. Choosing hyperparameters: "
     "`train.py lr_find --help`, `train.py tune --help`."
 )
+_FULL = "(the preset is sized for a GPU; --run.cpu_overrides '{}' keeps the full size)"
 # Exit codes of a run that a signal stopped (the shell's 128 + signal number).
 _SIGNAL_EXIT = {"SIGINT": 130, "SIGTERM": 143}
 
@@ -92,9 +95,11 @@ class FusedCECLI(LightningCLI):
             default logger is not used.
         interrupted: ``"SIGINT"`` / ``"SIGTERM"`` when fit was stopped by a signal.
         ckpt: The ``--ckpt_path`` checkpoint, when one is given.
+        threads: torch's CPU thread count of the run and why (`threads.set_threads`).
     """
 
     run_dir: Path | None = None
+    threads: str | None = None
     wandb_mode: str | None = None
     interrupted: str | None = None
     ckpt: dict[str, Any] | None = None
@@ -150,13 +155,9 @@ class FusedCECLI(LightningCLI):
         """
         config = self.config[self.subcommand]
         applied = apply_cpu_overrides(config, self._cli_args)
-        if applied:
-            print(
-                "train.py: no GPU: this preset is sized for one; running its CPU size: "
-                + " ".join(applied)
-                + " (--run.cpu_overrides '{}' keeps the full size)",
-                flush=True,
-            )
+        if applied and rank_zero_only.rank == 0:  # DDP workers re-run this: say it once
+            sizes = " ".join(applied)
+            print(f"train.py: no GPU: running this preset's CPU size: {sizes} {_FULL}", flush=True)
         trainer_cfg = config.get("trainer", {})
         self.wandb_mode = settle_wandb_mode(config.get("run", {}), trainer_cfg.get("logger"))
         early_stopping_at_validation_ends(trainer_cfg.get("callbacks"))
@@ -182,6 +183,7 @@ class FusedCECLI(LightningCLI):
                 check_fits_model(self.ckpt, self.model)
         trainer_cfg = dict(config.get("trainer", {}))
         opts = run_options_dict(config.get("run"))
+        self.threads = set_threads(opts.get("threads"), self.model)
         run_dir = choose_run_dir(opts, trainer_cfg, sub)
         configured = list(trainer_cfg.get("callbacks") or [])
         resume_id = None
@@ -221,10 +223,10 @@ class FusedCECLI(LightningCLI):
 
     def report(self) -> str:
         """Human-readable summary of where this run's results are (`report.run_report`)."""
-        mode = self.wandb_mode or resolve_wandb_mode(
-            run_options_dict(self.config_init[self.subcommand].get("run")).get("wandb_mode", "auto")
-        )
-        return run_report(self.trainer, self.subcommand, self.run_dir, mode, self.interrupted)
+        run = run_options_dict(self.config_init[self.subcommand].get("run"))
+        mode = self.wandb_mode or resolve_wandb_mode(run.get("wandb_mode", "auto"))
+        args = (self.subcommand, self.run_dir, mode, self.interrupted, self.threads)
+        return run_report(self.trainer, *args)
 
 
 def with_default_subcommand(argv: list[str]) -> list[str]:
@@ -235,11 +237,8 @@ def with_default_subcommand(argv: list[str]) -> list[str]:
 
 
 def with_default_config(args: list[str]) -> list[str]:
-    """Puts ``--config configs/default.yaml`` right after the subcommand (later args override it).
-
-    (jsonargparse's ``default_config_files`` mis-parses callable class types such as the
-    optimizer, so the default config is passed as the first ``--config`` instead.)
-    """
+    """Puts ``--config configs/default.yaml`` right after the subcommand (later args override it):
+    jsonargparse's ``default_config_files`` mis-parses callable class types (the optimizer)."""
     if args and args[0] in SUBCOMMANDS:
         return [args[0], "--config", str(DEFAULT_CONFIG), *args[1:]]
     return args

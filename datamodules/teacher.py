@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .common import SplitDataModule, check_positive_int
@@ -125,8 +126,32 @@ class TeacherDataModule(SplitDataModule):
             return torch.softmax(logits / self.hparams.temperature, dim=-1)
         return logits.argmax(dim=-1)
 
+    @torch.no_grad()
+    def reference_loss(self, device: torch.device | str = "cpu", rows: int = 1024) -> float:
+        """The teacher's own cross-entropy on the validation split: the loss of a student that
+        predicts exactly the teacher's distribution ``softmax(z / temperature)`` (hard targets:
+        against its argmax; soft ones: the entropy of ``P``). A student's ``val/loss`` minus
+        this says how far it is from the teacher (`lightning_modules.teacher_gap`).
+
+        Args:
+            device: Where the teacher's logits are computed (``rows`` x V at a time).
+            rows: Validation rows per block.
+        """
+        if self.val_set is None:
+            self.setup("fit")
+        x_all = self.val_set.tensors[0]
+        total = 0.0
+        for start in range(0, len(x_all), rows):
+            x = x_all[start : start + rows].to(device)
+            z = self.teacher_logits(x) / self.hparams.temperature
+            total += float(F.cross_entropy(z, self.teacher_targets(x), reduction="sum"))
+        return total / max(len(x_all), 1)
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Turns a feature batch ``[x]`` into ``(x, targets)`` on the training device."""
+        """Turns a feature batch ``[x]`` into ``(x, targets)`` on the training device; a
+        mapping (the model's ``example_input_array``, run by the model summary) passes as is."""
+        if isinstance(batch, dict):
+            return batch
         x = batch[0] if isinstance(batch, list | tuple) else batch
         return x, self.teacher_targets(x)
 

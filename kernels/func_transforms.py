@@ -26,7 +26,6 @@ no effect), and ``inplace_backward`` writes nothing in place.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import core, index_check
@@ -209,21 +208,3 @@ def cross_entropy(
         entropy.reshape(out_shape),
         correct.reshape(out_shape),
     )
-
-
-def linear_cross_entropy(
-    x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    weight: Tensor | None,
-    opts: LossOptions,
-    token_weight: Tensor | None,
-    out_shape: tuple[int, ...],
-    extras: bool,
-    who: str = "linear_cross_entropy",
-) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``fusedce.linear_cross_entropy`` of checked, flattened arguments: the (N, V) logits in
-    the input's dtype (as each chunk of the fused path), then :func:`cross_entropy`."""
-    logits = F.linear(x, W, b)
-    return cross_entropy(logits, target, weight, opts, token_weight, out_shape, extras, who)

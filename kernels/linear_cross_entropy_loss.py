@@ -3,8 +3,9 @@
 ``linear_cross_entropy(input, W, target)`` equals
 ``F.cross_entropy(F.linear(input, W, b), target)`` (the signature and semantics of PyTorch
 2.13's ``torch.nn.functional.linear_cross_entropy``) but never materialises the full (N, V)
-logits: ``linear_chunks.py`` walks the token rows in chunks. This file holds the argument
-checks, the autograd Function and the custom ops.
+logits: ``linear_chunks.py`` walks the token rows in chunks. This file holds the functional API
+and the module; the checks are ``validation.py``, the autograd Function
+``autograd_functions.py``, the custom ops ``custom_ops.py``.
 
 With a scalar reduction the mean normaliser over ALL targets is computed first, so each chunk's
 gradient is final up to ``grad_output``; backward only scales the three saved gradients. With
@@ -15,380 +16,32 @@ backward recomputes the chunks with the per-row factors folded into the gradient
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import core, func_transforms
+from .autograd_functions import LinearCrossEntropy, Plan, mean_gradient_scale, run_chunks
 from .core import CrossEntropyStats
-from .cross_entropy_loss import _no_double_backward, op_arguments
+from .custom_ops import float_options_as_tensor
+from .custom_ops import linear_cross_entropy_op as _lce_op
 from .index_check import check_class_indices
-from .linear_chunks import Accumulation, chunked_pass, planned_chunk_rows
+from .linear_chunks import Accumulation, planned_chunk_rows
 from .options import (
     CallOptions,
     LossOptions,
-    accumulation_dtype,
     check_accumulation,
     check_chunk_size,
-    check_class_index_dtype,
-    check_class_weight,
-    check_token_weight,
-    check_token_weight_values,
-    from_op_args,
-    has_float_options,
     index_target_for_kernels,
     prepare_class_weight,
     prepare_token_weight,
     to_op_args,
 )
 from .sharded import route as sharded
+from .validation import check_linear_args, check_token_weight
 
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 
 _WHO = "linear_cross_entropy"
-
-
-def _mean_gradient_scale(
-    target: Tensor,
-    weight: Tensor | None,
-    opts: LossOptions,
-    x: Tensor,
-    token_weight: Tensor | None = None,
-) -> Tensor:
-    """() device scalar: 1 / the mean normaliser over ALL rows (token weights included), or 1."""
-    if not opts.mean:
-        return torch.ones((), dtype=torch.float32, device=x.device)
-    acc = accumulation_dtype(x.dtype)
-    denom = core.mean_normaliser(target, weight, opts.ignore_index, acc, token_weight)
-    return core.inverse_normaliser(denom)
-
-
-# --------------------------------------------------------------------------------------------
-# Autograd
-# --------------------------------------------------------------------------------------------
-
-
-class _Plan:
-    """How one call runs: the loss options plus the chunking (plain values, no tensors)."""
-
-    __slots__ = ("accumulation", "chunk_rows", "extras", "opts", "who")
-
-    def __init__(
-        self,
-        opts: LossOptions,
-        chunk_rows: int,
-        accumulation: str,
-        extras: bool = False,
-        who: str = _WHO,
-    ) -> None:
-        self.opts, self.chunk_rows, self.accumulation = opts, chunk_rows, accumulation
-        self.extras = extras
-        self.who = who  # the public function the messages name
-
-
-def _pass(x, W, b, target, weight, plan: _Plan, scale, needs, token_weight=None):
-    return chunked_pass(
-        x,
-        W,
-        b,
-        target,
-        weight,
-        plan.opts,
-        plan.chunk_rows,
-        plan.accumulation,
-        scale,
-        needs,
-        token_weight,
-        plan.extras,
-    )
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Scalar reductions: gradients computed in forward, scaled in backward. "none": recompute."""
-
-    @staticmethod
-    def forward(ctx, x, W, b, target, weight, plan, token_weight):  # type: ignore[override]
-        needs = tuple(ctx.needs_input_grad[:3])
-        ctx.plan = plan
-        if plan.opts.per_row:
-            # Per-token upstream gradients are only known in backward: recompute there.
-            stats, *_ = _pass(x, W, b, target, weight, plan, None, needs, token_weight)
-            ctx.save_for_backward(x, W, b, target, weight, token_weight)
-            loss, scale = stats[core.LOSS].clone(), None
-        else:
-            scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
-            stats, gx, gw, gb = _pass(x, W, b, target, weight, plan, scale, needs, token_weight)
-            ctx.grads = [gx, gw, gb]
-            loss = core.reduce_rows(stats[core.LOSS], scale, plan.opts)
-        ctx.mark_non_differentiable(*(t for t in (stats, scale) if t is not None))
-        return loss, stats, scale
-
-    @staticmethod
-    def backward(ctx, grad_output, _grad_stats=None, _grad_scale=None):  # type: ignore[override]
-        plan = ctx.plan
-        _no_double_backward(plan.who)
-        if plan.opts.per_row:
-            x, W, b, target, weight, token_weight = ctx.saved_tensors
-            needs = tuple(ctx.needs_input_grad[:3])
-            factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
-            # The stats are not needed again: recompute without the extras.
-            replan = _Plan(plan.opts, plan.chunk_rows, plan.accumulation, who=plan.who)
-            _, gx, gw, gb = _pass(x, W, b, target, weight, replan, factor, needs, token_weight)
-            return gx, gw, gb, None, None, None, None
-        grads = ctx.grads
-        if grads is None:
-            raise RuntimeError(
-                f"fusedce.{plan.who}: backward ran twice through the same graph "
-                "(retain_graph=True). The fused gradients are consumed by the first backward; "
-                "compute the loss again for a second backward."
-            )
-        ctx.grads = None
-        for grad in grads:
-            if grad is not None:
-                # In place, and without a host sync on CUDA: a factor of exactly 1 moves no data.
-                core.apply_upstream_grad_(
-                    grad.reshape(1, -1) if grad.dim() == 1 else grad, grad_output
-                )
-        return grads[0], grads[1], grads[2], None, None, None, None
-
-
-# --------------------------------------------------------------------------------------------
-# torch.library custom ops: what torch.compile sees (no graph break; backward out of place)
-# --------------------------------------------------------------------------------------------
-
-
-def _empty(like: Tensor) -> Tensor:
-    """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
-    return like.new_empty((0,))
-
-
-def _fake_grads(x: Tensor, W: Tensor, b: Tensor | None, now: bool, needs: list[bool]):
-    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed.
-
-    Contiguous, as the real ops return them whatever the strides of x, W and b (``empty_like``
-    would keep the strides of a transposed weight, e.g. a tied embedding's ``E.t()``)."""
-    gx = x.new_empty(x.shape) if now and needs[0] else _empty(x)
-    gw = W.new_empty(W.shape) if now and needs[1] else _empty(x)
-    gb = b.new_empty(b.shape) if now and needs[2] and b is not None else _empty(x)
-    return gx, gw, gb
-
-
-def _kernel_layout(
-    x: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The layout the chunked loop reads (x contiguous, hence its gradient too; W and b may have
-    any strides): the custom ops are callable directly. No copy for what
-    ``linear_cross_entropy`` passes them."""
-    return (
-        x.contiguous(),
-        index_target_for_kernels(target, ignore_index),
-        prepare_class_weight(weight, x.dtype),
-        prepare_token_weight(token_weight, x.dtype),
-    )
-
-
-@torch.library.custom_op("fusedce::linear_cross_entropy", mutates_args=())
-def _lce_op(
-    x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
-    chunk_rows: int,
-    accumulation: str,
-    needs: list[bool],
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    z_loss: float = 0.0,
-    token_weight: Tensor | None = None,
-    extras: bool = False,
-    who: str = _WHO,
-    float_options: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, grad_x, grad_W, grad_b, per-row stats (STAT_ROWS or EXTRA_STAT_ROWS, N)); the
-    gradients are empty where not needed, and always for reduction="none" (computed in the
-    backward op instead). Every output contiguous, whatever the inputs' strides. ``who``: the
-    public function the error messages name.
-
-    ``float_options``: the four float options as ``options.float_options_tensor`` (the floats
-    are then placeholders), for values that change between compiled calls."""
-    check_class_indices(target, W.shape[0], ignore_index, who)
-    check_token_weight_values(who, token_weight)
-    x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
-    opts = from_op_args(
-        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
-    )
-    plan = _Plan(opts, chunk_rows, accumulation, extras, who)
-    scale = _mean_gradient_scale(target, weight, plan.opts, x, token_weight)
-    grads_now = reduction != "none" and any(needs)
-    stats, gx, gw, gb = _pass(
-        x, W, b, target, weight, plan, scale if grads_now else None, tuple(needs), token_weight
-    )
-    loss = core.reduce_rows(stats[core.LOSS], scale, plan.opts)
-    if reduction == "none":
-        loss = loss.clone()  # an op's outputs may not alias each other
-    return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb)), stats
-
-
-@_lce_op.register_fake
-def _(*args, **kwargs):
-    a = op_arguments(_lce_op, args, kwargs)
-    x, W, b, reduction, needs = a["x"], a["W"], a["b"], a["reduction"], a["needs"]
-    extras = a["extras"]
-    acc = accumulation_dtype(x.dtype)
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
-    rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
-    stats = x.new_empty((rows, x.shape[0]), dtype=acc)
-    return loss, *_fake_grads(x, W, b, reduction != "none", needs), stats
-
-
-@torch.library.custom_op("fusedce::linear_cross_entropy_backward", mutates_args=())
-def _lce_backward_op(
-    grad_output: Tensor,
-    x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    weight: Tensor | None,
-    ignore_index: int,
-    label_smoothing: float,
-    chunk_rows: int,
-    accumulation: str,
-    needs: list[bool],
-    logit_scale: float = 1.0,
-    softcap: float | None = None,
-    z_loss: float = 0.0,
-    token_weight: Tensor | None = None,
-    float_options: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """reduction="none": recompute the chunks with one upstream factor per row; contiguous
-    gradients, whatever the inputs' strides."""
-    x, target, weight, token_weight = _kernel_layout(x, target, weight, token_weight, ignore_index)
-    opts = from_op_args(
-        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
-    )
-    plan = _Plan(opts, chunk_rows, accumulation)
-    factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
-    _, gx, gw, gb = _pass(x, W, b, target, weight, plan, factor, tuple(needs), token_weight)
-    return tuple(g if g is not None else _empty(x) for g in (gx, gw, gb))
-
-
-@_lce_backward_op.register_fake
-def _(*args, **kwargs):
-    a = op_arguments(_lce_backward_op, args, kwargs)
-    return _fake_grads(a["x"], a["W"], a["b"], True, a["needs"])
-
-
-def _lce_setup_context(ctx, inputs, output):
-    x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs[
-        :11
-    ]
-    logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[11:]
-    ctx.reduction, ctx.who = reduction, who
-    ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs, logit_scale, softcap, z_loss)
-    ctx.float_options = float_options
-    ctx.has_bias = b is not None
-    if reduction == "none":
-        ctx.save_for_backward(x, W, b, target, weight, token_weight)
-    else:
-        ctx.save_for_backward(*output[1:4])
-
-
-def _lce_backward(ctx, grad_loss, *_unused):
-    _no_double_backward(ctx.who)
-    if ctx.reduction == "none":
-        x, W, b, target, weight, token_weight = ctx.saved_tensors
-        gx, gw, gb = _lce_backward_op(
-            grad_loss, x, W, b, target, weight, *ctx.args, token_weight, ctx.float_options
-        )
-    else:
-        gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    needs = ctx.args[4]
-    gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
-    gb = gb if needs[2] and ctx.has_bias else None
-    return (gx, gw, gb) + (None,) * 15
-
-
-_lce_op.register_autograd(_lce_backward, setup_context=_lce_setup_context)
-
-
-# --------------------------------------------------------------------------------------------
-# Public API
-# --------------------------------------------------------------------------------------------
-
-
-def _check_tensors(
-    who: str,
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-) -> None:
-    """Raises a clear exception for any tensor linear_cross_entropy cannot take; ``who`` names
-    the function the user called."""
-    name = who
-    for arg, what in ((input, "input"), (linear_weight, "linear_weight"), (target, "target")):
-        if not isinstance(arg, Tensor):
-            raise TypeError(f"{name}: {what} must be a tensor, got {type(arg).__name__}")
-    if not input.is_floating_point():
-        raise TypeError(f"{name}: input must be a floating tensor, got {input.dtype}")
-    if input.dim() == 0:
-        raise ValueError(f"{name}: input must have shape (D,), (N, D) or (..., D), got a scalar")
-    if linear_weight.dim() != 2:
-        if linear_weight.dim() > 2:
-            raise NotImplementedError(
-                f"{name}: K-dimensional linear_weight of shape {tuple(linear_weight.shape)} is "
-                "not supported; pass a 2-D (V, D) weight"
-            )
-        raise ValueError(
-            f"{name}: linear_weight must be 2-D (V, D), got {tuple(linear_weight.shape)}"
-        )
-    V, D = linear_weight.shape
-    if V == 0:
-        raise ValueError(f"{name}: linear_weight has 0 classes (shape {(V, D)})")
-    if input.shape[-1] != D:
-        raise ValueError(
-            f"{name}: input has {input.shape[-1]} features (shape {tuple(input.shape)}) but "
-            f"linear_weight of shape {(V, D)} expects D={D}"
-        )
-    if linear_weight.dtype != input.dtype:
-        raise TypeError(
-            f"{name}: input ({input.dtype}) and linear_weight ({linear_weight.dtype}) must "
-            "have the same dtype"
-        )
-    devices = {("linear_weight", linear_weight.device), ("target", target.device)}
-    if linear_bias is not None:
-        if not isinstance(linear_bias, Tensor) or tuple(linear_bias.shape) != (V,):
-            shape = tuple(linear_bias.shape) if isinstance(linear_bias, Tensor) else linear_bias
-            raise ValueError(f"{name}: linear_bias must have shape ({V},), got {shape}")
-        if linear_bias.dtype != input.dtype:
-            raise TypeError(
-                f"{name}: linear_bias ({linear_bias.dtype}) must have the input's dtype "
-                f"({input.dtype})"
-            )
-        devices.add(("linear_bias", linear_bias.device))
-    check_class_weight(name, weight, V, input.device)
-    for what, device in sorted(devices, key=lambda d: d[0]):
-        if device != input.device:
-            raise ValueError(f"{name}: {what} is on {device} but input is on {input.device}")
-    expected = tuple(input.shape[:-1])
-    if target.is_floating_point() and tuple(target.shape) == (*expected, V):
-        raise NotImplementedError(
-            f"{name}: probability (soft) targets are not supported; pass class indices of shape "
-            f"{expected}, or use fusedce.cross_entropy on materialised logits"
-        )
-    if tuple(target.shape) != expected:
-        raise ValueError(
-            f"{name}: target of shape {tuple(target.shape)} does not fit input of shape "
-            f"{tuple(input.shape)}: expected class indices of shape {expected}"
-        )
-    check_class_index_dtype(name, target)
 
 
 def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
@@ -522,7 +175,7 @@ def _linear_cross_entropy(
             who, *head, call, process_group, plain=_linear_cross_entropy
         )
     opts, chunk_size, accumulation = _check_options(who, call)
-    _check_tensors(who, input, linear_weight, target, linear_bias, weight)
+    check_linear_args(who, input, linear_weight, target, linear_bias, weight)
     check_token_weight(who, token_weight, tuple(target.shape), input.device)
     V, D = linear_weight.shape
     out_shape = tuple(target.shape)
@@ -533,38 +186,38 @@ def _linear_cross_entropy(
     extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
-        return func_transforms.linear_cross_entropy(
-            x, linear_weight, linear_bias, t, weight, opts, tw, out_shape, extras, who
-        )
+        logits = F.linear(x, linear_weight, linear_bias)  # (N, V), as each chunk's dtype
+        return func_transforms.cross_entropy(logits, t, weight, opts, tw, out_shape, extras, who)
     if not compiling:  # the custom op checks inside, opaque to dynamo
         check_class_indices(t, V, opts.ignore_index, who)
     rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
-    plan = _Plan(opts, rows, accumulation, extras, who)
+    plan = Plan(opts, rows, accumulation, extras, who)
     params = (input, linear_weight, linear_bias)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     if compiling:
         needs = [need_grad and p is not None and p.requires_grad for p in params]
         # On the CPU the float options travel in a tensor: one graph for every value of a float
-        # that changes between calls (see cross_entropy_loss._float_options_as_tensor).
-        op_args = to_op_args(opts, x.device.type == "cpu" and has_float_options(opts))
+        # that changes between calls.
+        op_args = to_op_args(opts, float_options_as_tensor(x, opts, False))
         head = (x, linear_weight, linear_bias, t, weight)
         rest = {"chunk_rows": rows, "accumulation": accumulation, "needs": needs}
         rest.update(token_weight=tw, extras=extras, who=who)
         loss, *_, stats = _lce_op(*head, **rest, **op_args)
         scale = None
     elif need_grad:
-        loss, stats, scale = _LinearCrossEntropy.apply(
+        loss, stats, scale = LinearCrossEntropy.apply(
             x, linear_weight, linear_bias, t, weight, plan, tw
         )
     else:
-        scale = _mean_gradient_scale(t, weight, opts, x, tw)
-        stats, *_ = _pass(x, linear_weight, linear_bias, t, weight, plan, None, (False,) * 3, tw)
+        scale = mean_gradient_scale(t, weight, opts, x, tw)
+        head = (x, linear_weight, linear_bias, t, weight)
+        stats, *_ = run_chunks(*head, plan, None, (False,) * 3, tw)
         loss = core.reduce_rows(stats[core.LOSS], scale, opts)
     loss = loss.reshape(out_shape) if opts.per_row else loss
     if not extras:
         return loss
     if scale is None and opts.mean:
-        scale = _mean_gradient_scale(t, weight, opts, x, tw)
+        scale = mean_gradient_scale(t, weight, opts, x, tw)
     return loss, core.public_stats(stats, scale, opts, out_shape)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .options import check_class_index_dtype
+from .validation import check_class_index_dtype
 
 _FLOAT_MAX = 1.7976931348623157e308
 

@@ -1,8 +1,10 @@
-"""The loss options, and one check per argument shared by every entry point.
+"""The loss options, and one check per option shared by every entry point.
 
-``cross_entropy``, ``CrossEntropyLoss``, ``linear_cross_entropy`` and ``LinearCrossEntropyLoss``
-all validate their arguments here, so that the same bad value gets the same message wherever it
-is passed (``who`` names the caller in the message).
+``cross_entropy``, ``CrossEntropyLoss``, ``linear_cross_entropy``, ``LinearCrossEntropyLoss``
+and the vocabulary-parallel calls all validate their options here (their tensors in
+``validation.py``), so that the same bad value gets the same message wherever it is passed
+(``who`` names the caller in the message). The kernels' layout of the class weights, token
+weights and class indices (``prepare_*``, ``index_target_for_kernels``) is here too.
 
 The float options (``label_smoothing``, ``logit_scale``, ``softcap``, ``z_loss``) are checked
 with comparisons only, which also trace under ``torch.compile``: a float that changes between
@@ -19,13 +21,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .index_check import target_check_enabled, unwrap_functorch
+from .validation import (  # noqa: F401 - re-exported: every check importable from here
+    INDEX_DTYPES,
+    check_class_index_dtype,
+    check_class_weight,
+    check_token_weight,
+    check_token_weight_values,
+)
 
 REDUCTIONS = ("none", "mean", "sum")
 ACCUMULATIONS = ("float32", "input")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# Class-index dtypes: torch takes int64 and uint8 ("Long or Byte"); int32 is a fusedce extra.
-INDEX_DTYPES = (torch.int64, torch.int32, torch.uint8)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _FLOAT_MAX = sys.float_info.max
 
@@ -270,58 +276,6 @@ def from_op_args(
     return replace(opts, label_smoothing=smoothing, logit_scale=scale, softcap=softcap, z_loss=lam)
 
 
-def check_token_weight(
-    who: str, token_weight: object, shape: tuple[int, ...], device: torch.device
-) -> None:
-    """``token_weight`` is None or a floating tensor of ``shape`` (the loss's per-element shape)
-    on ``device``, finite and >= 0, that needs no gradient.
-
-    The value check reads the tensor: free on the CPU, one host sync on CUDA (skipped there
-    while ``set_target_check(False)``).
-
-    Raises:
-        ValueError: wrong shape or device, negative or non-finite values. TypeError: not a
-            floating tensor. RuntimeError: ``requires_grad`` (token weights are not
-            differentiated).
-    """
-    if token_weight is None:
-        return
-    if not isinstance(token_weight, Tensor):
-        raise TypeError(f"{who}: token_weight must be a tensor, got {type(token_weight).__name__}")
-    if tuple(token_weight.shape) != tuple(shape):
-        raise ValueError(
-            f"{who}: token_weight must have the per-element loss shape {tuple(shape)}, got "
-            f"{tuple(token_weight.shape)}"
-        )
-    if not token_weight.is_floating_point():
-        raise TypeError(f"{who}: token_weight must be floating point, got {token_weight.dtype}")
-    if token_weight.device != device:
-        raise ValueError(
-            f"{who}: token_weight is on {token_weight.device} but input is on {device}"
-        )
-    if token_weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{who}: the loss is not differentiated with respect to token_weight "
-            "(token_weight.requires_grad=True); pass token_weight.detach()"
-        )
-    if not torch.compiler.is_compiling():  # compiled, the custom ops check inside
-        check_token_weight_values(who, token_weight)
-
-
-def check_token_weight_values(who: str, token_weight: Tensor | None) -> None:
-    """Raises ValueError for negative or non-finite token weights (free on the CPU; one host
-    sync on CUDA, skipped there while ``set_target_check(False)``)."""
-    if token_weight is None or token_weight.numel() == 0:
-        return
-    # Under torch.func transforms: the values of every sample (vmap cannot read one).
-    token_weight = unwrap_functorch(token_weight)
-    if token_weight.device.type == "cpu" or target_check_enabled():
-        if not bool(torch.isfinite(token_weight).all()):
-            raise ValueError(f"{who}: token_weight has non-finite values")
-        if bool((token_weight < 0).any()):
-            raise ValueError(f"{who}: token_weight has negative values")
-
-
 def prepare_token_weight(token_weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """Token weights as the kernels read them: (M,) contiguous, in the accumulation dtype."""
     if token_weight is None:
@@ -344,46 +298,11 @@ def check_accumulation(who: str, accumulation: object) -> None:
         )
 
 
-def check_class_weight(
-    who: str, weight: object, num_classes: int, device: torch.device | None = None
-) -> None:
-    """``weight`` is None or a floating (C,) tensor on ``device`` that needs no gradient.
-
-    Raises:
-        ValueError: wrong shape or device. TypeError: not floating point.
-        RuntimeError: ``weight.requires_grad`` (the loss is not differentiable with respect to
-            class weights; torch raises the same).
-    """
-    if weight is None:
-        return
-    if not isinstance(weight, Tensor) or weight.dim() != 1 or weight.numel() != num_classes:
-        shape = tuple(weight.shape) if isinstance(weight, Tensor) else type(weight).__name__
-        raise ValueError(
-            f"{who}: weight must be a 1-D tensor of {num_classes} class weights, got {shape}"
-        )
-    if not weight.is_floating_point():
-        raise TypeError(f"{who}: weight must be floating point, got {weight.dtype}")
-    if device is not None and weight.device != device:
-        raise ValueError(f"{who}: weight is on {weight.device} but input is on {device}")
-    if weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            f"{who}: the loss is not differentiable with respect to the class weights "
-            "(weight.requires_grad=True); pass weight.detach()"
-        )
-
-
 def prepare_class_weight(weight: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """The class weights as the kernels read them: contiguous, in the accumulation dtype."""
     if weight is None:
         return None
     return weight.detach().to(accumulation_dtype(dtype)).contiguous()
-
-
-def check_class_index_dtype(who: str, target: Tensor) -> None:
-    if target.dtype not in INDEX_DTYPES:
-        raise TypeError(
-            f"{who}: class-index targets must be int64, int32 or uint8, got {target.dtype}"
-        )
 
 
 def index_target_for_kernels(target: Tensor, ignore_index: int) -> Tensor:

@@ -148,7 +148,9 @@ class RunSummary(Callback):
     """Writes the final metrics of each stage to ``metrics.json`` in the run directory.
 
     On teardown of every stage (fit / validate / test / predict) it dumps the trainer's
-    ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch``, the best
+    ``callback_metrics`` as floats, plus ``stage``, ``global_step``, ``epoch`` (the last epoch
+    that ran, counted from 0 as the progress bar, the W&B ``epoch`` and the checkpoint names
+    count them), ``epochs_completed`` (``trainer.current_epoch``), the best
     checkpoint and ``status``: ``"finished"``, or ``"interrupted"`` (SIGINT / SIGTERM),
     ``"diverged"`` (`RunDiverged`: a non-finite loss, gradient norm or weight; ``error`` says
     which) or ``"failed"`` (any other exception; ``error`` names it) when the stage ended early.
@@ -189,7 +191,8 @@ class RunSummary(Callback):
         summary = {
             "stage": stage,
             "global_step": trainer.global_step,
-            "epoch": trainer.current_epoch,
+            "epoch": last_epoch(trainer, stage),
+            "epochs_completed": trainer.current_epoch,
             "metrics": metrics,
             "best_model_path": getattr(ckpt, "best_model_path", None) or None,
             "status": status,
@@ -210,6 +213,16 @@ class RunSummary(Callback):
             tmp = out / f".{name}.{os.getpid()}.tmp"
             tmp.write_text(json.dumps(summary, indent=2, sort_keys=True))
             tmp.replace(out / name)
+
+
+def last_epoch(trainer: Trainer, stage: str) -> int:
+    """The last epoch a fit ran, from 0: the one in progress when it stopped mid-epoch, else
+    the last one completed (``trainer.current_epoch`` counts completed epochs). Other stages
+    run no epochs of their own: ``trainer.current_epoch`` (that of the loaded checkpoint)."""
+    if stage != "fit":
+        return trainer.current_epoch
+    started = trainer.fit_loop.epoch_progress.current.started
+    return max(started - 1, 0)
 
 
 def _wandb_summary_status(status: str) -> None:

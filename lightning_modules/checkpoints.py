@@ -38,6 +38,26 @@ class RunInfoInCheckpoint(Callback):
                 info["wandb_id"] = str(logger.version)
         checkpoint[CKPT_RUN_KEY] = info
 
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: Any, checkpoint: dict[str, Any]
+    ) -> None:
+        """Starts the top-k of a `ModelCheckpoint` anew where the resumed run writes elsewhere.
+
+        A resumed run has its own run directory, so the checkpoint's top-k list names files of
+        another run: `ModelCheckpoint` then keeps only ``best_model_path`` (and warns about it
+        on every resume). That is what happens here too, said once in docs/TRAINING.md instead:
+        the state is reduced to ``best_model_path`` before the callbacks load theirs (Lightning
+        calls every ``on_load_checkpoint`` first).
+        """
+        states = checkpoint.get("callbacks") or {}
+        for cb in trainer.checkpoint_callbacks:
+            state = states.get(cb.state_key)
+            if isinstance(state, dict) and state.get("dirpath", cb.dirpath) != cb.dirpath:
+                states[cb.state_key] = {
+                    "best_model_path": state.get("best_model_path", ""),
+                    "best_model_score": None,
+                }
+
 
 def classifier_params() -> set[str]:
     """The init arguments of `Classifier` (the hyperparameters its checkpoints store)."""

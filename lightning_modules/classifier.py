@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import grad_norm
@@ -18,6 +17,7 @@ import fusedce
 from fusedce import CrossEntropyStats
 
 from .networks import MLP, Activation, Init
+from .torch_loss import scaled_logits, torch_cross_entropy, valid_rows
 from .vocab_parallel import (
     HeadShard,
     clip_gradients,
@@ -176,10 +176,16 @@ class Classifier(LightningModule):
         self._compiled: tuple[Any, Any] | None = None
         if compile:
             self._compiled = (torch.compile(self.net.forward), torch.compile(self.net.features))
+        elif not vocab_parallel:
+            # One row that Lightning's model summary runs to count the forward's FLOPs and
+            # show each layer's sizes (without it: FLOPs 0). Not with compile (a compilation
+            # for a batch of one) nor the sharded head (its layers exist only after setup).
+            self.example_input_array = {"x": torch.zeros(1, in_features)}
 
         # Weighted by the rows that count; states are not in the state dict (checkpoints keep
         # val/acc_best beside it: `on_save_checkpoint`).
         self.train_acc, self.train_entropy = MeanMetric(), MeanMetric()
+        self.train_loss, self.train_ce, self.train_z_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_loss, self.val_acc, self.val_acc_best = MeanMetric(), MeanMetric(), MaxMetric()
         self.val_entropy, self.val_z_loss = MeanMetric(), MeanMetric()
         self.test_loss, self.test_acc = MeanMetric(), MeanMetric()
@@ -247,56 +253,27 @@ class Classifier(LightningModule):
             )
         self._shard = shard_head(self.head, mesh["tensor_parallel"])
 
-    def _sharded_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, CrossEntropyStats]:
-        """Loss and statistics with the head split over ranks: ``x`` ``(B, D)``, ``y`` global
-        class indices ``(B,)`` or full probabilities ``(B, C)``, the same on every rank.
-
-        The statistics come from the sharded loss's own pass (``return_stats=True``): they are
-        those of the full rows, identical on every rank, at no extra communication or GEMM.
-        """
-        sh, hp = self._shard, self.hparams
-        h = self.features(x)
-        weight, bias = self.head.weight.to_local(), self.head.bias.to_local()
-        options = {
-            "ignore_index": hp.ignore_index,
-            "label_smoothing": hp.label_smoothing,
-            "logit_scale": hp.loss_logit_scale,
-            "softcap": hp.logit_softcap,
-            "z_loss": hp.z_loss,
-            "return_stats": True,
-            "process_group": sh.group,
-        }
-        if self._fuse_head and not y.is_floating_point():
-            device_type = h.device.type
-            if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
-                dtype = torch.get_autocast_dtype(device_type)
-                h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            return fusedce.linear_cross_entropy(h, weight, y, linear_bias=bias, **options)
-        local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
-        target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
-        return fusedce.cross_entropy(local_logits, target, **options)
-
     # ------------------------------------------------------------------------------ loss
     def loss_logits(self, logits: Tensor) -> Tensor:
         """The logits ``z`` that the loss sees, ``(B, C) -> (B, C)`` float32: ``s * logits``,
         then ``c * tanh(z / c)`` (``s = loss_logit_scale``, ``c = logit_softcap`` when set)."""
-        hp = self.hparams
-        z = logits.float()
-        if hp.loss_logit_scale != 1.0:
-            z = z * hp.loss_logit_scale
-        if hp.logit_softcap is not None:
-            z = hp.logit_softcap * torch.tanh(z / hp.logit_softcap)
-        return z
+        return scaled_logits(logits, self.hparams.loss_logit_scale, self.hparams.logit_softcap)
 
     def cross_entropy(self, logits: Tensor, target: Tensor) -> Tensor:
         """The loss (float32 scalar) of logits ``(B, C)`` against hard ``(B,)`` or soft
         ``(B, C)`` targets: mean cross-entropy of `loss_logits` plus the z-loss term."""
-        return self._loss(logits, target, return_stats=False)
+        return self.cross_entropy_with_stats(logits, target)[0]
 
     def cross_entropy_with_stats(
-        self, logits: Tensor, target: Tensor
+        self, logits: Tensor, target: Tensor, process_group: Any = None
     ) -> tuple[Tensor, CrossEntropyStats]:
         """`cross_entropy` and its statistics from the same pass over the logits.
+
+        Args:
+            logits: ``(B, C)`` logits (with ``process_group``: this rank's classes).
+            target: Hard ``(B,)`` class indices or soft ``(B, C)`` probabilities (with
+                ``process_group``: this rank's columns).
+            process_group: The ranks the classes are split over (the sharded head), or None.
 
         Returns:
             ``(loss, stats)``: ``loss`` as `cross_entropy`; ``stats`` a
@@ -305,50 +282,58 @@ class Classifier(LightningModule):
             ignored rows). ``loss_impl="torch"`` computes them with torch ops from their
             definitions.
         """
-        return self._loss(logits, target, return_stats=True)
-
-    def _loss(self, logits: Tensor, target: Tensor, return_stats: bool) -> Any:
         hp = self.hparams
         if target.is_floating_point():
             target = target.float()
-        if hp.loss_impl == "fused":
-            return fusedce.cross_entropy(
-                logits,
-                target,
-                ignore_index=hp.ignore_index,
-                label_smoothing=hp.label_smoothing,
-                inplace_backward=hp.inplace_backward,
-                logit_scale=hp.loss_logit_scale,
-                softcap=hp.logit_softcap,
-                z_loss=hp.z_loss,
-                return_stats=return_stats,
-            )
-        z = self.loss_logits(logits)
-        loss = F.cross_entropy(
-            z, target, ignore_index=hp.ignore_index, label_smoothing=hp.label_smoothing
-        )
-        if not (hp.z_loss or return_stats):
-            return loss
-        lse = torch.logsumexp(z, dim=-1)
-        z_part = torch.zeros((), device=z.device)
-        if hp.z_loss:  # a mean over the rows that count; no row counts -> 0, as fusedce
-            valid = self._valid(target)
-            z_part = hp.z_loss * (lse.square() * valid).sum() / valid.sum().clamp_min(1)
-            loss = loss + z_part
-        if not return_stats:
-            return loss
-        with torch.no_grad():
-            entropy = lse - (torch.softmax(z, dim=-1) * z).sum(dim=-1)
-            correct, _ = self._correct_mask(z.argmax(dim=-1), target)
-        stats = CrossEntropyStats(z_part.detach(), lse.detach(), entropy.detach(), correct)
-        return loss, stats
+        if hp.loss_impl == "torch":
+            return torch_cross_entropy(logits, target, **self._loss_options())
+        options = self._loss_options(return_stats=True)
+        if process_group is None:
+            options["inplace_backward"] = hp.inplace_backward
+        else:
+            options["process_group"] = process_group
+        return fusedce.cross_entropy(logits, target, **options)
 
-    def _valid(self, target: Tensor) -> Tensor:
-        """Rows that count, ``(B,)`` bool: hard targets other than ``ignore_index``; all soft
-        ones."""
-        if target.is_floating_point():
-            return torch.ones(target.shape[:-1], dtype=torch.bool, device=target.device)
-        return target != self.hparams.ignore_index
+    def _loss_options(self, **more: Any) -> dict[str, Any]:
+        """The loss's keyword arguments from the hyperparameters (fusedce's names)."""
+        hp = self.hparams
+        return {
+            "ignore_index": hp.ignore_index,
+            "label_smoothing": hp.label_smoothing,
+            "logit_scale": hp.loss_logit_scale,
+            "softcap": hp.logit_softcap,
+            "z_loss": hp.z_loss,
+            **more,
+        }
+
+    def batch_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, CrossEntropyStats]:
+        """The loss of a batch and its statistics: the one place the steps compute it.
+
+        ``x`` ``(B, D)``; ``y`` class indices ``(B,)`` or probabilities ``(B, C)`` (with the
+        sharded head: global, the same on every rank). Hard targets with ``fused_head`` go
+        through ``fusedce.linear_cross_entropy`` (no ``(B, C)`` logits; under autocast it casts
+        its inputs itself); everything else through `cross_entropy_with_stats` on the logits.
+        With the sharded head the statistics come from the sharded loss's own pass: those of
+        the full rows, identical on every rank, at no extra communication or GEMM.
+        """
+        sh = self._shard
+        if not (self._fuse_head or sh is not None):
+            return self.cross_entropy_with_stats(self(x), y)
+        h = self.features(x)
+        weight, bias = self.head.weight, self.head.bias
+        group = None
+        if sh is not None:
+            weight, bias, group = weight.to_local(), bias.to_local(), sh.group
+        if self._fuse_head and not y.is_floating_point():
+            options = self._loss_options(return_stats=True)
+            if group is not None:
+                options["process_group"] = group
+            return fusedce.linear_cross_entropy(h, weight, y, linear_bias=bias, **options)
+        if sh is None:
+            return self.cross_entropy_with_stats(self.head(h), y)
+        local_logits = self.head(h)  # (B, C_r); backward all-reduces h's gradient
+        target = y.float()[:, sh.start : sh.start + sh.width] if y.is_floating_point() else y
+        return self.cross_entropy_with_stats(local_logits, target, process_group=group)
 
     def regularization(self) -> Tensor:
         """``l1 * sum|W| + l2 * sum W**2`` over all Linear weight matrices (0-dim tensor)."""
@@ -370,76 +355,39 @@ class Classifier(LightningModule):
                 reg = reg + hp.l2 * w.pow(2).sum()
         return reg
 
-    def _correct(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Top-1 accuracy of logits ``(B, C)`` against hard ``(B,)`` or soft ``(B, C)`` targets.
-
-        Returns:
-            ``(accuracy, count)``: 0-dim tensors; ``count`` = rows that count (hard targets equal
-            to ``ignore_index`` do not). No host synchronisation.
-        """
-        correct, valid = self._correct_mask(logits.argmax(dim=-1), target)
-        count = valid.sum().float()
-        return correct.sum().float() / count.clamp_min(1.0), count
-
-    def _correct_mask(self, preds: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """``(correct, valid)``, both ``(B,)`` bool, for classes ``preds (B,)`` against hard
-        ``(B,)`` or soft ``(B, C)`` targets (soft: their argmax); ``correct`` is False where
-        not ``valid``."""
-        valid = self._valid(target)
-        if target.is_floating_point():
-            return preds == target.argmax(dim=-1), valid
-        return (preds == target) & valid, valid
-
     # ------------------------------------------------------------------------------ steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         """One optimisation step on ``(x (B, D), y (B,) or (B, C))``; returns the objective."""
         x, y = batch
-        hp = self.hparams
-        if self._shard is not None:
-            loss, stats = self._sharded_loss(x, y)
-        elif self._fuse_head and not y.is_floating_point():
-            h = self.features(x)
-            weight, bias = self.head.weight, self.head.bias
-            device_type = h.device.type
-            if torch.is_autocast_enabled(device_type):  # do what autocast does for F.linear
-                dtype = torch.get_autocast_dtype(device_type)
-                h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-            loss, stats = fusedce.linear_cross_entropy(
-                h,
-                weight,
-                y,
-                linear_bias=bias,
-                ignore_index=hp.ignore_index,
-                label_smoothing=hp.label_smoothing,
-                logit_scale=hp.loss_logit_scale,
-                softcap=hp.logit_softcap,
-                z_loss=hp.z_loss,
-                return_stats=True,
-            )
-        else:
-            loss, stats = self.cross_entropy_with_stats(self(x), y)
+        loss, stats = self.batch_loss(x, y)
         objective = loss + self.regularization()
         bs = x.shape[0]
-        weights = self._valid(y).float()
-        self.log("train/loss", objective, on_step=True, on_epoch=True, prog_bar=True, batch_size=bs)
-        self.log(
-            "train/ce", loss.detach() - stats.z_loss, on_step=False, on_epoch=True, batch_size=bs
-        )
-        if hp.z_loss > 0:
-            self.log("train/z_loss", stats.z_loss, on_step=True, on_epoch=True, batch_size=bs)
+        weights = valid_rows(y, self.hparams.ignore_index).float()
+        # Metrics, not plain tensors: each rank logs its own step value and the epoch value is
+        # the mean over all ranks' batches (torchmetrics syncs once, at the epoch's end).
+        logged = {"loss": objective.detach(), "ce": loss.detach() - stats.z_loss}
+        if self.hparams.z_loss > 0:
+            logged["z_loss"] = stats.z_loss
+        for name, value in logged.items():
+            metric = getattr(self, f"train_{name}")
+            metric(value, bs)
+            self.log(
+                f"train/{name}",
+                metric,
+                on_step=name != "ce",
+                on_epoch=True,
+                prog_bar=name == "loss",
+            )
         self.train_acc(stats.correct.float(), weights)
-        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/acc", self.train_acc, on_step=True, on_epoch=True)
         self.train_entropy(stats.entropy.float(), weights)
-        self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True, batch_size=bs)
+        self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True)
         return objective
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
-        if self._shard is not None:
-            loss, stats = self._sharded_loss(x, y)
-        else:
-            loss, stats = self.cross_entropy_with_stats(self(x), y)
-        weights = self._valid(y).float()
+        loss, stats = self.batch_loss(x, y)
+        weights = valid_rows(y, self.hparams.ignore_index).float()
         n = weights.sum()  # the loss is a mean over the rows that count: weight it by them
         getattr(self, f"{stage}_loss").update(loss - stats.z_loss, n)
         getattr(self, f"{stage}_acc").update(stats.correct.float(), weights)

@@ -19,6 +19,7 @@ def run_report(
     run_dir: Path,
     wandb_mode: str | None = None,
     interrupted: str | None = None,
+    threads: str | None = None,
 ) -> str:
     """Human-readable summary of where a finished (or interrupted) run's results are.
 
@@ -29,6 +30,7 @@ def run_report(
         wandb_mode: The mode the W&B runs logged in (``offline``: the summary says how to
             upload them).
         interrupted: ``"SIGINT"`` / ``"SIGTERM"`` when a signal stopped the run.
+        threads: torch's CPU thread count and why (`threads.set_threads`), when set.
     """
     lines = [f"Results of `{subcommand}`:", f"  run dir:     {run_dir}"]
     if interrupted:
@@ -54,6 +56,8 @@ def run_report(
         if isinstance(cb, PredictionWriter) and cb.path is not None:
             lines.append(f"  predictions: {cb.path}")
     lines.append(f"  metrics:     {run_dir / 'metrics.json'}")
+    if threads:
+        lines.append(f"  threads:     {threads}")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in SHOWN_METRICS}
     if metrics:
         lines.append("  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())))

@@ -35,6 +35,9 @@ class RunOptions:
         wandb_log_model: Upload checkpoints as W&B artifacts (``WandbLogger(log_model=...)``):
             ``false``, ``true`` (at the end of fit) or ``all`` (every checkpoint).
         plot: Save and log the decision-boundary picture at the end of ``fit`` (curve task).
+        threads: torch's intra-op CPU threads in this process (default: 1 for a model under
+            a million parameters, whose products are too small to share out, else torch's
+            default of one per core); the run summary says which.
         cpu_overrides: Config values (dotted keys, e.g. ``data.init_args.vocab_size``) that
             replace the configured ones when the run has no GPU; set by GPU-sized presets such as
             ``configs/large_vocab.yaml``. Flags given on the command line win; ``{}`` = none.
@@ -50,6 +53,7 @@ class RunOptions:
     wandb_resume: bool = True
     wandb_log_model: bool | Literal["all"] = False
     plot: bool = True
+    threads: int | None = None
     cpu_overrides: dict[str, Any] = field(default_factory=dict)
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from typing import Any
 
+import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import (
     Callback,
@@ -19,8 +21,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary
 from .checkpoints import RunInfoInCheckpoint
 from .divergence import StopOnDivergence
+from .epoch_lines import EpochLines
 from .last_checkpoint import LastCheckpoint
 from .rng_state import RngStateInCheckpoint
+from .teacher_gap import TeacherGap
+from .threads import KeepThreads
 from .tune_trial import trial_callbacks
 
 
@@ -29,12 +34,14 @@ def stack_callbacks(
 ) -> list[Any]:
     """The callbacks of a ``train.py`` trainer: the configured ones and the stack's.
 
-    The stack adds `RunSummary`, `RunInfoInCheckpoint` and `RngStateInCheckpoint` always;
-    `StopOnDivergence`, `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``)
-    and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``; `PredictionWriter` to
-    ``predict``; and a Rich progress bar where a bar is wanted, none is configured and
-    ``rich`` is installed. A `LearningRateMonitor` is left out (with a warning) when the
-    trainer has no logger: it would fail at fit start.
+    The stack adds `RunSummary`, `RunInfoInCheckpoint`, `RngStateInCheckpoint` and
+    `KeepThreads` (the thread count `threads.set_threads` has just set) always;
+    `StopOnDivergence`, `TeacherGap`, `LastCheckpoint` (where a `ModelCheckpoint` has
+    ``save_last: true``) and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``;
+    `PredictionWriter` to ``predict``; and where a bar is wanted and none is configured, a
+    Rich progress bar on a terminal (with ``rich`` installed) or `EpochLines` (one line per
+    epoch) elsewhere. A `LearningRateMonitor` is left out (with a warning) when the trainer
+    has no logger: it would fail at fit start.
 
     Args:
         subcommand: ``fit``, ``validate``, ``test`` or ``predict``.
@@ -48,9 +55,10 @@ def stack_callbacks(
         if len(callbacks) < len(configured):
             rank_zero_warn("trainer.logger is false: LearningRateMonitor is left out")
     callbacks += [RunSummary(), RunInfoInCheckpoint(), RngStateInCheckpoint()]
+    callbacks.append(KeepThreads(torch.get_num_threads()))
     callbacks += trial_callbacks(subcommand)  # `tune_trial.TrialReporter` in a tune trial
     if subcommand == "fit":
-        callbacks.append(StopOnDivergence())
+        callbacks += [StopOnDivergence(), TeacherGap()]
         if any(isinstance(c, ModelCheckpoint) and c.save_last is True for c in configured):
             callbacks.append(LastCheckpoint())
         if opts.get("plot", True):
@@ -59,10 +67,13 @@ def stack_callbacks(
         callbacks.append(PredictionWriter())
     wants_bar = trainer_cfg.get("enable_progress_bar") is not False
     has_bar = any(isinstance(c, ProgressBar) for c in configured)
-    if wants_bar and not has_bar and importlib.util.find_spec("rich") is not None:
-        from lightning.pytorch.callbacks import RichProgressBar
+    if wants_bar and not has_bar:
+        if sys.stdout.isatty() and importlib.util.find_spec("rich") is not None:
+            from lightning.pytorch.callbacks import RichProgressBar
 
-        callbacks.append(RichProgressBar())
+            callbacks.append(RichProgressBar())
+        elif not sys.stdout.isatty():  # a log file or a pipe: a redrawn bar would garble it
+            callbacks.append(EpochLines())
     return callbacks
 
 

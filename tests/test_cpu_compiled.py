@@ -5,6 +5,7 @@ kernels, every dtype it takes, the reductions, ignored and out-of-range classes,
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -323,3 +324,27 @@ def test_compile_failure_falls_back_with_one_warning():
         )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "fallback ok" in out.stdout
+
+
+def test_compile_is_announced_once_and_the_cuda_notice_dropped(compiled, monkeypatch, caplog):
+    """The first compiled call of a process logs that Inductor compiles (it can take half a
+    minute); later calls do not. torch's "No CUDA runtime is found" (a CUDA build without a GPU
+    logs it while Inductor builds the C++ code) is dropped inside the compiled call only."""
+    monkeypatch.setattr(cpu_compiled, "_announced", False)
+    caplog.set_level(logging.WARNING)
+    with fusedce.use_backend("torch"):
+        for _ in range(2):
+            check(make_logits((64, 2048), torch.float32), make_target((64, 2048), "index"))
+    assert compiled() > 0
+    said = [r for r in caplog.records if "compiling the CPU loss" in r.getMessage()]
+    assert len(said) == 1 and said[0].name == "fusedce.backends.cpu_compiled"
+    caplog.clear()
+    notice = logging.getLogger("torch.utils.cpp_extension")
+    with cpu_compiled._no_cuda_notice():
+        notice.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+        notice.warning("another message")
+    notice.warning("No CUDA runtime is found, using CUDA_HOME='%s'", "/usr/local/cuda")
+    assert [r.getMessage() for r in caplog.records] == [
+        "another message",
+        "No CUDA runtime is found, using CUDA_HOME='/usr/local/cuda'",
+    ]

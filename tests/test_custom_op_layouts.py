@@ -231,7 +231,7 @@ def test_opcheck_backward_ops(layout, op):
     """The backward ops: every util, test_aot_dispatch_dynamic on inputs that need no gradient.
 
     These ops ARE the backward of the forward ops and fusedce does not support double backward
-    (``_no_double_backward``): they have no autograd formula, so test_aot_dispatch_dynamic's
+    (``no_double_backward``): they have no autograd formula, so test_aot_dispatch_dynamic's
     gradient half (a backward through them) does not apply. Its forward half (the op traced by
     AOTAutograd with dynamic shapes against eager) runs on detached inputs."""
     if op == "cross_entropy_grad":

@@ -4,7 +4,8 @@ Every supported architecture: the patched model's loss and every parameter's gra
 unpatched model's on the same batch (padding labels included), calls without labels and
 generate() are unchanged, num_items_in_batch divides the summed loss as transformers does, a
 Trainer run with gradient accumulation follows the unpatched one, and architectures or logit
-transforms fusedce cannot express raise instead of computing another loss.
+transforms fusedce cannot express raise instead of computing another loss; a mixture-of-experts
+head (Mixtral) adds its load-balancing loss as the model does.
 """
 
 from __future__ import annotations
@@ -290,6 +291,71 @@ def test_unsupported_models_raise_clearly() -> None:
         fi.apply(model)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         fi.apply(torch.nn.Linear(2, 2))
+
+
+def _mixtral(output_router_logits: bool) -> torch.nn.Module:
+    """A tiny random-init Mixtral (4 experts, 2 per token, aux coefficient 0.5), train mode."""
+    cfg = transformers.MixtralConfig(
+        **_DECODER,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        router_aux_loss_coef=0.5,
+        output_router_logits=output_router_logits,
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(cfg).train()
+
+
+@pytest.mark.parametrize(
+    ("in_config", "in_call"),
+    [(True, None), (False, True), (True, False), (False, None)],
+    ids=["config", "call", "call-off", "off"],
+)
+def test_moe_router_aux_loss_is_added_as_the_model_does(
+    in_config: bool, in_call: bool | None
+) -> None:
+    """Mixtral adds router_aux_loss_coef * load-balancing loss whenever router logits are
+    output (from the config or the call); the fused loss, its aux_loss and every gradient
+    (the routers' included) equal the model's own."""
+    ref = _mixtral(in_config)
+    new = fi.apply(copy.deepcopy(ref), strict=False)
+    ids, mask, labels = _batch()
+    call = {} if in_call is None else {"output_router_logits": in_call}
+    own = ref(input_ids=ids, attention_mask=mask, labels=labels, **call)
+    out = new(input_ids=ids, attention_mask=mask, labels=labels, **call)
+    assert out.logits is None and type(out) is type(own)
+    if in_call if in_call is not None else in_config:
+        assert own.aux_loss is not None and own.aux_loss.detach() > 0
+        torch.testing.assert_close(out.aux_loss, own.aux_loss)
+    else:
+        assert own.aux_loss is None and out.aux_loss is None
+    torch.testing.assert_close(out.loss, own.loss, atol=1e-5, rtol=1e-5)
+    own.loss.backward()
+    out.loss.backward()
+    _assert_same_grads(ref, new)
+
+
+def test_moe_head_whose_aux_loss_is_unknown_is_refused() -> None:
+    """A mixture-of-experts head without the parts of its load-balancing loss is refused
+    instead of training without it."""
+    model = _mixtral(True)
+    del model.num_experts
+    with pytest.raises(NotImplementedError, match="router auxiliary loss"):
+        fi.apply(model, strict=False)
+    assert not fi.is_applied(model)
+
+
+def test_unnamed_loss_type_is_named_for_the_unfused_calls() -> None:
+    """GPT-2's loss_type is None (transformers warns on each own-forward loss); apply() names
+    it ForCausalLM, the same loss, and revert() clears it again."""
+    ref, new = _pair("gpt2", fuse_in_eval=False)
+    assert ref.loss_type is None and new.loss_type == "ForCausalLM"
+    ids, mask, labels = _batch()
+    own = ref.eval()(input_ids=ids, attention_mask=mask, labels=labels).loss
+    out = new.eval()(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is not None
+    torch.testing.assert_close(out.loss, own)
+    assert fi.revert(new).loss_type is None
 
 
 def test_adamw_run_tracks_the_unpatched_run() -> None:

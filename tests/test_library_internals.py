@@ -8,6 +8,7 @@ says why it does.
 from __future__ import annotations
 
 import inspect
+from argparse import ArgumentError
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,23 @@ def test_early_stopping_checked_at_validation_ends(given: bool | None, expected:
     early_stopping_at_validation_ends(cfg)
     assert cfg[0].init_args.check_on_train_epoch_end is expected
     assert "check_on_train_epoch_end" not in cfg[1].init_args
+
+
+def test_jsonargparse_literal_action_and_its_message() -> None:
+    """`cli_parser.bad_choice_message` finds an option's action with jsonargparse's
+    `_find_action` and reads its `_typehint`, and recognises the message jsonargparse gives for
+    a value outside an all-string Literal."""
+    from typing import Literal
+
+    from jsonargparse._actions import _find_action
+
+    from fusedce.lightning_modules.cli_parser import bad_choice_message
+
+    parser = LightningArgumentParser(exit_on_error=False)
+    parser.add_argument("--model.activation", type=Literal["relu", "gelu"], default="relu")
+    action = _find_action(parser, "model.activation")
+    assert action is not None and action._typehint == Literal["relu", "gelu"]
+    with pytest.raises(ArgumentError) as err:
+        parser.parse_args(["--model.activation", "swish"])
+    message = bad_choice_message(parser, str(err.value), ["--model.activation", "swish"])
+    assert message == "--model.activation: got 'swish'; expected one of: relu, gelu"

@@ -17,6 +17,7 @@ from torch import nn
 
 from fusedce.datamodules import CurveDataModule, TeacherDataModule
 from fusedce.lightning_modules import MLP, Classifier, batch_size
+from fusedce.lightning_modules.torch_loss import accuracy
 
 
 def small_curve(**kwargs) -> CurveDataModule:
@@ -395,11 +396,10 @@ def test_grad_norm_is_the_total_norm_before_clipping(tmp_path: Path) -> None:
 
 
 def test_ignore_index_is_skipped_by_accuracy() -> None:
-    model = Classifier(num_classes=3)
     logits = torch.tensor([[5.0, 0, 0], [0, 5.0, 0], [0, 0, 5.0]])
-    acc, n = model._correct(logits, torch.tensor([0, -100, 1]))
+    acc, n = accuracy(logits, torch.tensor([0, -100, 1]), ignore_index=-100)
     assert float(n) == 2 and float(acc) == 0.5
-    acc, n = model._correct(logits, torch.full((3,), -100))
+    acc, n = accuracy(logits, torch.full((3,), -100), ignore_index=-100)
     assert float(n) == 0 and float(acc) == 0.0
 
 
@@ -448,7 +448,8 @@ def test_bf16_mixed_precision_matches_torch_loss(
     tmp_path: Path, soft: bool, fused_head: bool
 ) -> None:
     """Under autocast (bf16-mixed, as in configs/large_vocab.yaml) the fused paths train and their
-    first loss equals the torch loss on the same bf16 logits up to bf16 rounding."""
+    first loss equals the torch loss on the same bf16 logits up to bf16 rounding; validation
+    (the same loss call, without gradients) gives a finite loss too."""
     first = []
     for impl in ("fused", "torch"):
         seed_everything(3)
@@ -461,10 +462,16 @@ def test_bf16_mixed_precision_matches_torch_loss(
         )
         rec = RecordLosses()
         trainer = make_trainer(
-            tmp_path, max_steps=3, callbacks=[rec], limit_val_batches=0, precision="bf16-mixed"
+            tmp_path,
+            max_steps=3,
+            callbacks=[rec],
+            limit_val_batches=2,
+            val_check_interval=3,
+            precision="bf16-mixed",
         )
         trainer.fit(model, datamodule=_teacher_dm(soft))
         assert len(rec.losses) == 3 and all(torch.isfinite(v) for v in rec.losses)
+        assert torch.isfinite(trainer.callback_metrics["val/loss"])
         first.append(rec.losses[0])
     torch.testing.assert_close(first[0], first[1], rtol=2e-2, atol=1e-2)
 

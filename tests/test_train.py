@@ -268,11 +268,23 @@ def test_bad_config_clear_error_and_no_run_dir(
 
 
 # ---------------------------------------------------------------------------------- default run
+# What a default run may write to stderr: Lightning's informational lines (docs/TRAINING.md,
+# "What a run prints"); any other line, a warning above all, fails
+# `test_default_run_writes_no_warnings`.
+STDERR_ALLOWED = (
+    r"Seed set to 42",
+    r"GPU available: (True|False), used: (True|False)",
+    r"TPU available: False, using: 0 TPU cores",
+    r"`Trainer\.fit` stopped: `max_epochs=\d+` reached\.",
+)
+
+
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """`python train.py` (the default config) shortened to 3 epochs, as a subprocess."""
+    """`python train.py` (the default config, model summary and progress included) shortened
+    to 3 epochs, as a subprocess (its output is not a terminal)."""
     runs = tmp_path_factory.mktemp("runs")
-    proc = run_train(["--trainer.max_epochs", "3", *FAST], runs)
+    proc = run_train(["--trainer.max_epochs", "3"], runs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (run_dir,) = [p for p in runs.iterdir() if p.is_dir()]
     return {"proc": proc, "run_dir": run_dir, "runs": runs}
@@ -289,8 +301,30 @@ def test_default_run_reports_where_results_are(default_run: dict[str, Any]) -> N
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "checkpoints").glob("best-*.ckpt"))
     summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["stage"] == "fit" and summary["epoch"] == 3
+    # epochs counted from 0 as the progress bar, W&B and the checkpoint names count them
+    assert summary["stage"] == "fit" and summary["epoch"] == 2
+    assert summary["epochs_completed"] == 3
     assert not (REPO / "lightning_logs").exists()
+
+
+@pytest.mark.slow
+def test_default_run_writes_no_warnings(default_run: dict[str, Any]) -> None:
+    """stderr holds Lightning's informational lines only; stdout one line per epoch (not a
+    redrawn bar), the model summary with the forward's FLOPs, and the thread count."""
+    proc = default_run["proc"]
+    unexpected = [
+        line
+        for line in proc.stderr.splitlines()
+        if line.strip() and not any(re.fullmatch(p, line) for p in STDERR_ALLOWED)
+    ]
+    assert not unexpected, "\n".join(unexpected)
+    epochs = [line for line in proc.stdout.splitlines() if line.startswith("Epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["Epoch 0/2", "Epoch 1/2", "Epoch 2/2"]
+    assert all("val/acc" in line and "train/loss" in line for line in epochs)
+    assert "\r" not in proc.stdout
+    flops = re.search(r"Total FLOPs: ([\d.]+) K", proc.stdout)
+    assert flops is not None and float(flops[1]) > 0  # 2 x 4.5 K weights for one row
+    assert "threads:     1 (a small model, 4,482 parameters" in proc.stdout
 
 
 @pytest.mark.slow
@@ -318,6 +352,9 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
     assert not any("z_loss" in k for k in keys)  # off by default
     val_acc = [row["val/acc"] for row in run["history"] if "val/acc" in row]
     assert len(val_acc) == 3
+    # one epoch convention: W&B's last "epoch" is metrics.json's
+    summary_file = json.loads((default_run["run_dir"] / "metrics.json").read_text())
+    assert max(row["epoch"] for row in run["history"] if "epoch" in row) == summary_file["epoch"]
     summary = run["summary"]
     # the default MLP separates the curve: >= 0.97 after 3 of its 25 epochs already
     assert summary["val/acc"] >= 0.97
@@ -416,8 +453,12 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]  # both ranks used one run dir
     run_dir = tmp_path / "ddp"
     ranks = [json.loads((run_dir / f"metrics.rank{r}.json").read_text()) for r in (0, 1)]
-    for key in ("val/loss", "val/acc", "val/acc_best"):
+    # the training epoch means too: metrics synchronised once per epoch, so Lightning has no
+    # sync_dist advice to give
+    for key in ("val/loss", "val/acc", "val/acc_best", "train/loss_epoch", "train/acc_epoch"):
         assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key]
+    assert "sync_dist" not in proc.stderr
+    assert proc.stdout.count("threads:     1 (a small model") == 1  # rank 0 reports
     assert ranks[0]["global_step"] == ranks[1]["global_step"] == 2 * 11  # 2800 / 2 ranks / 128
     assert ranks[0]["metrics"]["val/acc"] > 0.9
     # ThroughputMonitor (window 20, logged every 20 steps): with 2 devices also the total rate
@@ -490,7 +531,17 @@ def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_pat
     rows = list(csv.DictReader((cli.run_dir / "metrics.csv").open()))
     losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
     assert len(losses) >= 2 and losses[-1] < losses[0]
-    assert math.isfinite(float(cli.trainer.callback_metrics["val/loss"]))
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(float(metrics["val/loss"]))
+    # the gap to the teacher's own cross-entropy: val/loss minus it; with soft targets a KL
+    # divergence (>= 0); the student learned: below the untrained ln(V)
+    reference = cli.datamodule.reference_loss()
+    assert float(metrics["val/teacher_loss"]) == pytest.approx(reference, rel=1e-5)
+    gap = float(metrics["val/loss_gap"])
+    assert gap == pytest.approx(float(metrics["val/loss"]) - reference, rel=1e-5)
+    assert float(metrics["val/loss"]) < math.log(257)
+    if extra:
+        assert gap >= -1e-4
     # the preset's z-loss is on and logged, with the statistics of the same pass
     assert model.hparams.z_loss == 1e-4
     logged = {k for r in rows for k, v in r.items() if v}

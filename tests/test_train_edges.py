@@ -20,6 +20,7 @@ from lightning.pytorch import LightningModule, Trainer
 from test_train import read_wandb_records, wandb_run_contents
 
 from fusedce.lightning_modules import Classifier
+from fusedce.lightning_modules.threads import choose_threads
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR = str(REPO / "configs" / "linear.yaml")
@@ -159,8 +160,9 @@ def test_wandb_online_without_key_is_one_line(tmp_path: Path) -> None:
         (["--ckpt_path", "runs/nope/last.ckpt"], "--ckpt_path runs/nope/last.ckpt: no such file"),
         (["--trainer.max_epohcs", "3"], "--trainer.max_epohcs"),
         (["--optimizer", "SGD"], "--model.optimizer"),
+        (["--run.threads", "0"], "--run.threads 0: must be at least 1"),
     ],
-    ids=["lr", "weight_decay", "T_max", "ckpt_path", "typo", "top_level_optimizer"],
+    ids=["lr", "weight_decay", "T_max", "ckpt_path", "typo", "top_level_optimizer", "threads"],
 )
 def test_bad_values_are_one_line_errors(args: list[str], flag: str, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
@@ -171,16 +173,49 @@ def test_bad_values_are_one_line_errors(args: list[str], flag: str, tmp_path: Pa
     assert not runs.exists() or not any(runs.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (
+            ["--model.activation", "swish"],
+            "--model.activation: got 'swish'; expected one of: "
+            "relu, leaky_relu, tanh, sigmoid, gelu",
+        ),
+        (
+            ["--model.init=bogus"],
+            "--model.init: got 'bogus'; expected one of: default, xavier, kaiming",
+        ),
+        (
+            ["--model.loss_impl", "bogus"],
+            "--model.loss_impl: got 'bogus'; expected one of: fused, torch",
+        ),
+    ],
+    ids=["activation", "init", "loss_impl"],
+)
+def test_bad_choice_names_the_value_and_the_choices(
+    args: list[str], line: str, tmp_path: Path
+) -> None:
+    """A value outside a choice is exactly one line: the flag, the value, every valid choice."""
+    runs = tmp_path / "runs"
+    proc = train([*args, *TINY], runs)
+    assert one_error_line(proc) == f"train.py fit: error: {line}"
+    assert proc.stderr.strip().splitlines() == [f"train.py fit: error: {line}"]
+    assert not runs.exists() or not any(runs.iterdir())
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A 2-epoch fit of a [8] MLP (offline W&B), for the checkpoint tests."""
+    """A 2-epoch fit of a [8] MLP (offline W&B), for the checkpoint tests; with two run options
+    that change no checkpoint, checked by `test_help_and_runs_are_quiet` (one process less)."""
     runs = tmp_path_factory.mktemp("ckpt") / "runs"
     args = ["--trainer.max_epochs", "2", "--model.hidden_sizes", "[8]", "--run.name", "small"]
+    args += ["--run.wandb_log_model", "true", "--run.threads", "2"]
     proc = train([*args, *TINY], runs)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run_dir = runs / "small"
-    return {"runs": runs, "run_dir": run_dir, "last": run_dir / "checkpoints" / "last.ckpt"}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return {"runs": runs, "run_dir": run_dir, "last": last, "proc": proc}
 
 
 @pytest.mark.slow
@@ -308,11 +343,21 @@ def test_large_vocab_preset_shrinks_on_cpu(tmp_path: Path) -> None:
     proc = train(args, runs, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("train.py: no GPU")]
-    assert "data.vocab_size=8192" in line and "data.num_workers=0" in line
+    assert "data.vocab_size=2048" in line and "data.num_workers=0" in line
     assert "data.batch_size" not in line  # the explicit flag wins
+    assert "threads:     1 (a small model, 559,360 parameters" in proc.stdout
     config = (runs / "lv" / "config.yaml").read_text()
-    assert "vocab_size: 8192" in config and "batch_size: 64" in config
+    assert "vocab_size: 2048" in config and "batch_size: 64" in config
     assert "Traceback" not in proc.stderr and "DataLoader worker" not in proc.stderr
+
+
+def test_thread_count_follows_the_model_size() -> None:
+    """Under a million parameters: 1 thread; from a million on: torch's default; a flag wins."""
+    small, large = torch.nn.Linear(998, 1000), torch.nn.Linear(1000, 1000)  # 999,000; 1,001,000
+    assert choose_threads(None, small)[0] == 1
+    threads, reason = choose_threads(None, large)
+    assert threads == torch.get_num_threads() and reason.startswith("torch's default")
+    assert choose_threads(3, large) == (3, "--run.threads")
 
 
 # ---------------------------------------------------------------------------------- small items
@@ -329,16 +374,14 @@ def test_predictions_hold_inputs_and_targets(small_run: dict[str, Any]) -> None:
     assert torch.equal(out["targets"], true)
 
 
-def test_help_and_runs_are_quiet(tmp_path: Path) -> None:
+def test_help_and_runs_are_quiet(small_run: dict[str, Any], tmp_path: Path) -> None:
     """``--help`` says fit is the default; a run prints no known third-party noise."""
     proc = train(["--help"], tmp_path / "runs")
     assert proc.returncode == 0 and "(default: fit)" in proc.stdout
     assert "(required)" not in proc.stdout
-    proc = train(
-        ["--trainer.max_steps", "1", "--run.wandb_log_model", "true", *TINY], tmp_path / "runs"
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = small_run["proc"]  # with --run.wandb_log_model true --run.threads 2
     assert "--run.wandb_log_model is not used: W&B is offline" in proc.stdout
+    assert "threads:     2 (--run.threads)" in proc.stdout  # the flag overrides the choice
     out = proc.stdout + proc.stderr
     for noise in ("💡 Tip", "LeafSpec", "anonymous setting"):
         assert noise not in out

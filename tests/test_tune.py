@@ -239,20 +239,20 @@ def test_lr_find_writes_the_plot_and_a_finite_positive_suggestion(tmp_path: Path
 
 @pytest.mark.slow
 def test_study_resumes_to_a_total_in_one_wandb_group_and_best_yaml_trains(tmp_path: Path) -> None:
-    """4 trials (grid over 6 learning rates, one of them 1e30), each a W&B run of the study's
-    group; rerun with --tune.trials 6: 6 trials, the diverging one failed; best.yaml trains."""
+    """2 trials (grid over 4 learning rates, one of them 1e30), each a W&B run of the study's
+    group; rerun with --tune.trials 4: 4 trials, the diverging one failed; best.yaml trains.
+    (Each trial is a process: their number, not their length, sets this test's time.)"""
     runs = tmp_path / "runs"
     space = write_space(
         tmp_path / "lr.yaml",
-        "model.optimizer.lr:\n"
-        "  {type: categorical, choices: [1.0e+30, 0.003, 0.01, 0.03, 0.1, 0.3]}\n",
+        "model.optimizer.lr:\n  {type: categorical, choices: [1.0e+30, 0.01, 0.1, 0.3]}\n",
     )
     args = ["tune", "--tune.space", str(space), "--tune.sampler", "grid", *TINY]
-    first = run_train([*args, "--tune.trials", "4"], runs)
+    first = run_train([*args, "--tune.trials", "2"], runs)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     study_dir = runs / "lr"
     trials = study_trials(study_dir)
-    assert [t["number"] for t in trials] == [0, 1, 2, 3]
+    assert [t["number"] for t in trials] == [0, 1]
     for t in trials:  # every trial: its own run dir and W&B run, in the study's group
         run_dir = Path(t["run_dir"])
         assert run_dir.parent == study_dir
@@ -264,18 +264,11 @@ def test_study_resumes_to_a_total_in_one_wandb_group_and_best_yaml_trains(tmp_pa
         assert config["tune"]["trial"] == t["number"]
     assert "reproduce:   python train.py fit" in first.stdout
 
-    second = run_train([*args, "--tune.trials", "6"], runs)
+    second = run_train([*args, "--tune.trials", "4"], runs)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     trials = study_trials(study_dir)
-    assert len(trials) == 6
-    assert sorted(t["params"]["model.optimizer.lr"] for t in trials) == [
-        0.003,
-        0.01,
-        0.03,
-        0.1,
-        0.3,
-        1e30,
-    ]
+    assert len(trials) == 4
+    assert sorted(t["params"]["model.optimizer.lr"] for t in trials) == [0.01, 0.1, 0.3, 1e30]
     for t in trials:
         if t["params"]["model.optimizer.lr"] == 1e30:
             assert t["state"] == "FAIL"

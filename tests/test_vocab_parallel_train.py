@@ -224,7 +224,7 @@ def _job_stats(rank: int, world: int) -> dict:
         model._device_mesh = mesh  # what ModelParallelStrategy sets before configure_model
         model.configure_model()
 
-        loss, stats = model._sharded_loss(x, y)
+        loss, stats = model.batch_loss(x, y)
         (loss + model.regularization()).backward()
         ref_loss, ref_stats = ref.cross_entropy_with_stats(ref(x), y)
         (ref_loss + ref.regularization()).backward()

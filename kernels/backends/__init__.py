@@ -5,9 +5,9 @@ Two are registered:
 * ``"torch"`` -- torch ops (``torch_ops.py``): CPU tensors, float64, and anywhere Triton is
   missing; on the CPU large plain calls take the Inductor-compiled rows (``cpu_compiled.py``)
   and small plain calls torch's own ``F.cross_entropy`` (``small_calls.py``);
-* ``"triton"`` -- the fused Triton kernel (``triton_kernels.py``, the only module that imports
-  Triton): CUDA tensors of float32, float16 or bfloat16, and CPU tensors under Triton's
-  interpreter (``TRITON_INTERPRET=1``).
+* ``"triton"`` -- the fused Triton kernel (``triton_jit.py``, launched by ``triton_kernels.py``:
+  the only modules that import Triton): CUDA tensors of float32, float16 or bfloat16, and CPU
+  tensors under Triton's interpreter (``TRITON_INTERPRET=1``).
 
 Each is a ``Backend``: everything ``core`` asks of one (the rows, the mean scale with the
 class-index count, the reduction of the row losses, the scaling by the upstream gradient).

@@ -12,14 +12,17 @@ every call on this machine -- no working C++ compiler, a C++ build error, ``torc
 unsupported on this Python -- turns the path off for the rest of the process (saying so in its
 warning; ``set_cpu_compile(True)`` tries again).
 
-The functions are compiled with dynamic shapes: the first large call of each dtype pays a
-compile of a few seconds, later shapes reuse it (Inductor also caches the code on disk, so a
-new process pays far less). ``FUSEDCE_CPU_COMPILE=0`` in the environment, or
+The functions are compiled with dynamic shapes: the first large call of each kind (loss, gradient)
+and dtype pays a compile of 15-35 s with a cold Inductor cache on a 2-core CPU (logged once per
+process), later shapes reuse it (Inductor caches the code on disk, so a new process pays far
+less). ``FUSEDCE_CPU_COMPILE=0`` in the environment, or
 ``set_cpu_compile(False)``, turns it off.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import types
 import warnings
@@ -38,6 +41,7 @@ _unavailable = False  # a failure that recurs on every call here turned the path
 _warned: set[str] = set()  # the kinds of failure already reported
 _compiled: dict[tuple[str, torch.dtype], object] = {}
 _calls = 0  # row blocks the compiled functions handled in this process
+_announced = False  # the compile was logged
 
 
 def set_cpu_compile(enabled: bool) -> None:
@@ -169,11 +173,17 @@ def run_plain_rows(
         ``(loss, max, log_sum)``, or None when the compiled function failed on this call (the
         caller then runs the eager ops; see ``_report_failure``).
     """
-    global _calls
+    global _calls, _announced
     M = logits.shape[0]
     dt = logits.dtype
+    if not _announced:
+        _announced = True
+        logging.getLogger(__name__).warning(
+            "fusedce: compiling the CPU loss with TorchInductor (first large call of each kind "
+            "and dtype; 15-35 s on a cold cache); FUSEDCE_CPU_COMPILE=0 skips it"
+        )
     try:
-        with torch.no_grad():  # one grad mode: Dynamo guards on it
+        with torch.no_grad(), _no_cuda_notice():  # one grad mode: Dynamo guards on it
             if grad is None:
                 out = _compiled_fn("loss", dt)(logits, y, ignore_index)
             else:
@@ -187,6 +197,23 @@ def run_plain_rows(
         return None
     _calls += 1
     return out
+
+
+def _not_the_cuda_notice(record: logging.LogRecord) -> bool:
+    """False for torch.utils.cpp_extension's "No CUDA runtime is found" (a CUDA build of torch
+    without a GPU logs it while Inductor builds this CPU code: nothing to do with it)."""
+    return not record.getMessage().startswith("No CUDA runtime")
+
+
+@contextlib.contextmanager
+def _no_cuda_notice():
+    """`_not_the_cuda_notice` on torch's C++-extension logger while the block runs."""
+    log = logging.getLogger("torch.utils.cpp_extension")
+    log.addFilter(_not_the_cuda_notice)
+    try:
+        yield
+    finally:
+        log.removeFilter(_not_the_cuda_notice)
 
 
 def _exception_chain(err: BaseException) -> list[BaseException]:

@@ -156,21 +156,6 @@ def is_plain(
     )
 
 
-def compiled_rows_apply(
-    logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    opts: LossOptions,
-    stats: Tensor,
-    grad_only: bool,
-    token_weight: Tensor | None,
-) -> bool:
-    """Whether this (M, V) call takes the Inductor-compiled rows as a whole."""
-    return is_plain(target, weight, opts, stats, grad_only, token_weight) and (
-        cpu_compiled.applies(logits)
-    )
-
-
 def run_rows(
     logits: Tensor,
     target: Tensor,
@@ -313,7 +298,8 @@ def rows_per_call(
     if logits.device.type != "cpu":
         return M
     work = max(V, 1) * torch.finfo(accumulation_dtype(logits.dtype)).bits // 8
-    compiled = compiled_rows_apply(logits, target, weight, opts, stats, grad_only, token_weight)
+    plain = is_plain(target, weight, opts, stats, grad_only, token_weight)
+    compiled = plain and cpu_compiled.applies(logits)  # the Inductor rows take the call whole
     return max(1, (CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES) // work)
 
 

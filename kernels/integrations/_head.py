@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 import fusedce
 
@@ -109,3 +109,20 @@ def head_loss(
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
     return loss
+
+
+# Set on the forward that an integration's ``apply`` installs on a model instance.
+MARK = "__fusedce_forward__"
+
+
+def is_applied(model: nn.Module) -> bool:
+    """Whether an integration's ``apply`` has patched this model instance."""
+    fwd = model.__dict__.get("forward")
+    return fwd is not None and getattr(fwd, MARK, False)
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``apply``: the model's own forward again. Returns ``model``."""
+    if is_applied(model):
+        del model.__dict__["forward"]
+    return model

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._head import head_loss, logit_options
+from ._head import MARK as _MARK
+from ._head import head_loss, is_applied, logit_options, revert
 
 try:
     from litgpt.model import GPT
@@ -38,8 +39,6 @@ except ImportError as e:  # pragma: no cover - exercised only without litgpt
     ) from e
 
 __all__ = ["apply", "hidden_states", "is_applied", "revert"]
-
-_MARK = "__fusedce_forward__"
 
 
 def _check_model(model: nn.Module) -> None:
@@ -154,17 +153,4 @@ def apply(
     forward.__signature__ = sig.replace(parameters=[*sig.parameters.values(), targets_param])
     setattr(forward, _MARK, True)
     model.forward = types.MethodType(forward, model)
-    return model
-
-
-def is_applied(model: nn.Module) -> bool:
-    """Whether ``apply`` has patched this model instance."""
-    fwd = model.__dict__.get("forward")
-    return fwd is not None and getattr(fwd, _MARK, False)
-
-
-def revert(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: litgpt's own forward again. Returns ``model``."""
-    if is_applied(model):
-        del model.__dict__["forward"]
     return model

@@ -14,7 +14,8 @@ Only architectures whose forward is known are accepted (``SUPPORTED``): everythi
 output projection runs in the model's own base module (``model.base_model``), and the logit
 transforms after it (Gemma 2/3's final softcap, Cohere's logit scale, Granite's logit divisor) are
 read from the config and handed to ``linear_cross_entropy``, or refused when the installed fusedce
-cannot express them.
+cannot express them. A mixture-of-experts head (Mixtral-style: ``router_aux_loss_coef``) adds its
+load-balancing loss as the model does, whenever router logits are output.
 
 ``completion_log_probs(model, input_ids, ...)`` gives RL trainers the per-token log-probabilities
 (and entropies) of a batch's completion tokens through the same fused head, in one call.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from typing import Any
@@ -34,13 +36,16 @@ from torch import Tensor, nn
 import fusedce
 
 from ..log_prob_args import check_temperature
-from ._head import head_loss, logit_options, shifted_labels
+from ._head import MARK as _MARK
+from ._head import head_loss, is_applied, logit_options, shifted_labels
+from ._head import revert as _revert_forward
 
 try:
     import transformers
     from transformers.modeling_outputs import (
         CausalLMOutputWithCrossAttentions,
         CausalLMOutputWithPast,
+        MoeCausalLMOutputWithPast,
     )
 except ImportError as e:  # pragma: no cover - exercised only without transformers
     raise ImportError(
@@ -97,7 +102,8 @@ _GENERIC_FIELDS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 # Arguments of a causal LM's forward that belong to its head and loss, not to its base model.
 _HEAD_ARGS = ("labels", "logits_to_keep", "return_dict")
 
-_MARK = "__fusedce_forward__"
+# Set on the patched forward when apply() named the model's loss_type (`revert` clears it).
+_NAMED_LOSS_TYPE = "__fusedce_named_loss_type__"
 
 
 def causal_lm_loss(
@@ -180,6 +186,32 @@ def _transforms_of(model: nn.Module, strict: bool) -> tuple[str, _Transforms]:
     return cls.__name__, (scale, cap, fields)
 
 
+# The load-balancing loss of a mixture-of-experts head: (the model's module-level
+# `load_balancing_loss_func`, num_experts, num_experts_per_tok, router_aux_loss_coef).
+_RouterAux = tuple[Callable[..., Tensor], int, int, float]
+
+
+def _router_aux_of(model: nn.Module) -> _RouterAux | None:
+    """The load-balancing loss the model's own forward adds to its loss, or None for a dense
+    head; a head that adds one in a way not known here is refused (never silently dropped)."""
+    forward = type(model).forward
+    adds_aux = "load_balancing_loss_func" in getattr(forward, "__code__", forward).co_names
+    if not adds_aux and not hasattr(model, "router_aux_loss_coef"):
+        return None
+    # Mixtral, Qwen2-MoE, OLMoE, ...: `loss += router_aux_loss_coef * load_balancing_loss_func(
+    # router_logits, num_experts, num_experts_per_tok, attention_mask)`; the function lives in
+    # the module that defines the forward.
+    func = getattr(sys.modules.get(forward.__module__), "load_balancing_loss_func", None)
+    parts = [getattr(model, k, None) for k in ("num_experts", "num_experts_per_tok")]
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if func is None or None in parts or coef is None:
+        raise NotImplementedError(
+            f"{type(model).__name__} adds a router auxiliary loss that apply() does not know "
+            "how to compute; the fused loss would leave it out"
+        )
+    return func, int(parts[0]), int(parts[1]), float(coef)
+
+
 def _check_model(model: nn.Module) -> nn.Linear:
     """The output projection of a decoder-only causal LM, or a clear error."""
     if not isinstance(model, transformers.PreTrainedModel):
@@ -256,6 +288,7 @@ def apply(
     _check_model(model)
     name, (logit_scale, softcap, fields) = _transforms_of(model, strict)
     options = logit_options(name, logit_scale, softcap, fields)
+    router_aux = _router_aux_of(model)
 
     cls_forward = type(model).forward
     params = list(inspect.signature(cls_forward).parameters.values())[1:]  # without self
@@ -280,23 +313,39 @@ def apply(
             or (not self.training and not fuse_in_eval)
         ):
             return cls_forward(self, **kwargs)
-        return _fused_forward(self, kwargs, options, chunk_size)
+        return _fused_forward(self, kwargs, options, chunk_size, router_aux)
 
     setattr(forward, _MARK, True)
+    if getattr(model, "loss_type", None) is None:
+        # transformers' `loss_function` falls back to ForCausalLM (the loss apply() checked for)
+        # with a warning on each unfused call with labels (eval with fuse_in_eval=False); naming
+        # it makes those calls quiet and changes no loss. `revert` clears it again.
+        model.loss_type = "ForCausalLM"
+        setattr(forward, _NAMED_LOSS_TYPE, True)
     # A bound method in the instance dict: copy.deepcopy rebinds it to the copy.
     model.forward = types.MethodType(forward, model)
     return model
 
 
 def _fused_forward(
-    model: nn.Module, kwargs: dict[str, Any], options: dict[str, float], chunk_size: int | None
+    model: nn.Module,
+    kwargs: dict[str, Any],
+    options: dict[str, float],
+    chunk_size: int | None,
+    router_aux: _RouterAux | None = None,
 ) -> Any:
-    """The patched forward with labels: base model, then the fused head loss."""
+    """The patched forward with labels: base model, then the fused head loss (plus a
+    mixture-of-experts head's load-balancing loss where router logits are output)."""
     labels = kwargs["labels"]
     return_dict = kwargs.get("return_dict")
     if return_dict is None:
         return_dict = getattr(model.config, "use_return_dict", True)
     base_kwargs = {k: v for k, v in kwargs.items() if k not in _HEAD_ARGS}
+    if router_aux is not None:  # the model's own forward resolves it from the config, too
+        want = kwargs.get("output_router_logits")
+        base_kwargs["output_router_logits"] = (
+            getattr(model.config, "output_router_logits", False) if want is None else want
+        )
     # ForCausalLMLoss reads these from the kwargs the forward passes to both the base model and
     # the loss; the base model ignores them, as in the model's own forward.
     ignore_index = kwargs.get("ignore_index", -100)
@@ -317,32 +366,37 @@ def _fused_forward(
         chunk_size=chunk_size,
         options=options,
     )
+    extra: dict[str, Any] = {}
+    if router_aux is not None:
+        extra["aux_loss"] = None
+        if base_kwargs["output_router_logits"]:
+            func, n_experts, top_k, coef = router_aux
+            aux = func(outputs.router_logits, n_experts, top_k, kwargs.get("attention_mask"))
+            loss = loss + coef * aux.to(loss.device)
+            extra["aux_loss"] = aux
     # GPT-2-style bases return cross-attentions, and so does the model's own output then.
     out_cls = (
-        CausalLMOutputWithCrossAttentions
+        MoeCausalLMOutputWithPast
+        if router_aux is not None
+        else CausalLMOutputWithCrossAttentions
         if "cross_attentions" in type(outputs).__dataclass_fields__
         else CausalLMOutputWithPast
     )
     fields = {
         k: getattr(outputs, k, None)
         for k in out_cls.__dataclass_fields__
-        if k not in ("loss", "logits")
+        if k not in ("loss", "logits", *extra)
     }
-    result = out_cls(loss=loss, logits=None, **fields)
+    result = out_cls(loss=loss, logits=None, **fields, **extra)
     return result if return_dict else result.to_tuple()
 
 
-def is_applied(model: nn.Module) -> bool:
-    """Whether ``apply`` has patched this model instance."""
-    fwd = model.__dict__.get("forward")
-    return fwd is not None and getattr(fwd, _MARK, False)
-
-
 def revert(model: nn.Module) -> nn.Module:
-    """Undo ``apply``: the model's own forward again. Returns ``model``."""
-    if is_applied(model):
-        del model.__dict__["forward"]
-    return model
+    """Undo ``apply``: the model's own forward (and its unnamed ``loss_type``) again. Returns
+    ``model``."""
+    if is_applied(model) and getattr(model.__dict__["forward"], _NAMED_LOSS_TYPE, False):
+        model.loss_type = None
+    return _revert_forward(model)
 
 
 def completion_log_probs(

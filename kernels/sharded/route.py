@@ -12,6 +12,7 @@ the public-function modules: they import it, and hand it their implementation.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,10 +25,10 @@ from ..options import (
     LossOptions,
     accumulation_dtype,
     check_chunk_size,
-    check_token_weight,
     index_target_for_kernels,
     prepare_token_weight,
 )
+from ..validation import check_token_weight
 from . import dtensor
 from .agreement import (
     _agree,
@@ -38,6 +39,7 @@ from .agreement import (
     _Meta,
     _opts_key,
     _resolve_group,
+    _Shard,
 )
 from .arguments import (
     _check_linear,
@@ -117,27 +119,50 @@ def _meta(
     )
 
 
-def _shard(
+# What one rank's checks may raise: caught, and raised on every rank by the exchange.
+_LOCAL_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError)
+
+
+class _Local(NamedTuple):
+    """One rank's checked call: what the agreement compares, and what its Function takes."""
+
+    opts: LossOptions
+    want_stats: bool
+    meta: _Meta
+    target: Tensor  # (M,) class indices, or this slice's (M, V_r) probabilities
+    rows: Tensor  # the logits (M, V_r), or the fused head's input (N, D)
+    explicit: tuple[int, int] | None  # the checked vocab_start / vocab_size, if given
+
+
+def _agreed_shard(
     who: str,
     group: object,
-    exchange: bool,
-    input: object,
     call: CallOptions,
-    error: Exception | None,
-    meta: _Meta | None,
-    t: Tensor | None,
-    tw: Tensor | None,
+    input: object,
     weight: Tensor | None,
-    explicit: tuple[int, int] | None,
-):
-    """This rank's shard: agreed in the exchange (which raises ``error``, or any rank's, on
-    every rank; the targets are compared with ignore_index, -100 for a bad or None value: its
-    error comes from the check), or from the explicit sizes. ``input`` gives the device."""
+    tw: Tensor | None,
+    sizes_given: bool,
+    check: Callable[[], _Local],
+) -> tuple[_Shard, _Local]:
+    """Runs this rank's ``check``, then agrees on the shard: in the exchange, which raises the
+    check's error (or any rank's) on every rank and compares the targets with ignore_index
+    (-100 for a bad or None value: its error comes from the check); or, without an exchange,
+    from the explicit sizes (a check's error then raises here). ``input`` gives the device."""
+    exchange = _exchanges(sizes_given)
+    error: Exception | None = None
+    local = None
+    try:
+        local = check()
+    except _LOCAL_ERRORS as exc:
+        if not exchange:
+            raise
+        error = exc
     if not exchange:
-        return _explicit_shard(who, group, explicit, meta.width, weight)
+        return _explicit_shard(who, group, local.explicit, local.meta.width, weight), local
     device = input.device if isinstance(input, Tensor) else torch.device("cpu")
     ii = call.ignore_index if isinstance(call.ignore_index, int) else -100
-    return _agree(who, group, device, error, meta, t if meta else None, ii, tw, weight)
+    meta, t = (local.meta, local.target) if local is not None else (None, None)
+    return _agree(who, group, device, error, meta, t, ii, tw, weight), local
 
 
 def _result(
@@ -153,6 +178,14 @@ def _result(
     if not want_stats:
         return loss
     return loss, _public_stats(rows, z_red, opts.per_row, out_shape)
+
+
+def _check_one_rank_sizes(who: str, vocab_start: object, vocab_size: object, width: int) -> None:
+    """A group of one rank holds all ``width`` classes: ``vocab_start`` / ``vocab_size``, where
+    given, must say so."""
+    sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
+    if sizes is not None and sizes != (0, width):
+        raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
 
 
 def call_cross_entropy(
@@ -171,7 +204,6 @@ def call_cross_entropy(
     """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
     errors name); ``call``: the keyword options as passed; ``plain``: the unsharded
     ``_cross_entropy`` (of ``fusedce.cross_entropy_loss``), which a group of one rank runs."""
-    sizes_given = vocab_start is not None or vocab_size is not None
     if dtensor.is_dtensor(local_logits):
         # A DTensor sharded on the class dimension: the local slices on the mesh's group.
         mesh, *local = dtensor.cross_entropy_parts(
@@ -185,9 +217,7 @@ def call_cross_entropy(
     if group is None or dist.get_world_size(group) == 1:
         if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
             width = local_logits.shape[0 if local_logits.dim() == 1 else 1]
-            _check_explicit_sizes(who, vocab_start, vocab_size, width)
-            if sizes_given and (vocab_start, vocab_size) != (0, width):
-                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+            _check_one_rank_sizes(who, vocab_start, vocab_size, width)
         return plain(who, local_logits, target, weight, token_weight, call)
     return _sharded_cross_entropy(
         who, local_logits, target, weight, token_weight, call, group, vocab_start, vocab_size
@@ -200,11 +230,8 @@ def _sharded_cross_entropy(
 ) -> Result:
     """The sharded call. Run eagerly under ``torch.compile`` (a graph break): the metadata
     exchange reads values back to the host and the autograd Function holds collectives."""
-    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
-    error: Exception | None = None
-    meta = logits = t = None
-    explicit = None
-    try:
+
+    def check() -> _Local:
         opts = call.loss_options(who)
         want_stats = _check_return_stats(who, call.return_stats)
         logits, t, out_shape, soft = _flatten_ce(
@@ -214,12 +241,11 @@ def _sharded_cross_entropy(
         explicit = _check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
         shape = (logits.shape[0], logits.shape[1], 0)
         meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, soft, logits.dtype)
-    except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
-        if not exchange:
-            raise
-        error = exc
-    agreed = (error, meta, t, tw, weight, explicit)
-    sh = _shard(who, group, exchange, local_logits, call, *agreed)
+        return _Local(opts, want_stats, meta, t, logits, explicit)
+
+    sizes_given = vocab_start is not None or vocab_size is not None
+    sh, local = _agreed_shard(who, group, call, local_logits, weight, tw, sizes_given, check)
+    opts, want_stats, meta, t, logits, _ = local
     _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
     w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
     tw = prepare_token_weight(tw, logits.dtype)
@@ -259,10 +285,7 @@ def call_linear_cross_entropy(
     head = (input, local_weight, target, linear_bias, weight, token_weight)
     if group is None or dist.get_world_size(group) == 1:
         if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
-            width = local_weight.shape[0]
-            sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
-            if sizes is not None and sizes != (0, width):
-                raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
+            _check_one_rank_sizes(who, vocab_start, vocab_size, local_weight.shape[0])
         return plain(who, *head, call)
     return _sharded_linear_cross_entropy(who, *head, call, group, vocab_start, vocab_size)
 
@@ -272,11 +295,8 @@ def _sharded_linear_cross_entropy(
     who, input, local_weight, target, linear_bias, weight, tw, call, group, vocab_start, vocab_size
 ) -> Result:
     """The sharded call of the linear head (run eagerly under ``torch.compile``)."""
-    exchange = _exchanges(vocab_start is not None or vocab_size is not None)
-    error: Exception | None = None
-    meta = t = None
-    explicit = None
-    try:
+
+    def check() -> _Local:
         opts = call.loss_options(who)
         want_stats = _check_return_stats(who, call.return_stats)
         check_chunk_size(who, call.chunk_size)
@@ -289,12 +309,11 @@ def _sharded_linear_cross_entropy(
         out_shape = tuple(target.shape)
         shape = (x.shape[0], width, D)
         meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, False, x.dtype)
-    except (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError) as exc:
-        if not exchange:
-            raise
-        error = exc
-    agreed = (error, meta, t, tw, weight, explicit)
-    sh = _shard(who, group, exchange, input, call, *agreed)
+        return _Local(opts, want_stats, meta, t, x, explicit)
+
+    sizes_given = vocab_start is not None or vocab_size is not None
+    sh, local = _agreed_shard(who, group, call, input, weight, tw, sizes_given, check)
+    opts, want_stats, meta, t, x, _ = local
     w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
     tw = prepare_token_weight(tw, x.dtype)
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, call.chunk_size, x.device)
