@@ -16,7 +16,13 @@ MiB of logits, and weight-gradient accumulation in the weight's dtype: the memor
 setting), ``fusedce_input_acc`` (the default chunk, accumulation in the weight's dtype),
 ``fusedce_bigchunk`` (1 GiB chunks), ``fusedce_extras`` (the default chunk with
 ``softcap=30.0, z_loss=1e-4, return_stats=True``: the one-pass extras' cost against
-``fusedce``; its errors are against the float64 reference of its own loss), ``eager`` (logits
+``fusedce``; its errors are against the float64 reference of its own loss),
+``fusedce_logprobs`` (``linear_token_log_probs`` with the entropy, both outputs given per-token
+upstream gradients by a GRPO-like objective, ``logprob_objective``: RL's use of the head against
+the fused cross-entropy at the same shape; its errors against that objective in float64),
+``fusedce_none`` (``linear_cross_entropy`` with ``reduction="none"`` and the same per-token
+weights: like ``fusedce_logprobs``, its backward recomputes the chunks),
+``eager`` (logits
 in the input dtype), ``eager_fp32`` (logits upcast to float32 before the loss),
 ``torch_chunked`` (torch's ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``,
 where the installed torch has it), ``liger`` and ``cce`` (Liger's fused linear CE, Apple's
@@ -64,6 +70,8 @@ ALL_PROVIDERS = (
     "fusedce_input_acc",
     "fusedce_bigchunk",
     "fusedce_extras",
+    "fusedce_logprobs",
+    "fusedce_none",
     "eager",
     "eager_fp32",
     "torch_chunked",
@@ -81,6 +89,17 @@ EXTRAS_SOFTCAP = 30.0
 EXTRAS_Z_LOSS = 1e-4
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# fusedce_logprobs: the entropy bonus of a GRPO-like objective.
+ENTROPY_COEF = 0.01
+
+
+def logprob_objective(logp: torch.Tensor, entropy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """-mean(advantage * logp) - ENTROPY_COEF * mean(entropy): a different upstream gradient
+    per token for both outputs (the advantage, in {-1, 0, 1}, from the token id)."""
+    advantage = (t % 3 - 1).to(logp.dtype)
+    return -(advantage * logp).mean() - ENTROPY_COEF * entropy.mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,6 +135,12 @@ def make_provider(name: str, device: torch.device) -> Step | None:
         return lambda x, W, t: fusedce.linear_cross_entropy(
             x, W, t, softcap=EXTRAS_SOFTCAP, z_loss=EXTRAS_Z_LOSS, return_stats=True
         )[0]  # the stats are computed, not used
+    if name == "fusedce_logprobs":
+        return lambda x, W, t: logprob_objective(*fusedce.linear_token_log_probs(x, W, t), t)
+    if name == "fusedce_none":  # the per-token weights of logprob_objective, on the loss
+        return lambda x, W, t: (
+            (t % 3 - 1).float() * fusedce.linear_cross_entropy(x, W, t, reduction="none")
+        ).mean()
     if name == "eager":
         return lambda x, W, t: F.cross_entropy(F.linear(x, W), t)
     if name == "eager_fp32":
@@ -195,8 +220,15 @@ def rss_child(args: argparse.Namespace) -> None:
 
 
 def reference_loss(name: str, logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The float64 loss a provider computes, from the logits (N, V): plain cross-entropy, or for
-    ``fusedce_extras`` the softcapped one plus the mean z-loss."""
+    """The float64 loss a provider computes, from the logits (N, V): plain cross-entropy, for
+    ``fusedce_extras`` the softcapped one plus the mean z-loss, for ``fusedce_logprobs`` the
+    ``logprob_objective`` of the log-probabilities and entropies."""
+    if name == "fusedce_none":
+        return ((t % 3 - 1).double() * F.cross_entropy(logits, t, reduction="none")).mean()
+    if name == "fusedce_logprobs":
+        log_q = torch.log_softmax(logits, dim=1)
+        entropy = -(log_q.exp() * log_q).sum(1)
+        return logprob_objective(log_q.gather(1, t[:, None])[:, 0], entropy, t)
     if name != "fusedce_extras":
         return F.cross_entropy(logits, t)
     z = EXTRAS_SOFTCAP * torch.tanh(logits / EXTRAS_SOFTCAP)
@@ -321,6 +353,16 @@ def markdown(report: dict[str, Any]) -> str:
             f"{fmt(r.get('grad_input_rel_err'), '.2e')} | "
             f"{fmt(r.get('grad_weight_rel_err'), '.2e')} |"
         )
+    times = {r["provider"]: r.get("time_ms") for r in report["results"] if r["status"] == "ok"}
+    if times.get("fusedce_logprobs"):
+        # The RL head's budget is stated against the fused cross-entropy at the same shape;
+        # fusedce_none recomputes its chunks in backward as the RL head does.
+        ratios = [
+            f"fusedce_logprobs / {base} time: {times['fusedce_logprobs'] / times[base]:.2f}x"
+            for base in ("fusedce", "fusedce_none")
+            if times.get(base)
+        ]
+        lines += ["", *(f"- {r}" for r in ratios)] if ratios else []
     return "\n".join(lines) + "\n"
 
 

@@ -5,6 +5,8 @@ Public API, mirroring torch's own:
     CrossEntropyLoss       -- torch.nn.CrossEntropyLoss
     linear_cross_entropy   -- torch.nn.functional.linear_cross_entropy (chunked, never N x V)
     LinearCrossEntropyLoss -- torch.nn.LinearCrossEntropyLoss
+    token_log_probs        -- per-token log-probabilities (and entropy) for RL, from logits
+    linear_token_log_probs -- the same from the linear head (chunked, never N x V)
     CrossEntropyStats      -- what ``return_stats=True`` returns (z_loss, lse, entropy, correct)
     distillation_loss      -- forward / reverse KL or JSD to a dense or top-k teacher
     linear_distillation_loss -- the same on the fused linear head (never N x V)
@@ -37,6 +39,7 @@ from .distillation import distillation_loss
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
 from .linear_distillation import linear_distillation_loss
+from .log_prob_functions import linear_token_log_probs, token_log_probs
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __version__ = _installed_version()
@@ -51,9 +54,11 @@ __all__ = [
     "get_backend",
     "linear_cross_entropy",
     "linear_distillation_loss",
+    "linear_token_log_probs",
     "set_backend",
     "set_cpu_compile",
     "set_target_check",
+    "token_log_probs",
     "use_backend",
     "uses_triton",
     "vocab_parallel_cross_entropy",

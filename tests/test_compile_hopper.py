@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from fusedce.backends import triton_kernels as tk  # noqa: E402
+from fusedce.backends import triton_log_probs as tlp  # noqa: E402
 
 pytestmark = pytest.mark.slow
 HOPPER = GPUTarget("cuda", 90, 32)
@@ -115,3 +116,99 @@ def test_helper_kernels_compile_for_sm90(mean, soft, check):
     )
     for k in (prologue, reduce, scale):
         assert ".target sm_90" in k.asm["ptx"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_log_prob_grad_kernel_compiles_for_sm90(dtype):
+    """``token_log_probs``' gradient pass: logp alone (a slice's rows), the entropy alone, both,
+    with and without a temperature, at the GPU's tile width."""
+    block, warps = tlp.block_v(128256, on_gpu=True)
+    types = {
+        "logits_ptr": f"*{dtype}",
+        "stride_logits": "i64",
+        "grad_ptr": f"*{dtype}",
+        "stride_grad": "i64",
+        "target_ptr": "*i64",
+        "max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "g_lp_ptr": "*fp32",
+        "g_h_ptr": "*fp32",
+        "V": "i32",
+        "vocab": "i32",
+        "col_offset": "i64",
+        "ignore_index": "i64",
+        "inv_temperature": "fp32",
+    }
+    for g_lp, g_h, scale in itertools.product([False, True], [False, True], [False, True]):
+        if not (g_lp or g_h):
+            continue  # never launched: no upstream gradient writes zeros
+        kernel = compile_for_hopper(
+            tlp._log_prob_grad_kernel,
+            types,
+            dict(HAS_G_LP=g_lp, HAS_G_H=g_h, HAS_SCALE=scale, BLOCK_V=block),
+            warps,
+        )
+        assert ".target sm_90" in kernel.asm["ptx"]
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["one_tile", "two_sweeps"])
+def test_row_kernel_specialisations_of_token_log_probs_compile_for_sm90(single):
+    """The row kernel as ``token_log_probs`` launches it: forward with and without the entropy
+    extra, and the gradient-only launch with per-row factors, each with and without a
+    temperature (``logit_scale``); class indices, no weights, smoothing, softcap or z-loss."""
+    types = {
+        "logits_ptr": "*bf16",
+        "stride_logits": "i64",
+        "grad_ptr": "*bf16",
+        "stride_grad": "i64",
+        "target_ptr": "*i64",
+        "stride_target": "i64",
+        "weight_ptr": "*fp32",
+        "loss_ptr": "*fp32",
+        "max_ptr": "*fp32",
+        "log_sum_ptr": "*fp32",
+        "coef_ptr": "*fp32",
+        "scale_ptr": "*fp32",
+        "token_weight_ptr": "*fp32",
+        "z_part_ptr": "*fp32",
+        "entropy_ptr": "*fp32",
+        "correct_ptr": "*fp32",
+        "M": "i32",
+        "V": "i32",
+        "ignore_index": "i32",
+        "label_smoothing": "fp32",
+        "logit_scale": "fp32",
+        "softcap": "fp32",
+        "z_loss": "fp32",
+    }
+    V = 16000 if single else 128256
+    block_m, block_v, in_regs, warps = tk._launch_config(64, V, 2, interpreted=False)
+    assert in_regs == single
+    # (write_loss, write_grad, per_row_scale, write_stats)
+    launches = [(True, False, False, True), (True, False, False, False), (False, True, True, False)]
+    for (write_loss, write_grad, per_row, stats), scaled in itertools.product(
+        launches, [False, True]
+    ):
+        kernel = compile_for_hopper(
+            tk._cross_entropy_kernel,
+            types,
+            dict(
+                HAS_WEIGHT=False,
+                SOFT_TARGET=False,
+                HAS_SMOOTHING=False,
+                WRITE_LOSS=write_loss,
+                WRITE_GRAD=write_grad,
+                PER_ROW_SCALE=per_row,
+                HAS_LOGIT_SCALE=scaled,
+                HAS_SOFTCAP=False,
+                HAS_Z_LOSS=False,
+                HAS_TOKEN_WEIGHT=False,
+                WRITE_STATS=stats,
+                SINGLE_TILE=single,
+                BLOCK_M=block_m,
+                BLOCK_V=block_v,
+            ),
+            warps,
+        )
+        assert ".target sm_90" in kernel.asm["ptx"]

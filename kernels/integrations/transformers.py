@@ -16,6 +16,9 @@ transforms after it (Gemma 2/3's final softcap, Cohere's logit scale, Granite's 
 read from the config and handed to ``linear_cross_entropy``, or refused when the installed fusedce
 cannot express them. A mixture-of-experts head (Mixtral-style: ``router_aux_loss_coef``) adds its
 load-balancing loss as the model does, whenever router logits are output.
+
+``completion_log_probs(model, input_ids, ...)`` gives RL trainers the per-token log-probabilities
+(and entropies) of a batch's completion tokens through the same fused head, in one call.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import Tensor, nn
 
 import fusedce
 
+from ..log_prob_args import check_temperature
 from ._head import MARK as _MARK
 from ._head import head_loss, is_applied, logit_options, shifted_labels
 from ._head import revert as _revert_forward
@@ -49,7 +53,7 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
         "pip install 'fusedce[integrations]'"
     ) from e
 
-__all__ = ["SUPPORTED", "apply", "causal_lm_loss", "is_applied", "revert"]
+__all__ = ["SUPPORTED", "apply", "causal_lm_loss", "completion_log_probs", "is_applied", "revert"]
 
 # (logit_scale, softcap) the model applies after its output projection, and the config fields
 # they come from (for error messages).
@@ -393,3 +397,90 @@ def revert(model: nn.Module) -> nn.Module:
     if is_applied(model) and getattr(model.__dict__["forward"], _NAMED_LOSS_TYPE, False):
         model.loss_type = None
     return _revert_forward(model)
+
+
+def completion_log_probs(
+    model: nn.Module,
+    input_ids: Tensor,
+    *,
+    attention_mask: Tensor | None = None,
+    logits_to_keep: int | None = None,
+    completion_mask: Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = True,
+    chunk_size: int | None = None,
+    **model_kwargs: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probabilities (and entropies) of the last ``logits_to_keep`` tokens of each
+    sequence under ``model``, through ``fusedce.linear_token_log_probs``: the (B, T, V) logits
+    are never materialised, in forward or backward.
+
+    Token t of ``input_ids`` is scored by the hidden state at t - 1, as the model's own logits
+    ``logits[:, t - 1]`` would: log softmax(logits / T)[input_ids[:, t]]. Works on any model
+    ``apply`` accepts (patched or not: the base model and the output embedding are called
+    directly), and its gradients reach every parameter the logits depend on.
+
+    Args:
+        model: a transformers causal LM of ``SUPPORTED`` (a final softcap is refused; a logit
+            scale or divisor folds into the temperature).
+        input_ids: (B, T) prompt + completion token ids.
+        attention_mask: (B, T) as the model takes it, or None.
+        logits_to_keep: K, the completion length: the last K tokens are scored. None: all
+            T - 1 tokens after the first.
+        completion_mask: (B, K) 1 for the tokens to score, 0 for padding (those give 0 and no
+            gradient), or None (all).
+        temperature: T > 0; the sampling temperature of the rollouts.
+        return_entropy: also return the entropy of each scored position's distribution.
+        chunk_size: token rows per chunk of the fused head (None: its default).
+        **model_kwargs: passed to ``model.base_model`` (``position_ids``, ...).
+
+    Returns:
+        ``(logp, entropy)`` (B, K) float32, or ``logp`` alone without ``return_entropy``.
+
+    Raises:
+        TypeError, NotImplementedError, ValueError: as ``apply`` for the model; ValueError for
+            a ``logits_to_keep`` or ``completion_mask`` that does not fit ``input_ids``.
+    """
+    who = "completion_log_probs"
+    temperature = check_temperature(who, temperature)
+    try:
+        head = _check_model(model)
+        name, (logit_scale, softcap, _fields) = _transforms_of(model, strict=True)
+    except (TypeError, ValueError, NotImplementedError) as e:
+        # apply()'s checks, named after the function called here.
+        raise type(e)(f"{who}: {e}") from e
+    if softcap is not None:
+        raise NotImplementedError(
+            f"{who}: {name} applies a final softcap to its logits; the fused log-probabilities "
+            "have no softcap"
+        )
+    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
+        raise ValueError(f"{who}: input_ids must be (B, T) with T >= 2, got {input_ids.shape}")
+    T = input_ids.shape[1]
+    K = T - 1 if logits_to_keep is None else logits_to_keep
+    if isinstance(K, bool) or not isinstance(K, int) or not 1 <= K <= T - 1:
+        raise ValueError(f"{who}: logits_to_keep must be an int in [1, {T - 1}], got {K!r}")
+    targets = input_ids[:, T - K :]
+    if completion_mask is not None:
+        if tuple(completion_mask.shape) != tuple(targets.shape):
+            raise ValueError(
+                f"{who}: completion_mask must have shape {tuple(targets.shape)}, got "
+                f"{tuple(completion_mask.shape)}"
+            )
+        targets = torch.where(completion_mask.to(torch.bool), targets, -100)
+    outputs = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **model_kwargs
+    )
+    # The positions that predict the kept tokens: a view, no copy of (B, T, D).
+    hidden = outputs.last_hidden_state[:, T - K - 1 : T - 1]
+    # A logit scale s multiplies the logits before the softmax: softmax(s x / T).
+    scale = 1.0 if logit_scale is None else float(logit_scale)
+    return fusedce.linear_token_log_probs(
+        hidden,
+        head.weight,
+        targets,
+        linear_bias=head.bias,
+        temperature=temperature / scale,
+        return_entropy=return_entropy,
+        chunk_size=chunk_size,
+    )

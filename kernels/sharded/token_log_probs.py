@@ -1,0 +1,274 @@
+"""``token_log_probs`` / ``linear_token_log_probs`` with the class dimension split over a process
+group: contiguous slices in rank order, global class ids in ``target``, the same result on every
+rank.
+
+Forward, per rank r and row i, the slice's own statistics come from the row contract with the
+slice's local target (the rows whose class lives elsewhere are ignored there): the slice max
+m_r, log_sum_r = log sum_{c in r} exp(z_c - m_r), the slice entropy H_r of softmax over the slice
+alone, whether it holds y_i and there log q^r_y. One ``all_gather`` of these 5 numbers per row
+(O(N) per rank, never the logits) gives every rank the same table, which each combines in rank
+order, so that every rank computes the same bits:
+
+    M = max_r m_r,  rel_r = (m_r - M) + log_sum_r,  log_sum = logsumexp_r rel_r,
+    log pi_r = rel_r - log_sum                     (the share of the mass on slice r),
+    logp = log pi_o + log q^o_y                    (o: the slice holding y),
+    H = sum_r pi_r (H_r - log pi_r)                (the entropy of a mixture of disjoint parts).
+
+Everything is relative to a max (shift-exact). Backward needs no exchange for the logits: each
+rank writes its slice's gradient from the combined (M, log_sum, H) and the global ids
+(``log_prob_rows.grad_rows`` with a column offset). The linear head's input gradient is the sum
+of the slices' ``g_r @ W_r``: one ``all_reduce`` inside backward.
+
+The arguments are checked on each rank and agreed in the package's metadata exchange
+(``agreement._agree``: one small all_gather), so that a bad argument on one rank raises the same
+error on every rank instead of leaving the others waiting in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import core
+from ..linear_chunks import planned_chunk_rows
+from ..log_prob_args import check_flag, check_head, check_logits, check_temperature
+from ..log_prob_rows import grad_rows, head_backward, head_forward, row_options
+from ..options import (
+    REDUCTIONS,
+    accumulation_dtype,
+    check_chunk_size,
+    check_options,
+    index_target_for_kernels,
+)
+from ..stat_rows import ENTROPY, EXTRA_STAT_ROWS, LOG_SUM, LOSS, MAX
+from .agreement import _agree, _float_bits, _Meta, _resolve_group, _Shard
+
+# The ignore_index of a slice's local targets: no local class index is negative.
+_NOT_HERE = -1
+# The errors a rank's own checks raise; sent to the agreement so that every rank raises.
+_CHECK_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, NotImplementedError)
+
+
+def _meta(
+    width: int, rows: int, shape: tuple[int, ...], features: int, dtype, ii: int, T: float, ent
+) -> _Meta:
+    """This rank's row of the metadata exchange (the columns the cross-entropy uses)."""
+    return _Meta(
+        width=width,
+        rows=rows,
+        out_shape=shape,
+        soft=False,
+        features=features,
+        dtype=dtype,
+        weight_numel=-1,
+        opts_key=(REDUCTIONS.index("none"), ii, _float_bits(0.0)),
+        extras_key=(_float_bits(1.0 / T), -1, _float_bits(0.0), int(ent)),
+    )
+
+
+def _local_target(t: Tensor, sh: _Shard, ignore_index: int) -> Tensor:
+    """The slice's class indices: y - start where this slice holds y, else ``_NOT_HERE``."""
+    local = t.long() - sh.start
+    own = (t != ignore_index) & (local >= 0) & (local < sh.width)
+    return torch.where(own, local, _NOT_HERE)
+
+
+def _slice_table(stats: Tensor | None, local_t: Tensor, entropy: bool, acc: torch.dtype) -> Tensor:
+    """(5, M): this slice's m_r, log_sum_r, log q^r_y (0 where not here), H_r (0 without the
+    entropy), 1 where it holds y; an empty slice holds no mass (log_sum_r = -inf)."""
+    table = torch.zeros((5, local_t.shape[0]), dtype=acc, device=local_t.device)
+    table[4] = local_t != _NOT_HERE
+    if stats is None:
+        table[1] = float("-inf")
+        return table
+    table[0], table[1], table[2] = stats[MAX], stats[LOG_SUM], -stats[LOSS]
+    if entropy:
+        table[3] = stats[ENTROPY]
+    return table
+
+
+def _combine(
+    table: Tensor, t: Tensor, ignore_index: int, entropy: bool
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(logp, entropy or None, combined stats (7, M) with MAX, LOG_SUM, ENTROPY) from the
+    gathered (world, 5, M) table, in rank order; see the module doc."""
+    m, ls, logq, h, holds = table.unbind(1)
+    has_mass = ls > float("-inf")
+    big = torch.where(has_mass, m, float("-inf")).amax(0)
+    big = torch.where(big == float("-inf"), 0.0, big)  # no finite logit in the row
+    rel = (m - big) + ls
+    log_sum = torch.logsumexp(rel, dim=0)
+    log_pi = rel - log_sum
+    valid = t != ignore_index
+    # One slice holds y: the sum adds zeros to its value (exact; never 0 * -inf).
+    logp = torch.where(holds != 0, log_pi + logq, 0.0).sum(0)
+    logp = torch.where(valid, logp, 0.0)
+    stats = torch.zeros((EXTRA_STAT_ROWS, t.shape[0]), dtype=table.dtype, device=t.device)
+    stats[MAX], stats[LOG_SUM] = big, log_sum
+    ent = None
+    if entropy:
+        pi = log_pi.exp()
+        # 0 log 0 = 0: a slice without mass adds nothing.
+        full = torch.where(pi > 0, pi * (h - log_pi), 0.0).sum(0)
+        stats[ENTROPY] = full
+        ent = torch.where(valid, full, 0.0)
+    return logp, ent, stats
+
+
+def _gather(table: Tensor, group: object) -> Tensor:
+    world = dist.get_world_size(group)
+    parts = [torch.empty_like(table) for _ in range(world)]
+    dist.all_gather(parts, table.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+class _ShardedTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, t, T, ii, entropy, sh):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        local_t = _local_target(t, sh, ii)
+        stats = None
+        if sh.width > 0:
+            local_opts = row_options(_NOT_HERE, T)
+            stats = core.forward(x, local_t, None, local_opts, False, extras=entropy).stats
+        table = _slice_table(stats, local_t, entropy, accumulation_dtype(x.dtype))
+        logp, ent, combined = _combine(_gather(table, sh.group), t, ii, entropy)
+        ctx.save_for_backward(x, t, combined)
+        ctx.opts, ctx.sh = row_options(ii, T), sh
+        return (logp, ent) if entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):  # type: ignore[override]
+        x, t, combined = ctx.saved_tensors
+        sh = ctx.sh
+        grad = grad_rows(
+            x, t, ctx.opts, combined, grad_logp, grad_entropy, None, sh.start, sh.vocab, False
+        )
+        return grad, None, None, None, None, None
+
+
+class _ShardedLinearTokenLogProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b, t, T, ii, entropy, rows, sh):  # type: ignore[override]
+        ctx.set_materialize_grads(False)
+        local_t = _local_target(t, sh, ii)
+        stats = None
+        if sh.width > 0:
+            stats = head_forward(x, W, b, local_t, row_options(_NOT_HERE, T), rows, entropy)
+        table = _slice_table(stats, local_t, entropy, accumulation_dtype(x.dtype))
+        logp, ent, combined = _combine(_gather(table, sh.group), t, ii, entropy)
+        ctx.save_for_backward(x, W, b, t, combined)
+        ctx.opts, ctx.sh, ctx.rows = row_options(ii, T), sh, rows
+        return (logp, ent) if entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):  # type: ignore[override]
+        x, W, b, t, combined = ctx.saved_tensors
+        sh = ctx.sh
+        needs = tuple(ctx.needs_input_grad[:3])
+        if sh.width > 0:
+            gx, gw, gb = head_backward(
+                x, W, b, t, ctx.opts, combined, grad_logp, grad_entropy, ctx.rows, needs,
+                sh.start, sh.vocab, False,
+            )  # fmt: skip
+        else:  # an empty slice adds nothing to the input gradient
+            gx = torch.zeros_like(x) if needs[0] else None
+            gw = torch.zeros_like(W) if needs[1] else None
+            gb = torch.zeros_like(b) if needs[2] and b is not None else None
+        if gx is not None:
+            # The input gradient is the sum of every slice's: each rank gets the whole of it.
+            dist.all_reduce(gx, group=sh.group)
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def call_token_log_probs(
+    who: str,
+    logits: Tensor,
+    target: Tensor,
+    temperature: object,
+    ignore_index: object,
+    return_entropy: object,
+    process_group: object,
+    plain: Callable[..., object],
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``token_log_probs`` over ``process_group``; a group of one rank runs ``plain`` (the
+    unsharded implementation, passed in by the public module, which this package never
+    imports)."""
+    group = _resolve_group(who, process_group)
+    if group is None or dist.get_world_size(group) == 1:
+        return plain(who, logits, target, temperature, ignore_index, return_entropy)
+    error, meta, t, ii = None, None, None, -100
+    try:
+        T = check_temperature(who, temperature)
+        ii = check_options(who, ignore_index, 0.0, "none").ignore_index
+        entropy = check_flag(who, "return_entropy", return_entropy)
+        check_logits(who, logits, target, slice_ok=True)
+        t = index_target_for_kernels(target.reshape(-1), ii)
+        x = logits.reshape(t.shape[0], logits.shape[-1])  # -1 is ambiguous for V_r = 0
+        x = x if x.stride(-1) == 1 else x.contiguous()
+        meta = _meta(x.shape[1], x.shape[0], tuple(target.shape), 0, x.dtype, ii, T, entropy)
+    except _CHECK_ERRORS as e:
+        error = e
+    device = logits.device if isinstance(logits, Tensor) else torch.device("cpu")
+    sh = _agree(who, group, device, error, meta, t if meta is not None else None, ii)
+    out = _ShardedTokenLogProbs.apply(x, t, T, ii, entropy, sh)
+    shape = tuple(target.shape)
+    if entropy:
+        return out[0].reshape(shape), out[1].reshape(shape)
+    return out.reshape(shape)
+
+
+def call_linear_token_log_probs(
+    who: str,
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    temperature: object,
+    ignore_index: object,
+    return_entropy: object,
+    chunk_size: object,
+    process_group: object,
+    plain: Callable[..., object],
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``linear_token_log_probs`` over ``process_group`` (``linear_weight``: this rank's rows of
+    the vocabulary); a group of one rank runs ``plain``."""
+    group = _resolve_group(who, process_group)
+    if group is None or dist.get_world_size(group) == 1:
+        return plain(
+            who,
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            temperature,
+            ignore_index,
+            return_entropy,
+            chunk_size,
+        )
+    error, meta, t, ii = None, None, None, -100
+    try:
+        T = check_temperature(who, temperature)
+        ii = check_options(who, ignore_index, 0.0, "none").ignore_index
+        entropy = check_flag(who, "return_entropy", return_entropy)
+        check_chunk_size(who, chunk_size)
+        check_head(who, input, linear_weight, target, linear_bias, slice_ok=True)
+        V_r, D = linear_weight.shape
+        x = input.reshape(-1, D).contiguous()
+        t = index_target_for_kernels(target.reshape(-1), ii)
+        rows = planned_chunk_rows(x.shape[0], max(V_r, 1), x.dtype, chunk_size, x.device)
+        meta = _meta(V_r, x.shape[0], tuple(target.shape), D, x.dtype, ii, T, entropy)
+    except _CHECK_ERRORS as e:
+        error = e
+    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+    sh = _agree(who, group, device, error, meta, t if meta is not None else None, ii)
+    out = _ShardedLinearTokenLogProbs.apply(
+        x, linear_weight, linear_bias, t, T, ii, entropy, rows, sh
+    )
+    shape = tuple(target.shape)
+    if entropy:
+        return out[0].reshape(shape), out[1].reshape(shape)
+    return out.reshape(shape)
