@@ -23,11 +23,19 @@ def clean_error(msg: str) -> str:
     """Reduces jsonargparse's "does not validate against any Union subtype" to the real cause."""
     if "Does not validate against any of the Union subtypes" not in msg:
         return msg
-    causes = [
-        line.strip()[2:]
-        for line in msg.splitlines()
-        if line.strip().startswith("- ") and "Expected a <class 'NoneType'>" not in line
-    ]
+    causes: list[str] = []
+    cause_indent = None
+    for line in msg.splitlines():
+        indent = len(line) - len(line.lstrip())
+        if line.strip().startswith("- "):
+            causes.append(line.strip()[2:])
+            cause_indent = indent
+        elif cause_indent is not None and indent > cause_indent:
+            # A nested parser's own error (e.g. a class's init argument) goes on the cause's line.
+            causes[-1] += " " + line.strip()
+        else:
+            cause_indent = None
+    causes = [c for c in causes if not c.startswith("Expected a <class 'NoneType'>")]
     return "; ".join(causes) or msg
 
 

@@ -203,6 +203,26 @@ def test_bad_choice_names_the_value_and_the_choices(
     assert not runs.exists() or not any(runs.iterdir())
 
 
+def test_a_nested_class_argument_error_keeps_its_cause() -> None:
+    """jsonargparse reports a bad ``--data.init_args.*`` value as a Union failure whose cause is
+    nested under the class path: the one line keeps the key, the expected type and the value."""
+    from fusedce.lightning_modules.cli_parser import clean_error
+
+    raw = (
+        'Parser key "data":\n  Does not validate against any of the Union subtypes\n'
+        "  Subtypes: [<class 'NoneType'>, <class 'LightningDataModule'>]\n  Errors:\n"
+        "    - Expected a <class 'NoneType'>\n"
+        "    - Problem with given class_path 'fusedce.datamodules.CurveDataModule':\n"
+        '        Parser key "batch_size":\n'
+        "          Expected a <class 'int'>. Got value: abc\n"
+        "  Given value type: <class 'NestedArg'>\n  Given value: NestedArg(val='abc')"
+    )
+    assert clean_error(raw) == (
+        "Problem with given class_path 'fusedce.datamodules.CurveDataModule': "
+        "Parser key \"batch_size\": Expected a <class 'int'>. Got value: abc"
+    )
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
