@@ -39,7 +39,7 @@ from .distillation import distillation_loss
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
 from .linear_distillation import linear_distillation_loss
-from .log_prob_functions import linear_token_log_probs, token_log_probs
+from .log_probs.api import linear_token_log_probs, token_log_probs
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 
 __version__ = _installed_version()

@@ -3,11 +3,15 @@
 For each chunk of token rows: the logits ``x_c @ W.T (+ b)`` into one reused buffer (cuBLAS on
 CUDA); the row contract (``core.run_rows``) writes the per-row loss and overwrites the logits IN
 PLACE with the scaled gradient; then ``grad_x_c = g @ W``, ``grad_W += g.T @ x_c`` (float32
-accumulator by default) and ``grad_b += g.sum(0)``.
+accumulator by default) and ``grad_b += g.sum(0)``. ``chunk_sweep`` is that loop with the row
+work passed in: the cross-entropy's ``chunked_pass`` and the per-token log-probabilities' head
+(``log_probs.head``) both run it.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -155,6 +159,63 @@ def _chunk_logits(x_c: Tensor, W: Tensor, b: Tensor | None, buf: Tensor) -> Tens
     return torch.addmm(b, x_c, W.t(), out=buf)
 
 
+def chunk_sweep(
+    x: Tensor,
+    W: Tensor,
+    b: Tensor | None,
+    chunk_rows: int,
+    visit: Callable[[slice, Tensor], object],
+    needs: tuple[bool, bool, bool],
+    accumulation: str = "float32",
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """The chunk loop of every fused head: for each chunk of token rows, its logits
+    ``x_c @ W.T (+ b)`` into one reused buffer, ``visit(rows, logits)``, then the products with
+    what ``visit`` left in the logits (the gradient, written over them in place where any
+    gradient is wanted: one rounding, no second buffer).
+
+    Args:
+        x: (N, D) input rows, contiguous. W: (V, D). b: (V,) or None.
+        chunk_rows: token rows per chunk.
+        visit: called with the chunk's row slice of x and its (rows, V) logits; fills the
+            caller's per-row results and, where ``needs`` asks for any gradient, overwrites the
+            logits with the gradient of those rows.
+        needs: which of (grad_x, grad_W, grad_b) to compute (grad_b only with a bias).
+        accumulation: "float32" or "input", see ``WeightGrad``.
+
+    Returns:
+        grad_x (N, D), grad_W (V, D), grad_b (V,), each None where not computed.
+    """
+    # The operands already have the autocast dtype; keep the float32 accumulation float32.
+    autocast_off = (
+        torch.autocast(x.device.type, enabled=False)
+        if torch.is_autocast_enabled(x.device.type)
+        else contextlib.nullcontext()
+    )
+    N = x.shape[0]
+    V = W.shape[0]
+    acc = accumulation_dtype(x.dtype)
+    with autocast_off:
+        gx = torch.empty_like(x) if needs[0] else None
+        gw = WeightGrad(W, accumulation) if needs[1] else None
+        gb = torch.zeros(V, dtype=acc, device=x.device) if needs[2] and b is not None else None
+        buf = torch.empty((min(chunk_rows, N), V), dtype=x.dtype, device=x.device)
+        for start in range(0, N, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, N))
+            x_c = x[rows]
+            logits = _chunk_logits(x_c, W, b, buf[: rows.stop - start])
+            visit(rows, logits)
+            if gx is not None:
+                torch.mm(logits, W, out=gx[rows])
+            if gw is not None:
+                gw.add(logits, x_c)
+            if gb is not None:
+                gb += logits.sum(0, dtype=acc)
+        del buf
+        grad_w = gw.result() if gw is not None else None
+        grad_b = gb.to(b.dtype) if gb is not None else None
+    return gx, grad_w, grad_b
+
+
 def chunked_pass(
     x: Tensor,
     W: Tensor,
@@ -187,63 +248,25 @@ def chunked_pass(
         (4, N) or (7, N) per-row stats (``core``'s rows; float32, float64 for float64 input),
         grad_x (N, D), grad_W (V, D), grad_b (V,), each None where not computed.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        # The operands already have the autocast dtype; keep the float32 accumulation float32.
-        with torch.autocast(x.device.type, enabled=False):
-            return chunked_pass(
-                x,
-                W,
-                b,
-                target,
-                weight,
-                opts,
-                chunk_rows,
-                accumulation,
-                scale,
-                needs,
-                token_weight,
-                extras,
-            )
-    N, _ = x.shape
-    V = W.shape[0]
-    acc = accumulation_dtype(x.dtype)
     # The stats of all N rows (a few floats per row), chunk by chunk: the loss, and what
     # return_stats reports, come from the chunks the loop computes anyway.
-    stats = core.new_stats(N, x.dtype, x.device, extras)
+    stats = core.new_stats(x.shape[0], x.dtype, x.device, extras)
     want = scale is not None
     per_row = want and scale.dim() == 1
-    gx = torch.empty_like(x) if want and needs[0] else None
-    gw = WeightGrad(W, accumulation) if want and needs[1] else None
-    gb = torch.zeros(V, dtype=acc, device=x.device) if want and needs[2] else None
-    buf = torch.empty((min(chunk_rows, N), V), dtype=x.dtype, device=x.device)
-    for start in range(0, N, chunk_rows):
-        end = min(start + chunk_rows, N)
-        x_c = x[start:end]
-        logits = _chunk_logits(x_c, W, b, buf[: end - start])
-        # The gradient overwrites the logits in place, each row's factor folded in: one rounding.
-        grad = logits if want else None
-        chunk_scale = scale[start:end] if per_row else scale
-        chunk_tw = token_weight[start:end] if token_weight is not None else None
+
+    def visit(rows: slice, logits: Tensor) -> None:
+        # The gradient overwrites the logits in place, each row's factor folded in.
         core.run_rows(
             logits,
-            target[start:end],
+            target[rows],
             weight,
             opts,
-            stats[:, start:end],
-            grad,
-            chunk_scale,
+            stats[:, rows],
+            logits if want else None,
+            scale[rows] if per_row else scale,
             False,
-            chunk_tw,
+            token_weight[rows] if token_weight is not None else None,
         )
-        if not want:
-            continue
-        if gx is not None:
-            torch.mm(logits, W, out=gx[start:end])
-        if gw is not None:
-            gw.add(logits, x_c)
-        if gb is not None:
-            gb += logits.sum(0, dtype=acc)
-    del buf
-    grad_w = gw.result() if gw is not None else None
-    grad_b = gb.to(b.dtype) if gb is not None and b is not None else None
-    return stats, gx, grad_w, grad_b
+
+    grads = chunk_sweep(x, W, b, chunk_rows, visit, needs if want else (False,) * 3, accumulation)
+    return (stats, *grads)

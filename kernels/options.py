@@ -316,3 +316,26 @@ def index_target_for_kernels(target: Tensor, ignore_index: int) -> Tensor:
     if target.dtype == torch.int32 and -(2**31) <= ignore_index < 2**31:
         return target
     return target.long()
+
+
+def check_temperature(who: str, temperature: object) -> float:
+    """``temperature`` as a float in (0, inf): the softmax of logits / T.
+
+    Raises:
+        TypeError: not an int or float (a bool is not a temperature).
+        ValueError: 0, negative, infinite or NaN; the message names ``who``.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"{who}: temperature must be a float > 0, got {type(temperature).__name__}")
+    t = float(temperature)
+    # Comparisons only: they trace under torch.compile (NaN fails them too).
+    if not 0.0 < t <= _FLOAT_MAX:
+        raise ValueError(f"{who}: temperature must be a finite float > 0{_got(temperature)}")
+    return t
+
+
+def check_flag(who: str, name: str, value: object) -> bool:
+    """``value`` (the argument ``name``) is a bool; raises TypeError naming ``who``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{who}: {name} must be a bool, got {type(value).__name__}")
+    return value

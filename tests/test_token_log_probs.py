@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import fusedce
-from fusedce import log_prob_functions as tlp_module
-from fusedce.log_prob_functions import linear_token_log_probs, token_log_probs
+from fusedce.log_probs import custom_ops as tlp_module
+from fusedce.log_probs.api import linear_token_log_probs, token_log_probs
 from log_prob_reference import TOL, close, reference
 
 pytestmark = pytest.mark.kernel
@@ -368,7 +368,8 @@ def test_backward_takes_the_cross_entropy_rows_unless_the_entropy_has_a_gradient
 ) -> None:
     """Where only logp receives a gradient, backward is the cross-entropy's gradient launch
     (``core.gradient_from_stats``); the extra pass runs only for an entropy gradient."""
-    from fusedce import core, log_prob_rows
+    from fusedce import core
+    from fusedce.log_probs import rows as log_prob_rows
 
     counts = {"ce": 0, "extra": 0}
     ce_rows = core.gradient_from_stats

@@ -26,6 +26,7 @@ import logging
 import os
 import types
 import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +40,7 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _enabled = os.environ.get("FUSEDCE_CPU_COMPILE", "1").strip() != "0"
 _unavailable = False  # a failure that recurs on every call here turned the path off
 _warned: set[str] = set()  # the kinds of failure already reported
-_compiled: dict[tuple[str, torch.dtype], object] = {}
+_compiled: dict[tuple[object, torch.dtype], Callable[..., object]] = {}
 _calls = 0  # row blocks the compiled functions handled in this process
 _announced = False  # the compile was logged
 
@@ -120,22 +121,41 @@ def _rows_grad_inplace(
 _FUNCTIONS = {"loss": _rows_loss, "grad": _rows_grad, "inplace": _rows_grad_inplace}
 
 
-def _compiled_fn(kind: str, dtype: torch.dtype):
-    """The compiled function for one kind of call and one logits dtype.
+def compiled_copy(base: Callable[..., object], dtype: torch.dtype) -> Callable[..., object]:
+    """``base`` compiled for one logits dtype (dynamic shapes, full graph), made once.
 
-    Each (kind, dtype) pair gets its own copy of the code object: TorchDynamo keeps its compiled
-    variants (and its recompile limit) per code object, and the shape classes Inductor guards on
-    times the dtypes would otherwise exceed that limit and fall back to uncompiled code.
+    Each (function, dtype) pair gets its own copy of the code object: TorchDynamo keeps its
+    compiled variants (and its recompile limit) per code object, and the shape classes Inductor
+    guards on times the dtypes would otherwise exceed that limit and fall back to uncompiled
+    code. The log-probabilities' compiled rows (``cpu_compiled_log_probs``) take their copies
+    here too.
     """
-    key = (kind, dtype)
+    key = (base, dtype)
     fn = _compiled.get(key)
     if fn is None:
-        base = _FUNCTIONS[kind]
         name = f"{base.__name__}_{str(dtype).removeprefix('torch.')}"
         copy = types.FunctionType(base.__code__.replace(co_name=name), base.__globals__, name)
         fn = torch.compile(copy, dynamic=True, fullgraph=True)
         _compiled[key] = fn
     return fn
+
+
+def _compiled_fn(kind: str, dtype: torch.dtype) -> Callable[..., object]:
+    """The compiled function for one kind of call (``_FUNCTIONS``) and one logits dtype."""
+    return compiled_copy(_FUNCTIONS[kind], dtype)
+
+
+def guarded_call(get_fn: Callable[[], Callable[..., object]], *args: object) -> tuple[bool, object]:
+    """``get_fn()(*args)`` without autograd (one grad mode: Dynamo guards on it): (True, its
+    result), or (False, None) where compiling or running it failed (reported by
+    ``_report_failure``; the caller then runs the eager ops). Every compiled call of the CPU
+    paths goes through here, so that one switch and one failure policy govern them all."""
+    try:
+        with torch.no_grad(), _no_cuda_notice():
+            return True, get_fn()(*args)
+    except Exception as err:
+        _report_failure(err)
+        return False, None
 
 
 def applies(logits: Tensor) -> bool:
@@ -182,18 +202,16 @@ def run_plain_rows(
             "fusedce: compiling the CPU loss with TorchInductor (first large call of each kind "
             "and dtype; 15-35 s on a cold cache); FUSEDCE_CPU_COMPILE=0 skips it"
         )
-    try:
-        with torch.no_grad(), _no_cuda_notice():  # one grad mode: Dynamo guards on it
-            if grad is None:
-                out = _compiled_fn("loss", dt)(logits, y, ignore_index)
-            else:
-                s = torch.broadcast_to(scale.float(), (M,)).contiguous()
-                if grad.is_set_to(logits):
-                    out = _compiled_fn("inplace", dt)(logits, y, ignore_index, s)
-                else:
-                    out = _compiled_fn("grad", dt)(logits, y, ignore_index, s, grad)
-    except Exception as err:
-        _report_failure(err)
+    if grad is None:
+        kind, args = "loss", (logits, y, ignore_index)
+    else:
+        s = torch.broadcast_to(scale.float(), (M,)).contiguous()
+        in_place = grad.is_set_to(logits)
+        kind = "inplace" if in_place else "grad"
+        args = (logits, y, ignore_index, s) if in_place else (logits, y, ignore_index, s, grad)
+    # The name is looked up at call time (tests wrap ``_compiled_fn`` to make calls fail).
+    ok, out = guarded_call(lambda: _compiled_fn(kind, dt), *args)
+    if not ok:
         return None
     _calls += 1
     return out

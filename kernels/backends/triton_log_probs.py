@@ -1,7 +1,7 @@
 """The Triton side of ``token_log_probs``' backward: one gradient pass over the logits that folds
 the upstream gradients of both outputs (the log-probability and the entropy) into each row.
 
-Imported by ``log_prob_rows`` only where ``backends`` found Triton. The forward pass needs no
+Imported by ``log_probs.rows`` only where ``backends`` found Triton. The forward pass needs no
 kernel of its own: the row contract's kernel (``triton_kernels``) already writes each row's max,
 log-sum, loss (-log q_y) and, with its extras, the entropy.
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 import fusedce
 
-from ..log_prob_args import check_temperature
+from ..options import check_temperature
 from ._head import MARK as _MARK
 from ._head import head_loss, is_applied, logit_options, shifted_labels
 from ._head import revert as _revert_forward

@@ -16,7 +16,7 @@ order, so that every rank computes the same bits:
 
 Everything is relative to a max (shift-exact). Backward needs no exchange for the logits: each
 rank writes its slice's gradient from the combined (M, log_sum, H) and the global ids
-(``log_prob_rows.grad_rows`` with a column offset). The linear head's input gradient is the sum
+(``log_probs.rows.grad_rows`` with a column offset). The linear head's input gradient is the sum
 of the slices' ``g_r @ W_r``: one ``all_reduce`` inside backward.
 
 The arguments are checked on each rank and agreed in the package's metadata exchange
@@ -34,17 +34,13 @@ from torch import Tensor
 
 from .. import core
 from ..linear_chunks import planned_chunk_rows
-from ..log_prob_args import check_flag, check_head, check_logits, check_temperature
-from ..log_prob_rows import grad_rows, head_backward, head_forward, row_options
-from ..options import (
-    REDUCTIONS,
-    accumulation_dtype,
-    check_chunk_size,
-    check_options,
-    index_target_for_kernels,
-)
+from ..log_probs.checks import check_head, check_log_prob_options, check_logits
+from ..log_probs.head import head_backward, head_forward, head_rows
+from ..log_probs.rows import flat_rows, grad_rows, row_options, shaped
+from ..options import accumulation_dtype
 from ..stat_rows import ENTROPY, EXTRA_STAT_ROWS, LOG_SUM, LOSS, MAX
-from .agreement import _agree, _float_bits, _Meta, _resolve_group, _Shard
+from .agreement import _agree, _Meta, _resolve_group, _Shard
+from .route import _meta as _loss_meta
 
 # The ignore_index of a slice's local targets: no local class index is negative.
 _NOT_HERE = -1
@@ -55,18 +51,10 @@ _CHECK_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, NotImplemented
 def _meta(
     width: int, rows: int, shape: tuple[int, ...], features: int, dtype, ii: int, T: float, ent
 ) -> _Meta:
-    """This rank's row of the metadata exchange (the columns the cross-entropy uses)."""
-    return _Meta(
-        width=width,
-        rows=rows,
-        out_shape=shape,
-        soft=False,
-        features=features,
-        dtype=dtype,
-        weight_numel=-1,
-        opts_key=(REDUCTIONS.index("none"), ii, _float_bits(0.0)),
-        extras_key=(_float_bits(1.0 / T), -1, _float_bits(0.0), int(ent)),
-    )
+    """This rank's row of the metadata exchange: the cross-entropy's with no reduction, the
+    logit scale 1 / T, and the entropy asked for as its statistics."""
+    opts = row_options(ii, T)
+    return _loss_meta(opts, ent, None, None, (rows, width, features), shape, False, dtype)
 
 
 def _local_target(t: Tensor, sh: _Shard, ignore_index: int) -> Tensor:
@@ -202,23 +190,16 @@ def call_token_log_probs(
         return plain(who, logits, target, temperature, ignore_index, return_entropy)
     error, meta, t, ii = None, None, None, -100
     try:
-        T = check_temperature(who, temperature)
-        ii = check_options(who, ignore_index, 0.0, "none").ignore_index
-        entropy = check_flag(who, "return_entropy", return_entropy)
+        T, ii, entropy = check_log_prob_options(who, temperature, ignore_index, return_entropy)
         check_logits(who, logits, target, slice_ok=True)
-        t = index_target_for_kernels(target.reshape(-1), ii)
-        x = logits.reshape(t.shape[0], logits.shape[-1])  # -1 is ambiguous for V_r = 0
-        x = x if x.stride(-1) == 1 else x.contiguous()
+        x, t = flat_rows(logits, target, ii)
         meta = _meta(x.shape[1], x.shape[0], tuple(target.shape), 0, x.dtype, ii, T, entropy)
     except _CHECK_ERRORS as e:
         error = e
     device = logits.device if isinstance(logits, Tensor) else torch.device("cpu")
     sh = _agree(who, group, device, error, meta, t if meta is not None else None, ii)
     out = _ShardedTokenLogProbs.apply(x, t, T, ii, entropy, sh)
-    shape = tuple(target.shape)
-    if entropy:
-        return out[0].reshape(shape), out[1].reshape(shape)
-    return out.reshape(shape)
+    return shaped(*(out if entropy else (out, None)), entropy, tuple(target.shape))
 
 
 def call_linear_token_log_probs(
@@ -251,14 +232,12 @@ def call_linear_token_log_probs(
         )
     error, meta, t, ii = None, None, None, -100
     try:
-        T = check_temperature(who, temperature)
-        ii = check_options(who, ignore_index, 0.0, "none").ignore_index
-        entropy = check_flag(who, "return_entropy", return_entropy)
-        check_chunk_size(who, chunk_size)
+        T, ii, entropy = check_log_prob_options(
+            who, temperature, ignore_index, return_entropy, chunk_size
+        )
         check_head(who, input, linear_weight, target, linear_bias, slice_ok=True)
         V_r, D = linear_weight.shape
-        x = input.reshape(-1, D).contiguous()
-        t = index_target_for_kernels(target.reshape(-1), ii)
+        x, t = head_rows(input, target, ii)
         rows = planned_chunk_rows(x.shape[0], max(V_r, 1), x.dtype, chunk_size, x.device)
         meta = _meta(V_r, x.shape[0], tuple(target.shape), D, x.dtype, ii, T, entropy)
     except _CHECK_ERRORS as e:
@@ -268,7 +247,4 @@ def call_linear_token_log_probs(
     out = _ShardedLinearTokenLogProbs.apply(
         x, linear_weight, linear_bias, t, T, ii, entropy, rows, sh
     )
-    shape = tuple(target.shape)
-    if entropy:
-        return out[0].reshape(shape), out[1].reshape(shape)
-    return out.reshape(shape)
+    return shaped(*(out if entropy else (out, None)), entropy, tuple(target.shape))

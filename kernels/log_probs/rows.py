@@ -19,12 +19,7 @@ For logits viewed as (M, V) rows, z = x / T and q = softmax(z):
   also replaces the row contract's eager gradient-only rows). Either way backward reads the
   logits once and writes the gradient once: storing the gradient in forward instead would need
   N x V memory for each of the two terms.
-* The fused head computes the statistics chunk by chunk (``head_forward``, the fused linear
-  cross-entropy's loop without gradients) and recomputes each chunk's logits in backward
-  (``head_backward``): the upstream gradients are known only then, and the alternative, keeping
-  N x V gradients, is what the head exists to avoid. The input gradient alone could be formed in
-  forward (g_lp * (A @ W) is linear in the row factor) but the weight gradient cannot, so the
-  recompute (one GEMM more than the mean cross-entropy's three) is needed anyway.
+* The fused head (``head``) runs these rows on each chunk of x @ W.T.
 
 Rows whose target is ``ignore_index`` give 0 for both outputs and an exact 0 gradient.
 """
@@ -36,17 +31,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends, core
-from .backends import cpu_compiled_log_probs
-from .backends.torch_ops import CPU_COMPILED_BLOCK_BYTES
-from .index_check import DeferredIndexCheck
-from .linear_chunks import WeightGrad
-from .options import LossOptions, accumulation_dtype
-from .stat_rows import ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS
+from .. import backends, core
+from ..backends import cpu_compiled_log_probs
+from ..backends.torch_ops import CPU_COMPILED_BLOCK_BYTES
+from ..index_check import DeferredIndexCheck
+from ..options import LossOptions, accumulation_dtype, index_target_for_kernels
+from ..stat_rows import ENTROPY, LOG_SUM, LOSS, MAX, STAT_ROWS
 
 # Only where ``backends`` found Triton (the same condition, so that both agree).
 if backends.triton_kernels is not None:
-    from .backends import triton_log_probs
+    from ..backends import triton_log_probs
 else:  # pragma: no cover - depends on the platform
     triton_log_probs = None
 
@@ -67,6 +61,25 @@ class RowsForward(NamedTuple):
     entropy: Tensor | None  # (M,) H, 0 at ignored rows; None when not asked
     stats: Tensor  # (4, M) or (7, M) row statistics (core's rows)
     pending_check: DeferredIndexCheck | None
+
+
+def flat_rows(logits: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(M, V) logits with unit stride along V (no copy for a contiguous input; V may be 0 for
+    a vocabulary slice) and (M,) class indices as the kernels read them, of (..., V) logits and
+    (...) targets."""
+    t = index_target_for_kernels(target.reshape(-1), ignore_index)
+    x = logits.reshape(t.shape[0], logits.shape[-1])  # -1 is ambiguous for V = 0
+    return (x if x.stride(-1) == 1 else x.contiguous()), t
+
+
+def shaped(
+    logp: Tensor, ent: Tensor | None, entropy: bool, shape: tuple[int, ...]
+) -> Tensor | tuple[Tensor, Tensor]:
+    """What the public functions return: ``logp`` of the target's ``shape``, with ``entropy``
+    the tuple ``(logp, entropy)``."""
+    if not entropy:
+        return logp.reshape(shape)
+    return logp.reshape(shape), ent.reshape(shape)
 
 
 def outputs_from_stats(
@@ -288,114 +301,3 @@ def grad_rows(
         return out
     _torch_grad_rows(logits, target, stats, flat[0], flat[1], out, opts, col_offset, vocab)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The fused head: chunks of x @ W.T (+ b), never all N x V
-# --------------------------------------------------------------------------------------------
-
-
-def head_forward(
-    x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    opts: LossOptions,
-    chunk_rows: int,
-    entropy: bool,
-) -> Tensor:
-    """(4, N) or (7, N) row statistics of the head's logits, chunk by chunk (``rows_stats`` on
-    each chunk of x @ W.T + b; the class indices are checked by the caller, once).
-
-    Args:
-        x: (N, D) contiguous. W: (V, D). b: (V,) or None. target: (N,) class indices.
-        opts: ``row_options``. chunk_rows: token rows per chunk. entropy: fill the entropy row.
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        # The operands already have the autocast dtype; the products stay in it.
-        with torch.autocast(x.device.type, enabled=False):
-            return head_forward(x, W, b, target, opts, chunk_rows, entropy)
-    N = x.shape[0]
-    stats = core.new_stats(N, x.dtype, x.device, entropy)
-    buf = torch.empty((min(chunk_rows, N), W.shape[0]), dtype=x.dtype, device=x.device)
-    for start in range(0, N, chunk_rows):
-        end = min(start + chunk_rows, N)
-        logits = _chunk_logits(x[start:end], W, b, buf[: end - start])
-        rows_stats(logits, target[start:end], opts, entropy, stats[:, start:end])
-    return stats
-
-
-def _chunk_logits(x_c: Tensor, W: Tensor, b: Tensor | None, out: Tensor) -> Tensor:
-    """x_c @ W.T (+ b) into ``out``: the same product in forward and in backward, so that the
-    saved statistics describe the recomputed logits."""
-    if b is None:
-        return torch.mm(x_c, W.t(), out=out)
-    return torch.addmm(b, x_c, W.t(), out=out)
-
-
-def head_backward(
-    x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    opts: LossOptions,
-    stats: Tensor,
-    grad_logp: Tensor | None,
-    grad_entropy: Tensor | None,
-    chunk_rows: int,
-    needs: tuple[bool, bool, bool],
-    col_offset: int = 0,
-    vocab: int | None = None,
-    own_stats: bool = True,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """(grad_x (N, D), grad_W (V, D), grad_b (V,)), each None where ``needs`` says no: each
-    chunk's logits recomputed, its gradient written over them in place (``grad_rows``), then
-    the three products. grad_W and grad_b accumulate in float32 for half-precision weights.
-
-    Args: as ``head_forward``; ``stats`` from it (or the combined statistics of a vocabulary
-    slice, with ``col_offset``, ``vocab`` and ``own_stats`` as in ``grad_rows``); ``grad_logp`` /
-    ``grad_entropy`` (N,) or None.
-    """
-    if torch.is_autocast_enabled(x.device.type):
-        # The operands already have the autocast dtype; keep the float32 sums float32.
-        with torch.autocast(x.device.type, enabled=False):
-            return head_backward(
-                x, W, b, target, opts, stats, grad_logp, grad_entropy, chunk_rows, needs,
-                col_offset, vocab, own_stats,
-            )  # fmt: skip
-    N = x.shape[0]
-    V = W.shape[0]
-    acc = accumulation_dtype(x.dtype)
-    gx = torch.empty_like(x) if needs[0] else None
-    gw = WeightGrad(W, "float32") if needs[1] else None
-    gb = torch.zeros(V, dtype=acc, device=x.device) if needs[2] and b is not None else None
-    buf = torch.empty((min(chunk_rows, N), V), dtype=x.dtype, device=x.device)
-    for start in range(0, N, chunk_rows):
-        end = min(start + chunk_rows, N)
-        x_c = x[start:end]
-        logits = _chunk_logits(x_c, W, b, buf[: end - start])
-        grad_rows(
-            logits,
-            target[start:end],
-            opts,
-            stats[:, start:end],
-            grad_logp[start:end] if grad_logp is not None else None,
-            grad_entropy[start:end] if grad_entropy is not None else None,
-            out=logits,
-            col_offset=col_offset,
-            vocab=vocab,
-            own_stats=own_stats,
-        )
-        if gx is not None:
-            torch.mm(logits, W, out=gx[start:end])
-        if gw is not None:
-            gw.add(logits, x_c)
-        if gb is not None:
-            gb += logits.sum(0, dtype=acc)
-    if gx is not None and N == 0:
-        gx.zero_()
-    return (
-        gx,
-        gw.result() if gw is not None else None,
-        gb.to(b.dtype) if gb is not None else None,
-    )

@@ -1,0 +1,235 @@
+"""The public functions ``token_log_probs`` and ``linear_token_log_probs``: per-token
+log-probabilities of the chosen tokens, and the entropy, for RL trainers (GRPO / PPO / DPO build
+their losses from these).
+
+With z = logits / T (or (input @ W.T + b) / T) and q = softmax(z) over the last dimension:
+logp_i = log q_{i, y_i} and H_i = -sum_c q_c log q_c, float32 (float64 for float64 input), of
+the target's shape; rows whose target is ``ignore_index`` give 0 and no gradient. Both outputs
+are differentiable for any upstream gradient. Each call checks its arguments (``checks``) and
+takes one of four paths: the differentiable torch ops under a ``torch.func`` transform
+(``functions.differentiable``), the custom ops while ``torch.compile`` traces (``custom_ops``),
+the autograd Functions where a gradient is wanted (``functions``), the rows alone otherwise
+(``rows``, ``head``). ``process_group`` goes to ``sharded.token_log_probs``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import func_transforms, index_check
+from ..index_check import check_class_indices
+from ..linear_chunks import planned_chunk_rows
+from ..sharded import token_log_probs as sharded
+from .checks import check_head, check_log_prob_options, check_logits
+from .custom_ops import LINEAR_WHO, WHO, _linear_token_log_probs_op, _token_log_probs_op
+from .functions import LinearTokenLogProbs, TokenLogProbs, differentiable
+from .head import autocast_cast, head_outputs, head_rows
+from .rows import flat_rows, forward_rows, row_options, shaped
+
+__all__ = ["linear_token_log_probs", "token_log_probs"]
+
+
+def _wants_group(process_group: object) -> bool:
+    """A group was given (``group.WORLD`` before ``init_process_group`` is None: no group)."""
+    return process_group is not None
+
+
+def token_log_probs(
+    logits: Tensor,
+    target: Tensor,
+    *,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = False,
+    process_group: object = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Per-token log-probabilities log softmax(logits / T)[target] (and the entropy), fused.
+
+    One pass over the logits forward (the cross-entropy's row kernel: nothing of size (..., V)
+    is written), one backward; half-precision logits are read as they are.
+
+    Args:
+        logits: (..., V) logits, class dimension last; float32, float16, bfloat16 (float64
+            takes the torch backend); any strides.
+        target: (...) class indices (int64, int32 or uint8).
+        temperature: T > 0; the distribution is softmax(logits / T).
+        ignore_index: target value whose row gives 0 for both outputs and no gradient.
+        return_entropy: also return H = -sum_c q_c log q_c per row.
+        process_group: a ``torch.distributed.ProcessGroup`` over which the class dimension is
+            split in contiguous slices in rank order: ``logits`` is this rank's slice (..., V_r)
+            and ``target`` holds global class indices, the same on every rank. Every rank gets
+            the same result; O(N) numbers per rank are exchanged, never the logits. None: the
+            unsharded function.
+
+    Returns:
+        ``logp`` of the target's shape, float32 (float64 for float64 logits); with
+        ``return_entropy`` the tuple ``(logp, entropy)``. Both are differentiable: the
+        gradient of a row is (g_lp * (onehot(y) - q) + g_H * q * (-log q - H)) / T.
+
+    Raises:
+        TypeError, ValueError: bad shapes, dtypes, devices or options; every message starts
+            with ``token_log_probs``. IndexError: a class index outside [0, V) other than
+            ``ignore_index`` (see ``fusedce.set_target_check``; on CUDA raised from backward
+            where a gradient is wanted). RuntimeError: double backward.
+    """
+    return _token_log_probs(
+        WHO, logits, target, temperature, ignore_index, return_entropy, process_group
+    )
+
+
+def _token_log_probs(
+    who: str,
+    logits: Tensor,
+    target: Tensor,
+    temperature: object,
+    ignore_index: object,
+    return_entropy: object,
+    process_group: object = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``token_log_probs`` for the public function ``who`` (a group of one rank comes back
+    here from the sharded path)."""
+    if _wants_group(process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(who)
+        return sharded.call_token_log_probs(
+            who,
+            logits,
+            target,
+            temperature,
+            ignore_index,
+            return_entropy,
+            process_group,
+            plain=_token_log_probs,
+        )
+    T, ii, entropy = check_log_prob_options(who, temperature, ignore_index, return_entropy)
+    check_logits(who, logits, target)
+    x, t = flat_rows(logits, target, ii)
+    if func_transforms.active():
+        logp, ent = differentiable(x, t, T, ii, entropy)
+    elif torch.compiler.is_compiling():
+        logp, ent, _ = _token_log_probs_op(x, t, ii, T, entropy, who)
+    elif torch.is_grad_enabled() and logits.requires_grad:
+        out = TokenLogProbs.apply(x, t, T, ii, entropy, who)
+        logp, ent = out if entropy else (out, None)
+    else:
+        with index_check.reporting_as(who):
+            fwd = forward_rows(x, t, row_options(ii, T), entropy)
+        logp, ent = fwd.logp, fwd.entropy
+    return shaped(logp, ent, entropy, tuple(target.shape))
+
+
+def linear_token_log_probs(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Tensor | None = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    return_entropy: bool = True,
+    process_group: object = None,
+    chunk_size: int | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``token_log_probs(F.linear(input, linear_weight, linear_bias), target, ...)`` without
+    ever materialising the (N, V) logits.
+
+    Forward walks the token rows in chunks of at most ``chunk_size`` rows of logits and keeps a
+    few numbers per row; backward recomputes each chunk's logits (the upstream gradients are
+    known only then) and writes its gradient over them before the three products.
+
+    Args:
+        input: (..., D) hidden states; float32, float16, bfloat16 or float64.
+        linear_weight: (V, D) output projection (under ``process_group``: this rank's (V_r, D)
+            rows, a contiguous slice of the vocabulary in rank order), the input's dtype.
+        target: (...) class indices (global ones under ``process_group``).
+        linear_bias: (V,) (or this rank's (V_r,)) or None.
+        temperature, ignore_index: as ``token_log_probs``.
+        return_entropy: also return the entropy (the default here: RL losses usually log or
+            regularise it).
+        process_group: as ``token_log_probs``; the input gradient is all-reduced inside, so
+            every rank gets the gradient of the whole head.
+        chunk_size: token rows per chunk; None picks about 256 MiB of logits (32 MiB on the
+            CPU).
+
+    Returns:
+        ``(logp, entropy)`` of the target's shape (float32; float64 for float64 input), or
+        ``logp`` alone with ``return_entropy=False``. Gradients reach ``input``,
+        ``linear_weight`` and ``linear_bias`` (float32 sums for half-precision weights).
+
+    Raises:
+        TypeError, ValueError, IndexError, RuntimeError: as ``token_log_probs``; messages
+            start with ``linear_token_log_probs``.
+    """
+    return _linear_token_log_probs(
+        LINEAR_WHO,
+        input,
+        linear_weight,
+        target,
+        linear_bias,
+        temperature,
+        ignore_index,
+        return_entropy,
+        chunk_size,
+        process_group,
+    )
+
+
+def _linear_token_log_probs(
+    who: str,
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Tensor | None,
+    temperature: object,
+    ignore_index: object,
+    return_entropy: object,
+    chunk_size: object,
+    process_group: object = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """``linear_token_log_probs`` for the public function ``who``."""
+    input, linear_weight, linear_bias = autocast_cast(input, linear_weight, linear_bias)
+    if _wants_group(process_group):
+        if func_transforms.active():
+            raise func_transforms.refuse_sharded(who)
+        return sharded.call_linear_token_log_probs(
+            who,
+            input,
+            linear_weight,
+            target,
+            linear_bias,
+            temperature,
+            ignore_index,
+            return_entropy,
+            chunk_size,
+            process_group,
+            plain=_linear_token_log_probs,
+        )
+    T, ii, entropy = check_log_prob_options(
+        who, temperature, ignore_index, return_entropy, chunk_size
+    )
+    check_head(who, input, linear_weight, target, linear_bias)
+    V = linear_weight.shape[0]
+    x, t = head_rows(input, target, ii)
+    rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
+    params = (input, linear_weight, linear_bias)
+    need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
+    if func_transforms.active():
+        # Under a transform the logits are materialised: the chunked Functions cannot run there.
+        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
+        logp, ent = differentiable(logits, t, T, ii, entropy)
+    elif torch.compiler.is_compiling():
+        logp, ent, _ = _linear_token_log_probs_op(
+            x, linear_weight, linear_bias, t, ii, T, entropy, rows, who
+        )
+    else:
+        check_class_indices(t, V, ii, who)
+        if need_grad:
+            out = LinearTokenLogProbs.apply(
+                x, linear_weight, linear_bias, t, T, ii, entropy, rows, who
+            )
+            logp, ent = out if entropy else (out, None)
+        else:
+            opts = row_options(ii, T)
+            logp, ent, _ = head_outputs(x, linear_weight, linear_bias, t, opts, rows, entropy)
+    return shaped(logp, ent, entropy, tuple(target.shape))
