@@ -21,10 +21,10 @@ from .. import func_transforms, index_check
 from ..index_check import check_class_indices
 from ..linear_chunks import planned_chunk_rows
 from ..sharded import token_log_probs as sharded
-from .checks import check_head, check_log_prob_options, check_logits
+from .checks import HeadCall, LogitsCall, check_head, check_log_prob_options, check_logits
 from .custom_ops import LINEAR_WHO, WHO, _linear_token_log_probs_op, _token_log_probs_op
 from .functions import LinearTokenLogProbs, TokenLogProbs, differentiable
-from .head import autocast_cast, head_outputs, head_rows
+from .head import autocast_cast, head_forward, head_rows
 from .rows import flat_rows, forward_rows, row_options, shaped
 
 __all__ = ["linear_token_log_probs", "token_log_probs"]
@@ -73,50 +73,43 @@ def token_log_probs(
             ``ignore_index`` (see ``fusedce.set_target_check``; on CUDA raised from backward
             where a gradient is wanted). RuntimeError: double backward.
     """
-    return _token_log_probs(
-        WHO, logits, target, temperature, ignore_index, return_entropy, process_group
-    )
+    call = LogitsCall(logits, target, temperature, ignore_index, return_entropy)
+    return _call(WHO, call, process_group)
 
 
-def _token_log_probs(
-    who: str,
-    logits: Tensor,
-    target: Tensor,
-    temperature: object,
-    ignore_index: object,
-    return_entropy: object,
-    process_group: object = None,
+def _call(
+    who: str, call: LogitsCall | HeadCall, process_group: object = None
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``token_log_probs`` for the public function ``who`` (a group of one rank comes back
-    here from the sharded path)."""
+    """The public function ``who`` on its arguments ``call``: over ``process_group`` where one
+    is given (a group of one rank comes back here without it), else on this process."""
+    if isinstance(call, HeadCall):
+        call = autocast_cast(call)  # the autocast dtype is the operands' (a no-op the 2nd time)
     if _wants_group(process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
-        return sharded.call_token_log_probs(
-            who,
-            logits,
-            target,
-            temperature,
-            ignore_index,
-            return_entropy,
-            process_group,
-            plain=_token_log_probs,
-        )
-    T, ii, entropy = check_log_prob_options(who, temperature, ignore_index, return_entropy)
-    check_logits(who, logits, target)
-    x, t = flat_rows(logits, target, ii)
+        return sharded.call_sharded(who, call, process_group, plain=_call)
+    if isinstance(call, HeadCall):
+        return _linear_token_log_probs(who, call)
+    return _token_log_probs(who, call)
+
+
+def _token_log_probs(who: str, call: LogitsCall) -> Tensor | tuple[Tensor, Tensor]:
+    """``token_log_probs`` on this process (arguments unchecked)."""
+    T, ii, entropy = check_log_prob_options(who, call)
+    check_logits(who, call)
+    x, t = flat_rows(call.logits, call.target, ii)
     if func_transforms.active():
         logp, ent = differentiable(x, t, T, ii, entropy)
     elif torch.compiler.is_compiling():
         logp, ent, _ = _token_log_probs_op(x, t, ii, T, entropy, who)
-    elif torch.is_grad_enabled() and logits.requires_grad:
+    elif torch.is_grad_enabled() and call.logits.requires_grad:
         out = TokenLogProbs.apply(x, t, T, ii, entropy, who)
         logp, ent = out if entropy else (out, None)
     else:
         with index_check.reporting_as(who):
             fwd = forward_rows(x, t, row_options(ii, T), entropy)
         logp, ent = fwd.logp, fwd.entropy
-    return shaped(logp, ent, entropy, tuple(target.shape))
+    return shaped(logp, ent, entropy, tuple(call.target.shape))
 
 
 def linear_token_log_probs(
@@ -161,8 +154,7 @@ def linear_token_log_probs(
         TypeError, ValueError, IndexError, RuntimeError: as ``token_log_probs``; messages
             start with ``linear_token_log_probs``.
     """
-    return _linear_token_log_probs(
-        LINEAR_WHO,
+    call = HeadCall(
         input,
         linear_weight,
         target,
@@ -171,65 +163,30 @@ def linear_token_log_probs(
         ignore_index,
         return_entropy,
         chunk_size,
-        process_group,
     )
+    return _call(LINEAR_WHO, call, process_group)
 
 
-def _linear_token_log_probs(
-    who: str,
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    temperature: object,
-    ignore_index: object,
-    return_entropy: object,
-    chunk_size: object,
-    process_group: object = None,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """``linear_token_log_probs`` for the public function ``who``."""
-    input, linear_weight, linear_bias = autocast_cast(input, linear_weight, linear_bias)
-    if _wants_group(process_group):
-        if func_transforms.active():
-            raise func_transforms.refuse_sharded(who)
-        return sharded.call_linear_token_log_probs(
-            who,
-            input,
-            linear_weight,
-            target,
-            linear_bias,
-            temperature,
-            ignore_index,
-            return_entropy,
-            chunk_size,
-            process_group,
-            plain=_linear_token_log_probs,
-        )
-    T, ii, entropy = check_log_prob_options(
-        who, temperature, ignore_index, return_entropy, chunk_size
-    )
-    check_head(who, input, linear_weight, target, linear_bias)
-    V = linear_weight.shape[0]
-    x, t = head_rows(input, target, ii)
-    rows = planned_chunk_rows(x.shape[0], V, x.dtype, chunk_size, x.device)
-    params = (input, linear_weight, linear_bias)
+def _linear_token_log_probs(who: str, call: HeadCall) -> Tensor | tuple[Tensor, Tensor]:
+    """``linear_token_log_probs`` on this process (arguments unchecked; autocast applied)."""
+    T, ii, entropy = check_log_prob_options(who, call)
+    check_head(who, call)
+    W, b = call.linear_weight, call.linear_bias
+    V = W.shape[0]
+    x, t = head_rows(call, ii)
+    rows = planned_chunk_rows(x.shape[0], V, x.dtype, call.chunk_size, x.device)
+    params = (call.input, W, b)
     need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in params)
     if func_transforms.active():
         # Under a transform the logits are materialised: the chunked Functions cannot run there.
-        logits = torch.nn.functional.linear(x, linear_weight, linear_bias)
-        logp, ent = differentiable(logits, t, T, ii, entropy)
+        logp, ent = differentiable(torch.nn.functional.linear(x, W, b), t, T, ii, entropy)
     elif torch.compiler.is_compiling():
-        logp, ent, _ = _linear_token_log_probs_op(
-            x, linear_weight, linear_bias, t, ii, T, entropy, rows, who
-        )
+        logp, ent, _ = _linear_token_log_probs_op(x, W, b, t, ii, T, entropy, rows, who)
     else:
         check_class_indices(t, V, ii, who)
         if need_grad:
-            out = LinearTokenLogProbs.apply(
-                x, linear_weight, linear_bias, t, T, ii, entropy, rows, who
-            )
+            out = LinearTokenLogProbs.apply(x, W, b, t, T, ii, entropy, rows, who)
             logp, ent = out if entropy else (out, None)
         else:
-            opts = row_options(ii, T)
-            logp, ent, _ = head_outputs(x, linear_weight, linear_bias, t, opts, rows, entropy)
-    return shaped(logp, ent, entropy, tuple(target.shape))
+            logp, ent, _ = head_forward(x, W, b, t, row_options(ii, T), rows, entropy)
+    return shaped(logp, ent, entropy, tuple(call.target.shape))

@@ -19,6 +19,29 @@ from ..validation import (
 )
 
 
+class LogitsCall(NamedTuple):
+    """The arguments of one ``token_log_probs`` call, as given (unchecked)."""
+
+    logits: Tensor  # (..., V), or this rank's (..., V_r) under a process group
+    target: Tensor  # (...) class indices
+    temperature: object
+    ignore_index: object
+    return_entropy: object
+
+
+class HeadCall(NamedTuple):
+    """The arguments of one ``linear_token_log_probs`` call, as given (unchecked)."""
+
+    input: Tensor  # (..., D)
+    linear_weight: Tensor  # (V, D), or this rank's (V_r, D)
+    target: Tensor  # (...) class indices
+    linear_bias: Tensor | None  # (V,) or (V_r,)
+    temperature: object
+    ignore_index: object
+    return_entropy: object
+    chunk_size: object
+
+
 class LogProbOptions(NamedTuple):
     """The checked options of one call."""
 
@@ -27,18 +50,12 @@ class LogProbOptions(NamedTuple):
     entropy: bool  # return_entropy
 
 
-def check_log_prob_options(
-    who: str,
-    temperature: object,
-    ignore_index: object,
-    return_entropy: object,
-    chunk_size: object = None,
-) -> LogProbOptions:
-    """The options that are not tensors (``chunk_size``: None or an int >= 1, for the head)."""
-    T = check_temperature(who, temperature)
-    ii = check_options(who, ignore_index, 0.0, "none").ignore_index
-    entropy = check_flag(who, "return_entropy", return_entropy)
-    check_chunk_size(who, chunk_size)
+def check_log_prob_options(who: str, call: LogitsCall | HeadCall) -> LogProbOptions:
+    """The options of a call that are not tensors (the head's ``chunk_size`` too)."""
+    T = check_temperature(who, call.temperature)
+    ii = check_options(who, call.ignore_index, 0.0, "none").ignore_index
+    entropy = check_flag(who, "return_entropy", call.return_entropy)
+    check_chunk_size(who, getattr(call, "chunk_size", None))
     return LogProbOptions(T, ii, entropy)
 
 
@@ -55,9 +72,10 @@ def _check_target(who: str, target: object, expected: tuple[int, ...], device) -
         raise ValueError(f"{who}: target is on {target.device} but input is on {device}")
 
 
-def check_logits(who: str, logits: object, target: object, slice_ok: bool = False) -> None:
+def check_logits(who: str, call: LogitsCall, slice_ok: bool = False) -> None:
     """``logits`` (..., V) floating with V >= 1 (V = 0 for a vocabulary slice with
     ``slice_ok``) and ``target`` (...) class indices beside it."""
+    logits, target = call.logits, call.target
     check_tensors(who, logits=logits)
     if not logits.is_floating_point():
         raise TypeError(f"{who}: logits must be a floating tensor, got {logits.dtype}")
@@ -69,17 +87,11 @@ def check_logits(who: str, logits: object, target: object, slice_ok: bool = Fals
     _check_target(who, target, tuple(logits.shape[:-1]), logits.device)
 
 
-def check_head(
-    who: str,
-    input: object,
-    linear_weight: object,
-    target: object,
-    linear_bias: object,
-    slice_ok: bool = False,
-) -> None:
+def check_head(who: str, call: HeadCall, slice_ok: bool = False) -> None:
     """``input`` (..., D), ``linear_weight`` (V, D) of its dtype (V = 0 allowed for a
     vocabulary slice with ``slice_ok``), ``linear_bias`` (V,) or None, ``target`` (...) class
     indices, all on one device."""
+    input, linear_weight, target, linear_bias = call[:4]
     check_tensors(who, input=input, linear_weight=linear_weight)
     check_input(who, input, "(..., D)")
     # One message for both (fewer than 2 dimensions, or no class): before the shared check.

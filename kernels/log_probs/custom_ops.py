@@ -17,7 +17,7 @@ from ..index_check import check_class_indices
 from ..options import accumulation_dtype, index_target_for_kernels
 from ..stat_rows import EXTRA_STAT_ROWS, STAT_ROWS
 from .functions import no_double_backward
-from .head import head_backward, head_outputs
+from .head import head_backward, head_forward
 from .rows import forward_rows, grad_rows, row_options
 
 WHO = "token_log_probs"
@@ -131,7 +131,7 @@ def _linear_token_log_probs_op(
     x = x.contiguous()
     target = index_target_for_kernels(target, ignore_index)
     opts = row_options(ignore_index, temperature)
-    return _outputs(*head_outputs(x, W, b, target, opts, chunk_rows, entropy), x)
+    return _outputs(*head_forward(x, W, b, target, opts, chunk_rows, entropy), x)
 
 
 _linear_token_log_probs_op.register_fake(lambda x, *args, **_kw: _fake_outputs(x, args[5]))

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from .. import index_check
 from ..options import accumulation_dtype
-from .head import head_backward, head_outputs
+from .head import head_backward, head_forward
 from .rows import forward_rows, grad_rows, row_options
 
 
@@ -76,7 +76,7 @@ class LinearTokenLogProbs(torch.autograd.Function):
     def forward(ctx, x, W, b, target, temperature, ignore_index, entropy, chunk_rows, who):  # type: ignore[override]
         ctx.set_materialize_grads(False)
         opts = row_options(ignore_index, temperature)
-        logp, ent, stats = head_outputs(x, W, b, target, opts, chunk_rows, entropy)
+        logp, ent, stats = head_forward(x, W, b, target, opts, chunk_rows, entropy)
         ctx.save_for_backward(x, W, b, target, stats)
         ctx.opts, ctx.who, ctx.chunk_rows = opts, who, chunk_rows
         return (logp, ent) if entropy else logp

@@ -18,29 +18,33 @@ from torch import Tensor
 from .. import core
 from ..linear_chunks import chunk_sweep
 from ..options import LossOptions, index_target_for_kernels
+from .checks import HeadCall
 from .rows import grad_rows, outputs_from_stats, rows_stats
 
 
-def head_rows(input: Tensor, target: Tensor, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """(N, D) contiguous hidden states and (N,) class indices as the kernels read them, of
-    (..., D) ``input`` and (...) ``target``."""
-    x = input.reshape(-1, input.shape[-1]).contiguous()
-    return x, index_target_for_kernels(target.reshape(-1), ignore_index)
+def head_rows(call: HeadCall, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(N, D) contiguous hidden states and (N,) class indices as the kernels read them, of the
+    call's (..., D) ``input`` and (...) ``target``."""
+    x = call.input.reshape(-1, call.input.shape[-1]).contiguous()
+    return x, index_target_for_kernels(call.target.reshape(-1), ignore_index)
 
 
-def autocast_cast(
-    input: Tensor, linear_weight: Tensor, linear_bias: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor | None]:
+def autocast_cast(call: HeadCall) -> HeadCall:
     """Under autocast, the head's operands in the autocast dtype, as ``F.linear`` would run."""
+    input = call.input
     if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
-        return input, linear_weight, linear_bias
+        return call
     dtype = torch.get_autocast_dtype(input.device.type)
 
     def cast(t: object) -> object:
         ok = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
         return t.to(dtype) if ok else t
 
-    return cast(input), cast(linear_weight), cast(linear_bias)
+    return call._replace(
+        input=cast(input),
+        linear_weight=cast(call.linear_weight),
+        linear_bias=cast(call.linear_bias),
+    )
 
 
 def head_forward(
@@ -51,9 +55,10 @@ def head_forward(
     opts: LossOptions,
     chunk_rows: int,
     entropy: bool,
-) -> Tensor:
-    """(4, N) or (7, N) row statistics of the head's logits, chunk by chunk (``rows_stats`` on
-    each chunk of x @ W.T + b; the class indices are checked by the caller, once).
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """(logp (N,), entropy (N,) or None, (4, N) or (7, N) row statistics) of the head's logits,
+    chunk by chunk (``rows_stats`` on each chunk of x @ W.T + b; the class indices are checked
+    by the caller, once).
 
     Args:
         x: (N, D) contiguous. W: (V, D). b: (V,) or None. target: (N,) class indices.
@@ -66,21 +71,6 @@ def head_forward(
         rows_stats(logits, target[rows], opts, entropy, stats[:, rows])
 
     chunk_sweep(x, W, b, chunk_rows, visit, (False, False, False))
-    return stats
-
-
-def head_outputs(
-    x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    target: Tensor,
-    opts: LossOptions,
-    chunk_rows: int,
-    entropy: bool,
-) -> tuple[Tensor, Tensor | None, Tensor]:
-    """(logp (N,), entropy (N,) or None, row statistics) of the head: ``head_forward`` and the
-    outputs read from its statistics (arguments as there)."""
-    stats = head_forward(x, W, b, target, opts, chunk_rows, entropy)
     logp, ent = outputs_from_stats(stats, target, opts.ignore_index, entropy)
     return logp, ent, stats
 

@@ -34,7 +34,13 @@ from torch import Tensor
 
 from .. import core
 from ..linear_chunks import planned_chunk_rows
-from ..log_probs.checks import check_head, check_log_prob_options, check_logits
+from ..log_probs.checks import (
+    HeadCall,
+    LogitsCall,
+    check_head,
+    check_log_prob_options,
+    check_logits,
+)
 from ..log_probs.head import head_backward, head_forward, head_rows
 from ..log_probs.rows import flat_rows, grad_rows, row_options, shaped
 from ..options import accumulation_dtype
@@ -145,7 +151,8 @@ class _ShardedLinearTokenLogProbs(torch.autograd.Function):
         local_t = _local_target(t, sh, ii)
         stats = None
         if sh.width > 0:
-            stats = head_forward(x, W, b, local_t, row_options(_NOT_HERE, T), rows, entropy)
+            opts = row_options(_NOT_HERE, T)
+            _, _, stats = head_forward(x, W, b, local_t, opts, rows, entropy)
         table = _slice_table(stats, local_t, entropy, accumulation_dtype(x.dtype))
         logp, ent, combined = _combine(_gather(table, sh.group), t, ii, entropy)
         ctx.save_for_backward(x, W, b, t, combined)
@@ -172,79 +179,39 @@ class _ShardedLinearTokenLogProbs(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
-def call_token_log_probs(
-    who: str,
-    logits: Tensor,
-    target: Tensor,
-    temperature: object,
-    ignore_index: object,
-    return_entropy: object,
-    process_group: object,
-    plain: Callable[..., object],
+def call_sharded(
+    who: str, call: LogitsCall | HeadCall, process_group: object, plain: Callable[..., object]
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``token_log_probs`` over ``process_group``; a group of one rank runs ``plain`` (the
-    unsharded implementation, passed in by the public module, which this package never
-    imports)."""
+    """``token_log_probs`` (a ``LogitsCall``: this rank's (..., V_r) logits) or
+    ``linear_token_log_probs`` (a ``HeadCall``: this rank's (V_r, D) rows of the head) over
+    ``process_group``. A group of one rank runs ``plain(who, call)``: the unsharded
+    implementation, passed in by the public module, which this package never imports."""
     group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
-        return plain(who, logits, target, temperature, ignore_index, return_entropy)
+        return plain(who, call)
+    head = isinstance(call, HeadCall)
     error, meta, t, ii = None, None, None, -100
     try:
-        T, ii, entropy = check_log_prob_options(who, temperature, ignore_index, return_entropy)
-        check_logits(who, logits, target, slice_ok=True)
-        x, t = flat_rows(logits, target, ii)
-        meta = _meta(x.shape[1], x.shape[0], tuple(target.shape), 0, x.dtype, ii, T, entropy)
+        T, ii, entropy = check_log_prob_options(who, call)
+        if head:
+            check_head(who, call, slice_ok=True)
+            width, features = call.linear_weight.shape
+            x, t = head_rows(call, ii)
+            rows = planned_chunk_rows(x.shape[0], max(width, 1), x.dtype, call.chunk_size, x.device)
+        else:
+            check_logits(who, call, slice_ok=True)
+            x, t = flat_rows(call.logits, call.target, ii)
+            width, features = x.shape[1], 0
+        shape = tuple(call.target.shape)
+        meta = _meta(width, x.shape[0], shape, features, x.dtype, ii, T, entropy)
     except _CHECK_ERRORS as e:
         error = e
-    device = logits.device if isinstance(logits, Tensor) else torch.device("cpu")
+    # The exchange runs on the device of the first tensor argument (the logits, the input).
+    device = call[0].device if isinstance(call[0], Tensor) else torch.device("cpu")
     sh = _agree(who, group, device, error, meta, t if meta is not None else None, ii)
-    out = _ShardedTokenLogProbs.apply(x, t, T, ii, entropy, sh)
-    return shaped(*(out if entropy else (out, None)), entropy, tuple(target.shape))
-
-
-def call_linear_token_log_probs(
-    who: str,
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    temperature: object,
-    ignore_index: object,
-    return_entropy: object,
-    chunk_size: object,
-    process_group: object,
-    plain: Callable[..., object],
-) -> Tensor | tuple[Tensor, Tensor]:
-    """``linear_token_log_probs`` over ``process_group`` (``linear_weight``: this rank's rows of
-    the vocabulary); a group of one rank runs ``plain``."""
-    group = _resolve_group(who, process_group)
-    if group is None or dist.get_world_size(group) == 1:
-        return plain(
-            who,
-            input,
-            linear_weight,
-            target,
-            linear_bias,
-            temperature,
-            ignore_index,
-            return_entropy,
-            chunk_size,
-        )
-    error, meta, t, ii = None, None, None, -100
-    try:
-        T, ii, entropy = check_log_prob_options(
-            who, temperature, ignore_index, return_entropy, chunk_size
-        )
-        check_head(who, input, linear_weight, target, linear_bias, slice_ok=True)
-        V_r, D = linear_weight.shape
-        x, t = head_rows(input, target, ii)
-        rows = planned_chunk_rows(x.shape[0], max(V_r, 1), x.dtype, chunk_size, x.device)
-        meta = _meta(V_r, x.shape[0], tuple(target.shape), D, x.dtype, ii, T, entropy)
-    except _CHECK_ERRORS as e:
-        error = e
-    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
-    sh = _agree(who, group, device, error, meta, t if meta is not None else None, ii)
-    out = _ShardedLinearTokenLogProbs.apply(
-        x, linear_weight, linear_bias, t, T, ii, entropy, rows, sh
-    )
-    return shaped(*(out if entropy else (out, None)), entropy, tuple(target.shape))
+    if head:
+        W, b = call.linear_weight, call.linear_bias
+        out = _ShardedLinearTokenLogProbs.apply(x, W, b, t, T, ii, entropy, rows, sh)
+    else:
+        out = _ShardedTokenLogProbs.apply(x, t, T, ii, entropy, sh)
+    return shaped(*(out if entropy else (out, None)), entropy, shape)
