@@ -106,6 +106,45 @@ def _check_linear(rank: int, world: int, widths: list[int], dtype: torch.dtype, 
     _same_on_every_rank(xs.grad, world, "input gradient")
 
 
+def _check_dtensor(rank: int, world: int) -> None:
+    """A DTensor logits sharded on the class dimension (and a DTensor head weight sharded by
+    rows): replicated DTensor outputs, the unsharded values and gradients."""
+    # Optional: torch.distributed.tensor exists only in torch builds with distributed.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    logits, y, g_lp, g_h = _data(1, torch.float32)
+    x64 = logits.double().requires_grad_()
+    ref_lp, ref_h = reference(x64, y, 0.8, IGNORE)
+    ((ref_lp * g_lp).sum() + (ref_h * g_h).sum()).backward()
+    dt = distribute_tensor(logits, mesh, [Shard(-1)]).requires_grad_()
+    lp, h = fusedce.token_log_probs(dt, y, temperature=0.8, return_entropy=True)
+    for out, ref, what in ((lp, ref_lp, "logp"), (h, ref_h, "entropy")):
+        assert isinstance(out, DTensor) and out.placements == (Replicate(),), what
+        close(out.to_local(), ref.detach(), TOL[torch.float32], f"DTensor {what}")
+    ((lp.to_local() * g_lp.float()).sum() + (h.to_local() * g_h.float()).sum()).backward()
+    assert isinstance(dt.grad, DTensor) and dt.grad.placements == dt.placements
+    close(dt.grad.full_tensor(), x64.grad, TOL[torch.float32], "DTensor grad")
+    # Sharded on another dimension: the same error on every rank, before any collective.
+    rows = distribute_tensor(logits, mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"^token_log_probs: .*Shard\(-1\)"):
+        fusedce.token_log_probs(rows, y)
+    # The head with a DTensor weight sharded by rows.
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(N, 5, generator=g, requires_grad=True)
+    W = torch.randn(V, 5, generator=g)
+    ref_lp, ref_h = fusedce.linear_token_log_probs(x, W, y)
+    (ref_lp.sum() + ref_h.sum()).backward()
+    ref_gx, x.grad = x.grad, None
+    lp, h = fusedce.linear_token_log_probs(x, distribute_tensor(W, mesh, [Shard(0)]), y)
+    assert isinstance(lp, DTensor) and isinstance(h, DTensor)
+    close(lp.to_local(), ref_lp.detach().double(), TOL[torch.float32], "DTensor head logp")
+    close(h.to_local(), ref_h.detach().double(), TOL[torch.float32], "DTensor head entropy")
+    (lp.to_local().sum() + h.to_local().sum()).backward()
+    close(x.grad, ref_gx.double(), TOL[torch.float32], "DTensor head grad_input")
+
+
 def _worker(rank: int, world: int, init_file: str, _unused: str = "") -> None:
     dist.init_process_group(
         "gloo",
@@ -125,6 +164,7 @@ def _worker(rank: int, world: int, init_file: str, _unused: str = "") -> None:
         for dtype in (torch.bfloat16, torch.float64):
             _check_logits(rank, world, even, dtype, 1.0)
             _check_linear(rank, world, even, dtype, bias=dtype == torch.float64)
+        _check_dtensor(rank, world)
 
         # Forward: the metadata agreement and one gather of 5 numbers per row; backward: none
         # for the logits, the input gradient's all-reduce for the head.
@@ -193,5 +233,6 @@ def _worker(rank: int, world: int, init_file: str, _unused: str = "") -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_log_probs_match_unsharded(world: int, tmp_path) -> None:
     """Values, entropies and gradients of every slice (even and skewed splits, an empty slice),
-    bitwise equal on every rank; the collectives per call; errors raised on every rank."""
+    bitwise equal on every rank; DTensor logits and head weights; the collectives per call;
+    errors raised on every rank."""
     _spawn(world, tmp_path, worker=_worker)

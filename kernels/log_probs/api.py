@@ -30,11 +30,6 @@ from .rows import flat_rows, forward_rows, row_options, shaped
 __all__ = ["linear_token_log_probs", "token_log_probs"]
 
 
-def _wants_group(process_group: object) -> bool:
-    """A group was given (``group.WORLD`` before ``init_process_group`` is None: no group)."""
-    return process_group is not None
-
-
 def token_log_probs(
     logits: Tensor,
     target: Tensor,
@@ -51,7 +46,10 @@ def token_log_probs(
 
     Args:
         logits: (..., V) logits, class dimension last; float32, float16, bfloat16 (float64
-            takes the torch backend); any strides.
+            takes the torch backend); any strides. A ``DTensor`` sharded on the class dimension
+            (``Shard(-1)``) of a 1-D device mesh runs as ``process_group`` over the mesh's
+            group on the local slices (``target`` plain or replicated), and both outputs come
+            back as replicated DTensors.
         target: (...) class indices (int64, int32 or uint8).
         temperature: T > 0; the distribution is softmax(logits / T).
         ignore_index: target value whose row gives 0 for both outputs and no gradient.
@@ -84,7 +82,7 @@ def _call(
     is given (a group of one rank comes back here without it), else on this process."""
     if isinstance(call, HeadCall):
         call = autocast_cast(call)  # the autocast dtype is the operands' (a no-op the 2nd time)
-    if _wants_group(process_group):
+    if sharded.wants_sharded(call, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
         return sharded.call_sharded(who, call, process_group, plain=_call)
@@ -134,7 +132,9 @@ def linear_token_log_probs(
     Args:
         input: (..., D) hidden states; float32, float16, bfloat16 or float64.
         linear_weight: (V, D) output projection (under ``process_group``: this rank's (V_r, D)
-            rows, a contiguous slice of the vocabulary in rank order), the input's dtype.
+            rows, a contiguous slice of the vocabulary in rank order), the input's dtype; or a
+            ``DTensor`` sharded by rows (``Shard(0)``) on a 1-D device mesh, as a DTensor
+            ``logits`` in ``token_log_probs``.
         target: (...) class indices (global ones under ``process_group``).
         linear_bias: (V,) (or this rank's (V_r,)) or None.
         temperature, ignore_index: as ``token_log_probs``.

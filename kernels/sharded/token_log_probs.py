@@ -19,6 +19,10 @@ rank writes its slice's gradient from the combined (M, log_sum, H) and the globa
 (``log_probs.rows.grad_rows`` with a column offset). The linear head's input gradient is the sum
 of the slices' ``g_r @ W_r``: one ``all_reduce`` inside backward.
 
+A DTensor logits sharded on the class dimension of a 1-D mesh (or a head weight sharded by rows)
+is the same call on the local tensors over the mesh's group (``dtensor``, as the cross-entropy's
+``route`` does), its outputs replicated DTensors.
+
 The arguments are checked on each rank and agreed in the package's metadata exchange
 (``agreement._agree``: one small all_gather), so that a bad argument on one rank raises the same
 error on every rank instead of leaving the others waiting in a collective.
@@ -45,8 +49,10 @@ from ..log_probs.head import head_backward, head_forward, head_rows
 from ..log_probs.rows import flat_rows, grad_rows, row_options, shaped
 from ..options import accumulation_dtype
 from ..stat_rows import ENTROPY, EXTRA_STAT_ROWS, LOG_SUM, LOSS, MAX
+from . import dtensor
 from .agreement import _agree, _Meta, _resolve_group, _Shard
 from .route import _meta as _loss_meta
+from .route import wants_vocab_parallel
 
 # The ignore_index of a slice's local targets: no local class index is negative.
 _NOT_HERE = -1
@@ -179,13 +185,58 @@ class _ShardedLinearTokenLogProbs(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None
 
 
+def _sharded_arg(call: LogitsCall | HeadCall) -> object:
+    """The argument split over the ranks: the logits, or the head's weight."""
+    return call.linear_weight if isinstance(call, HeadCall) else call.logits
+
+
+def wants_sharded(call: LogitsCall | HeadCall, process_group: object) -> bool:
+    """Whether a call goes here: a process group was given (``group.WORLD`` before
+    ``init_process_group`` is None: no group), or the logits (the head's weight) is a DTensor."""
+    return wants_vocab_parallel(_sharded_arg(call), process_group)
+
+
+def _dtensor_parts(
+    who: str, call: LogitsCall | HeadCall, process_group: object
+) -> tuple[object, LogitsCall | HeadCall]:
+    """(the 1-D mesh, the call on this rank's local tensors) of a call whose logits are a
+    DTensor sharded on the class (last) dimension, or whose head weight is one sharded by rows
+    (the other tensors: plain, or replicated DTensors; a bias sharded like the weight)."""
+    if isinstance(call, HeadCall):
+        mesh, x, W, t, b, _, _ = dtensor.linear_parts(
+            who, call.input, call.linear_weight, call.target, call.linear_bias, None, None,
+            process_group,
+        )  # fmt: skip
+        return mesh, call._replace(input=x, linear_weight=W, target=t, linear_bias=b)
+    logits = call.logits
+    mesh = dtensor._mesh_of(who, logits, process_group)
+    last = logits.dim() - 1
+    if last < 0 or not all(
+        p.is_shard() and p.dim % logits.dim() == last for p in logits.placements
+    ):
+        raise ValueError(
+            f"{who}: a DTensor logits must be sharded on the class dimension (Shard(-1)), got "
+            f"{logits.placements}"
+        )
+    target = dtensor._local_part(who, call.target, "target")
+    return mesh, call._replace(logits=logits.to_local(), target=target)
+
+
 def call_sharded(
     who: str, call: LogitsCall | HeadCall, process_group: object, plain: Callable[..., object]
 ) -> Tensor | tuple[Tensor, Tensor]:
     """``token_log_probs`` (a ``LogitsCall``: this rank's (..., V_r) logits) or
     ``linear_token_log_probs`` (a ``HeadCall``: this rank's (V_r, D) rows of the head) over
-    ``process_group``. A group of one rank runs ``plain(who, call)``: the unsharded
+    ``process_group``, or over the mesh of a DTensor logits / head weight (the outputs then
+    replicated DTensors). A group of one rank runs ``plain(who, call)``: the unsharded
     implementation, passed in by the public module, which this package never imports."""
+    if dtensor.is_dtensor(_sharded_arg(call)):
+        # The local slices on the mesh's group; the outputs come back replicated.
+        mesh, local = _dtensor_parts(who, call, process_group)
+        out = call_sharded(who, local, mesh.get_group(), plain)
+        if isinstance(out, tuple):
+            return tuple(dtensor.replicated(t, mesh) for t in out)
+        return dtensor.replicated(out, mesh)
     group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
         return plain(who, call)
