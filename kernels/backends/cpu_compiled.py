@@ -297,5 +297,5 @@ def _report_failure(err: Exception) -> None:
         f"fusedce: compiling the CPU cross-entropy rows failed ({type(err).__name__}: "
         f"{first_line}); {what}",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=4,  # the caller of run_plain_rows / of the log-probs' compiled rows
     )

@@ -92,7 +92,7 @@ def _call(
 
 
 def _token_log_probs(who: str, call: LogitsCall) -> Tensor | tuple[Tensor, Tensor]:
-    """``token_log_probs`` on this process (arguments unchecked)."""
+    """``token_log_probs`` on this process: its checks, then one of the four paths."""
     T, ii, entropy = check_log_prob_options(who, call)
     check_logits(who, call)
     x, t = flat_rows(call.logits, call.target, ii)
@@ -168,7 +168,8 @@ def linear_token_log_probs(
 
 
 def _linear_token_log_probs(who: str, call: HeadCall) -> Tensor | tuple[Tensor, Tensor]:
-    """``linear_token_log_probs`` on this process (arguments unchecked; autocast applied)."""
+    """``linear_token_log_probs`` on this process (autocast applied): its checks, then one of
+    the four paths."""
     T, ii, entropy = check_log_prob_options(who, call)
     check_head(who, call)
     W, b = call.linear_weight, call.linear_bias
