@@ -141,25 +141,24 @@ def as_rows(t: Tensor, V: int) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# What dense teacher logits share with the logits: (attribute, error, message).
+_LIKE_LOGITS = (
+    ("shape", ValueError, "teacher_logits {t} must have the logits' shape {x}"),
+    ("dtype", TypeError, "teacher_logits is {t}, the logits {x}: pass both in one dtype"),
+    ("device", ValueError, "teacher_logits is on {t}, the logits on {x}"),
+)
+
+
 def _check_dense(who: str, logits: Tensor, teacher_logits: object) -> None:
     """Dense teacher logits: a tensor of the logits' shape, dtype and device, without grad."""
     if not isinstance(teacher_logits, Tensor):
         raise TypeError(f"{who}: teacher_logits must be a tensor")
     refuse_grad(who, "teacher_logits", teacher_logits)
-    if teacher_logits.shape != logits.shape:
-        raise ValueError(
-            f"{who}: teacher_logits {tuple(teacher_logits.shape)} must have the logits' "
-            f"shape {tuple(logits.shape)}"
-        )
-    if teacher_logits.dtype != logits.dtype:
-        raise TypeError(
-            f"{who}: teacher_logits is {teacher_logits.dtype}, the logits {logits.dtype}: "
-            "pass both in one dtype"
-        )
-    if teacher_logits.device != logits.device:
-        raise ValueError(
-            f"{who}: teacher_logits is on {teacher_logits.device}, the logits on {logits.device}"
-        )
+    for attr, error, message in _LIKE_LOGITS:
+        t, x = getattr(teacher_logits, attr), getattr(logits, attr)
+        if t != x:
+            shown = (tuple(t), tuple(x)) if attr == "shape" else (t, x)
+            raise error(f"{who}: " + message.format(t=shown[0], x=shown[1]))
 
 
 def check_logits_call(

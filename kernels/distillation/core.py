@@ -11,6 +11,7 @@ docs/DISTILLATION.md; the value checks of the tensors in ``value_checks``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -50,22 +51,13 @@ def row_factor(grad_output: Tensor, like: Tensor) -> Tensor:
     return grad_output.reshape(-1).to(accumulation_dtype(like.dtype)).contiguous()
 
 
-def run_rows(
-    logits: Tensor,
-    teacher: Teacher,
-    target: Tensor | None,
-    opts: DistillOptions,
-    loss: Tensor,
-    grad: Tensor | None = None,
-    scale: Tensor | None = None,
-) -> None:
-    """The rows on the backend that takes tensors of this device and dtype (see
-    ``backends.torch_distill.run_rows`` for the arguments)."""
-    # Through the module attribute: the backend's run_rows is looked up at each call.
-    rows = torch_distill
+def rows_backend(logits: Tensor) -> ModuleType:
+    """The module whose ``run_rows`` computes the rows of these logits: ``triton_distill``
+    where the Triton backend takes their device and dtype, else ``torch_distill`` (see
+    ``backends.torch_distill.run_rows`` for the arguments). Looked up at each call."""
     if triton_distill is not None and backends.uses_triton(logits):
-        rows = triton_distill
-    rows.run_rows(logits, teacher, target, opts, loss, grad, scale)
+        return triton_distill
+    return torch_distill
 
 
 def reduce(loss_rows: Tensor, scale: Tensor, opts: DistillOptions) -> Tensor:
@@ -94,7 +86,7 @@ def forward(
     if grad_now or factor is not None:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
     factor = scale if factor is None else row_factor(factor, logits)
-    run_rows(logits, teacher, target, opts, loss, grad, factor)
+    rows_backend(logits).run_rows(logits, teacher, target, opts, loss, grad, factor)
     return reduce(loss, scale, opts), grad
 
 
@@ -143,7 +135,7 @@ def chunked(
         grad = logits if want else None
         factor = scale[rows] if per_row else scale
         t_rows = target[rows] if target is not None else None
-        run_rows(logits, t_c, t_rows, opts, loss[rows], grad, factor)
+        rows_backend(logits).run_rows(logits, t_c, t_rows, opts, loss[rows], grad, factor)
         if want:
             grads.add(rows, logits, x_c)
     return (loss, *grads.result())

@@ -9,11 +9,11 @@ options they share with the cross-entropy (``reduction``, ``ignore_index``) are 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from ..options import check_options
+from ..options import LossOptions, check_options
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bin", "renormalize")
@@ -52,19 +52,10 @@ class DistillOptions:
         """Whether a sparse teacher's classes outside its ids form one tail bin."""
         return self.tail == "bin"
 
-    @property
-    def mean(self) -> bool:
-        """Whether the row losses are averaged over the counted rows."""
-        return self.reduction == "mean"
-
-    @property
-    def per_row(self) -> bool:
-        """Whether the loss keeps one value per row (and backward one factor per row)."""
-        return self.reduction == "none"
-
-    def with_reduction(self, reduction: str) -> DistillOptions:
-        """These options with another reduction (the custom ops' backward runs "none")."""
-        return replace(self, reduction=reduction)
+    # The reduction's flags, read as the cross-entropy's: ``mean`` (averaged over the counted
+    # rows) and ``per_row`` ("none": one loss per row, and one upstream factor per row).
+    mean = LossOptions.mean
+    per_row = LossOptions.per_row
 
     def as_args(self) -> tuple[str, float, float, str, int, float, str]:
         """The options as plain values, in field order (what the custom ops take)."""

@@ -82,18 +82,6 @@ def _max_sum(values: list[Tensor], group: object) -> list[tuple[Tensor, Tensor]]
     return [(maxes[i], sums[i].log()) for i in range(len(values))]
 
 
-def _max_sum(values: list[Tensor], group: object) -> list[tuple[Tensor, Tensor]]:
-    """(m, log_sum) of whole rows from each (N, V_r) slice in ``values``: two all_reduces."""
-    maxes = torch.stack(
-        [v.amax(1) if v.shape[1] else v.new_full(v.shape[:1], float("-inf")) for v in values]
-    )
-    dist.all_reduce(maxes, dist.ReduceOp.MAX, group=group)
-    maxes = torch.where(maxes == float("-inf"), 0.0, maxes)
-    sums = torch.stack([(v - m[:, None]).exp().sum(1) for v, m in zip(values, maxes, strict=True)])
-    dist.all_reduce(sums, group=group)
-    return [(maxes[i], sums[i].log()) for i in range(len(values))]
-
-
 class VocabSlice(NamedTuple):
     """This rank's classes [v0, v0 + V_r) of the whole vocabulary V, split over ``group``."""
 
