@@ -11,7 +11,7 @@ work passed in: the cross-entropy's ``chunked_pass`` and the per-token log-proba
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import torch
@@ -159,6 +159,65 @@ def _chunk_logits(x_c: Tensor, W: Tensor, b: Tensor | None, buf: Tensor) -> Tens
     return torch.addmm(b, x_c, W.t(), out=buf)
 
 
+# --------------------------------------------------------------------------------------------
+# The loop and its pieces, for every row contract (the cross-entropy's, the log-probabilities'
+# and the distillation losses', which interleave a teacher's chunks)
+# --------------------------------------------------------------------------------------------
+
+
+def head_chunks(
+    x: Tensor, W: Tensor, b: Tensor | None, chunk_rows: int
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """(rows, x[rows], logits) of each chunk of ``chunk_rows`` token rows of x (N, D): the
+    logits x[rows] @ W.T (+ b) in one reused buffer of x's dtype, overwritten by the next chunk
+    (a row contract may overwrite them with its gradient in between)."""
+    N = x.shape[0]
+    buf = torch.empty((min(chunk_rows, N), W.shape[0]), dtype=x.dtype, device=x.device)
+    for start in range(0, N, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, N))
+        x_c = x[rows]
+        yield rows, x_c, _chunk_logits(x_c, W, b, buf[: rows.stop - start])
+
+
+class HeadGrads:
+    """The gradients of a fused head that ``needs`` asks for, (grad_x (N, D), grad_W (V, D),
+    grad_b (V,)), summed chunk by chunk from each chunk's gradient over its logits."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        W: Tensor,
+        b: Tensor | None,
+        needs: tuple[bool, bool, bool],
+        accumulation: str = "float32",
+    ) -> None:
+        self.weight, self.bias = W, b
+        self.grad_x = torch.empty_like(x) if needs[0] else None
+        self.grad_w = WeightGrad(W, accumulation) if needs[1] else None
+        # The bias's gradient is a sum over every token row: summed in the accumulation dtype.
+        acc = accumulation_dtype(x.dtype)
+        self.grad_b = torch.zeros(W.shape[0], dtype=acc, device=x.device) if needs[2] else None
+
+    def add(self, rows: slice, g: Tensor, x_c: Tensor) -> None:
+        """Adds the chunk of token ``rows``: g (rows, V) the gradient over its logits, x_c its
+        input rows."""
+        if self.grad_x is not None:
+            torch.mm(g, self.weight, out=self.grad_x[rows])
+        if self.grad_w is not None:
+            self.grad_w.add(g, x_c)
+        if self.grad_b is not None:
+            self.grad_b.add_(g.sum(0, dtype=self.grad_b.dtype))
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(grad_x, grad_W, grad_b) in the dtypes of x, W and b; None where not asked (or no
+        bias)."""
+        grad_w = self.grad_w.result() if self.grad_w is not None else None
+        grad_b = None
+        if self.grad_b is not None and self.bias is not None:
+            grad_b = self.grad_b.to(self.bias.dtype)
+        return self.grad_x, grad_w, grad_b
+
+
 def chunk_sweep(
     x: Tensor,
     W: Tensor,
@@ -168,10 +227,10 @@ def chunk_sweep(
     needs: tuple[bool, bool, bool],
     accumulation: str = "float32",
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """The chunk loop of every fused head: for each chunk of token rows, its logits
-    ``x_c @ W.T (+ b)`` into one reused buffer, ``visit(rows, logits)``, then the products with
-    what ``visit`` left in the logits (the gradient, written over them in place where any
-    gradient is wanted: one rounding, no second buffer).
+    """The chunk loop of a fused head on one row contract: for each chunk of token rows, its
+    logits (``head_chunks``), ``visit(rows, logits)``, then the products with what ``visit`` left
+    in the logits (``HeadGrads``: the gradient, written over them in place where any gradient is
+    wanted: one rounding, no second buffer).
 
     Args:
         x: (N, D) input rows, contiguous. W: (V, D). b: (V,) or None.
@@ -191,29 +250,12 @@ def chunk_sweep(
         if torch.is_autocast_enabled(x.device.type)
         else contextlib.nullcontext()
     )
-    N = x.shape[0]
-    V = W.shape[0]
-    acc = accumulation_dtype(x.dtype)
     with autocast_off:
-        gx = torch.empty_like(x) if needs[0] else None
-        gw = WeightGrad(W, accumulation) if needs[1] else None
-        gb = torch.zeros(V, dtype=acc, device=x.device) if needs[2] and b is not None else None
-        buf = torch.empty((min(chunk_rows, N), V), dtype=x.dtype, device=x.device)
-        for start in range(0, N, chunk_rows):
-            rows = slice(start, min(start + chunk_rows, N))
-            x_c = x[rows]
-            logits = _chunk_logits(x_c, W, b, buf[: rows.stop - start])
+        grads = HeadGrads(x, W, b, needs, accumulation)
+        for rows, x_c, logits in head_chunks(x, W, b, chunk_rows):
             visit(rows, logits)
-            if gx is not None:
-                torch.mm(logits, W, out=gx[rows])
-            if gw is not None:
-                gw.add(logits, x_c)
-            if gb is not None:
-                gb += logits.sum(0, dtype=acc)
-        del buf
-        grad_w = gw.result() if gw is not None else None
-        grad_b = gb.to(b.dtype) if gb is not None else None
-    return gx, grad_w, grad_b
+            grads.add(rows, logits, x_c)
+        return grads.result()
 
 
 def chunked_pass(

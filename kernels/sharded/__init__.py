@@ -13,6 +13,10 @@ Modules, bottom up (each imports only those before it, and none imports the plai
 * ``dtensor``: DTensor arguments unwrapped, results rewrapped;
 * ``route``: a call from its arguments to the Function; a group of one rank runs the plain
   implementation its caller passes in.
-* ``token_log_probs``: ``fusedce.token_log_probs`` / ``linear_token_log_probs`` over the slices
-  (their checks, rows and head from ``fusedce.log_probs``; ``route``'s metadata row).
+
+Beside them, the vocabulary-parallel forms of the other losses on the same process groups:
+``token_log_probs`` (``fusedce.token_log_probs`` / ``linear_token_log_probs`` over the slices:
+their checks, rows and head from ``fusedce.log_probs``, ``route``'s metadata row) and
+``distillation`` (the distillation losses' slices, on the rows and checks of
+``fusedce.distillation``).
 """
