@@ -26,7 +26,9 @@ from .options import (
     CallOptions,
     LossOptions,
     accumulation_dtype,
+    hold_options,
     index_target_for_kernels,
+    options_repr,
     prepare_class_weight,
     prepare_token_weight,
     to_op_args,
@@ -37,6 +39,10 @@ from .validation import check_cross_entropy_args, check_token_weight, logits_row
 __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 
 _WHO = "cross_entropy"
+# The options ``CrossEntropyLoss`` holds as attributes (read back by ``CallOptions.of``), in
+# the order of its repr.
+_MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "inplace_backward")
+_MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
 
 def cross_entropy(
@@ -113,8 +119,7 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
-    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    call = CallOptions(*loss_args, return_stats, inplace_backward)
+    call = CallOptions.of_keywords(locals())
     return _cross_entropy(_WHO, input, target, weight, token_weight, call, process_group)
 
 
@@ -160,8 +165,9 @@ def _cross_entropy(
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
         sharded.refuse_unsharded_options(who, inplace_backward=call.inplace_backward)
-        return sharded.call_cross_entropy(
-            who, input, target, weight, token_weight, call, process_group, plain=_cross_entropy
+        tensors = (input, target, weight, token_weight)
+        return sharded.call_sharded(
+            sharded.CE, who, tensors, call, process_group, plain=_cross_entropy
         )
     opts = call.loss_options(who)
     inplace_backward = call.inplace_backward
@@ -237,17 +243,8 @@ class CrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        call = CallOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-        opts = call.loss_options("CrossEntropyLoss")
+        hold_options(self, locals(), _MODULE_OPTIONS)
         self.register_buffer("weight", weight)
-        self.ignore_index = opts.ignore_index
-        self.reduction = opts.reduction
-        self.label_smoothing = opts.label_smoothing
-        self.inplace_backward = inplace_backward
-        self.logit_scale = opts.logit_scale
-        self.softcap = opts.softcap
-        self.z_loss = opts.z_loss
-        self.return_stats = bool(return_stats)
 
     def forward(
         self, input: Tensor, target: Tensor, token_weight: Tensor | None = None
@@ -258,9 +255,4 @@ class CrossEntropyLoss(nn.Module):
         return _cross_entropy("CrossEntropyLoss", input, target, self.weight, token_weight, call)
 
     def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}, "
-            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
-            f"return_stats={self.return_stats}"
-        )
+        return options_repr(self, _MODULE_OPTIONS)

@@ -31,7 +31,9 @@ from .options import (
     LossOptions,
     check_accumulation,
     check_chunk_size,
+    hold_options,
     index_target_for_kernels,
+    options_repr,
     prepare_class_weight,
     prepare_token_weight,
     to_op_args,
@@ -42,6 +44,10 @@ from .validation import check_linear_args, check_token_weight
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 
 _WHO = "linear_cross_entropy"
+# The options ``LinearCrossEntropyLoss`` holds as attributes (read back by
+# ``CallOptions.of``), in the order of its repr.
+_MODULE_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "chunk_size", "accumulation")
+_MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
 
 def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
@@ -142,8 +148,7 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
-    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    call = CallOptions(*loss_args, return_stats, chunk_size=chunk_size, accumulation=accumulation)
+    call = CallOptions.of_keywords(locals())
     head = (input, linear_weight, target, linear_bias, weight, token_weight)
     return _linear_cross_entropy(_WHO, *head, call, process_group)
 
@@ -171,8 +176,8 @@ def _linear_cross_entropy(
             raise func_transforms.refuse_sharded(who)
         sharded.refuse_unsharded_options(who, accumulation=call.accumulation)
         head = (input, linear_weight, target, linear_bias, weight, token_weight)
-        return sharded.call_linear_cross_entropy(
-            who, *head, call, process_group, plain=_linear_cross_entropy
+        return sharded.call_sharded(
+            sharded.LCE, who, head, call, process_group, plain=_linear_cross_entropy
         )
     opts, chunk_size, accumulation = _check_options(who, call)
     check_linear_args(who, input, linear_weight, target, linear_bias, weight)
@@ -252,21 +257,10 @@ class LinearCrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-        call = CallOptions(*loss_args, chunk_size=chunk_size, accumulation=accumulation)
-        opts, chunk_size, accumulation = _check_options("LinearCrossEntropyLoss", call)
+        hold_options(self, locals(), _MODULE_OPTIONS)
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
-        self.reduction = opts.reduction
-        self.ignore_index = opts.ignore_index
-        self.label_smoothing = opts.label_smoothing
-        self.chunk_size = chunk_size
-        self.accumulation = accumulation
-        self.logit_scale = opts.logit_scale
-        self.softcap = opts.softcap
-        self.z_loss = opts.z_loss
-        self.return_stats = bool(return_stats)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LinearCrossEntropyLoss:
@@ -298,9 +292,5 @@ class LinearCrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"chunk_size={self.chunk_size}, accumulation={self.accumulation!r}, "
-            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
-            f"return_stats={self.return_stats}"
+            f"bias={self.linear.bias is not None}, {options_repr(self, _MODULE_OPTIONS)}"
         )

@@ -16,6 +16,7 @@ boundary (the floats in ``float_options_tensor`` where they vary between compile
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,6 +101,13 @@ class CallOptions:
     accumulation: object = "float32"
 
     @classmethod
+    def of_keywords(cls, keywords: dict[str, object]) -> CallOptions:
+        """The options among a public function's parameters, as ``locals()`` holds them first
+        thing in its body: the signature is then the only place a public function names an
+        option (a field of this class), and each function passes what it takes."""
+        return cls(**{k: keywords[k] for k in _CALL_FIELDS if k in keywords})
+
+    @classmethod
     def of(cls, module: object) -> CallOptions:
         """The options a loss module holds as attributes of these names (those it has)."""
         held = vars(module)  # plain attributes; the class's own (properties) are read too
@@ -119,6 +127,26 @@ class CallOptions:
 
 
 _CALL_FIELDS = tuple(CallOptions.__dataclass_fields__)
+
+
+def hold_options(module: object, keywords: dict[str, object], names: Sequence[str]) -> None:
+    """Checks a loss module's options (its ``__init__``'s ``locals()``, errors naming its class)
+    and sets those of ``names`` as its attributes, which ``CallOptions.of`` reads back in
+    ``forward`` (so that a module changed after construction computes what it shows)."""
+    who = type(module).__name__
+    call = CallOptions.of_keywords(keywords)
+    checked = replace(call, **vars(call.loss_options(who)), return_stats=bool(call.return_stats))
+    if "chunk_size" in names:
+        check_chunk_size(who, call.chunk_size)
+    if "accumulation" in names:
+        check_accumulation(who, call.accumulation)
+    for name in names:
+        setattr(module, name, getattr(checked, name))
+
+
+def options_repr(module: object, names: Sequence[str]) -> str:
+    """``name=value, ...`` of a loss module's option attributes, for its ``extra_repr``."""
+    return ", ".join(f"{name}={getattr(module, name)!r}" for name in names)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
