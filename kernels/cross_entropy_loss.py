@@ -120,20 +120,16 @@ def cross_entropy(
     the fused gradient.
     """
     call = CallOptions.of_keywords(locals())
-    return _cross_entropy(_WHO, input, target, weight, token_weight, call, process_group)
+    return _cross_entropy(_WHO, (input, target, weight, token_weight), call, process_group)
 
 
 def _flatten(
-    who: str,
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    opts: LossOptions,
+    who: str, tensors: tuple, opts: LossOptions
 ) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...], Tensor | None]:
-    """Checks the tensors; returns (logits (M, C) with unit stride along C, target (M,) or
-    (M, C), class weights (C,), the per-element loss shape, token weights (M,) or None), as the
-    backends read them."""
+    """Checks the tensors (input, target, weight, token_weight); returns (logits (M, C) with
+    unit stride along C, target (M,) or (M, C), class weights (C,), the per-element loss shape,
+    token weights (M,) or None), as the backends read them."""
+    input, target, weight, token_weight = tensors
     soft = check_cross_entropy_args(who, input, target, weight, opts.ignore_index)
     out_shape = loss_shape(input)
     check_token_weight(who, token_weight, out_shape, input.device)
@@ -149,29 +145,23 @@ def _flatten(
 
 
 def _cross_entropy(
-    who: str,
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    call: CallOptions,
-    process_group: object = None,
+    who: str, tensors: tuple, call: CallOptions, process_group: object = None
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``cross_entropy`` for the public function ``who`` (``cross_entropy``,
-    ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
-    it."""
+    """``cross_entropy`` of ``tensors`` (input, target, weight, token_weight) for the public
+    function ``who`` (``cross_entropy``, ``CrossEntropyLoss``, or the vocabulary-parallel
+    function on one rank): every error names it."""
     compiling = torch.compiler.is_compiling()
+    input = tensors[0]
     if sharded.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
         sharded.refuse_unsharded_options(who, inplace_backward=call.inplace_backward)
-        tensors = (input, target, weight, token_weight)
         return sharded.call_sharded(
             sharded.CE, who, tensors, call, process_group, plain=_cross_entropy
         )
     opts = call.loss_options(who)
     inplace_backward = call.inplace_backward
-    logits, target, weight, out_shape, tw = _flatten(who, input, target, weight, token_weight, opts)
+    logits, target, weight, out_shape, tw = _flatten(who, tensors, opts)
     extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
@@ -252,7 +242,8 @@ class CrossEntropyLoss(nn.Module):
         """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None.
         Errors name ``CrossEntropyLoss``."""
         call = CallOptions.of(self)
-        return _cross_entropy("CrossEntropyLoss", input, target, self.weight, token_weight, call)
+        tensors = (input, target, self.weight, token_weight)
+        return _cross_entropy("CrossEntropyLoss", tensors, call)
 
     def extra_repr(self) -> str:
         return options_repr(self, _MODULE_OPTIONS)

@@ -150,24 +150,18 @@ def linear_cross_entropy(
     """
     call = CallOptions.of_keywords(locals())
     head = (input, linear_weight, target, linear_bias, weight, token_weight)
-    return _linear_cross_entropy(_WHO, *head, call, process_group)
+    return _linear_cross_entropy(_WHO, head, call, process_group)
 
 
 def _linear_cross_entropy(
-    who: str,
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    call: CallOptions,
-    process_group: object = None,
+    who: str, head: tuple, call: CallOptions, process_group: object = None
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``linear_cross_entropy`` for the public function ``who`` (``linear_cross_entropy``,
+    """``linear_cross_entropy`` of ``head`` (input, linear_weight, target, linear_bias, weight,
+    token_weight) for the public function ``who`` (``linear_cross_entropy``,
     ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
     names it."""
     compiling = torch.compiler.is_compiling()
+    input, linear_weight, target, linear_bias, weight, token_weight = head
     # Cast before any check: under autocast, F.linear would accept a float32 weight with a
     # bfloat16 input (both run in the autocast dtype), so the fused head must too.
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
@@ -287,7 +281,7 @@ class LinearCrossEntropyLoss(nn.Module):
         """The loss of ``self.linear(input)`` (and stats with ``return_stats``); errors name
         ``LinearCrossEntropyLoss``."""
         head = (input, self.linear.weight, target, self.linear.bias, self.weight, token_weight)
-        return _linear_cross_entropy("LinearCrossEntropyLoss", *head, CallOptions.of(self))
+        return _linear_cross_entropy("LinearCrossEntropyLoss", head, CallOptions.of(self))
 
     def extra_repr(self) -> str:
         return (

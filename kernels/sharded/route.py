@@ -50,7 +50,7 @@ from .arguments import (
 from .functions import _VocabParallelCrossEntropy, _VocabParallelLinearCrossEntropy
 
 Result = Tensor | tuple[Tensor, CrossEntropyStats]
-# The unsharded implementation a group of one rank runs: the signature of
+# The unsharded implementation a group of one rank runs, ``(who, tensors, call)``:
 # ``cross_entropy_loss._cross_entropy`` / ``linear_cross_entropy_loss._linear_cross_entropy``.
 PlainLoss = Callable[..., Result]
 
@@ -223,7 +223,7 @@ def call_sharded(
         width = loss.width(split)
         if width is not None:
             _check_one_rank_sizes(who, vocab_start, vocab_size, width)
-        return plain(who, *tensors, call)
+        return plain(who, tensors, call)
     return loss.sharded(who, *tensors, call, group, *sizes)
 
 
