@@ -45,6 +45,11 @@ _MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "inplace_back
 _MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
 
+# The only repeated parameter lists of the public layer: the signatures of both losses (the
+# functions and modules here and in linear_cross_entropy_loss.py, vocab_parallel/api.py) keep
+# torch's keyword lists, and the custom ops (custom_ops.py) their schemas, because callers pass
+# those by name and compiled graphs by schema; below them the options travel as one
+# ``CallOptions`` (``CallOptions.of_keywords``), the tensors as one tuple.
 def cross_entropy(
     input: Tensor,
     target: Tensor,

@@ -150,7 +150,7 @@ def _agreed_shard(
     from the explicit sizes (``vocab_start``, ``vocab_size``; a check's error then raises here).
     ``input`` gives the device. Returns the shard, the checked call, and the class and token
     weights as the Functions read them."""
-    exchange = _exchanges(sizes != (None, None))
+    exchange = _exchanges(any(size is not None for size in sizes))
     error: Exception | None = None
     local = None
     try:
@@ -207,8 +207,8 @@ def call_sharded(
 ) -> Result:
     """A vocabulary-parallel call (``CE``: ``vocab_parallel_cross_entropy``, ``LCE``:
     ``vocab_parallel_linear_cross_entropy``) through the public function ``who`` (which the
-    errors name); ``tensors``: the call's tensors in the order of ``plain``'s signature
-    (``loss.tensors``); ``call``: the keyword options as passed; ``plain``: the unsharded
+    errors name); ``tensors``: the call's tensors in the order of ``plain``'s tuple (see ``CE``
+    and ``LCE``); ``call``: the keyword options as passed; ``plain``: the unsharded
     implementation (``_cross_entropy`` / ``_linear_cross_entropy`` of the public-function
     modules), which a group of one rank runs."""
     sizes = (vocab_start, vocab_size)
