@@ -26,9 +26,7 @@ from .options import (
     CallOptions,
     LossOptions,
     accumulation_dtype,
-    hold_options,
     index_target_for_kernels,
-    options_repr,
     prepare_class_weight,
     prepare_token_weight,
     to_op_args,
@@ -39,8 +37,8 @@ from .validation import check_cross_entropy_args, check_token_weight, logits_row
 __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 
 _WHO = "cross_entropy"
-# The options ``CrossEntropyLoss`` holds as attributes (read back by ``CallOptions.of``), in
-# the order of its repr.
+# The options ``CrossEntropyLoss`` holds as attributes (``CallOptions.hold``; read back by
+# ``CallOptions.of``), in the order of its repr.
 _MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "inplace_backward")
 _MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
@@ -238,7 +236,7 @@ class CrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        hold_options(self, locals(), _MODULE_OPTIONS)
+        CallOptions.hold(self, locals(), _MODULE_OPTIONS)
         self.register_buffer("weight", weight)
 
     def forward(
@@ -251,4 +249,4 @@ class CrossEntropyLoss(nn.Module):
         return _cross_entropy("CrossEntropyLoss", tensors, call)
 
     def extra_repr(self) -> str:
-        return options_repr(self, _MODULE_OPTIONS)
+        return CallOptions.describe(self, _MODULE_OPTIONS)

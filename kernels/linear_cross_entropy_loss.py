@@ -31,9 +31,7 @@ from .options import (
     LossOptions,
     check_accumulation,
     check_chunk_size,
-    hold_options,
     index_target_for_kernels,
-    options_repr,
     prepare_class_weight,
     prepare_token_weight,
     to_op_args,
@@ -44,8 +42,8 @@ from .validation import check_linear_args, check_token_weight
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 
 _WHO = "linear_cross_entropy"
-# The options ``LinearCrossEntropyLoss`` holds as attributes (read back by
-# ``CallOptions.of``), in the order of its repr.
+# The options ``LinearCrossEntropyLoss`` holds as attributes (``CallOptions.hold``; read
+# back by ``CallOptions.of``), in the order of its repr.
 _MODULE_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "chunk_size", "accumulation")
 _MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
@@ -251,7 +249,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        hold_options(self, locals(), _MODULE_OPTIONS)
+        CallOptions.hold(self, locals(), _MODULE_OPTIONS)
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
@@ -286,5 +284,5 @@ class LinearCrossEntropyLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-            f"bias={self.linear.bias is not None}, {options_repr(self, _MODULE_OPTIONS)}"
+            f"bias={self.linear.bias is not None}, {CallOptions.describe(self, _MODULE_OPTIONS)}"
         )

@@ -120,6 +120,29 @@ class CallOptions:
             }
         )
 
+    @staticmethod
+    def hold(module: object, keywords: dict[str, object], names: Sequence[str]) -> None:
+        """The converse of ``of``: checks a loss module's options (its ``__init__``'s
+        ``locals()``; the errors name its class) and sets those of ``names`` as its attributes,
+        which ``of`` reads back in ``forward`` (a module changed after construction computes
+        what it shows)."""
+        who = type(module).__name__
+        call = CallOptions.of_keywords(keywords)
+        checked = replace(
+            call, **vars(call.loss_options(who)), return_stats=bool(call.return_stats)
+        )
+        if "chunk_size" in names:
+            check_chunk_size(who, call.chunk_size)
+        if "accumulation" in names:
+            check_accumulation(who, call.accumulation)
+        for name in names:
+            setattr(module, name, getattr(checked, name))
+
+    @staticmethod
+    def describe(module: object, names: Sequence[str]) -> str:
+        """``name=value, ...`` of a loss module's option attributes, for its ``extra_repr``."""
+        return ", ".join(f"{name}={getattr(module, name)!r}" for name in names)
+
     def loss_options(self, who: str) -> LossOptions:
         """The loss options, checked (``check_options`` then ``check_extras``)."""
         opts = check_options(who, self.ignore_index, self.label_smoothing, self.reduction)
@@ -127,26 +150,6 @@ class CallOptions:
 
 
 _CALL_FIELDS = tuple(CallOptions.__dataclass_fields__)
-
-
-def hold_options(module: object, keywords: dict[str, object], names: Sequence[str]) -> None:
-    """Checks a loss module's options (its ``__init__``'s ``locals()``, errors naming its class)
-    and sets those of ``names`` as its attributes, which ``CallOptions.of`` reads back in
-    ``forward`` (so that a module changed after construction computes what it shows)."""
-    who = type(module).__name__
-    call = CallOptions.of_keywords(keywords)
-    checked = replace(call, **vars(call.loss_options(who)), return_stats=bool(call.return_stats))
-    if "chunk_size" in names:
-        check_chunk_size(who, call.chunk_size)
-    if "accumulation" in names:
-        check_accumulation(who, call.accumulation)
-    for name in names:
-        setattr(module, name, getattr(checked, name))
-
-
-def options_repr(module: object, names: Sequence[str]) -> str:
-    """``name=value, ...`` of a loss module's option attributes, for its ``extra_repr``."""
-    return ", ".join(f"{name}={getattr(module, name)!r}" for name in names)
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
