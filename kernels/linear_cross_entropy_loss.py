@@ -28,9 +28,6 @@ from .index_check import check_class_indices
 from .linear_chunks import Accumulation, planned_chunk_rows
 from .options import (
     CallOptions,
-    LossOptions,
-    check_accumulation,
-    check_chunk_size,
     index_target_for_kernels,
     prepare_class_weight,
     prepare_token_weight,
@@ -46,14 +43,6 @@ _WHO = "linear_cross_entropy"
 # back by ``CallOptions.of``), in the order of its repr.
 _MODULE_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "chunk_size", "accumulation")
 _MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
-
-
-def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
-    """The checked loss options, ``chunk_size`` and ``accumulation`` of ``call``."""
-    opts = call.loss_options(who)
-    check_chunk_size(who, call.chunk_size)
-    check_accumulation(who, call.accumulation)
-    return opts, call.chunk_size, call.accumulation
 
 
 def _autocast_cast(
@@ -171,7 +160,7 @@ def _linear_cross_entropy(
         return sharded.call_sharded(
             sharded.LCE, who, head, call, process_group, plain=_linear_cross_entropy
         )
-    opts, chunk_size, accumulation = _check_options(who, call)
+    opts, chunk_size, accumulation = call.head_options(who), call.chunk_size, call.accumulation
     check_linear_args(who, input, linear_weight, target, linear_bias, weight)
     check_token_weight(who, token_weight, tuple(target.shape), input.device)
     V, D = linear_weight.shape

@@ -128,13 +128,8 @@ class CallOptions:
         what it shows)."""
         who = type(module).__name__
         call = CallOptions.of_keywords(keywords)
-        checked = replace(
-            call, **vars(call.loss_options(who)), return_stats=bool(call.return_stats)
-        )
-        if "chunk_size" in names:
-            check_chunk_size(who, call.chunk_size)
-        if "accumulation" in names:
-            check_accumulation(who, call.accumulation)
+        opts = call.head_options(who) if "chunk_size" in names else call.loss_options(who)
+        checked = replace(call, **vars(opts), return_stats=bool(call.return_stats))
         for name in names:
             setattr(module, name, getattr(checked, name))
 
@@ -147,6 +142,14 @@ class CallOptions:
         """The loss options, checked (``check_options`` then ``check_extras``)."""
         opts = check_options(who, self.ignore_index, self.label_smoothing, self.reduction)
         return check_extras(who, opts, self.logit_scale, self.softcap, self.z_loss)
+
+    def head_options(self, who: str) -> LossOptions:
+        """The loss options of the fused linear head, checked with its ``chunk_size`` and
+        ``accumulation``."""
+        opts = self.loss_options(who)
+        check_chunk_size(who, self.chunk_size)
+        check_accumulation(who, self.accumulation)
+        return opts
 
 
 _CALL_FIELDS = tuple(CallOptions.__dataclass_fields__)
