@@ -19,7 +19,6 @@ from triton.compiler import ASTSource  # noqa: E402
 from fusedce.backends import triton_kernels as tk  # noqa: E402
 from fusedce.backends import triton_log_probs as tlp  # noqa: E402
 
-pytestmark = pytest.mark.slow
 HOPPER = GPUTarget("cuda", 90, 32)
 
 

@@ -12,8 +12,6 @@ import fusedce
 from fusedce import distillation as dist
 from fusedce import linear_distillation as lin
 
-pytestmark = pytest.mark.slow
-
 
 def _sparse(N, V, k, shape):
     ids, logp = sparse_teacher(N, V, k, pad=1)

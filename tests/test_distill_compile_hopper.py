@@ -13,7 +13,6 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from fusedce.backends import triton_distill as td  # noqa: E402
 
-pytestmark = pytest.mark.slow
 HOPPER = GPUTarget("cuda", 90, 32)
 
 

@@ -15,9 +15,6 @@ from test_compile_hopper import compile_for_hopper  # noqa: E402
 
 from fusedce.backends import triton_kernels as tk  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
-
 # (write_loss, write_grad, per_row_scale, write_stats): training forward with the stats,
 # validation forward (stats, no gradient), and the gradient-only launch of reduction="none".
 MODES = [(True, True, False, True), (True, False, False, True), (False, True, True, False)]
