@@ -35,10 +35,9 @@ from .backends import available_backends, get_backend, set_backend, use_backend,
 from .backends.cpu_compiled import set_cpu_compile
 from .core import CrossEntropyStats
 from .cross_entropy_loss import CrossEntropyLoss, cross_entropy
-from .distillation import distillation_loss
+from .distillation.api import distillation_loss, linear_distillation_loss
 from .index_check import set_target_check, wait_target_check
 from .linear_cross_entropy_loss import LinearCrossEntropyLoss, linear_cross_entropy
-from .linear_distillation import linear_distillation_loss
 from .log_prob_functions import linear_token_log_probs, token_log_probs
 from .vocab_parallel import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
 

@@ -8,6 +8,7 @@ accumulator by default) and ``grad_b += g.sum(0)``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
@@ -247,3 +248,61 @@ def chunked_pass(
     grad_w = gw.result() if gw is not None else None
     grad_b = gb.to(b.dtype) if gb is not None and b is not None else None
     return stats, gx, grad_w, grad_b
+
+
+# --------------------------------------------------------------------------------------------
+# The loop's pieces, for row contracts of their own (the distillation losses)
+# --------------------------------------------------------------------------------------------
+
+
+def head_chunks(
+    x: Tensor, W: Tensor, b: Tensor | None, chunk_rows: int
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """(rows, x[rows], logits) of each chunk of ``chunk_rows`` token rows of x (N, D): the
+    logits x[rows] @ W.T (+ b) in one reused buffer of x's dtype, overwritten by the next chunk
+    (a row contract may overwrite them with its gradient in between)."""
+    N = x.shape[0]
+    buf = torch.empty((min(chunk_rows, N), W.shape[0]), dtype=x.dtype, device=x.device)
+    for start in range(0, N, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, N))
+        x_c = x[rows]
+        yield rows, x_c, _chunk_logits(x_c, W, b, buf[: rows.stop - start])
+
+
+class HeadGrads:
+    """The gradients of a fused head that ``needs`` asks for, (grad_x (N, D), grad_W (V, D),
+    grad_b (V,)), summed chunk by chunk from each chunk's gradient over its logits."""
+
+    def __init__(
+        self,
+        x: Tensor,
+        W: Tensor,
+        b: Tensor | None,
+        needs: tuple[bool, bool, bool],
+        accumulation: str = "float32",
+    ) -> None:
+        self.weight, self.bias = W, b
+        self.grad_x = torch.empty_like(x) if needs[0] else None
+        self.grad_w = WeightGrad(W, accumulation) if needs[1] else None
+        # The bias's gradient is a sum over every token row: summed in the accumulation dtype.
+        acc = accumulation_dtype(x.dtype)
+        self.grad_b = torch.zeros(W.shape[0], dtype=acc, device=x.device) if needs[2] else None
+
+    def add(self, rows: slice, g: Tensor, x_c: Tensor) -> None:
+        """Adds the chunk of token ``rows``: g (rows, V) the gradient over its logits, x_c its
+        input rows."""
+        if self.grad_x is not None:
+            torch.mm(g, self.weight, out=self.grad_x[rows])
+        if self.grad_w is not None:
+            self.grad_w.add(g, x_c)
+        if self.grad_b is not None:
+            self.grad_b.add_(g.sum(0, dtype=self.grad_b.dtype))
+
+    def result(self) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """(grad_x, grad_W, grad_b) in the dtypes of x, W and b; None where not asked (or no
+        bias)."""
+        grad_w = self.grad_w.result() if self.grad_w is not None else None
+        grad_b = None
+        if self.grad_b is not None and self.bias is not None:
+            grad_b = self.grad_b.to(self.bias.dtype)
+        return self.grad_x, grad_w, grad_b

@@ -9,8 +9,8 @@ import torch
 from distill_reference import rel_err, sparse_teacher
 
 import fusedce
-from fusedce import distillation as dist
-from fusedce import linear_distillation as lin
+from fusedce.distillation import custom_ops as dist
+from fusedce.distillation import custom_ops as lin
 
 
 def _sparse(N, V, k, shape):

@@ -12,9 +12,9 @@ import torch
 from distill_reference import GRAD_RTOL, LOSS_ATOL, reference, rel_err, sparse_teacher
 
 import fusedce
-from fusedce import distill_core
 from fusedce.backends import torch_distill
-from fusedce.distillation import distillation_loss
+from fusedce.distillation import core as distill_core
+from fusedce.distillation.api import distillation_loss
 
 triton_distill = distill_core.triton_distill
 

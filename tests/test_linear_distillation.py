@@ -8,7 +8,7 @@ import pytest
 import torch
 from distill_reference import reference, rel_err, sparse_teacher
 
-from fusedce.linear_distillation import linear_distillation_loss
+from fusedce.distillation.api import linear_distillation_loss
 
 pytestmark = pytest.mark.kernel
 

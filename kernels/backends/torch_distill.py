@@ -22,7 +22,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..distill_options import DistillOptions
+from ..distillation.options import DistillOptions
+from ..distillation.teacher import Teacher
 from ..options import accumulation_dtype
 
 # Work through CPU rows in blocks of about this many bytes of accumulation-dtype values: a dense
@@ -78,18 +79,88 @@ def _masked_log_softmax(v: Tensor, valid: Tensor) -> Tensor:
     return torch.where(valid, out, float("-inf"))
 
 
+def sparse_terms(
+    lq: Tensor, log_probs: Tensor, valid: Tensor, opts: DistillOptions, V: int
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The divergence of a sparse teacher from the student's log q gathered at its ids.
+
+    Args:
+        lq: (M, k) log q_S of the student (any value where not ``valid``).
+        log_probs: (M, k) the teacher's log p_S as given.
+        valid: (M, k) bool, the ids that count (not the -1 pads).
+        opts: the divergence, beta and tail.
+        V: the number of classes (where S holds all V, the tail bin is empty).
+
+    Returns:
+        D (M,); ``outside`` (M,) or None and ``at_s`` (M, k): dD/dz_j = q_j ``outside`` for j
+        outside S (None: 0, "renormalize") and ``at_s`` is added at the ids (where valid).
+    """
+    lq = torch.where(valid, lq, float("-inf"))
+    lp = torch.where(valid, log_probs.to(lq.dtype), float("-inf"))
+    if not opts.bin:
+        lq, lp = _masked_log_softmax(lq, valid), _masked_log_softmax(lp, valid)
+    d, r = terms(lp, lq, opts)
+    d, r = torch.where(valid, d, 0.0), torch.where(valid, r, 0.0)
+    D, G = d.sum(1), r.sum(1)
+    if not opts.bin:
+        return D, None, r - lq.exp() * G[:, None]
+    # The tail bin: every class outside S, p_tail = max(0, 1 - sum p_S), and q_tail = 1 -
+    # sum_S q (clamped at 0 against rounding). Where S holds all V classes the bin is empty:
+    # exactly 0 for both (1 - sum would leave rounding there, and a p_tail of 1e-8 against a
+    # q_tail of 0 is an infinite forward KL).
+    open_bin = valid.sum(1) < V
+    p_tail = torch.where(open_bin, (1.0 - lp.exp().sum(1)).clamp_min(0.0), 0.0)
+    q_tail = torch.where(open_bin, (1.0 - lq.exp().sum(1)).clamp_min(0.0), 0.0)
+    dt, rt = terms(p_tail.log(), q_tail.log(), opts)
+    D, G = D + dt, G + rt
+    # Outside S: q_j (g_tail - G); at S: r_j - q_j G, i.e. the tail's value plus
+    # r_j - q_j g_tail (ids are distinct: the adds do not collide).
+    g_tail = torch.where(q_tail > 0, rt / q_tail, 0.0)
+    return D, g_tail - G, r - lq.exp() * g_tail[:, None]
+
+
+def sparse_grad(logq: Tensor, outside: Tensor | None) -> Tensor:
+    """(M, V) dD/dz off the teacher's ids: q_j ``outside`` (bin), or 0 (renormalize); the
+    caller adds ``sparse_terms``' ``at_s`` at the ids."""
+    return logq.exp() * outside[:, None] if outside is not None else torch.zeros_like(logq)
+
+
+def mixed_loss(D: Tensor, ce: Tensor | None, a: float, rows: Tensor) -> Tensor:
+    """(M,) row losses (1 - a) D + a CE of the counted ``rows``, 0 elsewhere. a = 0 or 1: the
+    vanishing term is left out (never 0 * inf)."""
+    if ce is None:
+        row_loss = D
+    elif a == 1.0:
+        row_loss = ce
+    else:
+        row_loss = (1.0 - a) * D + a * ce
+    return torch.where(rows, row_loss, 0.0)
+
+
+def soft_grad(gz: Tensor | None, opts: DistillOptions, like: Tensor) -> Tensor:
+    """The divergence's part (1 - a) / T dD/dz of the gradient rows (zeros of ``like`` without
+    one), a new tensor the cross-entropy's part is added to."""
+    if gz is None:
+        return torch.zeros_like(like)
+    return gz * ((1.0 - opts.hard_weight) / opts.temperature)
+
+
+def scale_grad_(g: Tensor, scale: Tensor, rows: Tensor) -> None:
+    """``g`` (M, V) times ``scale`` (() or (M,)), 0 on the rows not counted, in place."""
+    s = scale.to(g.dtype)
+    g.mul_(s[:, None] if s.dim() == 1 else s)
+    g.masked_fill_(~rows[:, None], 0.0)
+
+
 def _rows(
     x: Tensor,
-    teacher: Tensor | None,
-    ids: Tensor | None,
-    tlp: Tensor | None,
+    teacher: Teacher,
     target: Tensor | None,
     opts: DistillOptions,
-    loss: Tensor,
-    grad: Tensor | None,
-    scale: Tensor | None,
+    out: tuple[Tensor, Tensor | None, Tensor | None],
 ) -> None:
-    """One block of rows; see the module doc."""
+    """One block of rows into ``out`` (loss, grad, scale); see the module doc."""
+    loss, grad, scale = out
     M, V = x.shape
     acc = accumulation_dtype(x.dtype)
     T, a = opts.temperature, opts.hard_weight
@@ -99,48 +170,21 @@ def _rows(
     D = torch.zeros(M, dtype=acc, device=x.device)
     gz = None
     bad = None
-    if a < 1.0:
-        if teacher is not None:
-            logp = _log_softmax(teacher.to(acc), T)
-            d, r = terms(logp, logq, opts)
-            D = d.sum(1)
-            if want:
-                gz = r - logq.exp() * r.sum(1, keepdim=True)
-        else:
-            valid = ids >= 0
-            bad = ((ids < -1) | (ids >= V)).any(1)
-            valid = valid & (ids < V)
-            safe = torch.where(valid, ids, 0)
-            lq = torch.where(valid, logq.gather(1, safe), float("-inf"))
-            lp = torch.where(valid, tlp.to(acc), float("-inf"))
-            if not opts.bin:
-                lq, lp = _masked_log_softmax(lq, valid), _masked_log_softmax(lp, valid)
-            d, r = terms(lp, lq, opts)
-            d, r = torch.where(valid, d, 0.0), torch.where(valid, r, 0.0)
-            D, G = d.sum(1), r.sum(1)
-            if opts.bin:
-                # The tail bin: every class outside S, p_tail = max(0, 1 - sum p_S), and
-                # q_tail = 1 - sum_S q (clamped at 0 against rounding).
-                # Where S holds all V classes the bin is empty: exactly 0 for both (1 - sum
-                # would leave rounding there, and a p_tail of 1e-8 against a q_tail of 0 is an
-                # infinite forward KL).
-                open_bin = valid.sum(1) < V
-                p_tail = torch.where(open_bin, (1.0 - lp.exp().sum(1)).clamp_min(0.0), 0.0)
-                q_tail = torch.where(open_bin, (1.0 - lq.exp().sum(1)).clamp_min(0.0), 0.0)
-                dt, rt = terms(p_tail.log(), q_tail.log(), opts)
-                D, G = D + dt, G + rt
-            if want:
-                qS = lq.exp()
-                if opts.bin:
-                    # Outside S: q_j (g_tail - G); at S: r_j - q_j G, i.e. the tail's value
-                    # plus r_j - q_j g_tail (ids are distinct: the adds do not collide).
-                    g_tail = torch.where(q_tail > 0, rt / q_tail, 0.0)
-                    gz = logq.exp() * (g_tail - G)[:, None]
-                    fix = r - qS * g_tail[:, None]
-                else:
-                    gz = torch.zeros_like(logq)
-                    fix = r - qS * G[:, None]
-                gz.scatter_add_(1, safe, torch.where(valid, fix, 0.0))
+    if a < 1.0 and teacher.logits is not None:
+        logp = _log_softmax(teacher.logits.to(acc), T)
+        d, r = terms(logp, logq, opts)
+        D = d.sum(1)
+        if want:
+            gz = r - logq.exp() * r.sum(1, keepdim=True)
+    elif a < 1.0:
+        ids = teacher.ids
+        bad = ((ids < -1) | (ids >= V)).any(1)
+        valid = (ids >= 0) & (ids < V)
+        safe = torch.where(valid, ids, 0)
+        D, outside, at_s = sparse_terms(logq.gather(1, safe), teacher.log_probs, valid, opts, V)
+        if want:
+            gz = sparse_grad(logq, outside)
+            gz.scatter_add_(1, safe, torch.where(valid, at_s, 0.0))
     rows = torch.ones(M, dtype=torch.bool, device=x.device)
     ce = None
     if target is not None:
@@ -152,26 +196,17 @@ def _rows(
         if a > 0.0:
             logq1 = logq if T == 1.0 else _log_softmax(xf, 1.0)
             ce = -logq1.gather(1, y_safe)[:, 0]
-    # a = 0 or 1: the vanishing term is left out (never 0 * inf).
-    if ce is None:
-        row_loss = D
-    elif a == 1.0:
-        row_loss = ce
-    else:
-        row_loss = (1.0 - a) * D + a * ce
-    row_loss = torch.where(rows, row_loss, 0.0)
+    row_loss = mixed_loss(D, ce, a, rows)
     if bad is not None:
         row_loss = torch.where(bad, float("nan"), row_loss)
     loss.copy_(row_loss)
     if not want:
         return
-    g = gz * ((1.0 - a) / T) if gz is not None else torch.zeros_like(logq)
+    g = soft_grad(gz, opts, logq)
     if ce is not None:
         g.add_(logq1.exp(), alpha=a)
         g.scatter_add_(1, y_safe, torch.full_like(y_safe, -a, dtype=acc))
-    s = scale.to(acc)
-    g.mul_(s[:, None] if s.dim() == 1 else s)
-    g.masked_fill_(~rows[:, None], 0.0)
+    scale_grad_(g, scale, rows)
     if bad is not None:
         g.masked_fill_(bad[:, None], float("nan"))
     grad.copy_(g)
@@ -179,9 +214,7 @@ def _rows(
 
 def run_rows(
     logits: Tensor,
-    teacher_logits: Tensor | None,
-    teacher_ids: Tensor | None,
-    teacher_log_probs: Tensor | None,
+    teacher: Teacher,
     target: Tensor | None,
     opts: DistillOptions,
     loss: Tensor,
@@ -192,9 +225,8 @@ def run_rows(
 
     Args:
         logits: (M, V) student logits, unit stride along V.
-        teacher_logits: (M, V) dense teacher logits, or None.
-        teacher_ids: (M, k) int64 ids (-1: padding), or None.
-        teacher_log_probs: (M, k) the teacher's log-probabilities at those ids, or None.
+        teacher: dense (M, V) logits, or sparse (M, k) int64 ids (-1: padding) with the
+            teacher's (M, k) log-probabilities at those ids.
         target: (M,) class indices, or None (every row counts, no hard part).
         opts: the distillation options (all but the reduction are read).
         loss: (M,) output, accumulation dtype.
@@ -211,14 +243,5 @@ def run_rows(
     per_row = scale is not None and scale.dim() == 1
     for r0 in range(0, M, block):
         r = slice(r0, min(M, r0 + block))
-        _rows(
-            logits[r],
-            teacher_logits[r] if teacher_logits is not None else None,
-            teacher_ids[r] if teacher_ids is not None else None,
-            teacher_log_probs[r] if teacher_log_probs is not None else None,
-            target[r] if target is not None else None,
-            opts,
-            loss[r],
-            grad[r] if grad is not None else None,
-            scale[r] if per_row else scale,
-        )
+        out = (loss[r], grad[r] if grad is not None else None, scale[r] if per_row else scale)
+        _rows(logits[r], teacher.rows(r), target[r] if target is not None else None, opts, out)

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..distill_options import DistillOptions
+from ..distillation.options import DistillOptions
+from ..distillation.teacher import Teacher
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -265,9 +266,7 @@ def launch_config(V: int, K: int) -> tuple[int, int, int]:
 
 def run_rows(
     logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    teacher_ids: torch.Tensor | None,
-    teacher_log_probs: torch.Tensor | None,
+    teacher: Teacher,
     target: torch.Tensor | None,
     opts: DistillOptions,
     loss: torch.Tensor,
@@ -279,6 +278,7 @@ def run_rows(
     M, V = logits.shape
     if M == 0:
         return
+    teacher_logits, teacher_ids, teacher_log_probs = teacher
     dense = teacher_logits is not None
     K = 1 if dense else teacher_ids.shape[1]
     block_v, block_k, warps = launch_config(V, K)

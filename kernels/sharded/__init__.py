@@ -13,4 +13,8 @@ Modules, bottom up (each imports only those before it, and none imports the plai
 * ``dtensor``: DTensor arguments unwrapped, results rewrapped;
 * ``route``: a call from its arguments to the Function; a group of one rank runs the plain
   implementation its caller passes in.
+
+Beside them, the vocabulary-parallel forms of the other losses on the same process groups:
+``token_log_probs`` and ``distillation`` (the distillation losses' slices, on the rows and
+checks of ``fusedce.distillation``).
 """

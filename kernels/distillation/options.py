@@ -1,7 +1,9 @@
-"""The options of the distillation losses, checked once per call (see ``distillation``).
+"""The options of the distillation losses, checked once per call (``check_distill_options``).
 
 A module of its own, below the backends, so that the torch and Triton rows and the public
-functions read the same ``DistillOptions`` (docs/DISTILLATION.md holds the definitions).
+functions read the same ``DistillOptions`` (docs/DISTILLATION.md holds the definitions). The
+options they share with the cross-entropy (``reduction``, ``ignore_index``) are checked by
+``fusedce.options.check_options``, with its messages.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .options import REDUCTIONS, check_options
+from ..options import LossOptions, check_options
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 TAILS = ("bin", "renormalize")
@@ -47,15 +49,13 @@ class DistillOptions:
 
     @property
     def bin(self) -> bool:
+        """Whether a sparse teacher's classes outside its ids form one tail bin."""
         return self.tail == "bin"
 
-    @property
-    def mean(self) -> bool:
-        return self.reduction == "mean"
-
-    @property
-    def per_row(self) -> bool:
-        return self.reduction == "none"
+    # The reduction's flags, read as the cross-entropy's: ``mean`` (averaged over the counted
+    # rows) and ``per_row`` ("none": one loss per row, and one upstream factor per row).
+    mean = LossOptions.mean
+    per_row = LossOptions.per_row
 
     def as_args(self) -> tuple[str, float, float, str, int, float, str]:
         """The options as plain values, in field order (what the custom ops take)."""
@@ -100,8 +100,8 @@ def check_distill_options(
         raise ValueError(f"{who}: divergence must be one of {DIVERGENCES}, got {divergence!r}")
     if tail not in TAILS:
         raise ValueError(f"{who}: tail must be one of {TAILS}, got {tail!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"{who}: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    # The reduction and ignore_index rules (and messages) of cross_entropy; no label smoothing.
+    ignore = check_options(who, ignore_index, 0.0, reduction).ignore_index
     b = _unit_float(who, "beta", beta, 0.0, 1.0)
     a = _unit_float(who, "hard_weight", hard_weight, 0.0, 1.0)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
@@ -110,6 +110,4 @@ def check_distill_options(
     if not 0.0 < t <= _FLOAT_MAX:
         got = "" if torch.compiler.is_compiling() else f", got {temperature}"
         raise ValueError(f"{who}: temperature must be a finite float > 0{got}")
-    # The same ignore_index rules (and messages) as cross_entropy's.
-    ignore = check_options(who, ignore_index, 0.0, str(reduction)).ignore_index
     return DistillOptions(str(divergence), b, t, str(tail), ignore, a, str(reduction))

@@ -13,22 +13,34 @@ Per row, on the slice [v0, v0 + V_r) of z = x / T (and of a dense teacher's t / 
 3. a dense teacher: the slices' sums of d and r (reverse KL and JSD read G), one
    all_reduce(SUM) of 2 N numbers.
 
-The gradient of the slice is then local (formulas of ``backends.torch_distill``), computed with
-torch ops in forward with its factor folded in; backward scales it by the upstream gradient (for
-"none", each row's: the half-precision gradient is rounded twice there). The fused head all-
-reduces the input's gradient (N, D) inside.
+The gradient of the slice is then local (formulas and helpers of ``backends.torch_distill``),
+computed with torch ops in forward with its factor folded in; backward scales it by the upstream
+gradient (for "none", each row's: the half-precision gradient is rounded twice there). The fused
+head all-reduces the input's gradient (N, D) inside (``linear_pass``: the chunks of
+``distillation.core.teacher_chunks``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import distill_core
-from .backends.torch_distill import _masked_log_softmax, terms
-from .distill_options import DistillOptions
-from .options import accumulation_dtype
+from ..backends.torch_distill import (
+    mixed_loss,
+    scale_grad_,
+    soft_grad,
+    sparse_grad,
+    sparse_terms,
+    terms,
+)
+from ..distillation import core
+from ..distillation.options import DistillOptions
+from ..distillation.teacher import Teacher, TeacherHead
+from ..distillation.value_checks import ValueCheck
+from ..options import accumulation_dtype
 
 
 def agree(
@@ -70,21 +82,27 @@ def _max_sum(values: list[Tensor], group: object) -> list[tuple[Tensor, Tensor]]
     return [(maxes[i], sums[i].log()) for i in range(len(values))]
 
 
+class VocabSlice(NamedTuple):
+    """This rank's classes [v0, v0 + V_r) of the whole vocabulary V, split over ``group``."""
+
+    v0: int
+    V: int
+    group: object
+
+
 def sharded_rows(
     x: Tensor,
-    teacher: Tensor | None,
-    ids: Tensor | None,
-    log_probs: Tensor | None,
+    teacher: Teacher,
     target: Tensor | None,
     opts: DistillOptions,
-    v0: int,
-    V: int,
-    group: object,
+    sl: VocabSlice,
     factor: Tensor | None,
 ) -> tuple[Tensor, Tensor | None]:
     """(row losses (N,), gradient of the slice (N, V_r) times ``factor`` (() or (N,)), or None
-    without a factor) for the slice x of global classes [v0, v0 + V_r)."""
+    without a factor) for the slice x of global classes [v0, v0 + V_r): the teacher's logits
+    are its slice of the same classes, its ids global."""
     N, Vr = x.shape
+    v0, group = sl.v0, sl.group
     acc = accumulation_dtype(x.dtype)
     T, a = opts.temperature, opts.hard_weight
     xf = x.to(acc)
@@ -94,8 +112,8 @@ def sharded_rows(
     values = [z]
     if hard and T != 1.0:
         values.append(xf)
-    if soft and teacher is not None:
-        values.append(teacher.to(acc) / T)
+    if soft and teacher.logits is not None:
+        values.append(teacher.logits.to(acc) / T)
     stats = _max_sum(values, group)
     m, log_sum = stats[0]
     logq = (z - m[:, None]) - log_sum[:, None]
@@ -107,28 +125,21 @@ def sharded_rows(
         y_local = torch.where(y_ok, target - v0, 0)
     # The gathered logits other ranks need: z at the local ids of S, x at the true class.
     gathered = []
-    if soft and ids is not None:
-        own = (ids >= v0) & (ids < v0 + Vr)
-        own_idx = torch.where(own, ids - v0, 0)
-        # A slice of no class (a rank may hold none) owns nothing and gathers nothing.
-        local_z = z.gather(1, own_idx) if Vr else torch.zeros_like(own_idx, dtype=acc)
-        gathered.append(torch.where(own, local_z, 0.0))
+    if soft and teacher.ids is not None:
+        own = (teacher.ids >= v0) & (teacher.ids < v0 + Vr)
+        own_idx = torch.where(own, teacher.ids - v0, 0)
+        gathered.append(_own_values(z, own, own_idx))
     if hard:
-        x_y = (
-            xf.gather(1, y_local[:, None])[:, 0]
-            if Vr
-            else torch.zeros(N, dtype=acc, device=x.device)
-        )
-        gathered.append(torch.where(y_ok, x_y, 0.0)[:, None])
+        gathered.append(_own_values(xf, y_ok[:, None], y_local[:, None]))
     if gathered:
         g_all = torch.cat(gathered, 1)
         dist.all_reduce(g_all, group=group)
     D = torch.zeros(N, dtype=acc, device=x.device)
     gz = None
     want = factor is not None
-    if soft and teacher is not None:
+    if soft and teacher.logits is not None:
         mt, lt = stats[-1]
-        logp = (teacher.to(acc) / T - mt[:, None]) - lt[:, None]
+        logp = (teacher.logits.to(acc) / T - mt[:, None]) - lt[:, None]
         d, r = terms(logp, logq, opts)
         DG = torch.stack([d.sum(1), r.sum(1)])
         dist.all_reduce(DG, group=group)
@@ -136,55 +147,37 @@ def sharded_rows(
         if want:
             gz = r - logq.exp() * G[:, None]
     elif soft:
-        k = ids.shape[1]
-        valid = ids >= 0
-        lq = torch.where(valid, (g_all[:, :k] - m[:, None]) - log_sum[:, None], float("-inf"))
-        lp = torch.where(valid, log_probs.to(acc), float("-inf"))
-        if not opts.bin:
-            lq, lp = _masked_log_softmax(lq, valid), _masked_log_softmax(lp, valid)
-        d, r = terms(lp, lq, opts)
-        d, r = torch.where(valid, d, 0.0), torch.where(valid, r, 0.0)
-        D, G = d.sum(1), r.sum(1)
-        if opts.bin:
-            open_bin = valid.sum(1) < V
-            p_tail = torch.where(open_bin, (1.0 - lp.exp().sum(1)).clamp_min(0.0), 0.0)
-            q_tail = torch.where(open_bin, (1.0 - lq.exp().sum(1)).clamp_min(0.0), 0.0)
-            dt, rt = terms(p_tail.log(), q_tail.log(), opts)
-            D, G = D + dt, G + rt
+        k = teacher.ids.shape[1]
+        lq = (g_all[:, :k] - m[:, None]) - log_sum[:, None]
+        D, outside, at_s = sparse_terms(lq, teacher.log_probs, teacher.ids >= 0, opts, sl.V)
         if want:
-            qS = lq.exp()
-            if opts.bin:
-                g_tail = torch.where(q_tail > 0, rt / q_tail, 0.0)
-                gz = logq.exp() * (g_tail - G)[:, None]
-                fix = r - qS * g_tail[:, None]
-            else:
-                gz = torch.zeros_like(logq)
-                fix = r - qS * G[:, None]
+            gz = sparse_grad(logq, outside)
             if Vr:
-                gz.scatter_add_(1, own_idx, torch.where(own, fix, 0.0))
+                gz.scatter_add_(1, own_idx, torch.where(own, at_s, 0.0))
     ce = None
     if hard:
         m1, l1 = stats[1] if T != 1.0 else (m, log_sum)
         ce = (m1 - g_all[:, -1]) + l1
-    if ce is None:
-        row_loss = D
-    elif a == 1.0:
-        row_loss = ce
-    else:
-        row_loss = (1.0 - a) * D + a * ce
-    row_loss = torch.where(rows, row_loss, 0.0)
+    row_loss = mixed_loss(D, ce, a, rows)
     if not want:
         return row_loss, None
-    g = gz * ((1.0 - a) / T) if gz is not None else torch.zeros_like(logq)
+    g = soft_grad(gz, opts, logq)
     if hard:
         logq1 = logq if T == 1.0 else (xf - m1[:, None]) - l1[:, None]
         g.add_(logq1.exp(), alpha=a)
         if Vr:
             g.scatter_add_(1, y_local[:, None], (y_ok.to(acc) * -a)[:, None])
-    f = factor.to(acc)
-    g.mul_(f[:, None] if f.dim() == 1 else f)
-    g.masked_fill_(~rows[:, None], 0.0)
+    scale_grad_(g, factor, rows)
     return row_loss, g.to(x.dtype)
+
+
+def _own_values(v: Tensor, own: Tensor, local: Tensor) -> Tensor:
+    """(N, j) values of the slice ``v`` (N, V_r) at the local columns ``local`` where this rank
+    owns the class (``own``), 0 elsewhere: summed over the ranks, every class's value."""
+    # A slice of no class (a rank may hold none) owns nothing and gathers nothing.
+    if not v.shape[1]:
+        return torch.zeros(local.shape, dtype=v.dtype, device=v.device)
+    return torch.where(own, v.gather(1, local), 0.0)
 
 
 class ShardedDistillation(torch.autograd.Function):
@@ -192,27 +185,26 @@ class ShardedDistillation(torch.autograd.Function):
     in forward (unit factors per row for "none") and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, x, teacher, ids, log_probs, target, opts, v0, V, group):  # type: ignore[override]
-        scale = distill_core.mean_scale(x.shape[0], target, opts, x)
+    def forward(ctx, x, teacher_logits, ids, log_probs, target, opts, sl):  # type: ignore[override]
+        scale = core.mean_scale(x.shape[0], target, opts, x)
         factor = scale if not opts.per_row else torch.ones((), dtype=scale.dtype, device=x.device)
-        rows, grad = sharded_rows(x, teacher, ids, log_probs, target, opts, v0, V, group, factor)
+        teacher = Teacher(teacher_logits, ids, log_probs)
+        rows, grad = sharded_rows(x, teacher, target, opts, sl, factor)
         ctx.grad, ctx.per_row = grad, opts.per_row
-        return distill_core.reduce(rows, scale, opts)
+        return core.reduce(rows, scale, opts)
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         g = grad_output.to(ctx.grad.dtype)
         grad = ctx.grad * (g[:, None] if ctx.per_row else g)
         ctx.grad = None
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def distillation_loss_sharded(
     who: str,
     x: Tensor,
-    teacher: Tensor | None,
-    ids: Tensor | None,
-    log_probs: Tensor | None,
+    teacher: Teacher,
     target: Tensor | None,
     opts: DistillOptions,
     group: object,
@@ -222,73 +214,53 @@ def distillation_loss_sharded(
     """``distillation_loss`` of the slice ``x`` (N, V_r) of global classes [v0, v0 + V_r) (rows
     flattened, checked, agreed: ``agree``) over ``group``: the (reduced) loss of the whole
     vocabulary, identical on every rank."""
-    distill_core.check_values(who, V, ids, log_probs, target, opts.ignore_index, False)
+    ValueCheck(who, V, teacher, target, opts.ignore_index).run(defer=False)
+    sl = VocabSlice(v0, V, group)
     if torch.is_grad_enabled() and x.requires_grad:
-        return ShardedDistillation.apply(x, teacher, ids, log_probs, target, opts, v0, V, group)
-    scale = distill_core.mean_scale(x.shape[0], target, opts, x)
-    rows, _ = sharded_rows(x, teacher, ids, log_probs, target, opts, v0, V, group, None)
-    return distill_core.reduce(rows, scale, opts)
+        return ShardedDistillation.apply(x, *teacher, target, opts, sl)
+    scale = core.mean_scale(x.shape[0], target, opts, x)
+    rows, _ = sharded_rows(x, teacher, target, opts, sl, None)
+    return core.reduce(rows, scale, opts)
 
 
 def linear_pass(
     x: Tensor,
-    W: Tensor,
-    b: Tensor | None,
-    dense: tuple[Tensor, Tensor, Tensor | None] | None,
-    ids: Tensor | None,
-    log_probs: Tensor | None,
+    head: tuple[Tensor, Tensor | None],
+    dense: TeacherHead | None,
+    teacher: Teacher,
     target: Tensor | None,
-    opts: DistillOptions,
-    chunk_rows: int,
-    v0: int,
-    V: int,
-    group: object,
+    plan: tuple[DistillOptions, int, VocabSlice],
     factor: Tensor | None,
     needs: tuple[bool, bool, bool],
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The fused head on this rank's slice W (V_r, D): (row losses, grad_x all-reduced over the
-    group, grad_W of the slice, grad_b of the slice); the gradients with ``factor`` only."""
+    """The fused head on this rank's slice W (V_r, D) (``plan``: the options, the chunk rows and
+    the slice): (row losses, grad_x all-reduced over the group, grad_W of the slice, grad_b of
+    the slice); the gradients with ``factor`` only."""
+    opts, chunk_rows, sl = plan
+    W, b = head
     N = x.shape[0]
     acc = accumulation_dtype(x.dtype)
     loss = torch.empty(N, dtype=acc, device=x.device)
     want = factor is not None
     per_row = want and factor.dim() == 1
+    # Summed in the accumulation dtype: grad_x once more over the ranks.
     gx = torch.zeros(N, x.shape[1], dtype=acc, device=x.device) if want and needs[0] else None
     gw = torch.zeros(W.shape, dtype=acc, device=x.device) if want and needs[1] else None
     gb = torch.zeros(W.shape[0], dtype=acc, device=x.device) if want and needs[2] else None
-    for start in range(0, max(N, 1), chunk_rows):
-        end = min(start + chunk_rows, N)
-        x_c = x[start:end]
-        logits = torch.addmm(b, x_c, W.t()) if b is not None else x_c @ W.t()
-        t_c = None
-        if dense is not None:
-            tx, tW, tb = dense
-            t_c = (
-                torch.addmm(tb, tx[start:end], tW.t()) if tb is not None else tx[start:end] @ tW.t()
-            )
-        rows, g = sharded_rows(
-            logits,
-            t_c,
-            ids[start:end] if ids is not None else None,
-            log_probs[start:end] if log_probs is not None else None,
-            target[start:end] if target is not None else None,
-            opts,
-            v0,
-            V,
-            group,
-            (factor[start:end] if per_row else factor) if want else None,
-        )
-        loss[start:end] = rows
+    for rows, x_c, logits, t_c in core.teacher_chunks(x, head, dense, teacher, chunk_rows):
+        f = (factor[rows] if per_row else factor) if want else None
+        y = target[rows] if target is not None else None
+        loss[rows], g = sharded_rows(logits, t_c, y, opts, sl, f)
         if g is None:
             continue
         if gx is not None:
-            gx[start:end] = (g @ W).to(acc)
+            gx[rows] = g @ W
         if gw is not None:
-            gw += (g.t() @ x_c).to(acc)
+            gw += g.t() @ x_c
         if gb is not None:
             gb += g.sum(0, dtype=acc)
     if gx is not None:
-        dist.all_reduce(gx, group=group)  # every slice's part of the input's gradient
+        dist.all_reduce(gx, group=sl.group)  # every slice's part of the input's gradient
     return loss, _cast(gx, x), _cast(gw, W), _cast(gb, b) if b is not None else None
 
 
@@ -301,32 +273,49 @@ class ShardedLinearDistillation(torch.autograd.Function):
     forward; "none" runs the slices' loop again in backward with each row's factor."""
 
     @staticmethod
-    def forward(ctx, x, W, b, tx, tW, tb, ids, log_probs, target, opts, rows, v0, V, group):  # type: ignore[override]
+    def forward(ctx, x, W, b, tx, tW, tb, ids, log_probs, target, opts, rows, sl):  # type: ignore[override]
         needs = tuple(ctx.needs_input_grad[:3])
-        dense = (tx, tW, tb) if tx is not None else None
-        scale = distill_core.mean_scale(x.shape[0], target, opts, x)
-        args = (ids, log_probs, target, opts, rows, v0, V, group)
+        dense = TeacherHead.of(tx, tW, tb)
+        plan = (opts, rows, sl)
+        args = ((W, b), dense, Teacher(None, ids, log_probs), target, plan)
         if opts.per_row:
-            loss, *_ = linear_pass(x, W, b, dense, *args, None, needs)
+            loss, *_ = linear_pass(x, *args, None, needs)
             ctx.save_for_backward(x, W, b, tx, tW, tb, ids, log_probs, target)
             ctx.grads = None
         else:
-            row_loss, gx, gw, gb = linear_pass(x, W, b, dense, *args, scale, needs)
-            loss = distill_core.reduce(row_loss, scale, opts)
-            ctx.grads = (gx, gw, gb)
-        ctx.rest, ctx.needs = (opts, rows, v0, V, group), needs
+            scale = core.mean_scale(x.shape[0], target, opts, x)
+            row_loss, *grads = linear_pass(x, *args, scale, needs)
+            loss = core.reduce(row_loss, scale, opts)
+            ctx.grads = grads
+        ctx.plan, ctx.needs = plan, needs
         return loss
 
     @staticmethod
     def backward(ctx, grad_output):  # type: ignore[override]
         if ctx.grads is None:
             x, W, b, tx, tW, tb, ids, log_probs, target = ctx.saved_tensors
-            opts, rows, v0, V, group = ctx.rest
-            dense = (tx, tW, tb) if tx is not None else None
-            factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype))
-            args = (ids, log_probs, target, opts, rows, v0, V, group)
-            _, gx, gw, gb = linear_pass(x, W, b, dense, *args, factor, ctx.needs)
+            factor = core.row_factor(grad_output, x)
+            args = ((W, b), TeacherHead.of(tx, tW, tb), Teacher(None, ids, log_probs), target)
+            _, gx, gw, gb = linear_pass(x, *args, ctx.plan, factor, ctx.needs)
         else:
             gx, gw, gb = (g * grad_output.to(g.dtype) if g is not None else None for g in ctx.grads)
             ctx.grads = None
-        return (gx, gw, gb) + (None,) * 11
+        return (gx, gw, gb) + (None,) * 9
+
+
+def linear_distillation_loss_sharded(
+    who: str,
+    tensors: tuple[Tensor | None, ...],
+    opts: DistillOptions,
+    chunk_rows: int,
+    agreed: tuple[int, int],
+    group: object,
+) -> Tensor:
+    """``linear_distillation_loss`` on this rank's slice of the heads' classes (``tensors``:
+    x (N, D), W (V_r, D), b, the dense teacher's x, W, b, the sparse teacher's ids and
+    log-probabilities, target; checked and agreed, ``agree`` gave (v0, V)) over ``group``."""
+    v0, V = agreed
+    ids, log_probs, target = tensors[6:]
+    ValueCheck(who, V, Teacher(None, ids, log_probs), target, opts.ignore_index).run(defer=False)
+    sl = VocabSlice(v0, V, group)
+    return ShardedLinearDistillation.apply(*tensors, opts, chunk_rows, sl)
