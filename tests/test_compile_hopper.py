@@ -17,8 +17,6 @@ from hopper_compile import (  # noqa: E402
 from fusedce.backends import triton_kernels as tk  # noqa: E402
 from fusedce.backends import triton_log_probs as tlp  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("soft", [False, True])

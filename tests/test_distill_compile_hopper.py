@@ -12,8 +12,6 @@ from hopper_compile import compile_for_hopper  # noqa: E402
 
 from fusedce.backends import triton_distill as td  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
 
 def _compile(constexprs: dict[str, object], dtype: str, num_warps: int):
     types = {

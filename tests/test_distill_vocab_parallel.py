@@ -151,7 +151,6 @@ def _worker(rank: int, world: int, init_file: str, _local: str = "") -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_distillation_matches_unsharded(world: int, tmp_path) -> None:
     _spawn(world, tmp_path, timeout_s=240.0, worker=_worker)

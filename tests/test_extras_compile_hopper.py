@@ -13,9 +13,6 @@ triton = pytest.importorskip("triton")
 
 from hopper_compile import compile_mean_scale, compile_row_kernel  # noqa: E402
 
-pytestmark = pytest.mark.slow
-
-
 # (write_loss, write_grad, per_row_scale, write_stats): training forward with the stats,
 # validation forward (stats, no gradient), and the gradient-only launch of reduction="none".
 MODES = [(True, True, False, True), (True, False, False, True), (False, True, True, False)]

@@ -1021,7 +1021,6 @@ def _spawn(
             pytest.fail(f"the {world} processes did not finish within {timeout_s} s (deadlock?)")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize(
     "local",
