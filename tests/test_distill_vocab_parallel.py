@@ -147,6 +147,9 @@ def _worker(rank: int, world: int, init_file: str, _local: str = "") -> None:
             _check_logits(rank, widths, group)
             _check_linear(rank, widths, group)
         _check_errors(rank, world, group)
+        # No rank tears down its gloo connections while a peer may still be finishing the
+        # last collective (the ranks leave the error checks at different moments).
+        dist.barrier(group)
     finally:
         dist.destroy_process_group()
 
