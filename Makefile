@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install train test compile-check-gpu-image lint format bench clean
+.PHONY: install train test test-all compile-check-gpu-image lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -35,11 +35,19 @@ format: install
 # The kernel suite runs twice: through Triton's interpreter (the Triton kernel itself, on CPU)
 # and through the torch backend's row contract (FUSEDCE_BACKEND=torch: small plain CPU calls
 # would otherwise go to F.cross_entropy). Everything else runs once, on the default backend.
+# `make test` leaves out the tests marked `slow`: each repeats, at a larger cost, a property
+# that a test it runs already checks (docs/TESTING.md); `make test-all` runs them too.
+PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
+SELECT ?= and not slow
+
 test: lint
-	TRITON_INTERPRET=1 $(BIN)/python -m pytest -m kernel -q -p no:cacheprovider
-	FUSEDCE_BACKEND=torch $(BIN)/python -m pytest -m kernel -q -p no:cacheprovider
-	$(BIN)/python -m pytest -m "not kernel" -q -p no:cacheprovider
+	TRITON_INTERPRET=1 $(PYTEST) -m "kernel $(SELECT)"
+	FUSEDCE_BACKEND=torch $(PYTEST) -m "kernel $(SELECT)"
+	$(PYTEST) -m "not kernel $(SELECT)"
 	$(MAKE) compile-check-gpu-image
+
+test-all:
+	$(MAKE) test SELECT=
 
 # The GPU image runs triton 3.6: compile every kernel for sm_90 with that release too (no GPU
 # needed; the whole suite above used the installed triton).
@@ -51,7 +59,7 @@ $(TRITON_ALT): | $(STAMP)
 
 compile-check-gpu-image: $(TRITON_ALT)
 	PYTHONPATH=$(TRITON_ALT) $(BIN)/python -c "import triton; print('compiling with triton', triton.__version__)"
-	PYTHONPATH=$(TRITON_ALT) $(BIN)/python -m pytest tests/test_compile_hopper.py tests/test_extras_compile_hopper.py tests/test_distill_compile_hopper.py -q -p no:cacheprovider
+	PYTHONPATH=$(TRITON_ALT) $(PYTEST) tests/test_compile_hopper.py tests/test_extras_compile_hopper.py tests/test_distill_compile_hopper.py
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_cross_entropy $(ARGS)

@@ -37,8 +37,17 @@ from .validation import check_cross_entropy_args, check_token_weight, logits_row
 __all__ = ["CrossEntropyLoss", "CrossEntropyStats", "cross_entropy"]
 
 _WHO = "cross_entropy"
+# The options ``CrossEntropyLoss`` holds as attributes (``CallOptions.hold``; read back by
+# ``CallOptions.of``), in the order of its repr.
+_MODULE_OPTIONS = ("ignore_index", "reduction", "label_smoothing", "inplace_backward")
+_MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
 
+# The only repeated parameter lists of the public layer: the signatures of both losses (the
+# functions and modules here and in linear_cross_entropy_loss.py, vocab_parallel/api.py) keep
+# torch's keyword lists, and the custom ops (custom_ops.py) their schemas, because callers pass
+# those by name and compiled graphs by schema; below them the options travel as one
+# ``CallOptions`` (``CallOptions.of_keywords``), the tensors as one tuple.
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -113,22 +122,17 @@ def cross_entropy(
     (retain_graph=True) raises in eager mode for "mean" and "sum": the first backward consumes
     the fused gradient.
     """
-    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    call = CallOptions(*loss_args, return_stats, inplace_backward)
-    return _cross_entropy(_WHO, input, target, weight, token_weight, call, process_group)
+    call = CallOptions.of_keywords(locals())
+    return _cross_entropy(_WHO, (input, target, weight, token_weight), call, process_group)
 
 
 def _flatten(
-    who: str,
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    opts: LossOptions,
+    who: str, tensors: tuple, opts: LossOptions
 ) -> tuple[Tensor, Tensor, Tensor | None, tuple[int, ...], Tensor | None]:
-    """Checks the tensors; returns (logits (M, C) with unit stride along C, target (M,) or
-    (M, C), class weights (C,), the per-element loss shape, token weights (M,) or None), as the
-    backends read them."""
+    """Checks the tensors (input, target, weight, token_weight); returns (logits (M, C) with
+    unit stride along C, target (M,) or (M, C), class weights (C,), the per-element loss shape,
+    token weights (M,) or None), as the backends read them."""
+    input, target, weight, token_weight = tensors
     soft = check_cross_entropy_args(who, input, target, weight, opts.ignore_index)
     out_shape = loss_shape(input)
     check_token_weight(who, token_weight, out_shape, input.device)
@@ -144,28 +148,23 @@ def _flatten(
 
 
 def _cross_entropy(
-    who: str,
-    input: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    call: CallOptions,
-    process_group: object = None,
+    who: str, tensors: tuple, call: CallOptions, process_group: object = None
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``cross_entropy`` for the public function ``who`` (``cross_entropy``,
-    ``CrossEntropyLoss``, or the vocabulary-parallel function on one rank): every error names
-    it."""
+    """``cross_entropy`` of ``tensors`` (input, target, weight, token_weight) for the public
+    function ``who`` (``cross_entropy``, ``CrossEntropyLoss``, or the vocabulary-parallel
+    function on one rank): every error names it."""
     compiling = torch.compiler.is_compiling()
+    input = tensors[0]
     if sharded.wants_vocab_parallel(input, process_group):
         if func_transforms.active():
             raise func_transforms.refuse_sharded(who)
         sharded.refuse_unsharded_options(who, inplace_backward=call.inplace_backward)
-        return sharded.call_cross_entropy(
-            who, input, target, weight, token_weight, call, process_group, plain=_cross_entropy
+        return sharded.call_sharded(
+            sharded.CE, who, tensors, call, process_group, plain=_cross_entropy
         )
     opts = call.loss_options(who)
     inplace_backward = call.inplace_backward
-    logits, target, weight, out_shape, tw = _flatten(who, input, target, weight, token_weight, opts)
+    logits, target, weight, out_shape, tw = _flatten(who, tensors, opts)
     extras = bool(call.return_stats)
     if func_transforms.active():
         # torch.func.grad / vmap / jacrev ...: differentiable torch ops, same semantics.
@@ -237,17 +236,8 @@ class CrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        call = CallOptions(ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-        opts = call.loss_options("CrossEntropyLoss")
+        CallOptions.hold(self, locals(), _MODULE_OPTIONS)
         self.register_buffer("weight", weight)
-        self.ignore_index = opts.ignore_index
-        self.reduction = opts.reduction
-        self.label_smoothing = opts.label_smoothing
-        self.inplace_backward = inplace_backward
-        self.logit_scale = opts.logit_scale
-        self.softcap = opts.softcap
-        self.z_loss = opts.z_loss
-        self.return_stats = bool(return_stats)
 
     def forward(
         self, input: Tensor, target: Tensor, token_weight: Tensor | None = None
@@ -255,12 +245,8 @@ class CrossEntropyLoss(nn.Module):
         """The loss (and stats with ``return_stats``); ``token_weight`` per element, or None.
         Errors name ``CrossEntropyLoss``."""
         call = CallOptions.of(self)
-        return _cross_entropy("CrossEntropyLoss", input, target, self.weight, token_weight, call)
+        tensors = (input, target, self.weight, token_weight)
+        return _cross_entropy("CrossEntropyLoss", tensors, call)
 
     def extra_repr(self) -> str:
-        return (
-            f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-            f"label_smoothing={self.label_smoothing}, inplace_backward={self.inplace_backward}, "
-            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
-            f"return_stats={self.return_stats}"
-        )
+        return CallOptions.describe(self, _MODULE_OPTIONS)

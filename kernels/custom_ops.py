@@ -12,6 +12,8 @@ of place (graphs may reuse its buffers). The options cross the boundary as ``to_
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -61,26 +63,59 @@ def float_options_as_tensor(logits: Tensor, opts: LossOptions, target_grad: bool
 # --------------------------------------------------------------------------------------------
 
 
-def _logits_layout(
-    logits: Tensor,
+def _op_layout(
+    rows: Tensor,
     target: Tensor,
     weight: Tensor | None,
     token_weight: Tensor | None,
     ignore_index: int,
+    contiguous: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The layout the backends read (unit stride along the classes, contiguous weights): the
-    custom ops are callable directly, with any strides. No copy for what ``cross_entropy``
-    passes them."""
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
+    """The layout the backends and the chunked loop read: ``rows`` (the logits, or the head's
+    x) with unit stride along the last dimension (``contiguous``: contiguous, as the head's x
+    and hence its gradient), probability targets likewise, class indices in a kernel dtype,
+    contiguous weights. The custom ops are callable directly, with any strides; no copy for
+    what ``cross_entropy`` / ``linear_cross_entropy`` pass them."""
+    if contiguous or rows.stride(-1) != 1:
+        rows = rows.contiguous()
     if target.dim() == 2:
         if target.stride(-1) != 1:
             target = target.contiguous()
     else:
         target = index_target_for_kernels(target, ignore_index)
-    weight = prepare_class_weight(weight, logits.dtype)
-    token_weight = prepare_token_weight(token_weight, logits.dtype)
-    return logits, target, weight, token_weight
+    weight = prepare_class_weight(weight, rows.dtype)
+    token_weight = prepare_token_weight(token_weight, rows.dtype)
+    return rows, target, weight, token_weight
+
+
+def _op_options(args: dict[str, object]) -> LossOptions:
+    """The ``LossOptions`` of a custom op's arguments by name (``from_op_args``); the gradient
+    ops, which take no reduction, are ``"none"``."""
+    return from_op_args(**{"reduction": "none"} | {k: args[k] for k in _OP_OPTIONS if k in args})
+
+
+_OP_OPTIONS = tuple(inspect.signature(from_op_args).parameters)
+# The tensors the forward ops save for their gradient op (not passed through as arguments).
+_SAVED = ("logits", "x", "W", "b", "target", "weight", "token_weight")
+
+
+def _grad_op_options(args: dict[str, object], grad_op: object) -> dict[str, object]:
+    """The forward op's arguments (by name) that its gradient op takes as they are: the
+    options, the float placeholders and ``float_options`` included; not the saved tensors."""
+    names = op_arguments(grad_op, (), {}).keys() - set(_SAVED)
+    return {k: v for k, v in args.items() if k in names}
+
+
+def _fake_loss_and_stats(rows: Tensor, args: dict[str, object]) -> tuple[Tensor, Tensor]:
+    """Meta loss (() or (M,) for "none") and (STAT_ROWS or EXTRA_STAT_ROWS, M) per-row stats
+    of a forward op on ``rows`` (logits, or the head's x), in the accumulation dtype.
+    ``new_empty``: contiguous, as every output of the real ops (``empty_like`` would keep the
+    strides of a transposed input)."""
+    M = rows.shape[0]
+    acc = accumulation_dtype(rows.dtype)
+    loss = rows.new_empty((M,) if args["reduction"] == "none" else (), dtype=acc)
+    stat_rows = core.EXTRA_STAT_ROWS if args["extras"] else core.STAT_ROWS
+    return loss, rows.new_empty((stat_rows, M), dtype=acc)
 
 
 @torch.library.custom_op("fusedce::cross_entropy", mutates_args=())
@@ -107,10 +142,8 @@ def cross_entropy_op(
     ``float_options``: the four float options as ``options.float_options_tensor`` (the floats
     are then placeholders), for values that change between compiled calls."""
     check_token_weight_values(who, token_weight)
-    opts = from_op_args(
-        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
-    )
-    logits, target, weight, token_weight = _logits_layout(
+    opts = _op_options(locals())
+    logits, target, weight, token_weight = _op_layout(
         logits, target, weight, token_weight, ignore_index
     )
     with index_check.reporting_as(who):
@@ -126,15 +159,9 @@ def cross_entropy_op(
 @cross_entropy_op.register_fake
 def _(*args, **kwargs):
     a = op_arguments(cross_entropy_op, args, kwargs)
-    logits, reduction, grad_now, extras = a["logits"], a["reduction"], a["grad_now"], a["extras"]
-    # new_empty: contiguous, as every output of the real op (empty_like would keep the strides
-    # of a transposed input).
-    M = logits.shape[0]
-    acc = accumulation_dtype(logits.dtype)
-    loss = logits.new_empty((M,) if reduction == "none" else (), dtype=acc)
-    grad = logits.new_empty(logits.shape if grad_now else (0,))
-    rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
-    return loss, grad, logits.new_empty((rows, M), dtype=acc)
+    logits = a["logits"]
+    loss, stats = _fake_loss_and_stats(logits, a)
+    return loss, logits.new_empty(logits.shape if a["grad_now"] else (0,)), stats
 
 
 @torch.library.custom_op("fusedce::cross_entropy_grad", mutates_args=())
@@ -154,10 +181,8 @@ def cross_entropy_grad_op(
 ) -> Tensor:
     """reduction="none": the gradient written once from the forward's per-row stats; contiguous,
     whatever the inputs' strides."""
-    opts = from_op_args(
-        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
-    )
-    logits, target, weight, token_weight = _logits_layout(
+    opts = _op_options(locals())
+    logits, target, weight, token_weight = _op_layout(
         logits, target, weight, token_weight, ignore_index
     )
     stats = stats.contiguous()
@@ -172,21 +197,16 @@ def _(logits, *_args, **_kwargs):
 
 
 def _ce_setup_context(ctx, inputs, output):
-    logits, target, weight, ignore_index, label_smoothing, reduction, _ = inputs[:7]
-    logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[7:]
+    a = op_arguments(cross_entropy_op, inputs, {})
     # With float_options the four floats are placeholders: the gradient op reads the tensor
     # (the target's gradient, which reads opts here, never takes that route: see cross_entropy).
-    ctx.opts = from_op_args(
-        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, None
-    )
-    ctx.who = who
-    ctx.float_options = float_options
-    # The gradient op's options: the forward's arguments, placeholders and tensor included.
-    ctx.grad_op_args = (ignore_index, label_smoothing, logit_scale, softcap, z_loss)
-    keep_logits = reduction == "none" or target.requires_grad
-    ctx.save_for_backward(
-        logits if keep_logits else None, target, weight, output[1], output[2], token_weight
-    )
+    ctx.opts = _op_options(a | {"float_options": None})
+    ctx.who = a["who"]
+    ctx.grad_op_options = _grad_op_options(a, cross_entropy_grad_op)
+    target = a["target"]
+    keep_logits = ctx.opts.per_row or target.requires_grad
+    saved = (a["logits"] if keep_logits else None, target, a["weight"], *output[1:])
+    ctx.save_for_backward(*saved, a["token_weight"])
 
 
 def _ce_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
@@ -196,7 +216,8 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
     grad_logits = grad_target = None
     if ctx.needs_input_grad[1]:
         # The floats of opts are read here: never placeholders (see float_options_as_tensor).
-        assert ctx.float_options is None, "fusedce: target gradient with tensor float options"
+        float_options = ctx.grad_op_options["float_options"]
+        assert float_options is None, "fusedce: target gradient with tensor float options"
         mean_scale = 1.0
         if opts.mean:
             mean_scale = core.inverse_normaliser(
@@ -215,9 +236,8 @@ def _ce_backward(ctx, grad_loss, _grad_of_grad, _grad_of_stats):
                 weight,
                 stats,
                 grad_loss,
-                *ctx.grad_op_args,
-                token_weight,
-                ctx.float_options,
+                token_weight=token_weight,
+                **ctx.grad_op_options,
             )
         else:
             grad_logits = grad * grad_loss.to(grad.dtype)
@@ -230,40 +250,6 @@ cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup_context
 # --------------------------------------------------------------------------------------------
 # fusedce::linear_cross_entropy and its backward op
 # --------------------------------------------------------------------------------------------
-
-
-def _empty(like: Tensor) -> Tensor:
-    """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
-    return like.new_empty((0,))
-
-
-def _fake_grads(x: Tensor, W: Tensor, b: Tensor | None, now: bool, needs: list[bool]):
-    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed.
-
-    Contiguous, as the real ops return them whatever the strides of x, W and b (``empty_like``
-    would keep the strides of a transposed weight, e.g. a tied embedding's ``E.t()``)."""
-    gx = x.new_empty(x.shape) if now and needs[0] else _empty(x)
-    gw = W.new_empty(W.shape) if now and needs[1] else _empty(x)
-    gb = b.new_empty(b.shape) if now and needs[2] and b is not None else _empty(x)
-    return gx, gw, gb
-
-
-def _head_layout(
-    x: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    ignore_index: int,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The layout the chunked loop reads (x contiguous, hence its gradient too; W and b may have
-    any strides): the custom ops are callable directly. No copy for what
-    ``linear_cross_entropy`` passes them."""
-    return (
-        x.contiguous(),
-        index_target_for_kernels(target, ignore_index),
-        prepare_class_weight(weight, x.dtype),
-        prepare_token_weight(token_weight, x.dtype),
-    )
 
 
 @torch.library.custom_op("fusedce::linear_cross_entropy", mutates_args=())
@@ -296,9 +282,9 @@ def linear_cross_entropy_op(
     are then placeholders), for values that change between compiled calls."""
     check_class_indices(target, W.shape[0], ignore_index, who)
     check_token_weight_values(who, token_weight)
-    x, target, weight, token_weight = _head_layout(x, target, weight, token_weight, ignore_index)
-    opts = from_op_args(
-        ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss, float_options
+    opts = _op_options(locals())
+    x, target, weight, token_weight = _op_layout(
+        x, target, weight, token_weight, ignore_index, True
     )
     plan = Plan(opts, chunk_rows, accumulation, extras, who)
     scale = mean_gradient_scale(target, weight, plan.opts, x, token_weight)
@@ -312,16 +298,27 @@ def linear_cross_entropy_op(
     return loss, *(g if g is not None else _empty(x) for g in (gx, gw, gb)), stats
 
 
+def _empty(like: Tensor) -> Tensor:
+    """Placeholder for a gradient that was not asked for (custom ops cannot return None)."""
+    return like.new_empty((0,))
+
+
+def _fake_grads(x: Tensor, W: Tensor, b: Tensor | None, now: bool, needs: list[bool]):
+    """Meta outputs (grad_x, grad_W, grad_b) of the two ops, empty where not computed.
+
+    Contiguous, as the real ops return them whatever the strides of x, W and b (``empty_like``
+    would keep the strides of a transposed weight, e.g. a tied embedding's ``E.t()``)."""
+    gx = x.new_empty(x.shape) if now and needs[0] else _empty(x)
+    gw = W.new_empty(W.shape) if now and needs[1] else _empty(x)
+    gb = b.new_empty(b.shape) if now and needs[2] and b is not None else _empty(x)
+    return gx, gw, gb
+
+
 @linear_cross_entropy_op.register_fake
 def _(*args, **kwargs):
     a = op_arguments(linear_cross_entropy_op, args, kwargs)
-    x, W, b, reduction, needs = a["x"], a["W"], a["b"], a["reduction"], a["needs"]
-    extras = a["extras"]
-    acc = accumulation_dtype(x.dtype)
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=acc)
-    rows = core.EXTRA_STAT_ROWS if extras else core.STAT_ROWS
-    stats = x.new_empty((rows, x.shape[0]), dtype=acc)
-    return loss, *_fake_grads(x, W, b, reduction != "none", needs), stats
+    loss, stats = _fake_loss_and_stats(a["x"], a)
+    return loss, *_fake_grads(a["x"], a["W"], a["b"], a["reduction"] != "none", a["needs"]), stats
 
 
 @torch.library.custom_op("fusedce::linear_cross_entropy_backward", mutates_args=())
@@ -345,9 +342,9 @@ def linear_cross_entropy_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """reduction="none": recompute the chunks with one upstream factor per row; contiguous
     gradients, whatever the inputs' strides."""
-    x, target, weight, token_weight = _head_layout(x, target, weight, token_weight, ignore_index)
-    opts = from_op_args(
-        ignore_index, label_smoothing, "none", logit_scale, softcap, z_loss, float_options
+    opts = _op_options(locals())
+    x, target, weight, token_weight = _op_layout(
+        x, target, weight, token_weight, ignore_index, True
     )
     plan = Plan(opts, chunk_rows, accumulation)
     factor = grad_output.reshape(-1).to(accumulation_dtype(x.dtype)).contiguous()
@@ -362,16 +359,12 @@ def _(*args, **kwargs):
 
 
 def _lce_setup_context(ctx, inputs, output):
-    x, W, b, target, weight, ignore_index, ls, reduction, chunk_rows, accumulation, needs = inputs[
-        :11
-    ]
-    logit_scale, softcap, z_loss, token_weight, _, who, float_options = inputs[11:]
-    ctx.reduction, ctx.who = reduction, who
-    ctx.args = (ignore_index, ls, chunk_rows, accumulation, needs, logit_scale, softcap, z_loss)
-    ctx.float_options = float_options
-    ctx.has_bias = b is not None
-    if reduction == "none":
-        ctx.save_for_backward(x, W, b, target, weight, token_weight)
+    a = op_arguments(linear_cross_entropy_op, inputs, {})
+    ctx.reduction, ctx.who = a["reduction"], a["who"]
+    ctx.grad_op_options = _grad_op_options(a, linear_cross_entropy_backward_op)
+    ctx.has_bias = a["b"] is not None
+    if ctx.reduction == "none":
+        ctx.save_for_backward(*(a[k] for k in ("x", "W", "b", "target", "weight", "token_weight")))
     else:
         ctx.save_for_backward(*output[1:4])
 
@@ -381,11 +374,11 @@ def _lce_backward(ctx, grad_loss, *_unused):
     if ctx.reduction == "none":
         x, W, b, target, weight, token_weight = ctx.saved_tensors
         gx, gw, gb = linear_cross_entropy_backward_op(
-            grad_loss, x, W, b, target, weight, *ctx.args, token_weight, ctx.float_options
+            grad_loss, x, W, b, target, weight, token_weight=token_weight, **ctx.grad_op_options
         )
     else:
         gx, gw, gb = (g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-    needs = ctx.args[4]
+    needs = ctx.grad_op_options["needs"]
     gx, gw = (g if need else None for g, need in zip((gx, gw), needs[:2], strict=True))
     gb = gb if needs[2] and ctx.has_bias else None
     return (gx, gw, gb) + (None,) * 15

@@ -28,9 +28,6 @@ from .index_check import check_class_indices
 from .linear_chunks import Accumulation, planned_chunk_rows
 from .options import (
     CallOptions,
-    LossOptions,
-    check_accumulation,
-    check_chunk_size,
     index_target_for_kernels,
     prepare_class_weight,
     prepare_token_weight,
@@ -42,14 +39,10 @@ from .validation import check_linear_args, check_token_weight
 __all__ = ["LinearCrossEntropyLoss", "linear_cross_entropy"]
 
 _WHO = "linear_cross_entropy"
-
-
-def _check_options(who: str, call: CallOptions) -> tuple[LossOptions, int | None, str]:
-    """The checked loss options, ``chunk_size`` and ``accumulation`` of ``call``."""
-    opts = call.loss_options(who)
-    check_chunk_size(who, call.chunk_size)
-    check_accumulation(who, call.accumulation)
-    return opts, call.chunk_size, call.accumulation
+# The options ``LinearCrossEntropyLoss`` holds as attributes (``CallOptions.hold``; read
+# back by ``CallOptions.of``), in the order of its repr.
+_MODULE_OPTIONS = ("reduction", "ignore_index", "label_smoothing", "chunk_size", "accumulation")
+_MODULE_OPTIONS += ("logit_scale", "softcap", "z_loss", "return_stats")
 
 
 def _autocast_cast(
@@ -142,27 +135,20 @@ def linear_cross_entropy(
     torch's chunked path, backward twice through the same graph (retain_graph=True) raises for
     the scalar reductions, and higher-order gradients are not supported.
     """
-    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    call = CallOptions(*loss_args, return_stats, chunk_size=chunk_size, accumulation=accumulation)
+    call = CallOptions.of_keywords(locals())
     head = (input, linear_weight, target, linear_bias, weight, token_weight)
-    return _linear_cross_entropy(_WHO, *head, call, process_group)
+    return _linear_cross_entropy(_WHO, head, call, process_group)
 
 
 def _linear_cross_entropy(
-    who: str,
-    input: Tensor,
-    linear_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    call: CallOptions,
-    process_group: object = None,
+    who: str, head: tuple, call: CallOptions, process_group: object = None
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
-    """``linear_cross_entropy`` for the public function ``who`` (``linear_cross_entropy``,
+    """``linear_cross_entropy`` of ``head`` (input, linear_weight, target, linear_bias, weight,
+    token_weight) for the public function ``who`` (``linear_cross_entropy``,
     ``LinearCrossEntropyLoss``, or the vocabulary-parallel head on one rank): every error
     names it."""
     compiling = torch.compiler.is_compiling()
+    input, linear_weight, target, linear_bias, weight, token_weight = head
     # Cast before any check: under autocast, F.linear would accept a float32 weight with a
     # bfloat16 input (both run in the autocast dtype), so the fused head must too.
     input, linear_weight, linear_bias = _autocast_cast(input, linear_weight, linear_bias)
@@ -171,10 +157,10 @@ def _linear_cross_entropy(
             raise func_transforms.refuse_sharded(who)
         sharded.refuse_unsharded_options(who, accumulation=call.accumulation)
         head = (input, linear_weight, target, linear_bias, weight, token_weight)
-        return sharded.call_linear_cross_entropy(
-            who, *head, call, process_group, plain=_linear_cross_entropy
+        return sharded.call_sharded(
+            sharded.LCE, who, head, call, process_group, plain=_linear_cross_entropy
         )
-    opts, chunk_size, accumulation = _check_options(who, call)
+    opts, chunk_size, accumulation = call.head_options(who), call.chunk_size, call.accumulation
     check_linear_args(who, input, linear_weight, target, linear_bias, weight)
     check_token_weight(who, token_weight, tuple(target.shape), input.device)
     V, D = linear_weight.shape
@@ -252,21 +238,10 @@ class LinearCrossEntropyLoss(nn.Module):
         return_stats: bool = False,
     ) -> None:
         super().__init__()
-        loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-        call = CallOptions(*loss_args, chunk_size=chunk_size, accumulation=accumulation)
-        opts, chunk_size, accumulation = _check_options("LinearCrossEntropyLoss", call)
+        CallOptions.hold(self, locals(), _MODULE_OPTIONS)
         self.linear = nn.Linear(in_features, num_classes, bias=bias, device=device, dtype=dtype)
         self.register_buffer("weight", weight)
         self.num_classes = num_classes
-        self.reduction = opts.reduction
-        self.ignore_index = opts.ignore_index
-        self.label_smoothing = opts.label_smoothing
-        self.chunk_size = chunk_size
-        self.accumulation = accumulation
-        self.logit_scale = opts.logit_scale
-        self.softcap = opts.softcap
-        self.z_loss = opts.z_loss
-        self.return_stats = bool(return_stats)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LinearCrossEntropyLoss:
@@ -293,14 +268,10 @@ class LinearCrossEntropyLoss(nn.Module):
         """The loss of ``self.linear(input)`` (and stats with ``return_stats``); errors name
         ``LinearCrossEntropyLoss``."""
         head = (input, self.linear.weight, target, self.linear.bias, self.weight, token_weight)
-        return _linear_cross_entropy("LinearCrossEntropyLoss", *head, CallOptions.of(self))
+        return _linear_cross_entropy("LinearCrossEntropyLoss", head, CallOptions.of(self))
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
-            f"bias={self.linear.bias is not None}, reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, "
-            f"chunk_size={self.chunk_size}, accumulation={self.accumulation!r}, "
-            f"logit_scale={self.logit_scale}, softcap={self.softcap}, z_loss={self.z_loss}, "
-            f"return_stats={self.return_stats}"
+            f"bias={self.linear.bias is not None}, {CallOptions.describe(self, _MODULE_OPTIONS)}"
         )

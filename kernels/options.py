@@ -16,6 +16,7 @@ boundary (the floats in ``float_options_tensor`` where they vary between compile
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -100,6 +101,13 @@ class CallOptions:
     accumulation: object = "float32"
 
     @classmethod
+    def of_keywords(cls, keywords: dict[str, object]) -> CallOptions:
+        """The options among a public function's parameters, as ``locals()`` holds them first
+        thing in its body: the signature is then the only place a public function names an
+        option (a field of this class), and each function passes what it takes."""
+        return cls(**{k: keywords[k] for k in _CALL_FIELDS if k in keywords})
+
+    @classmethod
     def of(cls, module: object) -> CallOptions:
         """The options a loss module holds as attributes of these names (those it has)."""
         held = vars(module)  # plain attributes; the class's own (properties) are read too
@@ -112,10 +120,36 @@ class CallOptions:
             }
         )
 
+    @staticmethod
+    def hold(module: object, keywords: dict[str, object], names: Sequence[str]) -> None:
+        """The converse of ``of``: checks a loss module's options (its ``__init__``'s
+        ``locals()``; the errors name its class) and sets those of ``names`` as its attributes,
+        which ``of`` reads back in ``forward`` (a module changed after construction computes
+        what it shows)."""
+        who = type(module).__name__
+        call = CallOptions.of_keywords(keywords)
+        opts = call.head_options(who) if "chunk_size" in names else call.loss_options(who)
+        checked = replace(call, **vars(opts), return_stats=bool(call.return_stats))
+        for name in names:
+            setattr(module, name, getattr(checked, name))
+
+    @staticmethod
+    def describe(module: object, names: Sequence[str]) -> str:
+        """``name=value, ...`` of a loss module's option attributes, for its ``extra_repr``."""
+        return ", ".join(f"{name}={getattr(module, name)!r}" for name in names)
+
     def loss_options(self, who: str) -> LossOptions:
         """The loss options, checked (``check_options`` then ``check_extras``)."""
         opts = check_options(who, self.ignore_index, self.label_smoothing, self.reduction)
         return check_extras(who, opts, self.logit_scale, self.softcap, self.z_loss)
+
+    def head_options(self, who: str) -> LossOptions:
+        """The loss options of the fused linear head, checked with its ``chunk_size`` and
+        ``accumulation``."""
+        opts = self.loss_options(who)
+        check_chunk_size(who, self.chunk_size)
+        check_accumulation(who, self.accumulation)
+        return opts
 
 
 _CALL_FIELDS = tuple(CallOptions.__dataclass_fields__)

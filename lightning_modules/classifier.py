@@ -16,6 +16,7 @@ from torchmetrics import MaxMetric, MeanMetric
 import fusedce
 from fusedce import CrossEntropyStats
 
+from .distillation import Divergence, check_distillation, fused_distillation
 from .networks import MLP, Activation, Init
 from .torch_loss import scaled_logits, torch_cross_entropy, valid_rows
 from .vocab_parallel import (
@@ -109,18 +110,16 @@ class Classifier(LightningModule):
             the head cost one scalar all-reduce. Only with ``loss_impl="fused"``, no
             ``inplace_backward``; no ``predict``.
         distill_top_k: With ``fused_head`` and soft targets (the teacher's distribution P,
-            ``(B, C)``): train on the teacher's top-k only, through the fused head
-            (``fusedce.linear_distillation_loss`` with ``teacher_ids`` / ``teacher_log_probs``
-            from P's k largest entries and the tail as one bin); logged as
-            ``train/divergence`` (no ``train/ce`` / ``train/acc`` / ``train/entropy``: the
+            ``(B, C)``): train on the teacher's top-k only (the tail as one bin), through
+            ``fusedce.linear_distillation_loss`` (`distillation.fused_distillation`); logged
+            as ``train/divergence`` (no ``train/ce`` / ``train/acc`` / ``train/entropy``: the
             logits are never built). 0 (default): the cross-entropy against the whole P.
         distill_divergence: The divergence of ``distill_top_k`` / ``distill_dense``:
             ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         distill_dense: With ``fused_head`` and soft targets from a data module with a
             ``teacher_head(x) -> (hidden, weight)`` (`datamodules.TeacherDataModule`): train on
-            the teacher's whole distribution with both heads fused
-            (``fusedce.linear_distillation_loss`` with ``teacher_input`` / ``teacher_weight``:
-            neither head's logits are built whole); logged as ``train/divergence``.
+            the teacher's whole distribution with both heads fused (neither head's logits are
+            built whole); logged as ``train/divergence``.
 
     Raises:
         ValueError: If an argument is out of range (network arguments: see `MLP`).
@@ -156,7 +155,7 @@ class Classifier(LightningModule):
         compile: bool = False,
         vocab_parallel: bool = False,
         distill_top_k: int = 0,
-        distill_divergence: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl",
+        distill_divergence: Divergence = "forward_kl",
         distill_dense: bool = False,
     ) -> None:
         super().__init__()
@@ -171,7 +170,7 @@ class Classifier(LightningModule):
         if logit_softcap is not None:
             _check_number("logit_softcap", logit_softcap, positive=True)
         _check_number("loss_logit_scale", loss_logit_scale, positive=True)
-        _check_distillation(
+        check_distillation(
             distill_top_k,
             distill_divergence,
             distill_dense,
@@ -391,7 +390,17 @@ class Classifier(LightningModule):
         hp = self.hparams
         stats = None
         if self._fuse_head and y.is_floating_point() and (hp.distill_top_k or hp.distill_dense):
-            loss = self._fused_distillation(x, y)  # no logits: no statistics
+            # no logits: no statistics
+            teacher_head = self.trainer.datamodule.teacher_head if hp.distill_dense else None
+            loss = fused_distillation(
+                x,
+                y,
+                self.features,
+                self.head,
+                top_k=hp.distill_top_k,
+                divergence=hp.distill_divergence,
+                teacher_head=teacher_head,
+            )
         else:
             loss, stats = self.batch_loss(x, y)
         objective = loss + self.regularization()
@@ -422,31 +431,6 @@ class Classifier(LightningModule):
         self.train_entropy(stats.entropy.float(), weights)
         self.log("train/entropy", self.train_entropy, on_step=True, on_epoch=True)
         return objective
-
-    def _fused_distillation(self, x: Tensor, p: Tensor) -> Tensor:
-        """The divergence between the teacher and the student on the fused head (the ``(B, C)``
-        logits are never built): the teacher's top-k of ``p`` ``(B, C)`` with the tail as one
-        bin (``distill_top_k``), or its whole distribution from its own head, fused beside the
-        student's (``distill_dense``). Under autocast the loss casts nothing itself: the
-        heads are cast here, as autocast does for ``F.linear``."""
-        hp = self.hparams
-        h = self.features(x)
-        weight, bias = self.head.weight, self.head.bias
-        device_type = h.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            h, weight, bias = h.to(dtype), weight.to(dtype), bias.to(dtype)
-        options = {"linear_bias": bias, "divergence": hp.distill_divergence}
-        if hp.distill_dense:
-            teacher_h, teacher_w = self.trainer.datamodule.teacher_head(x)
-            teacher = {  # one dtype per head: the teacher's in the student's
-                "teacher_input": teacher_h.to(h.dtype),
-                "teacher_weight": teacher_w.to(h.dtype),
-            }
-        else:
-            top_p, ids = p.float().topk(min(hp.distill_top_k, p.shape[-1]), dim=-1)
-            teacher = {"teacher_ids": ids, "teacher_log_probs": top_p.log()}
-        return fusedce.linear_distillation_loss(h, weight, **teacher, **options)
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
@@ -594,23 +578,6 @@ def _check_number(name: str, value: Any, positive: bool) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (positive and value == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
-def _check_distillation(top_k: Any, divergence: Any, dense: Any, extras: dict[str, bool]) -> None:
-    """Raises ``ValueError`` for bad distillation options, or options the fused divergence does
-    not take (``extras``: which are set; refused, never ignored)."""
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise ValueError(f"distill_top_k must be an integer >= 0, got {top_k!r}")
-    if divergence not in ("forward_kl", "reverse_kl", "jsd"):
-        raise ValueError(
-            f"distill_divergence must be 'forward_kl', 'reverse_kl' or 'jsd', got {divergence!r}"
-        )
-    if top_k and dense:
-        raise ValueError("distill_top_k and distill_dense exclude each other: choose one")
-    refused = [name for name, on in extras.items() if on]
-    if (top_k or dense) and refused:
-        which = "distill_top_k" if top_k else "distill_dense"
-        raise ValueError(f"{which} does not take {', '.join(refused)}")
 
 
 def _check_vocab_parallel(hp: Any) -> None:

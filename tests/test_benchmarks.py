@@ -31,7 +31,6 @@ def _run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.slow
 def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
     proc = _run(
         tmp_path,
@@ -79,7 +78,6 @@ def test_quick_cpu_run_writes_sane_outputs(tmp_path: Path) -> None:
         assert set(cell["providers"]["fusedce"]["speedup"]) == {"eager"}
 
 
-@pytest.mark.slow
 def test_time_budget_skips_cells_and_still_writes(tmp_path: Path) -> None:
     proc = _run(
         tmp_path, "--quick", "--device", "cpu", "--stem", "b", "--max-seconds", "0",

@@ -18,7 +18,6 @@ from benchmarks.bench_integrations import QUICK, parse_args
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_quick_cpu_run_writes_outputs(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "benchmarks.bench_integrations", "--quick", "--device", "cpu"]
     cmd += ["--out", str(tmp_path), "--stem", "integ"]

@@ -7,12 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 def test_quick_cpu_run_writes_outputs(tmp_path):
     cmd = [sys.executable, "-m", "benchmarks.bench_linear_cross_entropy", "--quick"]
     cmd += ["--device", "cpu", "--n", "48", "--d", "16", "--v", "100", "--dtype", "fp32"]

@@ -39,7 +39,6 @@ def test_formulas_and_command_line() -> None:
             parse_args(["--device", "cpu", *bad])
 
 
-@pytest.mark.slow
 def test_bytes_per_call_sharded_constant_gather_grows(tmp_path: Path) -> None:
     env = {**os.environ, "MPLBACKEND": "Agg", "TRITON_INTERPRET": "0"}
     cmd = [

@@ -410,6 +410,8 @@ def test_compile_fullgraph(kind):
     assert explanation.graph_break_count == 0
 
 
+# Slow: tests/test_compile_float_options.py compiles cross_entropy with Inductor too (z-loss
+# cases), against eager, loss and gradient.
 @pytest.mark.slow
 def test_compile_inductor():
     """The real inductor backend (C++ codegen on CPU) around the custom op."""

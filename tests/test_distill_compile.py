@@ -12,8 +12,6 @@ import fusedce
 from fusedce.distillation import custom_ops as dist
 from fusedce.distillation import custom_ops as lin
 
-pytestmark = pytest.mark.slow
-
 
 def _sparse(N, V, k, shape):
     ids, logp = sparse_teacher(N, V, k, pad=1)

@@ -4,11 +4,7 @@ the logits path (``benchmarks.distill_memory``; each provider in a fresh process
 
 from __future__ import annotations
 
-import pytest
-
 from benchmarks import bench_distillation, distill_memory
-
-pytestmark = pytest.mark.slow
 
 
 def test_fused_forms_peak_near_linear_cross_entropy():

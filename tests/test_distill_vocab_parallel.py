@@ -147,11 +147,13 @@ def _worker(rank: int, world: int, init_file: str, _local: str = "") -> None:
             _check_logits(rank, widths, group)
             _check_linear(rank, widths, group)
         _check_errors(rank, world, group)
+        # No rank tears down its gloo connections while a peer may still be finishing the
+        # last collective (the ranks leave the error checks at different moments).
+        dist.barrier(group)
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_distillation_matches_unsharded(world: int, tmp_path) -> None:
     _spawn(world, tmp_path, timeout_s=240.0, worker=_worker)

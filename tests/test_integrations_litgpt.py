@@ -105,7 +105,6 @@ def test_adamw_run_tracks_litgpt() -> None:
     torch.testing.assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), atol=2e-4, rtol=0)
 
 
-@pytest.mark.slow
 def test_compile_fullgraph() -> None:
     ref, new = _pair("Llama-3.2-1B")
     x, y = _batch()

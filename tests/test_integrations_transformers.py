@@ -388,7 +388,6 @@ def test_bf16_autocast_close_to_the_model() -> None:
     assert all(p.grad is not None and p.grad.isfinite().all() for p in new.parameters())
 
 
-@pytest.mark.slow
 def test_trainer_with_gradient_accumulation_matches() -> None:
     pytest.importorskip("accelerate")
     from torch.utils.data import Dataset
@@ -432,7 +431,6 @@ def test_trainer_with_gradient_accumulation_matches() -> None:
         torch.testing.assert_close(p_new, p_ref, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.slow
 def test_compile_fullgraph_of_the_patched_forward() -> None:
     """torch.compile(fullgraph=True) traces the patched forward and the fused head: no graph break,
     the same loss and gradients."""

@@ -204,6 +204,9 @@ def test_every_module_imports_in_a_fresh_interpreter() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+# Slow: importing any fusedce module runs the package's __init__ first, which imports them all,
+# so each of these processes repeats test_every_module_imports_in_a_fresh_interpreter (and the
+# order of the imports is test_module_imports_form_no_cycle's graph).
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "name", [n for n in sorted(MODULES) if n.startswith(("fusedce.sharded", "fusedce.vocab"))]

@@ -25,8 +25,6 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parents[1]
 # Repository directory -> installed package directory (inside the wheel).
 PACKAGE_DIRS = {

@@ -417,7 +417,6 @@ def test_linear_under_autocast_runs_in_the_autocast_dtype() -> None:
     assert x.grad.dtype == torch.float32 and W.grad.dtype == torch.float32
 
 
-@pytest.mark.slow
 # bfloat16 only: the training dtype, and each dtype compiles functions of its own (seconds).
 @pytest.mark.parametrize("dtype", [torch.bfloat16], ids=str)
 def test_large_cpu_blocks_take_the_compiled_rows(dtype) -> None:

@@ -228,7 +228,6 @@ def _worker(rank: int, world: int, init_file: str, _unused: str = "") -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.kernel
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_log_probs_match_unsharded(world: int, tmp_path) -> None:

@@ -291,7 +291,6 @@ def default_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"proc": proc, "run_dir": run_dir, "runs": runs}
 
 
-@pytest.mark.slow
 def test_default_run_reports_where_results_are(default_run: dict[str, Any]) -> None:
     out, run_dir = default_run["proc"].stdout, default_run["run_dir"]
     assert f"run dir:     {run_dir}" in out
@@ -308,7 +307,6 @@ def test_default_run_reports_where_results_are(default_run: dict[str, Any]) -> N
     assert not (REPO / "lightning_logs").exists()
 
 
-@pytest.mark.slow
 def test_default_run_writes_no_warnings(default_run: dict[str, Any]) -> None:
     """stderr holds Lightning's informational lines only; stdout one line per epoch (not a
     redrawn bar), the model summary with the forward's FLOPs, and the thread count."""
@@ -328,7 +326,6 @@ def test_default_run_writes_no_warnings(default_run: dict[str, Any]) -> None:
     assert "threads:     1 (a small model, 4,482 parameters" in proc.stdout
 
 
-@pytest.mark.slow
 def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[str, Any]) -> None:
     run = wandb_run_contents(default_run["run_dir"])
     keys = set().union(*run["history"])
@@ -374,7 +371,6 @@ def test_default_run_wandb_files_hold_metrics_config_and_plot(default_run: dict[
     assert cli["data"]["class_path"] == "fusedce.datamodules.CurveDataModule"
 
 
-@pytest.mark.slow
 def test_resume_and_test_subcommand_via_cli(
     default_run: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -407,7 +403,6 @@ def test_resume_and_test_subcommand_via_cli(
     assert predictions["preds"].shape == predictions["confidence"].shape == (2000,)  # test split
 
 
-@pytest.mark.slow
 def test_linear_model_reaches_best_linear_boundary(monkeypatch, tmp_path: Path) -> None:
     """configs/linear.yaml (the linear model softmax(Wx + b)) gets within 1.5 points of the best
     accuracy any straight boundary can reach on this task (0.9696, see best_linear_accuracy);
@@ -430,7 +425,6 @@ def test_linear_model_reaches_best_linear_boundary(monkeypatch, tmp_path: Path) 
     assert bound - 0.015 <= acc <= bound + 0.01  # val split noise: n=4000 -> sd ~0.003
 
 
-@pytest.mark.slow
 def test_ddp_two_cpu_processes_agree(tmp_path: Path) -> None:
     proc = run_train(
         [
@@ -492,7 +486,6 @@ def test_no_logger_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert json.loads((cli.run_dir / "metrics.json").read_text())["metrics"]["val/acc"] > 0.8
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
     [[], ["--config", DISTILL], ["--config", DISTILL, "--config", DISTILL_DENSE]],
@@ -562,7 +555,6 @@ def test_large_vocab_presets_train_on_cpu(extra: list[str], monkeypatch, tmp_pat
     assert all(0 < v < 1 for v in z_steps)
 
 
-@pytest.mark.slow
 def test_large_vocab_preset_logs_z_loss_to_wandb(tmp_path: Path) -> None:
     """The large-vocabulary preset (z-loss on), shrunk to a few steps: the W&B run's history
     holds the z-loss and the one-pass statistics, and its config the model's extras."""

@@ -89,7 +89,6 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
 
 
 # ---------------------------------------------------------------------------------- W&B
-@pytest.mark.slow
 def test_wandb_refused_server_goes_offline(tmp_path: Path) -> None:
     """A key in the environment (auto -> online) and a server that refuses: the run finishes
     offline, says so in one line, and its W&B files hold the metrics."""
@@ -112,7 +111,6 @@ def test_wandb_refused_server_goes_offline(tmp_path: Path) -> None:
     assert 0.5 < run["summary"]["val/acc"] <= 1.0
 
 
-@pytest.mark.slow
 def test_wandb_silent_server_times_out_offline(tmp_path: Path) -> None:
     """A server that accepts connections and never answers: offline after --run.wandb_timeout."""
     server = socket.socket()
@@ -238,7 +236,6 @@ def small_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"runs": runs, "run_dir": run_dir, "last": last, "proc": proc}
 
 
-@pytest.mark.slow
 def test_ckpt_architecture_flag_conflict_is_refused(small_run: dict[str, Any]) -> None:
     runs = small_run["runs"]
     before = run_dirs(runs)
@@ -252,7 +249,6 @@ def test_ckpt_architecture_flag_conflict_is_refused(small_run: dict[str, Any]) -
     assert run_dirs(runs) == before
 
 
-@pytest.mark.slow
 def test_ckpt_loss_flag_is_applied(small_run: dict[str, Any]) -> None:
     """--model.label_smoothing with a checkpoint: validates with that smoothing, and says so."""
     runs, ckpt = small_run["runs"], str(small_run["last"])
@@ -273,7 +269,6 @@ def test_ckpt_loss_flag_is_applied(small_run: dict[str, Any]) -> None:
     assert losses["0.5"]["val/acc"] == losses["0.0"]["val/acc"]  # same weights
 
 
-@pytest.mark.slow
 def test_ckpt_of_another_model_is_refused(small_run: dict[str, Any], tmp_path: Path) -> None:
     class Other(LightningModule):
         def __init__(self, width: int = 3) -> None:
@@ -290,7 +285,6 @@ def test_ckpt_of_another_model_is_refused(small_run: dict[str, Any], tmp_path: P
     assert "hyperparameters width" in line and "not by fusedce.lightning_modules.Classifier" in line
 
 
-@pytest.mark.slow
 def test_resume_continues_the_wandb_run(small_run: dict[str, Any]) -> None:
     runs, first = small_run["runs"], small_run["run_dir"]
     args = ["fit", "--ckpt_path", str(small_run["last"]), "--trainer.max_epochs", "3"]
@@ -306,7 +300,6 @@ def test_resume_continues_the_wandb_run(small_run: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------- signals
-@pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_interrupted_fit_reports_and_writes_metrics(sig: int, code: int, tmp_path: Path) -> None:
     """A real signal to a real run mid-training: summary, metrics.json, last.ckpt, W&B closed."""
@@ -341,7 +334,6 @@ def test_interrupted_fit_reports_and_writes_metrics(sig: int, code: int, tmp_pat
 
 
 # ---------------------------------------------------------------------------------- presets
-@pytest.mark.slow
 def test_mid_epoch_max_steps_with_early_stopping(tmp_path: Path) -> None:
     """max_steps ends inside the first epoch, before any validation: EarlyStopping and the
     plateau scheduler (both on val/loss) must not fail."""
@@ -353,7 +345,6 @@ def test_mid_epoch_max_steps_with_early_stopping(tmp_path: Path) -> None:
     assert summary["global_step"] == 3 and summary["status"] == "finished"
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU sizes apply without a GPU only")
 def test_large_vocab_preset_shrinks_on_cpu(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
@@ -381,7 +372,6 @@ def test_thread_count_follows_the_model_size() -> None:
 
 
 # ---------------------------------------------------------------------------------- small items
-@pytest.mark.slow
 def test_predictions_hold_inputs_and_targets(small_run: dict[str, Any]) -> None:
     runs = small_run["runs"]
     args = ["predict", "--ckpt_path", str(small_run["last"]), "--run.name", "pred", *TINY]
@@ -407,7 +397,6 @@ def test_help_and_runs_are_quiet(small_run: dict[str, Any], tmp_path: Path) -> N
         assert noise not in out
 
 
-@pytest.mark.slow
 def test_compiled_model_matches_and_keeps_its_state_dict() -> None:
     compiled, plain = Classifier(hidden_sizes=[16], compile=True), Classifier(hidden_sizes=[16])
     plain.load_state_dict(compiled.state_dict())

@@ -113,7 +113,6 @@ def two_epochs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------- last.ckpt
-@pytest.mark.slow
 def test_resume_from_last_ckpt_equals_an_uninterrupted_run(two_epochs: dict[str, Any]) -> None:
     """last.ckpt is the state at the end of the fit: resuming it for one more epoch gives the
     metrics of a 3-epoch run, to the last bit."""
@@ -129,7 +128,6 @@ def test_resume_from_last_ckpt_equals_an_uninterrupted_run(two_epochs: dict[str,
 
 
 # ---------------------------------------------------------------------------------- atomic saves
-@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -> None:
     runs, fault = tmp_path / "runs", tmp_path / "fault"
     fault.mkdir()
@@ -161,7 +159,6 @@ def test_kill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path: Path) -
     assert partial[0].stat().st_size < (ckpt_dir / "last.ckpt").stat().st_size
 
 
-@pytest.mark.slow
 def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     args = ["--trainer.max_epochs", "3", "--run.name", "full"]
@@ -187,7 +184,6 @@ def _mount_namespace() -> list[str] | None:
     return None
 
 
-@pytest.mark.slow
 def test_full_tmpfs_is_one_line_and_keeps_the_previous_checkpoint(
     two_epochs: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -223,7 +219,6 @@ def test_full_tmpfs_is_one_line_and_keeps_the_previous_checkpoint(
 
 
 # ---------------------------------------------------------------------------------- divergence
-@pytest.mark.slow
 def test_diverged_run_stops_with_one_line_and_exit_3(tmp_path: Path) -> None:
     """SGD with lr 1e30 and no clipping: non-finite from the second step on."""
     runs = tmp_path / "runs"
@@ -241,7 +236,6 @@ def test_diverged_run_stops_with_one_line_and_exit_3(tmp_path: Path) -> None:
     assert wandb_run_contents(runs / "nan")["summary"]["status"] == "diverged"
 
 
-@pytest.mark.slow
 def test_diverged_run_names_its_last_finite_checkpoint(tmp_path: Path) -> None:
     """A learning rate that explodes after the first epoch: the run stops in the second epoch,
     names last.ckpt of the first, and writes no checkpoint of the diverged state."""
@@ -262,7 +256,6 @@ def test_diverged_run_names_its_last_finite_checkpoint(tmp_path: Path) -> None:
     assert summary(runs / "boom")["status"] == "diverged"
 
 
-@pytest.mark.slow
 def test_resume_from_non_finite_weights_is_refused(
     two_epochs: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -12,8 +12,6 @@ from test_train_edges import TINY, train
 from fusedce.lightning_modules.errors import TrainError
 from fusedce.lightning_modules.run_dir import check_run_root
 
-pytestmark = pytest.mark.slow
-
 
 def _one_line_error(proc, *words: str) -> None:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -205,6 +205,9 @@ def test_bad_space_is_one_line_exit_2_and_creates_nothing(
 
 
 # ------------------------------------------------------------------------- real processes
+# Slow: repeats test_bad_space_is_one_line_exit_2_and_creates_nothing (the same error, exit code
+# and nothing created, in-process) in a train.py process, whose one-line errors
+# test_train_edges.py checks.
 @pytest.mark.slow
 def test_bad_space_from_the_command_line(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
@@ -215,7 +218,6 @@ def test_bad_space_from_the_command_line(tmp_path: Path) -> None:
     assert not runs.exists()
 
 
-@pytest.mark.slow
 def test_lr_find_writes_the_plot_and_a_finite_positive_suggestion(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     proc = run_train(
@@ -237,7 +239,6 @@ def test_lr_find_writes_the_plot_and_a_finite_positive_suggestion(tmp_path: Path
     assert any("lr_find" in row for row in history)
 
 
-@pytest.mark.slow
 def test_study_resumes_to_a_total_in_one_wandb_group_and_best_yaml_trains(tmp_path: Path) -> None:
     """2 trials (grid over 4 learning rates, one of them 1e30), each a W&B run of the study's
     group; rerun with --tune.trials 4: 4 trials, the diverging one failed; best.yaml trains.
@@ -294,7 +295,6 @@ def test_study_resumes_to_a_total_in_one_wandb_group_and_best_yaml_trains(tmp_pa
     assert metrics["metrics"]["val/acc_best"] == pytest.approx(best["value"], abs=1e-6)
 
 
-@pytest.mark.slow
 def test_ctrl_c_and_kill_9_lose_only_the_trial_in_flight(tmp_path: Path) -> None:
     """Ctrl-C: the trial in flight stops, the summary so far is printed, exit 130; kill -9: the
     trial's own process stops too; each rerun runs the stopped trial again, to the total."""
@@ -339,7 +339,6 @@ def test_ctrl_c_and_kill_9_lose_only_the_trial_in_flight(tmp_path: Path) -> None
     assert trials[1]["reason"].startswith("lost: ")
 
 
-@pytest.mark.slow
 def test_two_processes_share_one_grid_study(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     space = write_space(

@@ -9,6 +9,7 @@ of the UNSHARDED loss and gradients with torch, and compares its own slice.
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import math
 import os
 import time
@@ -999,6 +1000,14 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
         dist.destroy_process_group()
 
 
+def _rank_entry(rank: int, worker, world: int, init_file: str, local: str) -> None:
+    """One rank's process: ``worker`` with faulthandler on, so that a native abort (gloo's
+    threads have ended a process with SIGABRT under a heavily loaded machine, rarely) prints
+    every thread's Python stack into the test's captured output instead of a bare signal."""
+    faulthandler.enable(all_threads=True)
+    worker(rank, world, init_file, local)
+
+
 def _spawn(
     world: int, tmp_path, timeout_s: float = 150.0, local: str = "rows", worker=None
 ) -> None:
@@ -1006,8 +1015,8 @@ def _spawn(
     processes; fails (killing them) past ``timeout_s``, so that a deadlock fails the test
     instead of hanging it."""
     ctx = mp.start_processes(
-        worker or _worker,
-        args=(world, str(tmp_path / "pg_init"), local),
+        _rank_entry,
+        args=(worker or _worker, world, str(tmp_path / "pg_init"), local),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -1021,7 +1030,6 @@ def _spawn(
             pytest.fail(f"the {world} processes did not finish within {timeout_s} s (deadlock?)")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize(
     "local",

@@ -264,7 +264,6 @@ def _agreement_worker(rank: int, world: int, init_file: str, _local: str) -> Non
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_ranks_agree_on_weights_sizes_and_groups(tmp_path) -> None:
     _spawn(2, tmp_path, timeout_s=120.0, worker=_agreement_worker)
 

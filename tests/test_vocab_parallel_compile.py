@@ -71,7 +71,6 @@ def _worker(rank: int, world: int, init_file: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_compiled_sharded_call_matches_eager(tmp_path) -> None:
     world = 2
     ctx = mp.start_processes(

@@ -134,21 +134,16 @@ def _plain_rows(
         grad.masked_fill_(bad[:, None], float("nan"))
 
 
-def is_plain(
-    target: Tensor,
-    weight: Tensor | None,
-    opts: LossOptions,
-    stats: Tensor,
-    grad_only: bool,
-    token_weight: Tensor | None,
+def _is_plain(
+    target: Tensor, opts: LossOptions, stats: Tensor, grad_only: bool, *unset: Tensor | None
 ) -> bool:
     """Whether a call is the plain row contract (class indices and nothing else): the rows that
-    ``_plain_rows`` computes, through the compiled function where it applies."""
+    ``_plain_rows`` computes, through the compiled function where it applies. ``unset``: the
+    class and token weights, None in a plain call."""
     return (
         not grad_only
         and target.dim() == 1
-        and weight is None
-        and token_weight is None
+        and all(t is None for t in unset)
         and stats.shape[0] == STAT_ROWS
         and opts.label_smoothing == 0.0
         and opts.z_loss == 0.0
@@ -171,7 +166,7 @@ def run_rows(
     M, V = logits.shape
     if M == 0:
         return
-    if is_plain(target, weight, opts, stats, grad_only, token_weight):
+    if _is_plain(target, opts, stats, grad_only, weight, token_weight):
         _plain_rows(logits, target, opts, stats, grad, scale)
         return
     acc = accumulation_dtype(logits.dtype)
@@ -298,7 +293,7 @@ def rows_per_call(
     if logits.device.type != "cpu":
         return M
     work = max(V, 1) * torch.finfo(accumulation_dtype(logits.dtype)).bits // 8
-    plain = is_plain(target, weight, opts, stats, grad_only, token_weight)
+    plain = _is_plain(target, opts, stats, grad_only, weight, token_weight)
     compiled = plain and cpu_compiled.applies(logits)  # the Inductor rows take the call whole
     return max(1, (CPU_COMPILED_BLOCK_BYTES if compiled else CPU_ROW_BLOCK_BYTES) // work)
 

@@ -1,6 +1,6 @@
 """The calls of the sharded losses: from the arguments to the autograd Function.
 
-``call_cross_entropy`` / ``call_linear_cross_entropy`` take a call of the plain functions with
+``call_sharded`` (with ``CE`` or ``LCE``: which loss) takes a call of the plain functions with
 a process group or a DTensor (``wants_vocab_parallel``), or of the vocabulary-parallel entry
 points: a DTensor is unwrapped (``dtensor``) and its result rewrapped; a group of one rank (or
 no group at all) runs ``plain``, the unsharded implementation that the caller passes in;
@@ -50,7 +50,7 @@ from .arguments import (
 from .functions import _VocabParallelCrossEntropy, _VocabParallelLinearCrossEntropy
 
 Result = Tensor | tuple[Tensor, CrossEntropyStats]
-# The unsharded implementation a group of one rank runs: the signature of
+# The unsharded implementation a group of one rank runs, ``(who, tensors, call)``:
 # ``cross_entropy_loss._cross_entropy`` / ``linear_cross_entropy_loss._linear_cross_entropy``.
 PlainLoss = Callable[..., Result]
 
@@ -141,14 +141,16 @@ def _agreed_shard(
     input: object,
     weight: Tensor | None,
     tw: Tensor | None,
-    sizes_given: bool,
+    sizes: tuple[object, object],
     check: Callable[[], _Local],
-) -> tuple[_Shard, _Local]:
+) -> tuple[_Shard, _Local, Tensor | None, Tensor | None]:
     """Runs this rank's ``check``, then agrees on the shard: in the exchange, which raises the
     check's error (or any rank's) on every rank and compares the targets with ignore_index
     (-100 for a bad or None value: its error comes from the check); or, without an exchange,
-    from the explicit sizes (a check's error then raises here). ``input`` gives the device."""
-    exchange = _exchanges(sizes_given)
+    from the explicit sizes (``vocab_start``, ``vocab_size``; a check's error then raises here).
+    ``input`` gives the device. Returns the shard, the checked call, and the class and token
+    weights as the Functions read them."""
+    exchange = _exchanges(any(size is not None for size in sizes))
     error: Exception | None = None
     local = None
     try:
@@ -157,12 +159,16 @@ def _agreed_shard(
         if not exchange:
             raise
         error = exc
-    if not exchange:
-        return _explicit_shard(who, group, local.explicit, local.meta.width, weight), local
-    device = input.device if isinstance(input, Tensor) else torch.device("cpu")
-    ii = call.ignore_index if isinstance(call.ignore_index, int) else -100
-    meta, t = (local.meta, local.target) if local is not None else (None, None)
-    return _agree(who, group, device, error, meta, t, ii, tw, weight), local
+    if exchange:  # raises any rank's error on every rank
+        device = input.device if isinstance(input, Tensor) else torch.device("cpu")
+        ii = call.ignore_index if isinstance(call.ignore_index, int) else -100
+        meta, t = (local.meta, local.target) if local is not None else (None, None)
+        shard = _agree(who, group, device, error, meta, t, ii, tw, weight)
+    else:
+        shard = _explicit_shard(who, group, local.explicit, local.meta.width, weight)
+    dtype = local.rows.dtype
+    w = None if weight is None else weight.detach().to(accumulation_dtype(dtype))
+    return shard, local, w, prepare_token_weight(tw, dtype)
 
 
 def _result(
@@ -188,12 +194,10 @@ def _check_one_rank_sizes(who: str, vocab_start: object, vocab_size: object, wid
         raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
 
 
-def call_cross_entropy(
+def call_sharded(
+    loss: ShardedLoss,
     who: str,
-    local_logits: Tensor,
-    target: Tensor,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
+    tensors: tuple,
     call: CallOptions,
     process_group: object,
     vocab_start: int | None = None,
@@ -201,27 +205,26 @@ def call_cross_entropy(
     *,
     plain: PlainLoss,
 ) -> Result:
-    """``vocab_parallel_cross_entropy`` called through the public function ``who`` (which the
-    errors name); ``call``: the keyword options as passed; ``plain``: the unsharded
-    ``_cross_entropy`` (of ``fusedce.cross_entropy_loss``), which a group of one rank runs."""
-    if dtensor.is_dtensor(local_logits):
-        # A DTensor sharded on the class dimension: the local slices on the mesh's group.
-        mesh, *local = dtensor.cross_entropy_parts(
-            who, local_logits, target, weight, token_weight, process_group
-        )
-        group = mesh.get_group()
-        sizes = (vocab_start, vocab_size)
-        result = call_cross_entropy(who, *local, call, group, *sizes, plain=plain)
+    """A vocabulary-parallel call (``CE``: ``vocab_parallel_cross_entropy``, ``LCE``:
+    ``vocab_parallel_linear_cross_entropy``) through the public function ``who`` (which the
+    errors name); ``tensors``: the call's tensors in the order of ``plain``'s tuple (see ``CE``
+    and ``LCE``); ``call``: the keyword options as passed; ``plain``: the unsharded
+    implementation (``_cross_entropy`` / ``_linear_cross_entropy`` of the public-function
+    modules), which a group of one rank runs."""
+    sizes = (vocab_start, vocab_size)
+    split = tensors[loss.split_at]
+    if dtensor.is_dtensor(split):
+        # A DTensor split over the vocabulary: the local parts on the mesh's group.
+        mesh, *local = loss.dtensor_parts(who, *tensors, process_group)
+        result = call_sharded(loss, who, tuple(local), call, mesh.get_group(), *sizes, plain=plain)
         return dtensor.replicated(result, mesh)
     group = _resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
-        if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
-            width = local_logits.shape[0 if local_logits.dim() == 1 else 1]
+        width = loss.width(split)
+        if width is not None:
             _check_one_rank_sizes(who, vocab_start, vocab_size, width)
-        return plain(who, local_logits, target, weight, token_weight, call)
-    return _sharded_cross_entropy(
-        who, local_logits, target, weight, token_weight, call, group, vocab_start, vocab_size
-    )
+        return plain(who, tensors, call)
+    return loss.sharded(who, *tensors, call, group, *sizes)
 
 
 @torch.compiler.disable
@@ -243,51 +246,12 @@ def _sharded_cross_entropy(
         meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, soft, logits.dtype)
         return _Local(opts, want_stats, meta, t, logits, explicit)
 
-    sizes_given = vocab_start is not None or vocab_size is not None
-    sh, local = _agreed_shard(who, group, call, local_logits, weight, tw, sizes_given, check)
+    sizes = (vocab_start, vocab_size)
+    sh, local, w, tw = _agreed_shard(who, group, call, local_logits, weight, tw, sizes, check)
     opts, want_stats, meta, t, logits, _ = local
     _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
-    w = None if weight is None else weight.detach().to(accumulation_dtype(logits.dtype))
-    tw = prepare_token_weight(tw, logits.dtype)
     loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
     return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)
-
-
-def call_linear_cross_entropy(
-    who: str,
-    input: Tensor,
-    local_weight: Tensor,
-    target: Tensor,
-    linear_bias: Tensor | None,
-    weight: Tensor | None,
-    token_weight: Tensor | None,
-    call: CallOptions,
-    process_group: object,
-    vocab_start: int | None = None,
-    vocab_size: int | None = None,
-    *,
-    plain: PlainLoss,
-) -> Result:
-    """``vocab_parallel_linear_cross_entropy`` called through the public function ``who``
-    (which the errors name); ``call``: the keyword options as passed; ``plain``: the unsharded
-    ``_linear_cross_entropy`` (of ``fusedce.linear_cross_entropy_loss``), which a group of one
-    rank runs."""
-    if dtensor.is_dtensor(local_weight):
-        # A DTensor weight sharded by rows: the local rows on the mesh's group.
-        mesh, *local = dtensor.linear_parts(
-            who, input, local_weight, target, linear_bias, weight, token_weight, process_group
-        )
-        group = mesh.get_group()
-        sizes = (vocab_start, vocab_size)
-        result = call_linear_cross_entropy(who, *local, call, group, *sizes, plain=plain)
-        return dtensor.replicated(result, mesh)
-    group = _resolve_group(who, process_group)
-    head = (input, local_weight, target, linear_bias, weight, token_weight)
-    if group is None or dist.get_world_size(group) == 1:
-        if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
-            _check_one_rank_sizes(who, vocab_start, vocab_size, local_weight.shape[0])
-        return plain(who, *head, call)
-    return _sharded_linear_cross_entropy(who, *head, call, group, vocab_start, vocab_size)
 
 
 @torch.compiler.disable
@@ -311,13 +275,41 @@ def _sharded_linear_cross_entropy(
         meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, False, x.dtype)
         return _Local(opts, want_stats, meta, t, x, explicit)
 
-    sizes_given = vocab_start is not None or vocab_size is not None
-    sh, local = _agreed_shard(who, group, call, input, weight, tw, sizes_given, check)
+    sizes = (vocab_start, vocab_size)
+    sh, local, w, tw = _agreed_shard(who, group, call, input, weight, tw, sizes, check)
     opts, want_stats, meta, t, x, _ = local
-    w = None if weight is None else weight.detach().to(accumulation_dtype(x.dtype))
-    tw = prepare_token_weight(tw, x.dtype)
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, call.chunk_size, x.device)
     loss, rows, z_red = _VocabParallelLinearCrossEntropy.apply(
         x, local_weight, linear_bias, t, w, tw, sh, opts, want_stats, step
     )
     return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)
+
+
+def _logits_width(local_logits: object) -> int | None:
+    """The classes of one rank's logits, where they are a tensor with a class dimension."""
+    if isinstance(local_logits, Tensor) and local_logits.dim() > 0:
+        return local_logits.shape[0 if local_logits.dim() == 1 else 1]
+    return None
+
+
+def _weight_rows(local_weight: object) -> int | None:
+    """The classes of one rank's weight rows, where they are a (V_r, D) tensor."""
+    if isinstance(local_weight, Tensor) and local_weight.dim() == 2:
+        return local_weight.shape[0]
+    return None
+
+
+class ShardedLoss(NamedTuple):
+    """What ``call_sharded`` needs of one loss: where its vocabulary-split tensor sits among
+    the tensors, how to read its width and DTensor parts, and its sharded call."""
+
+    split_at: int  # the index of the split tensor (the logits, or the head's weight)
+    width: Callable[[object], int | None]
+    dtensor_parts: Callable[..., tuple]
+    sharded: Callable[..., Result]
+
+
+# (local_logits, target, weight, token_weight)
+CE = ShardedLoss(0, _logits_width, dtensor.cross_entropy_parts, _sharded_cross_entropy)
+# (input, local_weight, target, linear_bias, weight, token_weight)
+LCE = ShardedLoss(1, _weight_rows, dtensor.linear_parts, _sharded_linear_cross_entropy)

@@ -107,15 +107,15 @@ def vocab_parallel_cross_entropy(
         arguments, and a rank-specific error raises on that rank alone while the others wait
         until the group's timeout.
     """
-    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    call = CallOptions(*loss_args, return_stats)
+    call = CallOptions.of_keywords(locals())
     tensors = (local_logits, target, weight, token_weight)
-    return call_cross_entropy(_CE, *tensors, call, process_group, vocab_start, vocab_size)
+    return call_cross_entropy(_CE, tensors, call, process_group, vocab_start, vocab_size)
 
 
 # ``vocab_parallel_cross_entropy`` called through the public function ``who`` (its first
-# argument, which the errors name): ``route.call_cross_entropy`` with the plain implementation.
-call_cross_entropy = partial(route.call_cross_entropy, plain=_cross_entropy)
+# argument, which the errors name), its tensors in a tuple: ``route.call_sharded`` with the
+# plain implementation.
+call_cross_entropy = partial(route.call_sharded, route.CE, plain=_cross_entropy)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -187,11 +187,10 @@ def vocab_parallel_linear_cross_entropy(
         As :func:`vocab_parallel_cross_entropy` (the ranks also agree on D);
         NotImplementedError: probability targets.
     """
-    loss_args = (ignore_index, label_smoothing, reduction, logit_scale, softcap, z_loss)
-    call = CallOptions(*loss_args, return_stats, chunk_size=chunk_size)
+    call = CallOptions.of_keywords(locals())
     head = (input, local_weight, target, linear_bias, weight, token_weight)
-    return call_linear_cross_entropy(_LCE, *head, call, process_group, vocab_start, vocab_size)
+    return call_linear_cross_entropy(_LCE, head, call, process_group, vocab_start, vocab_size)
 
 
 # ``vocab_parallel_linear_cross_entropy`` called through the public function ``who``.
-call_linear_cross_entropy = partial(route.call_linear_cross_entropy, plain=_linear_cross_entropy)
+call_linear_cross_entropy = partial(route.call_sharded, route.LCE, plain=_linear_cross_entropy)
