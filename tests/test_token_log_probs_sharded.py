@@ -9,8 +9,6 @@ whole, it is all-reduced inside); the outputs must be bitwise the same on every 
 
 from __future__ import annotations
 
-import datetime
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -145,87 +143,70 @@ def _check_dtensor(rank: int, world: int) -> None:
     close(x.grad, ref_gx.double(), TOL[torch.float32], "DTensor head grad_input")
 
 
-def _worker(rank: int, world: int, init_file: str, _unused: str = "") -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
+def _worker(rank: int, world: int, _unused: str = "") -> None:
+    even = [len(c) for c in torch.arange(V).chunk(world)]
+    # One slice of a single class and, on 3 ranks, an empty one.
+    skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
+    for widths in (even, skewed):
+        _check_logits(rank, world, widths, torch.float32, 0.8)
+        _check_linear(rank, world, widths, torch.float32, bias=True)
+    for dtype in (torch.bfloat16, torch.float64):
+        _check_logits(rank, world, even, dtype, 1.0)
+        _check_linear(rank, world, even, dtype, bias=dtype == torch.float64)
+    _check_dtensor(rank, world)
+
+    # Forward: the metadata agreement and one gather of 5 numbers per row; backward: none
+    # for the logits, the input gradient's all-reduce for the head.
+    logits, y, _, _ = _data(1, torch.float32)
+    local = logits[:, _slices(world, rank, even)].clone().requires_grad_()
+    fwd, bwd = _collectives(
+        lambda: sum(
+            fusedce.token_log_probs(local, y, return_entropy=True, process_group=dist.group.WORLD)
+        ).sum()
     )
-    try:
-        torch.set_num_threads(1)
-        even = [len(c) for c in torch.arange(V).chunk(world)]
-        # One slice of a single class and, on 3 ranks, an empty one.
-        skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
-        for widths in (even, skewed):
-            _check_logits(rank, world, widths, torch.float32, 0.8)
-            _check_linear(rank, world, widths, torch.float32, bias=True)
-        for dtype in (torch.bfloat16, torch.float64):
-            _check_logits(rank, world, even, dtype, 1.0)
-            _check_linear(rank, world, even, dtype, bias=dtype == torch.float64)
-        _check_dtensor(rank, world)
+    assert fwd == {"gloo:all_gather": 2} and bwd == {}, (fwd, bwd)
+    h = torch.randn(N, 4, requires_grad=True)
+    Wl = torch.randn(even[rank], 4, requires_grad=True)
+    fwd, bwd = _collectives(
+        lambda: fusedce.linear_token_log_probs(h, Wl, y, process_group=dist.group.WORLD)[0].sum()
+    )
+    assert fwd == {"gloo:all_gather": 2} and bwd == {"gloo:all_reduce": 1}, (fwd, bwd)
 
-        # Forward: the metadata agreement and one gather of 5 numbers per row; backward: none
-        # for the logits, the input gradient's all-reduce for the head.
-        logits, y, _, _ = _data(1, torch.float32)
-        local = logits[:, _slices(world, rank, even)].clone().requires_grad_()
-        fwd, bwd = _collectives(
-            lambda: sum(
-                fusedce.token_log_probs(
-                    local, y, return_entropy=True, process_group=dist.group.WORLD
-                )
-            ).sum()
-        )
-        assert fwd == {"gloo:all_gather": 2} and bwd == {}, (fwd, bwd)
-        h = torch.randn(N, 4, requires_grad=True)
-        Wl = torch.randn(even[rank], 4, requires_grad=True)
-        fwd, bwd = _collectives(
-            lambda: fusedce.linear_token_log_probs(h, Wl, y, process_group=dist.group.WORLD)[
-                0
-            ].sum()
-        )
-        assert fwd == {"gloo:all_gather": 2} and bwd == {"gloo:all_reduce": 1}, (fwd, bwd)
-
-        # Bad input on one rank: the same error on every rank, nobody left waiting.
-        bad_y = y.clone()
-        bad_y[0] = V  # out of range: every rank sees the same global id
-        _expect_same_error(
-            rank,
-            world,
-            IndexError,
-            "out of bounds",
-            lambda: fusedce.token_log_probs(local, bad_y, process_group=dist.group.WORLD),
-        )
-        T = 0.5 if rank == 0 else 1.0
-        _expect_same_error(
-            rank,
-            world,
-            ValueError,
-            "disagree",
-            lambda: fusedce.token_log_probs(
-                local, y, temperature=T, process_group=dist.group.WORLD
-            ),
-        )
-        T = -1.0 if rank == world - 1 else 1.0
-        _expect_same_error(
-            rank,
-            world,
-            ValueError,
-            "temperature",
-            lambda: fusedce.linear_token_log_probs(
-                h, Wl, y, temperature=T, process_group=dist.group.WORLD
-            ),
-        )
-        # A group of one rank is the plain function (every rank creates every group).
-        solo = [dist.new_group([r]) for r in range(world)][rank]
-        x = torch.randn(3, 7)
-        t = torch.tensor([1, IGNORE, 6])
-        assert torch.equal(
-            fusedce.token_log_probs(x, t, process_group=solo), fusedce.token_log_probs(x, t)
-        )
-    finally:
-        dist.destroy_process_group()
+    # Bad input on one rank: the same error on every rank, nobody left waiting.
+    bad_y = y.clone()
+    bad_y[0] = V  # out of range: every rank sees the same global id
+    _expect_same_error(
+        rank,
+        world,
+        IndexError,
+        "out of bounds",
+        lambda: fusedce.token_log_probs(local, bad_y, process_group=dist.group.WORLD),
+    )
+    T = 0.5 if rank == 0 else 1.0
+    _expect_same_error(
+        rank,
+        world,
+        ValueError,
+        "disagree",
+        lambda: fusedce.token_log_probs(local, y, temperature=T, process_group=dist.group.WORLD),
+    )
+    T = -1.0 if rank == world - 1 else 1.0
+    _expect_same_error(
+        rank,
+        world,
+        ValueError,
+        "temperature",
+        lambda: fusedce.linear_token_log_probs(
+            h, Wl, y, temperature=T, process_group=dist.group.WORLD
+        ),
+    )
+    # A group of one rank is the plain function (every rank creates every group).
+    solo = [dist.new_group([r]) for r in range(world)][rank]
+    x = torch.randn(3, 7)
+    t = torch.tensor([1, IGNORE, 6])
+    assert torch.equal(
+        fusedce.token_log_probs(x, t, process_group=solo), fusedce.token_log_probs(x, t)
+    )
 
 
 @pytest.mark.kernel

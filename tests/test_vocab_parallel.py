@@ -890,7 +890,112 @@ def _extras_reference(x: torch.Tensor, target: torch.Tensor, kw: dict):
     return loss, grad
 
 
-def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
+def _worker(rank: int, world: int, local: str = "rows") -> None:
+    # "rows": the slices' common case on the row contract (the default); "torch": torch ops.
+    fusedce.sharded.slices.set_row_contract(local == "rows")
+    _record_launches()
+    widths = _even_widths(world)
+    skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
+    _check_rows(rank, widths, local == "rows")
+    _check_rows(rank, skewed, local == "rows")
+    _check_offsets(rank, widths)
+    _check_offsets(rank, skewed)
+    # Every option on float32 (class indices).
+    for reduction in ("mean", "sum", "none"):
+        for use_weight in (False, True):
+            for eps in (0.0, 0.1):
+                _check_cross_entropy(
+                    rank, widths, (N, V), torch.float32, False, reduction, use_weight, eps
+                )
+    # Probability targets (their gradient too), ignore_index that is a real class.
+    for reduction in ("mean", "none"):
+        _check_cross_entropy(rank, widths, (N, V), torch.float32, True, reduction, True, 0.1)
+    _check_cross_entropy(
+        rank, widths, (N, V), torch.float32, False, "mean", True, 0.0, ignore_index=5
+    )
+    # Other dtypes.
+    _check_cross_entropy(rank, widths, (N, V), torch.float64, True, "mean", True, 0.1)
+    _check_cross_entropy(rank, widths, (N, V), torch.float64, False, "none", True, 0.1)
+    for dtype in (torch.bfloat16, torch.float16):
+        _check_cross_entropy(rank, widths, (N, V), dtype, False, "mean", True, 0.1)
+        _check_cross_entropy(rank, widths, (N, V), dtype, True, "sum", False, 0.0)
+    # K-dimensional (N, C, d1) and 1-D (C,) logits.
+    _check_cross_entropy(rank, widths, (3, V, 4), torch.float32, False, "none", True, 0.1)
+    _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, True, "mean", False, 0.1)
+    _check_cross_entropy(rank, widths, (V,), torch.float32, False, "sum", True, 0.1)
+    # The same shapes without smoothing: their slices on the row contract.
+    _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, False, "none", True, 0.0)
+    _check_cross_entropy(rank, widths, (V,), torch.float32, False, "mean", False, 0.0)
+    # Very uneven slices (one of a single class, one empty), learnt or given explicitly.
+    _check_cross_entropy(rank, skewed, (N, V), torch.float32, False, "mean", True, 0.1)
+    _check_cross_entropy(rank, skewed, (N, V), torch.float32, True, "sum", False, 0.1)
+    for eps in (0.1, 0.0):
+        _check_cross_entropy(
+            rank, skewed, (N, V), torch.float32, False, "none", False, eps, explicit=True
+        )
+
+    # The linear head.
+    for reduction, use_weight, eps, bias in (
+        ("mean", True, 0.1, True),
+        ("sum", False, 0.0, False),
+        ("none", True, 0.0, True),
+    ):
+        _check_linear(rank, widths, torch.float32, reduction, use_weight, eps, bias)
+    _check_linear(rank, widths, torch.bfloat16, "mean", False, 0.1, True, lead_shape=(2, 5))
+    _check_linear(rank, skewed, torch.float32, "mean", True, 0.0, False, chunk_size=None)
+
+    # Communication: forward one all_gather (sizes) and two all_reduce; backward none for
+    # the cross-entropy, one (the input gradient) for the linear head.
+    logits, target, _ = _data(0, (N, V), soft=False)
+    start = sum(widths[:rank])
+    local = logits[:, start : start + widths[rank]].float().requires_grad_()
+    fwd, bwd = _collectives(lambda: vocab_parallel_cross_entropy(local, target))
+    assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+    # Sizes given: the same exchange checks them; with the checks off they are trusted and
+    # nothing is exchanged.
+    fwd, bwd = _collectives(
+        lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
+    )
+    assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+    fusedce.set_target_check(False)
+    try:
+        fwd, bwd = _collectives(
+            lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
+        )
+    finally:
+        fusedce.set_target_check(True)
+    assert fwd == {"gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+    # The extras add rows to the same two all-reduces (probability targets too).
+    tw = _token_weights((N,), 0).float()
+    soft = logits.softmax(1)[:, start : start + widths[rank]].float()
+    for t in (target, soft):
+        fwd, bwd = _collectives(
+            lambda t=t: vocab_parallel_cross_entropy(
+                local, t, **ALL_EXTRAS | {"token_weight": tw}, return_stats=True
+            )[0]
+        )
+        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
+    h = torch.randn(N, 6, requires_grad=True)
+    Wl = torch.randn(widths[rank], 6, requires_grad=True)
+    fwd, bwd = _collectives(lambda: vocab_parallel_linear_cross_entropy(h, Wl, target))
+    assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2}, fwd
+    assert bwd == {"gloo:all_reduce": 1}, bwd
+
+    _check_all_extras(rank, world, widths, skewed)
+    _check_dtensor(rank, world)
+    _check_dtensor_extras(rank, world)
+    _check_public_entry_points(rank, widths)
+    _check_group_of_one(rank, world)
+    _check_errors(rank, world)
+
+
+def _rank_entry(rank: int, worker, world: int, init_file: str, local: str) -> None:
+    """One rank's process: joins the gloo group of ``world`` ranks (file rendezvous at
+    ``init_file``, one thread), runs ``worker(rank, world, local)``, meets the others at a barrier
+    and leaves the group. Faulthandler is on, so that a native abort (gloo's
+    threads have ended a process with SIGABRT under a heavily loaded machine, rarely) prints
+    every thread's Python stack into the test's captured output instead of a bare signal."""
+    faulthandler.enable(all_threads=True)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -900,118 +1005,18 @@ def _worker(rank: int, world: int, init_file: str, local: str = "rows") -> None:
     )
     try:
         torch.set_num_threads(1)
-        # "rows": the slices' common case on the row contract (the default); "torch": torch ops.
-        fusedce.sharded.slices.set_row_contract(local == "rows")
-        _record_launches()
-        widths = _even_widths(world)
-        skewed = [1, V - 1] if world == 2 else [600, 0, V - 600]
-        _check_rows(rank, widths, local == "rows")
-        _check_rows(rank, skewed, local == "rows")
-        _check_offsets(rank, widths)
-        _check_offsets(rank, skewed)
-        # Every option on float32 (class indices).
-        for reduction in ("mean", "sum", "none"):
-            for use_weight in (False, True):
-                for eps in (0.0, 0.1):
-                    _check_cross_entropy(
-                        rank, widths, (N, V), torch.float32, False, reduction, use_weight, eps
-                    )
-        # Probability targets (their gradient too), ignore_index that is a real class.
-        for reduction in ("mean", "none"):
-            _check_cross_entropy(rank, widths, (N, V), torch.float32, True, reduction, True, 0.1)
-        _check_cross_entropy(
-            rank, widths, (N, V), torch.float32, False, "mean", True, 0.0, ignore_index=5
-        )
-        # Other dtypes.
-        _check_cross_entropy(rank, widths, (N, V), torch.float64, True, "mean", True, 0.1)
-        _check_cross_entropy(rank, widths, (N, V), torch.float64, False, "none", True, 0.1)
-        for dtype in (torch.bfloat16, torch.float16):
-            _check_cross_entropy(rank, widths, (N, V), dtype, False, "mean", True, 0.1)
-            _check_cross_entropy(rank, widths, (N, V), dtype, True, "sum", False, 0.0)
-        # K-dimensional (N, C, d1) and 1-D (C,) logits.
-        _check_cross_entropy(rank, widths, (3, V, 4), torch.float32, False, "none", True, 0.1)
-        _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, True, "mean", False, 0.1)
-        _check_cross_entropy(rank, widths, (V,), torch.float32, False, "sum", True, 0.1)
-        # The same shapes without smoothing: their slices on the row contract.
-        _check_cross_entropy(rank, widths, (3, V, 4), torch.bfloat16, False, "none", True, 0.0)
-        _check_cross_entropy(rank, widths, (V,), torch.float32, False, "mean", False, 0.0)
-        # Very uneven slices (one of a single class, one empty), learnt or given explicitly.
-        _check_cross_entropy(rank, skewed, (N, V), torch.float32, False, "mean", True, 0.1)
-        _check_cross_entropy(rank, skewed, (N, V), torch.float32, True, "sum", False, 0.1)
-        for eps in (0.1, 0.0):
-            _check_cross_entropy(
-                rank, skewed, (N, V), torch.float32, False, "none", False, eps, explicit=True
-            )
-
-        # The linear head.
-        for reduction, use_weight, eps, bias in (
-            ("mean", True, 0.1, True),
-            ("sum", False, 0.0, False),
-            ("none", True, 0.0, True),
-        ):
-            _check_linear(rank, widths, torch.float32, reduction, use_weight, eps, bias)
-        _check_linear(rank, widths, torch.bfloat16, "mean", False, 0.1, True, lead_shape=(2, 5))
-        _check_linear(rank, skewed, torch.float32, "mean", True, 0.0, False, chunk_size=None)
-
-        # Communication: forward one all_gather (sizes) and two all_reduce; backward none for
-        # the cross-entropy, one (the input gradient) for the linear head.
-        logits, target, _ = _data(0, (N, V), soft=False)
-        start = sum(widths[:rank])
-        local = logits[:, start : start + widths[rank]].float().requires_grad_()
-        fwd, bwd = _collectives(lambda: vocab_parallel_cross_entropy(local, target))
-        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
-        # Sizes given: the same exchange checks them; with the checks off they are trusted and
-        # nothing is exchanged.
-        fwd, bwd = _collectives(
-            lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
-        )
-        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
-        fusedce.set_target_check(False)
-        try:
-            fwd, bwd = _collectives(
-                lambda: vocab_parallel_cross_entropy(local, target, vocab_start=start, vocab_size=V)
-            )
-        finally:
-            fusedce.set_target_check(True)
-        assert fwd == {"gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
-        # The extras add rows to the same two all-reduces (probability targets too).
-        tw = _token_weights((N,), 0).float()
-        soft = logits.softmax(1)[:, start : start + widths[rank]].float()
-        for t in (target, soft):
-            fwd, bwd = _collectives(
-                lambda t=t: vocab_parallel_cross_entropy(
-                    local, t, **ALL_EXTRAS | {"token_weight": tw}, return_stats=True
-                )[0]
-            )
-            assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2} and bwd == {}, (fwd, bwd)
-        h = torch.randn(N, 6, requires_grad=True)
-        Wl = torch.randn(widths[rank], 6, requires_grad=True)
-        fwd, bwd = _collectives(lambda: vocab_parallel_linear_cross_entropy(h, Wl, target))
-        assert fwd == {"gloo:all_gather": 1, "gloo:all_reduce": 2}, fwd
-        assert bwd == {"gloo:all_reduce": 1}, bwd
-
-        _check_all_extras(rank, world, widths, skewed)
-        _check_dtensor(rank, world)
-        _check_dtensor_extras(rank, world)
-        _check_public_entry_points(rank, widths)
-        _check_group_of_one(rank, world)
-        _check_errors(rank, world)
+        worker(rank, world, local)
+        # No rank tears down its gloo connections while a peer may still be finishing the
+        # last collective (the ranks leave error checks at different moments).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
-
-
-def _rank_entry(rank: int, worker, world: int, init_file: str, local: str) -> None:
-    """One rank's process: ``worker`` with faulthandler on, so that a native abort (gloo's
-    threads have ended a process with SIGABRT under a heavily loaded machine, rarely) prints
-    every thread's Python stack into the test's captured output instead of a bare signal."""
-    faulthandler.enable(all_threads=True)
-    worker(rank, world, init_file, local)
 
 
 def _spawn(
     world: int, tmp_path, timeout_s: float = 150.0, local: str = "rows", worker=None
 ) -> None:
-    """Runs ``worker(rank, world, init_file, local)`` (default ``_worker``) on ``world``
+    """Runs ``worker(rank, world, local)`` (default ``_worker``) in a gloo group on ``world``
     processes; fails (killing them) past ``timeout_s``, so that a deadlock fails the test
     instead of hanging it."""
     ctx = mp.start_processes(
