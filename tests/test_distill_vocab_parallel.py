@@ -128,6 +128,88 @@ def _check_errors(rank: int, world: int, group) -> None:
     assert torch.isfinite(loss)
 
 
+def _check_dtensor(rank: int, world: int) -> None:
+    """DTensor logits sharded on the class dimension (the dense teacher's alike, a sparse one
+    plain or replicated) and a DTensor head sharded by rows: replicated DTensor losses, the
+    unsharded values and gradients."""
+    # Optional: torch.distributed.tensor exists only in torch builds with distributed.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    ids, logp = sparse_teacher(N, V, K, pad=1)
+    target = torch.randint(0, V, (N,), generator=g)
+    up = torch.randn(N, generator=g, dtype=torch.float64)
+    rep = lambda t: distribute_tensor(t, mesh, [Replicate()])
+    cols = lambda t: distribute_tensor(t, mesh, [Shard(-1)])
+    rows = lambda t: distribute_tensor(t, mesh, [Shard(0)])
+    cases = [  # (the DTensor call's teacher, the reference's, the options)
+        ({"teacher_logits": cols(teacher)}, {"teacher_logits": teacher}, {"temperature": 1.5}),
+        (
+            {"teacher_ids": ids, "teacher_log_probs": logp},
+            {"teacher_ids": ids, "teacher_log_probs": logp},
+            {"divergence": "reverse_kl", "reduction": "none", "target": target, "hard_weight": 0.3},
+        ),
+        (
+            {"teacher_ids": rep(ids), "teacher_log_probs": rep(logp), "target": rep(target)},
+            {"teacher_ids": ids, "teacher_log_probs": logp, "target": target},
+            {"divergence": "jsd", "tail": "renormalize", "reduction": "sum", "hard_weight": 0.5},
+        ),
+    ]
+    for teach, ref_teach, kw in cases:
+        per_row = kw.get("reduction") == "none"
+        ref_loss, ref_grad = reference(logits, **ref_teach, **kw, upstream=up if per_row else None)
+        dt = cols(logits).requires_grad_()
+        loss = fusedce.distillation_loss(dt, **teach, **kw)
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), kw
+        (loss.to_local() * (up if per_row else 1.0)).sum().backward()
+        torch.testing.assert_close(loss.to_local(), ref_loss, atol=1e-10, rtol=1e-10)
+        assert isinstance(dt.grad, DTensor) and dt.grad.placements == dt.placements
+        assert rel_err(dt.grad.full_tensor(), ref_grad) < 1e-10, (rank, world, kw)
+
+    # The head: a DTensor weight (and bias, and dense teacher head) sharded by rows.
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64) * 0.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) * 0.1
+    th = torch.randn(N, Dt, generator=g, dtype=torch.float64)
+    tW = torch.randn(V, Dt, generator=g, dtype=torch.float64) * 0.5
+    for dense, red in ((True, "mean"), (False, "none")):
+        kw = {"divergence": "jsd", "target": target, "hard_weight": 0.2, "reduction": red}
+        if dense:
+            teach = {"teacher_input": th, "teacher_weight": rows(tW)}
+            ref_teach = {"teacher_logits": th @ tW.t()}
+        else:
+            teach = ref_teach = {"teacher_ids": ids, "teacher_log_probs": logp}
+        hs = h.clone().requires_grad_()
+        Ws, bs = rows(W).requires_grad_(), rows(b).requires_grad_()
+        loss = fusedce.linear_distillation_loss(hs, Ws, linear_bias=bs, **teach, **kw, chunk_size=4)
+        assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), kw
+        (loss.to_local() * (up if red == "none" else 1.0)).sum().backward()
+        hr, Wr, br = (t.clone().requires_grad_() for t in (h, W, b))
+        full = hr @ Wr.t() + br
+        ref_loss, g_logits = reference(
+            full.detach(), **ref_teach, **kw, upstream=up if red == "none" else None
+        )
+        gh, gW, gb = torch.autograd.grad(full, (hr, Wr, br), g_logits)
+        torch.testing.assert_close(loss.to_local(), ref_loss, atol=1e-10, rtol=1e-10)
+        assert rel_err(hs.grad, gh) < 1e-10
+        assert rel_err(Ws.grad.full_tensor(), gW) < 1e-10
+        assert rel_err(bs.grad.full_tensor(), gb) < 1e-10
+
+    # Other placements: the same error on every rank, before any collective.
+    with pytest.raises(ValueError, match=r"^distillation_loss: .*Shard\(-1\)"):
+        fusedce.distillation_loss(rows(logits), teacher_logits=rows(teacher))
+    with pytest.raises(ValueError, match=r"^distillation_loss: .*teacher_logits"):
+        fusedce.distillation_loss(cols(logits), teacher_logits=rep(teacher))
+    with pytest.raises(ValueError, match=r"^linear_distillation_loss: .*Shard\(0\)"):
+        fusedce.linear_distillation_loss(h, rep(W), teacher_ids=ids, teacher_log_probs=logp)
+    with pytest.raises(ValueError, match=r"^linear_distillation_loss: .*teacher_weight"):
+        fusedce.linear_distillation_loss(h, rows(W), teacher_input=th, teacher_weight=tW)
+
+
 def _worker(rank: int, world: int, _local: str = "") -> None:
     group = dist.group.WORLD
     even = [len(c) for c in torch.arange(V).chunk(world)]
@@ -137,6 +219,7 @@ def _worker(rank: int, world: int, _local: str = "") -> None:
         _check_logits(rank, widths, group)
         _check_linear(rank, widths, group)
     _check_errors(rank, world, group)
+    _check_dtensor(rank, world)
 
 
 @pytest.mark.parametrize("world", [2, 3])

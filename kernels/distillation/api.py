@@ -2,10 +2,12 @@
 distribution and the student's softmax, per row of logits) and ``linear_distillation_loss``
 (the same on the fused head ``input @ W.T + b``, one chunk of logits at a time).
 
-Each call checks its options (``options``) and tensors (``checks``), flattens them to rows and
-routes: vocabulary-parallel (``fusedce.sharded.distillation``, after the ranks' agreement), the
-custom ops while ``torch.compile`` traces (``custom_ops``), the eager autograd Functions
-(``functions``) with a gradient, else the rows alone (``core``). The definitions are in
+A DTensor split over the vocabulary is first unwrapped (``fusedce.sharded.dtensor``): the same
+call on this rank's local parts over the mesh's group. Each call checks its options
+(``options``) and tensors (``checks``), flattens them to rows and routes: vocabulary-parallel
+(``fusedce.sharded.distillation``, after the ranks' agreement), the custom ops while
+``torch.compile`` traces (``custom_ops``), the eager autograd Functions (``functions``) with a
+gradient, else the rows alone (``core``). The definitions are in
 docs/DISTILLATION.md.
 """
 
@@ -21,6 +23,7 @@ from .. import index_check
 from ..linear_chunks import planned_chunk_rows
 from ..options import check_chunk_size
 from ..sharded import distillation as sharded
+from ..sharded import dtensor
 from . import core
 from .checks import (
     check_head,
@@ -39,6 +42,14 @@ from .value_checks import ValueCheck
 __all__ = ["distillation_loss", "linear_distillation_loss"]
 
 _Checked = TypeVar("_Checked")
+
+_OPTIONS = ("divergence", "beta", "temperature", "tail", "ignore_index", "hard_weight", "reduction")
+
+
+def _options(*values: object) -> dict[str, object]:
+    """The options of a call (in ``_OPTIONS`` order) by keyword, to repeat the call on a
+    DTensor's local parts."""
+    return dict(zip(_OPTIONS, values, strict=True))
 
 
 def _checked(
@@ -111,7 +122,11 @@ def distillation_loss(
         process_group: a ``torch.distributed.ProcessGroup`` over which the class dimension is
             split: ``logits`` (and ``teacher_logits``) are then this rank's contiguous slice of
             the classes (rank order), ids and class indices global; every rank gets the loss
-            of the whole vocabulary, O(N k) numbers exchanged, never the logits.
+            of the whole vocabulary, O(N k) numbers exchanged, never the logits. Without it, a
+            ``DTensor`` ``logits`` sharded on the class dimension (``Shard(-1)``) of a 1-D
+            device mesh runs the same over the mesh's group (``teacher_logits`` then a DTensor
+            sharded alike; the sparse teacher and ``target`` plain or replicated), the loss a
+            replicated DTensor.
 
     Returns:
         float32 (float64 for float64 logits): a scalar, or the leading shape for "none".
@@ -124,8 +139,17 @@ def distillation_loss(
             raised from backward, as ``set_target_check`` describes). Messages start with
             ``distillation_loss``.
         RuntimeError: ``process_group`` while ``torch.distributed`` is not initialised.
+        ValueError: a DTensor ``logits`` (or ``teacher_logits``) not sharded as ``Shard(-1)``.
     """
     who = "distillation_loss"
+    if dtensor.is_dtensor(logits):
+        # Split over the vocabulary: this rank's local parts over the mesh's group.
+        teacher = {"teacher_logits": teacher_logits, "teacher_ids": teacher_ids}
+        teacher.update(teacher_log_probs=teacher_log_probs, target=target)
+        mesh, local = dtensor.distillation_parts(who, logits, teacher, process_group)
+        opts = _options(divergence, beta, temperature, tail, ignore_index, hard_weight, reduction)
+        loss = distillation_loss(**local, **opts, process_group=mesh.get_group())
+        return dtensor.replicated(loss, mesh)
 
     def check(in_slices: bool) -> tuple[tuple, int]:
         opts = check_distill_options(
@@ -191,7 +215,10 @@ def linear_distillation_loss(
         process_group: a ``torch.distributed.ProcessGroup`` over which the classes are split:
             ``linear_weight`` / ``linear_bias`` (and ``teacher_weight`` / ``teacher_bias``)
             are this rank's contiguous slice of the classes (rank order), ``input`` whole; the
-            input's gradient is all-reduced inside.
+            input's gradient is all-reduced inside. Without it, a ``DTensor`` ``linear_weight``
+            sharded by rows (``Shard(0)``) of a 1-D device mesh runs the same over the mesh's
+            group (``linear_bias``, ``teacher_weight`` and ``teacher_bias`` sharded alike; the
+            other tensors plain or replicated), the loss a replicated DTensor.
         chunk_size: token rows per chunk (>= 1), or None: as many as fit 256 MiB of logits on
             a GPU (32 MiB on the CPU).
 
@@ -201,9 +228,22 @@ def linear_distillation_loss(
 
     Raises:
         ValueError, TypeError, IndexError: as ``distillation_loss``, and for the heads' shapes,
-            dtypes and devices; messages start with ``linear_distillation_loss``.
+            dtypes and devices, and a DTensor head not sharded as ``Shard(0)``; messages
+            start with ``linear_distillation_loss``.
     """
     who = "linear_distillation_loss"
+    if dtensor.is_dtensor(linear_weight):
+        # Split over the vocabulary: this rank's local parts over the mesh's group.
+        more = {"linear_bias": linear_bias, "target": target, "teacher_input": teacher_input}
+        more.update(teacher_weight=teacher_weight, teacher_bias=teacher_bias)
+        more.update(teacher_ids=teacher_ids, teacher_log_probs=teacher_log_probs)
+        mesh, local = dtensor.linear_distillation_parts(
+            who, input, linear_weight, more, process_group
+        )
+        opts = _options(divergence, beta, temperature, tail, ignore_index, hard_weight, reduction)
+        group = mesh.get_group()
+        loss = linear_distillation_loss(**local, **opts, process_group=group, chunk_size=chunk_size)
+        return dtensor.replicated(loss, mesh)
     W, b = linear_weight, linear_bias
 
     def check(in_slices: bool) -> tuple[tuple, int]:

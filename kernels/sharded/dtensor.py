@@ -4,7 +4,9 @@ the group of their mesh, and wrapping the results as replicated DTensors.
 A ``DTensor`` input (the logits sharded on the class dimension, or the linear head's weight
 sharded by rows) on a 1-D mesh reduces over the mesh's group; the other tensor arguments may be
 DTensors too (replicated; the probability target and the bias sharded like the input), and the
-loss (and the statistics) come back replicated, as under ``loss_parallel()``.
+loss (and the statistics) come back replicated, as under ``loss_parallel()``. The
+distillation losses (``distillation_parts``, ``linear_distillation_parts``) take a dense
+teacher's logits (its head's weight) as a DTensor split like the student's.
 ``torch.distributed.tensor`` is imported where it is used: torch builds without
 ``torch.distributed`` have none.
 """
@@ -128,3 +130,67 @@ def linear_parts(
         _local_part(who, weight, "weight"),
         token_weight,
     )
+
+
+def _split_like(who: str, t: object, name: str, dim: int) -> Tensor:
+    """The local part of a DTensor ``t`` split on ``dim`` like the call's sharded argument (a
+    plain or replicated one would be read as another tensor than this rank's slice)."""
+    if not is_dtensor(t) or not all(p.is_shard() and p.dim % t.dim() == dim for p in t.placements):
+        got = t.placements if is_dtensor(t) else "a plain tensor"
+        raise ValueError(f"{who}: a DTensor {name} must be sharded as Shard({dim}), got {got}")
+    return t.to_local()
+
+
+def logits_parts(who: str, logits: Tensor, process_group: object) -> tuple[object, Tensor]:
+    """(the 1-D mesh, this rank's local logits) of a DTensor (..., V) ``logits`` sharded on the
+    class (last) dimension."""
+    mesh = _mesh_of(who, logits, process_group)
+    last = logits.dim() - 1
+    if last < 0 or not all(
+        p.is_shard() and p.dim % logits.dim() == last for p in logits.placements
+    ):
+        raise ValueError(
+            f"{who}: a DTensor logits must be sharded on the class dimension (Shard(-1)), got "
+            f"{logits.placements}"
+        )
+    return mesh, logits.to_local()
+
+
+def distillation_parts(
+    who: str, logits: Tensor, teacher: dict[str, object], process_group: object
+) -> tuple[object, dict[str, object]]:
+    """A DTensor (..., V) ``logits`` sharded on the class (last) dimension of a 1-D mesh: (the
+    mesh, this rank's local ``logits`` and ``teacher`` tensors) for a call on the mesh's group.
+    ``teacher`` maps the keywords ``teacher_logits`` (a DTensor split like the logits),
+    ``teacher_ids``, ``teacher_log_probs`` and ``target`` (plain or replicated) to tensors or
+    None."""
+    mesh, x = logits_parts(who, logits, process_group)
+    last = logits.dim() - 1
+    local = {k: _local_part(who, t, k) for k, t in teacher.items() if k != "teacher_logits"}
+    if teacher.get("teacher_logits") is not None:
+        # Not _local_part: replicated teacher logits would pass there as the wrong width.
+        local["teacher_logits"] = _split_like(
+            who, teacher["teacher_logits"], "teacher_logits", last
+        )
+    return mesh, {"logits": x, **local}
+
+
+def linear_distillation_parts(
+    who: str, input: object, linear_weight: Tensor, more: dict[str, object], process_group: object
+) -> tuple[object, dict[str, object]]:
+    """A DTensor (V, D) ``linear_weight`` sharded by rows on a 1-D mesh: (the mesh, this rank's
+    local ``input``, ``linear_weight`` and ``more`` tensors) for a call on the mesh's group.
+    ``more`` maps the keywords ``linear_bias`` and ``teacher_bias`` (split like the weight, or
+    replicated), ``teacher_weight`` (a DTensor split like the weight), ``teacher_input``,
+    ``teacher_ids``, ``teacher_log_probs`` and ``target`` (plain or replicated) to tensors or
+    None."""
+    mesh, x, W, *_ = linear_parts(who, input, linear_weight, None, None, None, None, process_group)
+    local = {
+        k: _local_part(who, t, k, 0 if k.endswith("bias") else None)
+        for k, t in more.items()
+        if k != "teacher_weight"
+    }
+    if more.get("teacher_weight") is not None:
+        # Not _local_part: a replicated teacher head would pass there as the wrong rows.
+        local["teacher_weight"] = _split_like(who, more["teacher_weight"], "teacher_weight", 0)
+    return mesh, {"input": x, "linear_weight": W, **local}

@@ -208,18 +208,9 @@ def _dtensor_parts(
             process_group,
         )  # fmt: skip
         return mesh, call._replace(input=x, linear_weight=W, target=t, linear_bias=b)
-    logits = call.logits
-    mesh = dtensor._mesh_of(who, logits, process_group)
-    last = logits.dim() - 1
-    if last < 0 or not all(
-        p.is_shard() and p.dim % logits.dim() == last for p in logits.placements
-    ):
-        raise ValueError(
-            f"{who}: a DTensor logits must be sharded on the class dimension (Shard(-1)), got "
-            f"{logits.placements}"
-        )
+    mesh, logits = dtensor.logits_parts(who, call.logits, process_group)
     target = dtensor._local_part(who, call.target, "target")
-    return mesh, call._replace(logits=logits.to_local(), target=target)
+    return mesh, call._replace(logits=logits, target=target)
 
 
 def call_sharded(
