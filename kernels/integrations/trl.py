@@ -166,6 +166,7 @@ class FusedLogProbsMixin:
                     completion_mask=mask[:, -logits_to_keep:],
                     temperature=self.temperature,
                     return_entropy=compute_entropy,
+                    use_cache=False,  # no KV cache for a scoring pass
                 )
             if compute_entropy:
                 logps.append(out[0])
