@@ -123,7 +123,7 @@ def cross_entropy(
     the fused gradient.
     """
     call = CallOptions.of_keywords(locals())
-    return _cross_entropy(_WHO, (input, target, weight, token_weight), call, process_group)
+    return named_cross_entropy(_WHO, (input, target, weight, token_weight), call, process_group)
 
 
 def _flatten(
@@ -147,7 +147,7 @@ def _flatten(
     return logits, target, weight, out_shape, prepare_token_weight(token_weight, input.dtype)
 
 
-def _cross_entropy(
+def named_cross_entropy(
     who: str, tensors: tuple, call: CallOptions, process_group: object = None
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``cross_entropy`` of ``tensors`` (input, target, weight, token_weight) for the public
@@ -160,7 +160,7 @@ def _cross_entropy(
             raise func_transforms.refuse_sharded(who)
         sharded.refuse_unsharded_options(who, inplace_backward=call.inplace_backward)
         return sharded.call_sharded(
-            sharded.CE, who, tensors, call, process_group, plain=_cross_entropy
+            sharded.CE, who, tensors, call, process_group, plain=named_cross_entropy
         )
     opts = call.loss_options(who)
     inplace_backward = call.inplace_backward
@@ -246,7 +246,7 @@ class CrossEntropyLoss(nn.Module):
         Errors name ``CrossEntropyLoss``."""
         call = CallOptions.of(self)
         tensors = (input, target, self.weight, token_weight)
-        return _cross_entropy("CrossEntropyLoss", tensors, call)
+        return named_cross_entropy("CrossEntropyLoss", tensors, call)
 
     def extra_repr(self) -> str:
         return CallOptions.describe(self, _MODULE_OPTIONS)

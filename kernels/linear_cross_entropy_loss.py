@@ -137,10 +137,10 @@ def linear_cross_entropy(
     """
     call = CallOptions.of_keywords(locals())
     head = (input, linear_weight, target, linear_bias, weight, token_weight)
-    return _linear_cross_entropy(_WHO, head, call, process_group)
+    return named_linear_cross_entropy(_WHO, head, call, process_group)
 
 
-def _linear_cross_entropy(
+def named_linear_cross_entropy(
     who: str, head: tuple, call: CallOptions, process_group: object = None
 ) -> Tensor | tuple[Tensor, CrossEntropyStats]:
     """``linear_cross_entropy`` of ``head`` (input, linear_weight, target, linear_bias, weight,
@@ -158,7 +158,7 @@ def _linear_cross_entropy(
         sharded.refuse_unsharded_options(who, accumulation=call.accumulation)
         head = (input, linear_weight, target, linear_bias, weight, token_weight)
         return sharded.call_sharded(
-            sharded.LCE, who, head, call, process_group, plain=_linear_cross_entropy
+            sharded.LCE, who, head, call, process_group, plain=named_linear_cross_entropy
         )
     opts, chunk_size, accumulation = call.head_options(who), call.chunk_size, call.accumulation
     check_linear_args(who, input, linear_weight, target, linear_bias, weight)
@@ -268,7 +268,7 @@ class LinearCrossEntropyLoss(nn.Module):
         """The loss of ``self.linear(input)`` (and stats with ``return_stats``); errors name
         ``LinearCrossEntropyLoss``."""
         head = (input, self.linear.weight, target, self.linear.bias, self.weight, token_weight)
-        return _linear_cross_entropy("LinearCrossEntropyLoss", head, CallOptions.of(self))
+        return named_linear_cross_entropy("LinearCrossEntropyLoss", head, CallOptions.of(self))
 
     def extra_repr(self) -> str:
         return (

@@ -29,7 +29,7 @@ def test_custom_ops_pass_opcheck():
     for reduction in ("mean", "sum", "none"):
         for teacher in ((t, None, None), (None, ids, logp)):
             args = (x.requires_grad_(True), *teacher, y, *opts, reduction, True)
-            torch.library.opcheck(dist._distillation_op, args)
+            torch.library.opcheck(dist.distillation_op, args)
     row_factor = torch.randn(6)
     torch.library.opcheck(
         dist._distillation_grad_op, (x.detach(), t, None, None, y, row_factor, *opts)
@@ -38,7 +38,7 @@ def test_custom_ops_pass_opcheck():
     h = torch.randn(6, 8, requires_grad=True)
     for reduction in ("mean", "none"):
         args = (h, W, b, None, None, None, ids, logp, y, *opts, reduction, 4, True, True, True)
-        torch.library.opcheck(lin._linear_distillation_op, args)
+        torch.library.opcheck(lin.linear_distillation_op, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -217,3 +217,21 @@ def test_vocab_parallel_modules_import_alone(name: str) -> None:
         [sys.executable, "-c", f"import {name}"], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_no_private_name_crosses_a_module() -> None:
+    """What one module of the package takes from another is public there (no leading
+    underscore): a private name is free to change inside its module. The Triton kernels keep
+    the ``_snake_case`` names of Triton's convention; their launcher imports them."""
+    bad = []
+    for name, path in MODULES.items():
+        for node in _module_level_imports(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not _imported(name, node):
+                continue
+            source = _resolve(name, node)
+            private = [
+                a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
+            ]
+            if private and source != "fusedce.backends.triton_jit":
+                bad.append(f"{path.relative_to(KERNELS.parent)}:{node.lineno}: {private}")
+    assert not bad, "\n".join(bad)

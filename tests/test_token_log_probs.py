@@ -312,20 +312,20 @@ def test_custom_ops_pass_opcheck() -> None:
     for logits in (x, _strided(x)):
         for entropy in (False, True):
             args = (logits.detach().requires_grad_(), y, IGNORE, 0.5, entropy)
-            torch.library.opcheck(tlp_module._token_log_probs_op, args)
+            torch.library.opcheck(tlp_module.token_log_probs_op, args)
     h = torch.randn(5, 4)
     W = _strided(torch.randn(9, 4))
     b = torch.randn(9)
     for entropy in (False, True):
         args = (h.requires_grad_(), W.requires_grad_(), b.requires_grad_(), y, IGNORE, 1.5)
-        torch.library.opcheck(tlp_module._linear_token_log_probs_op, (*args, entropy, 2))
+        torch.library.opcheck(tlp_module.linear_token_log_probs_op, (*args, entropy, 2))
     # The backward ops, with an entropy gradient or without.
-    _, _, stats = tlp_module._token_log_probs_op(x, y, IGNORE, 0.5, True)
+    _, _, stats = tlp_module.token_log_probs_op(x, y, IGNORE, 0.5, True)
     g = torch.randn(2, 5)
     for g_h in (None, g[1]):
         args = (_strided(x), y, stats, g[0], g_h, IGNORE, 0.5)
         torch.library.opcheck(tlp_module._token_log_probs_backward_op, args)
-    _, _, stats = tlp_module._linear_token_log_probs_op(h, W, b, y, IGNORE, 1.5, True, 2)
+    _, _, stats = tlp_module.linear_token_log_probs_op(h, W, b, y, IGNORE, 1.5, True, 2)
     for needs in ([True, True, True], [False, True, False]):
         args = (h.detach(), W.detach(), b.detach(), y, stats.detach(), g[0], g[1], IGNORE, 1.5)
         args = (*args, 2, needs)

@@ -33,7 +33,7 @@ from .checks import (
     check_teacher_head,
     wants_group,
 )
-from .custom_ops import _distillation_op, _linear_distillation_op
+from .custom_ops import distillation_op, linear_distillation_op
 from .functions import FusedDistillation, FusedLinearDistillation
 from .options import check_distill_options
 from .teacher import Teacher, TeacherHead
@@ -168,7 +168,7 @@ def distillation_loss(
     elif torch.compiler.is_compiling():
         grad_now = need_grad and not opts.per_row
         args = (x, *teacher, target, *opts.as_args())
-        loss, _ = _distillation_op(*args, grad_now=grad_now, who=who)
+        loss, _ = distillation_op(*args, grad_now=grad_now, who=who)
     elif need_grad:
         loss = FusedDistillation.apply(x, *teacher, target, opts, who)
     else:
@@ -283,7 +283,7 @@ def linear_distillation_loss(
             who, tensors, opts, rows, agreed, process_group
         )
     elif torch.compiler.is_compiling():
-        loss, *_ = _linear_distillation_op(*tensors, *opts.as_args(), rows, *wants, who)
+        loss, *_ = linear_distillation_op(*tensors, *opts.as_args(), rows, *wants, who)
     elif any(wants):
         loss = FusedLinearDistillation.apply(*tensors, opts, rows, who)
     else:

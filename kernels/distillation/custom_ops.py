@@ -59,7 +59,7 @@ def _fake_head_grads(x, W, b, a: dict[str, object], per_row: bool) -> tuple[Tens
 
 
 @torch.library.custom_op("fusedce::distillation_loss", mutates_args=())
-def _distillation_op(
+def distillation_op(
     logits: Tensor,
     teacher_logits: Tensor | None,
     teacher_ids: Tensor | None,
@@ -85,7 +85,7 @@ def _distillation_op(
     return loss, _empty_or(grad, logits)
 
 
-@_distillation_op.register_fake
+@distillation_op.register_fake
 def _(logits, teacher_logits, teacher_ids, teacher_log_probs, target, *args, **kwargs):
     a = _named((*_OPTIONS, "reduction", "grad_now"), args, kwargs)
     acc = accumulation_dtype(logits.dtype)
@@ -139,7 +139,7 @@ def _backward(ctx, grad_loss, _grad_of_grad):
     return (grad,) + (None,) * 13
 
 
-_distillation_op.register_autograd(_backward, setup_context=_setup_context)
+distillation_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,7 +158,7 @@ def _op_head(x, W, b, teacher_x, teacher_w, teacher_b, needs) -> tuple:
 
 
 @torch.library.custom_op("fusedce::linear_distillation_loss", mutates_args=())
-def _linear_distillation_op(
+def linear_distillation_op(
     x: Tensor,
     W: Tensor,
     b: Tensor | None,
@@ -196,7 +196,7 @@ def _linear_distillation_op(
     return loss, _empty_or(gx, x), _empty_or(gw, x), _empty_or(gb, x)
 
 
-@_linear_distillation_op.register_fake
+@linear_distillation_op.register_fake
 def _(x, W, b, *args, **kwargs):
     a = _named(
         ("t_x", "t_w", "t_b", "ids", "lp", "y", *_OPTIONS, "reduction", *_HEAD), args, kwargs
@@ -269,4 +269,4 @@ def _linear_backward(ctx, grad_loss, *_grads_of_grads):
     ) + (None,) * 18
 
 
-_linear_distillation_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+linear_distillation_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)

@@ -22,7 +22,7 @@ from ..index_check import check_class_indices
 from ..linear_chunks import planned_chunk_rows
 from ..sharded import token_log_probs as sharded
 from .checks import HeadCall, LogitsCall, check_head, check_log_prob_options, check_logits
-from .custom_ops import LINEAR_WHO, WHO, _linear_token_log_probs_op, _token_log_probs_op
+from .custom_ops import LINEAR_WHO, WHO, linear_token_log_probs_op, token_log_probs_op
 from .functions import LinearTokenLogProbs, TokenLogProbs, differentiable
 from .head import autocast_cast, head_forward, head_rows
 from .rows import flat_rows, forward_rows, row_options, shaped
@@ -99,7 +99,7 @@ def _token_log_probs(who: str, call: LogitsCall) -> Tensor | tuple[Tensor, Tenso
     if func_transforms.active():
         logp, ent = differentiable(x, t, T, ii, entropy)
     elif torch.compiler.is_compiling():
-        logp, ent, _ = _token_log_probs_op(x, t, ii, T, entropy, who)
+        logp, ent, _ = token_log_probs_op(x, t, ii, T, entropy, who)
     elif torch.is_grad_enabled() and call.logits.requires_grad:
         out = TokenLogProbs.apply(x, t, T, ii, entropy, who)
         logp, ent = out if entropy else (out, None)
@@ -182,7 +182,7 @@ def _linear_token_log_probs(who: str, call: HeadCall) -> Tensor | tuple[Tensor, 
         # Under a transform the logits are materialised: the chunked Functions cannot run there.
         logp, ent = differentiable(torch.nn.functional.linear(x, W, b), t, T, ii, entropy)
     elif torch.compiler.is_compiling():
-        logp, ent, _ = _linear_token_log_probs_op(x, W, b, t, ii, T, entropy, rows, who)
+        logp, ent, _ = linear_token_log_probs_op(x, W, b, t, ii, T, entropy, rows, who)
     else:
         check_class_indices(t, V, ii, who)
         if need_grad:

@@ -58,7 +58,7 @@ def _entropy_grad(ctx, grad_entropy: Tensor | None) -> Tensor | None:
 
 
 @torch.library.custom_op("fusedce::token_log_probs", mutates_args=())
-def _token_log_probs_op(
+def token_log_probs_op(
     logits: Tensor,
     target: Tensor,
     ignore_index: int,
@@ -75,7 +75,7 @@ def _token_log_probs_op(
     return _outputs(fwd.logp, fwd.entropy, fwd.stats, logits)
 
 
-_token_log_probs_op.register_fake(lambda logits, *args, **_kw: _fake_outputs(logits, args[3]))
+token_log_probs_op.register_fake(lambda logits, *args, **_kw: _fake_outputs(logits, args[3]))
 
 
 @torch.library.custom_op("fusedce::token_log_probs_backward", mutates_args=())
@@ -111,11 +111,11 @@ def _tlp_backward(ctx, grad_logp, grad_entropy, _grad_stats):
     return grad, None, None, None, None, None
 
 
-_token_log_probs_op.register_autograd(_tlp_backward, setup_context=_tlp_setup)
+token_log_probs_op.register_autograd(_tlp_backward, setup_context=_tlp_setup)
 
 
 @torch.library.custom_op("fusedce::linear_token_log_probs", mutates_args=())
-def _linear_token_log_probs_op(
+def linear_token_log_probs_op(
     x: Tensor,
     W: Tensor,
     b: Tensor | None,
@@ -134,7 +134,7 @@ def _linear_token_log_probs_op(
     return _outputs(*head_forward(x, W, b, target, opts, chunk_rows, entropy), x)
 
 
-_linear_token_log_probs_op.register_fake(lambda x, *args, **_kw: _fake_outputs(x, args[5]))
+linear_token_log_probs_op.register_fake(lambda x, *args, **_kw: _fake_outputs(x, args[5]))
 
 
 @torch.library.custom_op("fusedce::linear_token_log_probs_backward", mutates_args=())
@@ -189,4 +189,4 @@ def _ltlp_backward(ctx, grad_logp, grad_entropy, _grad_stats):
     return (*grads, None, None, None, None, None, None)
 
 
-_linear_token_log_probs_op.register_autograd(_ltlp_backward, setup_context=_ltlp_setup)
+linear_token_log_probs_op.register_autograd(_ltlp_backward, setup_context=_ltlp_setup)

@@ -4,7 +4,7 @@ arguments of the plain functions; see there and docs/VOCAB_PARALLEL.md).
 
 Modules, bottom up (each imports only those before it, and none imports the plain functions):
 
-* ``agreement``: the process group, this rank's slice (``_Shard``) and the metadata exchange
+* ``agreement``: the process group, this rank's slice (``Shard``) and the metadata exchange
   that makes the ranks agree (named int64 columns, fingerprints);
 * ``slices``: the local maths on a slice (torch ops, or the row contract of ``fusedce.core``)
   and the combine across ranks (the all-reduces of the forward);

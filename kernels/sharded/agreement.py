@@ -1,13 +1,13 @@
 """Rank agreement of the sharded losses: the group, this rank's slice, and the metadata exchange.
 
-``_agree`` runs ONE ``all_gather`` of a row of int64 per rank (the named columns of ``_FIELDS``,
+``agree`` runs ONE ``all_gather`` of a row of int64 per rank (the named columns of ``_FIELDS``,
 by name through ``_Col``): the slice width, the shapes, the options, fingerprints of the class
 indices and of the token and class weights, and ``vocab_start`` / ``vocab_size`` where given.
 Every rank reads the same table and reaches the same verdict, so a bad or mismatched argument
 makes EVERY rank raise the same exception (a rank that failed its own checks sends an error code
-instead of its row). The result is ``_Shard``: this rank's place in the vocabulary. Also the
+instead of its row). The result is ``Shard``: this rank's place in the vocabulary. Also the
 process-group checks (before any collective) and the trusted slice of ``vocab_start`` /
-``vocab_size`` with the checks off (``_explicit_shard``: no exchange).
+``vocab_size`` with the checks off (``explicit_shard``: no exchange).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT64_MAX = 2**63 - 1
 
 
-class _Shard(NamedTuple):
+class Shard(NamedTuple):
     """This rank's place in the vocabulary."""
 
     group: object  # the process group
@@ -44,7 +44,7 @@ class _Shard(NamedTuple):
     vocab: int  # V, the global number of classes
 
 
-def _resolve_group(who: str, process_group: object) -> object | None:
+def resolve_group(who: str, process_group: object) -> object | None:
     """The group to reduce over, or None for the plain (unsharded) function."""
     if process_group is None:
         if dist.is_available() and dist.is_initialized():
@@ -90,7 +90,7 @@ def check_process_group(who: str, process_group: object) -> None:
         )
 
 
-def _check_explicit_sizes(
+def check_explicit_sizes(
     who: str, vocab_start: object, vocab_size: object, width: int
 ) -> tuple[int, int] | None:
     """Validates ``vocab_start`` / ``vocab_size`` (both or neither); None when not given."""
@@ -109,7 +109,7 @@ def _check_explicit_sizes(
     return vocab_start, vocab_size
 
 
-def _exchanges(sizes_given: bool) -> bool:
+def exchanges(sizes_given: bool) -> bool:
     """Whether the call runs the metadata exchange: always with the sizes learnt; with
     ``vocab_start`` / ``vocab_size`` given only while the checks are on (``set_target_check``),
     and then it checks them against the gathered widths."""
@@ -125,7 +125,7 @@ def _shape_key(shape: tuple[int, ...]) -> int:
     return hash(shape) & _INT64_MAX
 
 
-class _Meta(NamedTuple):
+class ShardMeta(NamedTuple):
     """What the ranks must agree on, and what each one contributes (one int64 row per rank)."""
 
     width: int
@@ -231,17 +231,17 @@ def _class_weight_fingerprint(weight: Tensor | None) -> list[Tensor]:
     return list(sums.view(torch.int64).unbind())
 
 
-def _agree(
+def agree(
     who: str,
     group: object,
     device: torch.device,
     error: Exception | None,
-    meta: _Meta | None,
+    meta: ShardMeta | None,
     target: Tensor | None,
     ignore_index: int,
     token_weight: Tensor | None = None,
     weight: Tensor | None = None,
-) -> _Shard:
+) -> Shard:
     """One all_gather of a few int64 per rank: learns the slice sizes and checks that the ranks
     agree (and, where given, that ``vocab_start`` / ``vocab_size`` match the sizes). Every rank
     reaches the same verdict from the same table, so every rank raises the same exception (or
@@ -317,7 +317,7 @@ def _agree(
     lo, hi = table[0][_Col.TARGET_MIN], table[0][_Col.TARGET_MAX]
     if index_check.target_check_enabled() and lo <= hi and (lo < 0 or hi >= vocab):
         _raise_bad_index(who, lo if lo < 0 else hi, vocab, ignore_index)
-    return _Shard(group, sum(widths[:rank]), widths[rank], vocab)
+    return Shard(group, sum(widths[:rank]), widths[rank], vocab)
 
 
 def _check_declared_sizes(who: str, table: list[list[int]], widths: list[int]) -> None:
@@ -348,9 +348,9 @@ def _raise_bad_index(who: str, value: int, vocab: int, ignore_index: int) -> Non
     )
 
 
-def _explicit_shard(
+def explicit_shard(
     who: str, group: object, sizes: tuple[int, int], width: int, weight: Tensor | None
-) -> _Shard:
+) -> Shard:
     """The slice as the caller gave it, with the checks off (``set_target_check(False)``): no
     exchange, so only this rank's own checks."""
     start, vocab = sizes
@@ -359,14 +359,14 @@ def _explicit_shard(
             f"{who}: weight must be a 1-D tensor of all {vocab} class weights, got "
             f"{weight.numel()} elements"
         )
-    return _Shard(group, start, width, vocab)
+    return Shard(group, start, width, vocab)
 
 
-def _opts_key(opts: LossOptions) -> tuple[int, int, int]:
+def opts_key(opts: LossOptions) -> tuple[int, int, int]:
     """The loss options every rank must agree on, as integers for the metadata exchange."""
     return REDUCTIONS.index(opts.reduction), opts.ignore_index, _float_bits(opts.label_smoothing)
 
 
-def _extras_key(opts: LossOptions, return_stats: bool) -> tuple[int, int, int, int]:
+def extras_key(opts: LossOptions, return_stats: bool) -> tuple[int, int, int, int]:
     cap = -1 if opts.softcap is None else _float_bits(opts.softcap)
     return (_float_bits(opts.logit_scale), cap, _float_bits(opts.z_loss), int(return_stats))

@@ -2,7 +2,7 @@
 
 Each rank checks its own tensors with the plain calls' checkers (``validation.py``, on a slice)
 and flattens the cross-entropy's logits to (M, V_r); an error raised here
-travels to every rank through the metadata exchange (``agreement._agree``). ``_CE`` / ``_LCE``
+travels to every rank through the metadata exchange (``agreement.agree``). ``CE_WHO`` / ``LCE_WHO``
 are the names of the vocabulary-parallel entry points, which the messages use to name the
 arguments as those functions call them.
 """
@@ -13,19 +13,19 @@ from torch import Tensor
 
 from ..options import index_target_for_kernels
 from ..validation import check_cross_entropy_args, check_linear_args, logits_rows, loss_shape
-from .agreement import _Shard
-from .slices import _KEY_CLASS_BITS
+from .agreement import Shard
+from .slices import KEY_CLASS_BITS
 
-_CE = "vocab_parallel_cross_entropy"
-_LCE = "vocab_parallel_linear_cross_entropy"
+CE_WHO = "vocab_parallel_cross_entropy"
+LCE_WHO = "vocab_parallel_linear_cross_entropy"
 
 
-def _flatten_ce(
+def flatten_ce(
     who: str, input: Tensor, target: Tensor, weight: Tensor | None, ignore_index: int
 ) -> tuple[Tensor, Tensor, tuple[int, ...], bool]:
     """Checks one rank's tensors; returns (logits (M, V_r), target (M,) or (M, V_r), output
     shape, whether the targets are probabilities)."""
-    name = "local_logits" if who == _CE else "input"  # the argument's name in ``who``
+    name = "local_logits" if who == CE_WHO else "input"  # the argument's name in ``who``
     soft = check_cross_entropy_args(who, input, target, weight, ignore_index, name, True)
     if not soft:
         target = index_target_for_kernels(target, ignore_index)
@@ -33,21 +33,21 @@ def _flatten_ce(
     return logits, target, loss_shape(input), soft
 
 
-def _check_return_stats(who: str, return_stats: object) -> bool:
+def check_return_stats(who: str, return_stats: object) -> bool:
     if not isinstance(return_stats, bool):
         raise TypeError(f"{who}: return_stats must be a bool, got {type(return_stats).__name__}")
     return return_stats
 
 
-def _check_soft_stats_vocab(who: str, sh: _Shard, soft: bool, want_stats: bool) -> None:
+def check_soft_stats_vocab(who: str, sh: Shard, soft: bool, want_stats: bool) -> None:
     # The same verdict on every rank: V is global.
-    if soft and want_stats and sh.vocab > 2**_KEY_CLASS_BITS:
+    if soft and want_stats and sh.vocab > 2**KEY_CLASS_BITS:
         raise NotImplementedError(
             f"{who}: return_stats with probability targets needs V <= 2**30 classes, got {sh.vocab}"
         )
 
 
-def _check_linear(
+def check_linear_shard(
     who: str,
     input: object,
     W: object,
@@ -56,5 +56,5 @@ def _check_linear(
     weight: object,
 ) -> None:
     """Checks one rank's tensors of the fused head (``W``, ``b``: this rank's rows)."""
-    name = "local_weight" if who == _LCE else "linear_weight"  # the argument's name in ``who``
+    name = "local_weight" if who == LCE_WHO else "linear_weight"  # the argument's name in ``who``
     check_linear_args(who, input, W, target, b, weight, name, sharded=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..core import CrossEntropyStats
-from .arguments import _LCE
+from .arguments import LCE_WHO
 
 
 def is_dtensor(t: object) -> bool:
@@ -113,7 +113,7 @@ def linear_parts(
     """A DTensor linear weight (V, D) sharded by rows on a 1-D mesh: (the mesh, the local input,
     weight rows, target, bias, class weights and token weights) of this rank, for a call on the
     mesh's group."""
-    name = "local_weight" if who == _LCE else "linear_weight"
+    name = "local_weight" if who == LCE_WHO else "linear_weight"
     mesh = _mesh_of(who, local_weight, process_group)
     if not all(p.is_shard() and p.dim % 2 == 0 for p in local_weight.placements):
         raise ValueError(

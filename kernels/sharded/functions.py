@@ -1,8 +1,8 @@
 """The autograd Functions of the sharded losses.
 
-``_VocabParallelCrossEntropy``: forward runs the local pass over this rank's logits and the
-two all-reduces of ``slices._combine``; backward writes this slice of the global gradient and
-communicates nothing. ``_VocabParallelLinearCrossEntropy``: the same over the logits of the
+``VocabParallelCrossEntropy``: forward runs the local pass over this rank's logits and the
+two all-reduces of ``slices.combine``; backward writes this slice of the global gradient and
+communicates nothing. ``VocabParallelLinearCrossEntropy``: the same over the logits of the
 local weight rows, chunk by chunk (never (N, V_r) at once); backward computes the chunks again,
 the local weight / bias gradients, and ONE all-reduce of the (replicated) input's gradient.
 Both return (loss, (4, M) statistics or an empty tensor, the reduced z-loss part).
@@ -18,25 +18,25 @@ from ..backends.torch_ops import transformed_logits
 from ..linear_chunks import planned_chunk_rows
 from ..options import accumulation_dtype
 from .slices import (
-    _combine,
-    _Combined,
-    _join_chunks,
-    _local_grad,
-    _local_stats,
-    _log_probs,
-    _normaliser,
-    _reduce,
-    _row_factor,
-    _rows_grad,
-    _rows_stats,
-    _Targets,
+    Combined,
+    SliceTargets,
+    combine,
+    join_chunks,
+    local_grad,
+    local_stats,
+    normaliser,
+    reduce_rows,
+    row_factor,
+    rows_grad,
+    rows_stats,
+    slice_log_probs,
 )
 
 
-def _outputs(ctx, c: _Combined, inv: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
+def _outputs(ctx, c: Combined, inv: Tensor, reduction: str) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, (4, M) statistics or an empty tensor, () reduced z-loss part): the last two are
     non-differentiable outputs."""
-    loss = _reduce(c.loss, inv, reduction)
+    loss = reduce_rows(c.loss, inv, reduction)
     if c.extras is None:
         extras = z_red = loss.new_empty(0)
     else:
@@ -46,26 +46,26 @@ def _outputs(ctx, c: _Combined, inv: Tensor, reduction: str) -> tuple[Tensor, Te
     return loss, extras, z_red
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
+class VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward: local pass, two all-reduces. Backward: the local slice of the gradient."""
 
     @staticmethod
     def forward(ctx, logits, target, weight, token_weight, sh, opts, want_stats):  # type: ignore[override]
         acc = accumulation_dtype(logits.dtype)
-        tt = _Targets(target, weight, opts, sh, acc, token_weight, want_stats)
+        tt = SliceTargets(target, weight, opts, sh, acc, token_weight, want_stats)
         M, width = logits.shape
         # Row chunks bound the float32 temporaries (the plain head's budget for its logits).
         step = planned_chunk_rows(M, max(width, 1), torch.float32, None, logits.device)
         parts = []
         if tt.on_rows:
             # One launch over all rows (the torch backend works through them in blocks).
-            parts = [_rows_stats(logits, slice(0, M), tt)] if M else []
+            parts = [rows_stats(logits, slice(0, M), tt)] if M else []
         else:
             for r0 in range(0, M, step):
                 rows = slice(r0, min(M, r0 + step))
-                parts.append(_local_stats(logits[rows].to(acc), rows, tt, target))
-        c = _combine(_join_chunks(parts, tt, acc, logits.device), tt, sh, acc)
-        inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
+                parts.append(local_stats(logits[rows].to(acc), rows, tt, target))
+        c = combine(join_chunks(parts, tt, acc, logits.device), tt, sh, acc)
+        inv = normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
         ctx.save_for_backward(logits, target, c.g_max, c.log_sum, c.a, inv)
         ctx.tt, ctx.reduction, ctx.step = tt, opts.reduction, step
         return _outputs(ctx, c, inv, opts.reduction)
@@ -74,7 +74,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_extras=None, _grad_z=None):  # type: ignore[override]
         logits, target, g_max, log_sum, a, inv = ctx.saved_tensors
         tt, acc = ctx.tt, log_sum.dtype
-        f_all = _row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
+        f_all = row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
         grad_logits = grad_target = None
         M = logits.shape[0]
         if ctx.needs_input_grad[0]:
@@ -83,7 +83,7 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             grad_target = torch.empty_like(target, memory_format=torch.contiguous_format)
         mapped = tt.grad_rows() if tt.on_rows and grad_logits is not None else None
         if mapped is not None:  # class indices: no target gradient
-            _rows_grad(logits, slice(0, M), tt, mapped, g_max, log_sum, a, f_all, grad_logits)
+            rows_grad(logits, slice(0, M), tt, mapped, g_max, log_sum, a, f_all, grad_logits)
             return grad_logits, None, None, None, None, None, None
         for r0 in range(0, M, ctx.step):
             rows = slice(r0, min(M, r0 + ctx.step))
@@ -92,12 +92,12 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             if grad_target is not None:
                 # d l / d t_c = -(1 - eps) w_c log softmax(z)_c (the z-loss does not depend on t)
                 z, _ = transformed_logits(x, tt.opts, need_derivative=False)
-                gt = _log_probs(z, rows, g_max, log_sum).mul_(-(1.0 - tt.eps))
+                gt = slice_log_probs(z, rows, g_max, log_sum).mul_(-(1.0 - tt.eps))
                 if tt.w_loc is not None:
                     gt.mul_(tt.w_loc)
                 grad_target[rows] = gt.mul_(f[:, None] if f.dim() else f)
             if grad_logits is not None:
-                grad_logits[rows] = _local_grad(x, rows, tt, target, g_max, log_sum, a, f)
+                grad_logits[rows] = local_grad(x, rows, tt, target, g_max, log_sum, a, f)
         return grad_logits, grad_target, None, None, None, None, None
 
 
@@ -105,7 +105,7 @@ def _linear_logits(x: Tensor, W: Tensor, b: Tensor | None, acc: torch.dtype) -> 
     return torch.nn.functional.linear(x, W, b).to(acc)
 
 
-class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
+class VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """Forward: the local logits chunk by chunk (never (N, V_r) at once), two all-reduces.
     Backward: the chunks again, the local weight / bias gradients, and ONE all-reduce of the
     input gradient."""
@@ -113,18 +113,18 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W, b, target, weight, token_weight, sh, opts, want_stats, step):  # type: ignore[override]
         acc = accumulation_dtype(x.dtype)
-        tt = _Targets(target, weight, opts, sh, acc, token_weight, want_stats)
+        tt = SliceTargets(target, weight, opts, sh, acc, token_weight, want_stats)
         M = x.shape[0]
         parts = []
         for r0 in range(0, M, step):
             rows = slice(r0, min(M, r0 + step))
             logits = _linear_logits(x[rows], W, b, acc)
             if tt.on_rows:
-                parts.append(_rows_stats(logits, rows, tt))
+                parts.append(rows_stats(logits, rows, tt))
             else:
-                parts.append(_local_stats(logits, rows, tt, target))
-        c = _combine(_join_chunks(parts, tt, acc, x.device), tt, sh, acc)
-        inv = _normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
+                parts.append(local_stats(logits, rows, tt, target))
+        c = combine(join_chunks(parts, tt, acc, x.device), tt, sh, acc)
+        inv = normaliser(target, weight, opts.ignore_index, acc, opts.mean, token_weight)
         ctx.save_for_backward(x, W, b, target, c.g_max, c.log_sum, c.a, inv)
         ctx.tt, ctx.reduction, ctx.step, ctx.sh = tt, opts.reduction, step, sh
         return _outputs(ctx, c, inv, opts.reduction)
@@ -133,7 +133,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_extras=None, _grad_z=None):  # type: ignore[override]
         x, W, b, target, g_max, log_sum, a, inv = ctx.saved_tensors
         tt, acc, sh = ctx.tt, log_sum.dtype, ctx.sh
-        f_all = _row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
+        f_all = row_factor(grad_output, inv, ctx.reduction, acc, tt.tw)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         M = x.shape[0]
         gx = torch.zeros(x.shape, dtype=acc, device=x.device) if need_x else None
@@ -150,9 +150,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             logits = _linear_logits(x[rows], W, b, acc)
             if mapped is not None:
                 g = torch.empty_like(logits, memory_format=torch.contiguous_format)
-                _rows_grad(logits, rows, tt, mapped, g_max, log_sum, a, f, g)
+                rows_grad(logits, rows, tt, mapped, g_max, log_sum, a, f, g)
             else:
-                g = _local_grad(logits, rows, tt, target, g_max, log_sum, a, f)
+                g = local_grad(logits, rows, tt, target, g_max, log_sum, a, f)
             g_lp = g.to(x.dtype)  # the GEMMs run in the input's dtype, as F.linear's backward
             if gx is not None:
                 gx[rows] = g_lp @ W

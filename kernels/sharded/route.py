@@ -31,27 +31,28 @@ from ..options import (
 from ..validation import check_token_weight
 from . import dtensor
 from .agreement import (
-    _agree,
-    _check_explicit_sizes,
-    _exchanges,
-    _explicit_shard,
-    _extras_key,
-    _Meta,
-    _opts_key,
-    _resolve_group,
-    _Shard,
+    Shard,
+    ShardMeta,
+    agree,
+    check_explicit_sizes,
+    exchanges,
+    explicit_shard,
+    extras_key,
+    opts_key,
+    resolve_group,
 )
 from .arguments import (
-    _check_linear,
-    _check_return_stats,
-    _check_soft_stats_vocab,
-    _flatten_ce,
+    check_linear_shard,
+    check_return_stats,
+    check_soft_stats_vocab,
+    flatten_ce,
 )
-from .functions import _VocabParallelCrossEntropy, _VocabParallelLinearCrossEntropy
+from .functions import VocabParallelCrossEntropy, VocabParallelLinearCrossEntropy
 
 Result = Tensor | tuple[Tensor, CrossEntropyStats]
 # The unsharded implementation a group of one rank runs, ``(who, tensors, call)``:
-# ``cross_entropy_loss._cross_entropy`` / ``linear_cross_entropy_loss._linear_cross_entropy``.
+# ``cross_entropy_loss.named_cross_entropy`` /
+# ``linear_cross_entropy_loss.named_linear_cross_entropy``.
 PlainLoss = Callable[..., Result]
 
 
@@ -93,7 +94,7 @@ def _public_stats(extras: Tensor, z_red: Tensor, per_row: bool, shape: tuple[int
     )
 
 
-def _meta(
+def shard_meta(
     opts: LossOptions,
     want_stats: bool,
     weight: Tensor | None,
@@ -102,10 +103,10 @@ def _meta(
     out_shape: tuple[int, ...],
     soft: bool,
     dtype: torch.dtype,
-) -> _Meta:
+) -> ShardMeta:
     """This rank's metadata for the agreement; ``shape``: (rows, width, features)."""
     rows, width, features = shape
-    return _Meta(
+    return ShardMeta(
         width=width,
         rows=rows,
         out_shape=out_shape,
@@ -113,8 +114,8 @@ def _meta(
         features=features,
         dtype=dtype,
         weight_numel=-1 if weight is None else weight.numel(),
-        opts_key=_opts_key(opts),
-        extras_key=_extras_key(opts, want_stats),
+        opts_key=opts_key(opts),
+        extras_key=extras_key(opts, want_stats),
         declared=explicit,
     )
 
@@ -128,7 +129,7 @@ class _Local(NamedTuple):
 
     opts: LossOptions
     want_stats: bool
-    meta: _Meta
+    meta: ShardMeta
     target: Tensor  # (M,) class indices, or this slice's (M, V_r) probabilities
     rows: Tensor  # the logits (M, V_r), or the fused head's input (N, D)
     explicit: tuple[int, int] | None  # the checked vocab_start / vocab_size, if given
@@ -143,14 +144,14 @@ def _agreed_shard(
     tw: Tensor | None,
     sizes: tuple[object, object],
     check: Callable[[], _Local],
-) -> tuple[_Shard, _Local, Tensor | None, Tensor | None]:
+) -> tuple[Shard, _Local, Tensor | None, Tensor | None]:
     """Runs this rank's ``check``, then agrees on the shard: in the exchange, which raises the
     check's error (or any rank's) on every rank and compares the targets with ignore_index
     (-100 for a bad or None value: its error comes from the check); or, without an exchange,
     from the explicit sizes (``vocab_start``, ``vocab_size``; a check's error then raises here).
     ``input`` gives the device. Returns the shard, the checked call, and the class and token
     weights as the Functions read them."""
-    exchange = _exchanges(any(size is not None for size in sizes))
+    exchange = exchanges(any(size is not None for size in sizes))
     error: Exception | None = None
     local = None
     try:
@@ -163,9 +164,9 @@ def _agreed_shard(
         device = input.device if isinstance(input, Tensor) else torch.device("cpu")
         ii = call.ignore_index if isinstance(call.ignore_index, int) else -100
         meta, t = (local.meta, local.target) if local is not None else (None, None)
-        shard = _agree(who, group, device, error, meta, t, ii, tw, weight)
+        shard = agree(who, group, device, error, meta, t, ii, tw, weight)
     else:
-        shard = _explicit_shard(who, group, local.explicit, local.meta.width, weight)
+        shard = explicit_shard(who, group, local.explicit, local.meta.width, weight)
     dtype = local.rows.dtype
     w = None if weight is None else weight.detach().to(accumulation_dtype(dtype))
     return shard, local, w, prepare_token_weight(tw, dtype)
@@ -189,7 +190,7 @@ def _result(
 def _check_one_rank_sizes(who: str, vocab_start: object, vocab_size: object, width: int) -> None:
     """A group of one rank holds all ``width`` classes: ``vocab_start`` / ``vocab_size``, where
     given, must say so."""
-    sizes = _check_explicit_sizes(who, vocab_start, vocab_size, width)
+    sizes = check_explicit_sizes(who, vocab_start, vocab_size, width)
     if sizes is not None and sizes != (0, width):
         raise ValueError(f"{who}: one rank holds all classes: vocab_start=0, V={width}")
 
@@ -209,7 +210,7 @@ def call_sharded(
     ``vocab_parallel_linear_cross_entropy``) through the public function ``who`` (which the
     errors name); ``tensors``: the call's tensors in the order of ``plain``'s tuple (see ``CE``
     and ``LCE``); ``call``: the keyword options as passed; ``plain``: the unsharded
-    implementation (``_cross_entropy`` / ``_linear_cross_entropy`` of the public-function
+    implementation (``named_cross_entropy`` / ``named_linear_cross_entropy`` of the public-function
     modules), which a group of one rank runs."""
     sizes = (vocab_start, vocab_size)
     split = tensors[loss.split_at]
@@ -218,7 +219,7 @@ def call_sharded(
         mesh, *local = loss.dtensor_parts(who, *tensors, process_group)
         result = call_sharded(loss, who, tuple(local), call, mesh.get_group(), *sizes, plain=plain)
         return dtensor.replicated(result, mesh)
-    group = _resolve_group(who, process_group)
+    group = resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
         width = loss.width(split)
         if width is not None:
@@ -236,21 +237,21 @@ def _sharded_cross_entropy(
 
     def check() -> _Local:
         opts = call.loss_options(who)
-        want_stats = _check_return_stats(who, call.return_stats)
-        logits, t, out_shape, soft = _flatten_ce(
+        want_stats = check_return_stats(who, call.return_stats)
+        logits, t, out_shape, soft = flatten_ce(
             who, local_logits, target, weight, opts.ignore_index
         )
         check_token_weight(who, tw, out_shape, logits.device)
-        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
+        explicit = check_explicit_sizes(who, vocab_start, vocab_size, logits.shape[1])
         shape = (logits.shape[0], logits.shape[1], 0)
-        meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, soft, logits.dtype)
+        meta = shard_meta(opts, want_stats, weight, explicit, shape, out_shape, soft, logits.dtype)
         return _Local(opts, want_stats, meta, t, logits, explicit)
 
     sizes = (vocab_start, vocab_size)
     sh, local, w, tw = _agreed_shard(who, group, call, local_logits, weight, tw, sizes, check)
     opts, want_stats, meta, t, logits, _ = local
-    _check_soft_stats_vocab(who, sh, meta.soft, want_stats)
-    loss, rows, z_red = _VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
+    check_soft_stats_vocab(who, sh, meta.soft, want_stats)
+    loss, rows, z_red = VocabParallelCrossEntropy.apply(logits, t, w, tw, sh, opts, want_stats)
     return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)
 
 
@@ -262,24 +263,24 @@ def _sharded_linear_cross_entropy(
 
     def check() -> _Local:
         opts = call.loss_options(who)
-        want_stats = _check_return_stats(who, call.return_stats)
+        want_stats = check_return_stats(who, call.return_stats)
         check_chunk_size(who, call.chunk_size)
-        _check_linear(who, input, local_weight, target, linear_bias, weight)
+        check_linear_shard(who, input, local_weight, target, linear_bias, weight)
         check_token_weight(who, tw, tuple(target.shape), input.device)
         width, D = local_weight.shape
-        explicit = _check_explicit_sizes(who, vocab_start, vocab_size, width)
+        explicit = check_explicit_sizes(who, vocab_start, vocab_size, width)
         x = input.reshape(-1, D)
         t = index_target_for_kernels(target.reshape(-1), opts.ignore_index)
         out_shape = tuple(target.shape)
         shape = (x.shape[0], width, D)
-        meta = _meta(opts, want_stats, weight, explicit, shape, out_shape, False, x.dtype)
+        meta = shard_meta(opts, want_stats, weight, explicit, shape, out_shape, False, x.dtype)
         return _Local(opts, want_stats, meta, t, x, explicit)
 
     sizes = (vocab_start, vocab_size)
     sh, local, w, tw = _agreed_shard(who, group, call, input, weight, tw, sizes, check)
     opts, want_stats, meta, t, x, _ = local
     step = planned_chunk_rows(x.shape[0], max(sh.width, 1), x.dtype, call.chunk_size, x.device)
-    loss, rows, z_red = _VocabParallelLinearCrossEntropy.apply(
+    loss, rows, z_red = VocabParallelLinearCrossEntropy.apply(
         x, local_weight, linear_bias, t, w, tw, sh, opts, want_stats, step
     )
     return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)

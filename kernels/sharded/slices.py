@@ -1,13 +1,13 @@
 """The local maths of the sharded losses on one rank's slice of the vocabulary, and the combine.
 
 A slice holds the logits z (M, V_r) of the classes [start, start + V_r). Per row it gives its
-max, its sum of exponentials relative to that max, and the target terms (``_local_stats`` with
-torch ops, or ``_rows_stats``: one forward launch of the row contract of ``fusedce.core``, the
+max, its sum of exponentials relative to that max, and the target terms (``local_stats`` with
+torch ops, or ``rows_stats``: one forward launch of the row contract of ``fusedce.core``, the
 Triton kernel on GPUs and the torch backend on the CPU, for class indices without label
-smoothing or statistics). ``_combine`` runs the two all-reduces of the forward (the row max,
+smoothing or statistics). ``combine`` runs the two all-reduces of the forward (the row max,
 then ONE stacked sum relative to the global max) and gives the loss, the global max and
 log-sum and the coefficient of softmax(z) in the gradient. The gradient of a slice is this
-slice of the global gradient (``_local_grad`` with torch ops, or ``_rows_grad``: one
+slice of the global gradient (``local_grad`` with torch ops, or ``rows_grad``: one
 gradient-only launch of the row contract). Everything is shift-exact: sums travel relative to
 the row max, and the gradient reads exp((z - max) - log_sum), never exp(z - lse).
 
@@ -27,7 +27,7 @@ from torch import Tensor
 from .. import core
 from ..backends.torch_ops import transformed_logits
 from ..options import LossOptions
-from .agreement import _Shard
+from .agreement import Shard
 
 # Class indices without label smoothing or return_stats: the slices' rows go through the row
 # contract (``core.run_rows``: the Triton kernel, or the torch backend). Off: torch ops for
@@ -49,7 +49,7 @@ def set_row_contract(enabled: bool) -> bool:
     return previous
 
 
-class _Targets:
+class SliceTargets:
     """Per-row target terms of a slice. Class indices: ``hard`` = (1 - eps) w_y (0 on ignored
     and out-of-range rows), ``y`` the global class (0 where there is none), ``y_loc`` the class
     within the slice (0 elsewhere), ``owned`` whether this slice holds it, ``valid`` / ``bad``
@@ -62,7 +62,7 @@ class _Targets:
         target: Tensor,
         weight: Tensor | None,
         opts: LossOptions,
-        sh: _Shard,
+        sh: Shard,
         acc: torch.dtype,
         token_weight: Tensor | None = None,
         want_stats: bool = False,
@@ -91,7 +91,7 @@ class _Targets:
         w_sum = float(sh.vocab) if weight is None else weight.sum()
         self.a = torch.where(self.valid, hard + self.smooth * w_sum, 0.0)
         self.width = sh.width
-        # The slice's rows go through the backend's row contract (see _rows_stats).
+        # The slice's rows go through the backend's row contract (see rows_stats).
         self.on_rows = _ROWS_ON_BACKEND and eps == 0.0 and not want_stats and sh.width > 0
         if self.on_rows:
             self.local_opts = dataclasses.replace(
@@ -141,7 +141,7 @@ class _Targets:
 # probability (as float32) and c the global class. Such keys are positive normal float64
 # values, ordered as the integers: their MAX is the largest probability, then the lowest class
 # (torch.argmax's first maximum). It needs V <= 2**30.
-_KEY_BASE, _KEY_CLASS_BITS = 2**52, 30
+_KEY_BASE, KEY_CLASS_BITS = 2**52, 30
 
 
 def _target_key(t: Tensor, start: int) -> Tensor:
@@ -151,17 +151,17 @@ def _target_key(t: Tensor, start: int) -> Tensor:
     bits = t.float().view(torch.int32).long()
     u = torch.where(bits >= 0, bits, -(2**31) - 1 - bits) + 2**31
     cls = torch.arange(start, start + t.shape[1], device=t.device)
-    key = (u << _KEY_CLASS_BITS) + (2**_KEY_CLASS_BITS - 1 - cls) + _KEY_BASE
+    key = (u << KEY_CLASS_BITS) + (2**KEY_CLASS_BITS - 1 - cls) + _KEY_BASE
     return key.amax(1).view(torch.float64)
 
 
 def _key_class(key: Tensor) -> Tensor:
     """The global class of float64 keys of ``_target_key``."""
-    low = key.view(torch.int64) & (2**_KEY_CLASS_BITS - 1)
-    return 2**_KEY_CLASS_BITS - 1 - low
+    low = key.view(torch.int64) & (2**KEY_CLASS_BITS - 1)
+    return 2**KEY_CLASS_BITS - 1 - low
 
 
-def _local_stats(x: Tensor, rows: slice, tt: _Targets, target: Tensor) -> tuple[Tensor, ...]:
+def local_stats(x: Tensor, rows: slice, tt: SliceTargets, target: Tensor) -> tuple[Tensor, ...]:
     """For a chunk of rows x (m, V_r) in the accumulation dtype, with z = the transformed
     logits: the row max of z, the sum of exp(z - max), B = sum_c b_c (z_c - max) and
     S = sum_c b_c, with b_c the coefficient of z_c in the loss (true class, smoothing, or
@@ -208,12 +208,12 @@ def _unit_stride(x: Tensor) -> Tensor:
     return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
 
 
-def _rows_stats(x: Tensor, rows: slice, tt: _Targets) -> tuple[Tensor, ...]:
-    """``_local_stats`` of a chunk of rows x (m, V_r) from one forward launch of the row
+def rows_stats(x: Tensor, rows: slice, tt: SliceTargets) -> tuple[Tensor, ...]:
+    """``local_stats`` of a chunk of rows x (m, V_r) from one forward launch of the row
     contract (``core.run_rows``), for class indices without smoothing or statistics.
 
     The launch sees the slice as a whole row: targets outside it are ignored there, no class
-    weights, no z-loss or token weights (``_combine`` adds those from the global lse). It gives
+    weights, no z-loss or token weights (``combine`` adds those from the global lse). It gives
     per row the slice's max m and log-sum of z and, where the slice holds the target, the loss
     (m - z_y) + log_sum, so that B = w_y (z_y - m) = -w_y (loss - log_sum). A slice whose row
     has no finite logit (a masked or padded part of the vocabulary) has a log-sum of -inf and
@@ -229,10 +229,10 @@ def _rows_stats(x: Tensor, rows: slice, tt: _Targets) -> tuple[Tensor, ...]:
     return m, m_safe, log_sum.exp(), B, hard
 
 
-def _rows_grad(
+def rows_grad(
     x: Tensor,
     rows: slice,
-    tt: _Targets,
+    tt: SliceTargets,
     mapped: tuple[Tensor, Tensor],
     g_max: Tensor,
     log_sum: Tensor,
@@ -240,10 +240,10 @@ def _rows_grad(
     f: Tensor,
     out: Tensor,
 ) -> None:
-    """``_local_grad`` written into ``out`` (m, V_r) by one gradient-only launch of the row
+    """``local_grad`` written into ``out`` (m, V_r) by one gradient-only launch of the row
     contract: it reads the GLOBAL max, log-sum and coefficient a (with the z-loss's
     2 lambda lse) and writes f * (a softmax(z) - w_y onehot) dz/dx, which is this slice of the
-    global gradient (``mapped``: the targets and weights of ``_Targets.grad_rows``)."""
+    global gradient (``mapped``: the targets and weights of ``SliceTargets.grad_rows``)."""
     x = _unit_stride(x)
     stats = core.new_stats(x.shape[0], x.dtype, x.device)
     stats[core.MAX].copy_(g_max[rows])
@@ -254,15 +254,15 @@ def _rows_grad(
     core.run_rows(x, y[rows], w, tt.local_opts, stats, out, scale, grad_only=True)
 
 
-def _log_probs(z: Tensor, rows: slice, g_max: Tensor, log_sum: Tensor) -> Tensor:
+def slice_log_probs(z: Tensor, rows: slice, g_max: Tensor, log_sum: Tensor) -> Tensor:
     """log softmax of a chunk of rows z (m, V_r) from the global max and log-sum: shift-exact."""
     return (z - g_max[rows, None]).sub_(log_sum[rows, None])
 
 
-def _local_grad(
+def local_grad(
     x: Tensor,
     rows: slice,
-    tt: _Targets,
+    tt: SliceTargets,
     target: Tensor,
     g_max: Tensor,
     log_sum: Tensor,
@@ -274,7 +274,7 @@ def _local_grad(
     ``f`` () or (m,) (token weights included)."""
     z, dz = transformed_logits(x, tt.opts, need_derivative=True)
     f_row = f[:, None] if f.dim() else f
-    g = _log_probs(z, rows, g_max, log_sum).exp_().mul_(a[rows, None] * f_row)
+    g = slice_log_probs(z, rows, g_max, log_sum).exp_().mul_(a[rows, None] * f_row)
     if tt.soft:
         g.sub_(tt.soft_coef(target[rows], z.dtype).mul_(f_row))
         return g.mul_(dz) if dz is not None else g
@@ -296,10 +296,10 @@ def _local_grad(
     return g.masked_fill_(bad[:, None], float("nan"))
 
 
-def _join_chunks(
-    parts: list[tuple[Tensor, ...]], tt: _Targets, acc: torch.dtype, device
+def join_chunks(
+    parts: list[tuple[Tensor, ...]], tt: SliceTargets, acc: torch.dtype, device
 ) -> list[Tensor]:
-    """The per-chunk statistics of ``_local_stats`` as (M,) tensors."""
+    """The per-chunk statistics of ``local_stats`` as (M,) tensors."""
     if not parts:
         n = 5 + (2 + tt.soft if tt.stats else 0)
         cols = [torch.empty(0, dtype=acc, device=device) for _ in range(n)]
@@ -311,7 +311,7 @@ def _join_chunks(
     return [torch.cat(column) for column in zip(*parts, strict=True)]
 
 
-class _Combined(NamedTuple):
+class Combined(NamedTuple):
     """The rows after the two all-reduces."""
 
     loss: Tensor  # (M,) t_i (l_i + lambda lse_i**2), NaN on bad rows
@@ -321,7 +321,7 @@ class _Combined(NamedTuple):
     extras: Tensor | None  # (4, M): z-loss part, lse, entropy, correct (1.0 / 0.0)
 
 
-def _combine(stats: list[Tensor], tt: _Targets, sh: _Shard, acc: torch.dtype) -> _Combined:
+def combine(stats: list[Tensor], tt: SliceTargets, sh: Shard, acc: torch.dtype) -> Combined:
     """The two all-reduces: the row max (with the probability argmax key when the statistics
     are wanted), then ONE stacked sum."""
     m, m_safe, sumexp, B, S = stats[:5]
@@ -380,10 +380,10 @@ def _combine(stats: list[Tensor], tt: _Targets, sh: _Shard, acc: torch.dtype) ->
         if z_part is None:
             z_part = torch.zeros_like(lse)
         extras = torch.stack([z_part, lse, entropy, correct.to(acc)])
-    return _Combined(loss, g_safe, log_sum, a_grad, extras)
+    return Combined(loss, g_safe, log_sum, a_grad, extras)
 
 
-def _normaliser(
+def normaliser(
     target: Tensor,
     weight: Tensor | None,
     ignore_index: int,
@@ -397,14 +397,14 @@ def _normaliser(
     return core.inverse_normaliser(denom)
 
 
-def _reduce(loss_rows: Tensor, inv: Tensor, reduction: str) -> Tensor:
+def reduce_rows(loss_rows: Tensor, inv: Tensor, reduction: str) -> Tensor:
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
     return total * inv.to(total.dtype) if reduction == "mean" else total
 
 
-def _row_factor(
+def row_factor(
     grad_output: Tensor, inv: Tensor, reduction: str, acc, token_weight: Tensor | None
 ) -> Tensor:
     if reduction == "none":

@@ -24,7 +24,7 @@ is the same call on the local tensors over the mesh's group (``dtensor``, as the
 ``route`` does), its outputs replicated DTensors.
 
 The arguments are checked on each rank and agreed in the package's metadata exchange
-(``agreement._agree``: one small all_gather), so that a bad argument on one rank raises the same
+(``agreement.agree``: one small all_gather), so that a bad argument on one rank raises the same
 error on every rank instead of leaving the others waiting in a collective.
 """
 
@@ -50,9 +50,8 @@ from ..log_probs.rows import flat_rows, grad_rows, row_options, shaped
 from ..options import accumulation_dtype
 from ..stat_rows import ENTROPY, EXTRA_STAT_ROWS, LOG_SUM, LOSS, MAX
 from . import dtensor
-from .agreement import _agree, _Meta, _resolve_group, _Shard
-from .route import _meta as _loss_meta
-from .route import wants_vocab_parallel
+from .agreement import Shard, ShardMeta, agree, resolve_group
+from .route import shard_meta, wants_vocab_parallel
 
 # The ignore_index of a slice's local targets: no local class index is negative.
 _NOT_HERE = -1
@@ -62,14 +61,14 @@ _CHECK_ERRORS = (ValueError, TypeError, IndexError, RuntimeError, NotImplemented
 
 def _meta(
     width: int, rows: int, shape: tuple[int, ...], features: int, dtype, ii: int, T: float, ent
-) -> _Meta:
+) -> ShardMeta:
     """This rank's row of the metadata exchange: the cross-entropy's with no reduction, the
     logit scale 1 / T, and the entropy asked for as its statistics."""
     opts = row_options(ii, T)
-    return _loss_meta(opts, ent, None, None, (rows, width, features), shape, False, dtype)
+    return shard_meta(opts, ent, None, None, (rows, width, features), shape, False, dtype)
 
 
-def _local_target(t: Tensor, sh: _Shard, ignore_index: int) -> Tensor:
+def _local_target(t: Tensor, sh: Shard, ignore_index: int) -> Tensor:
     """The slice's class indices: y - start where this slice holds y, else ``_NOT_HERE``."""
     local = t.long() - sh.start
     own = (t != ignore_index) & (local >= 0) & (local < sh.width)
@@ -228,7 +227,7 @@ def call_sharded(
         if isinstance(out, tuple):
             return tuple(dtensor.replicated(t, mesh) for t in out)
         return dtensor.replicated(out, mesh)
-    group = _resolve_group(who, process_group)
+    group = resolve_group(who, process_group)
     if group is None or dist.get_world_size(group) == 1:
         return plain(who, call)
     head = isinstance(call, HeadCall)
@@ -250,7 +249,7 @@ def call_sharded(
         error = e
     # The exchange runs on the device of the first tensor argument (the logits, the input).
     device = call[0].device if isinstance(call[0], Tensor) else torch.device("cpu")
-    sh = _agree(who, group, device, error, meta, t if meta is not None else None, ii)
+    sh = agree(who, group, device, error, meta, t if meta is not None else None, ii)
     if head:
         W, b = call.linear_weight, call.linear_bias
         out = _ShardedLinearTokenLogProbs.apply(x, W, b, t, T, ii, entropy, rows, sh)

@@ -14,11 +14,11 @@ from functools import partial
 from torch import Tensor
 
 from ..core import CrossEntropyStats
-from ..cross_entropy_loss import _cross_entropy
-from ..linear_cross_entropy_loss import _linear_cross_entropy
+from ..cross_entropy_loss import named_cross_entropy
+from ..linear_cross_entropy_loss import named_linear_cross_entropy
 from ..options import CallOptions
 from ..sharded import route
-from ..sharded.arguments import _CE, _LCE
+from ..sharded.arguments import CE_WHO, LCE_WHO
 
 
 def vocab_parallel_cross_entropy(
@@ -109,13 +109,13 @@ def vocab_parallel_cross_entropy(
     """
     call = CallOptions.of_keywords(locals())
     tensors = (local_logits, target, weight, token_weight)
-    return call_cross_entropy(_CE, tensors, call, process_group, vocab_start, vocab_size)
+    return call_cross_entropy(CE_WHO, tensors, call, process_group, vocab_start, vocab_size)
 
 
 # ``vocab_parallel_cross_entropy`` called through the public function ``who`` (its first
 # argument, which the errors name), its tensors in a tuple: ``route.call_sharded`` with the
 # plain implementation.
-call_cross_entropy = partial(route.call_sharded, route.CE, plain=_cross_entropy)
+call_cross_entropy = partial(route.call_sharded, route.CE, plain=named_cross_entropy)
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -189,8 +189,8 @@ def vocab_parallel_linear_cross_entropy(
     """
     call = CallOptions.of_keywords(locals())
     head = (input, local_weight, target, linear_bias, weight, token_weight)
-    return call_linear_cross_entropy(_LCE, head, call, process_group, vocab_start, vocab_size)
+    return call_linear_cross_entropy(LCE_WHO, head, call, process_group, vocab_start, vocab_size)
 
 
 # ``vocab_parallel_linear_cross_entropy`` called through the public function ``who``.
-call_linear_cross_entropy = partial(route.call_sharded, route.LCE, plain=_linear_cross_entropy)
+call_linear_cross_entropy = partial(route.call_sharded, route.LCE, plain=named_linear_cross_entropy)
