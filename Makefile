@@ -37,13 +37,17 @@ format: install
 # would otherwise go to F.cross_entropy). Everything else runs once, on the default backend.
 # `make test` leaves out the tests marked `slow`: each repeats, at a larger cost, a property
 # that a test it runs already checks (docs/TESTING.md); `make test-all` runs them too.
+# Each suite runs in WORKERS pytest-xdist processes of one compute thread each (tests/conftest.py);
+# the rest of the suite keeps each test file in one worker (--dist loadfile): its module
+# fixtures (a trained run, a process group) are built once. WORKERS=0 runs in this process.
 PYTEST := $(BIN)/python -m pytest -q -p no:cacheprovider
 SELECT ?= and not slow
+WORKERS ?= 2
 
 test: lint
-	TRITON_INTERPRET=1 $(PYTEST) -m "kernel $(SELECT)"
-	FUSEDCE_BACKEND=torch $(PYTEST) -m "kernel $(SELECT)"
-	$(PYTEST) -m "not kernel $(SELECT)"
+	TRITON_INTERPRET=1 $(PYTEST) -n $(WORKERS) -m "kernel $(SELECT)"
+	FUSEDCE_BACKEND=torch $(PYTEST) -n $(WORKERS) -m "kernel $(SELECT)"
+	$(PYTEST) -n $(WORKERS) --dist loadfile -m "not kernel $(SELECT)"
 	$(MAKE) compile-check-gpu-image
 
 test-all:

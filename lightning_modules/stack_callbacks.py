@@ -22,6 +22,7 @@ from .callbacks import DecisionBoundaryPlot, PredictionWriter, RunSummary
 from .checkpoints import RunInfoInCheckpoint
 from .divergence import StopOnDivergence
 from .epoch_lines import EpochLines
+from .interrupt import DeferredInterrupt
 from .last_checkpoint import LastCheckpoint
 from .rng_state import RngStateInCheckpoint
 from .teacher_gap import TeacherGap
@@ -36,8 +37,9 @@ def stack_callbacks(
 
     The stack adds `RunSummary`, `RunInfoInCheckpoint`, `RngStateInCheckpoint` and
     `KeepThreads` (the thread count `threads.set_threads` has just set) always;
-    `StopOnDivergence`, `TeacherGap`, `LastCheckpoint` (where a `ModelCheckpoint` has
-    ``save_last: true``) and (with ``--run.plot``) `DecisionBoundaryPlot` to ``fit``;
+    `StopOnDivergence`, `TeacherGap`, `DeferredInterrupt` (Ctrl-C at the next batch end),
+    `LastCheckpoint` (where a `ModelCheckpoint` has ``save_last: true``) and (with
+    ``--run.plot``) `DecisionBoundaryPlot` to ``fit``;
     `PredictionWriter` to ``predict``; and where a bar is wanted and none is configured, a
     Rich progress bar on a terminal (with ``rich`` installed) or `EpochLines` (one line per
     epoch) elsewhere. A `LearningRateMonitor` is left out (with a warning) when the trainer
@@ -58,7 +60,7 @@ def stack_callbacks(
     callbacks.append(KeepThreads(torch.get_num_threads()))
     callbacks += trial_callbacks(subcommand)  # `tune_trial.TrialReporter` in a tune trial
     if subcommand == "fit":
-        callbacks += [StopOnDivergence(), TeacherGap()]
+        callbacks += [StopOnDivergence(), TeacherGap(), DeferredInterrupt()]
         if any(isinstance(c, ModelCheckpoint) and c.save_last is True for c in configured):
             callbacks.append(LastCheckpoint())
         if opts.get("plot", True):

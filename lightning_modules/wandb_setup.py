@@ -71,14 +71,18 @@ def wandb_unreachable(timeout: float) -> str | None:
             result.append(None)
         except Exception as err:  # URLError, timeouts, refused connections, bad URLs
             reason = getattr(err, "reason", err)
-            result.append(f"{type(reason).__name__}: {reason}" if str(reason) else repr(reason))
+            if isinstance(reason, TimeoutError):  # the socket's own deadline: the same "no answer"
+                result.append(f"no answer from {url} within {timeout:g} s")
+            else:
+                text = f"{type(reason).__name__}: {reason}" if str(reason) else repr(reason)
+                result.append(f"{url}: {text}")
 
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout)
     if not result:
         return f"no answer from {url} within {timeout:g} s"
-    return None if result[0] is None else f"{url}: {result[0]}"
+    return result[0]
 
 
 def settle_wandb_mode(opts: dict[str, Any], logger_cfg: Any) -> str | None:

@@ -27,6 +27,12 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# Under pytest-xdist (``make test`` runs the suite in several workers) each worker computes on
+# one thread: workers that each spread over every core would oversubscribe the machine. The
+# processes the tests start (train.py, gloo ranks) choose their own threads as before.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():

@@ -18,9 +18,11 @@ import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from test_train import read_wandb_records, wandb_run_contents
+from test_train import train as train_script  # the train.py module
 
 from fusedce.lightning_modules import Classifier
 from fusedce.lightning_modules.threads import choose_threads
+from fusedce.lightning_modules.wandb_setup import wandb_unreachable
 
 REPO = Path(__file__).resolve().parents[1]
 LINEAR = str(REPO / "configs" / "linear.yaml")
@@ -64,6 +66,30 @@ def train(
         text=True,
         timeout=timeout,
     )
+
+
+def train_in_process(
+    args: list[str], runs: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
+) -> subprocess.CompletedProcess:
+    """``train.main(args)`` in this process, as ``python train.py`` would run it (the program
+    name, the environment of `env_for`): for runs refused before any training starts, where a
+    process of their own would pay only a start and Lightning's import. Torch's thread count is
+    put back (a run sets it)."""
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(runs))
+    monkeypatch.setenv("HOME", str(runs.parent / "home"))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    threads, code = torch.get_num_threads(), 0
+    try:
+        train_script.main(list(args))
+    except SystemExit as stop:
+        code = stop.code
+    finally:
+        torch.set_num_threads(threads)
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess(["train.py", *args], code, out, err)
 
 
 def run_dirs(runs: Path) -> list[Path]:
@@ -162,9 +188,11 @@ def test_wandb_online_without_key_is_one_line(tmp_path: Path) -> None:
     ],
     ids=["lr", "weight_decay", "T_max", "ckpt_path", "typo", "top_level_optimizer", "threads"],
 )
-def test_bad_values_are_one_line_errors(args: list[str], flag: str, tmp_path: Path) -> None:
+def test_bad_values_are_one_line_errors(
+    args: list[str], flag: str, tmp_path: Path, monkeypatch, capfd
+) -> None:
     runs = tmp_path / "runs"
-    proc = train([*args, *TINY], runs)
+    proc = train_in_process([*args, *TINY], runs, monkeypatch, capfd)
     line = one_error_line(proc)
     assert flag in line
     assert len(proc.stderr.splitlines()) <= 6, proc.stderr  # no screen of usage
@@ -191,11 +219,11 @@ def test_bad_values_are_one_line_errors(args: list[str], flag: str, tmp_path: Pa
     ids=["activation", "init", "loss_impl"],
 )
 def test_bad_choice_names_the_value_and_the_choices(
-    args: list[str], line: str, tmp_path: Path
+    args: list[str], line: str, tmp_path: Path, monkeypatch, capfd
 ) -> None:
     """A value outside a choice is exactly one line: the flag, the value, every valid choice."""
     runs = tmp_path / "runs"
-    proc = train([*args, *TINY], runs)
+    proc = train_in_process([*args, *TINY], runs, monkeypatch, capfd)
     assert one_error_line(proc) == f"train.py fit: error: {line}"
     assert proc.stderr.strip().splitlines() == [f"train.py fit: error: {line}"]
     assert not runs.exists() or not any(runs.iterdir())
@@ -403,3 +431,29 @@ def test_compiled_model_matches_and_keeps_its_state_dict() -> None:
     assert list(compiled.state_dict()) == list(plain.state_dict())
     x = torch.randn(8, 2)
     torch.testing.assert_close(compiled(x), plain(x))
+
+
+@pytest.mark.parametrize("timeout", [0.2, 0.5])
+def test_wandb_probe_says_no_answer_whichever_deadline_fires(
+    timeout: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A silent server: the probe thread's join and the socket's own timeout end at the same
+    moment; whichever fires first, the reason is the same "no answer within" line (the line
+    a user reads and the one `test_wandb_silent_server_times_out_offline` checks)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    url = f"http://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setenv("WANDB_BASE_URL", url)
+    try:
+        reasons = {wandb_unreachable(timeout) for _ in range(3)}
+    finally:
+        server.close()
+    assert reasons == {f"no answer from {url} within {timeout:g} s"}
+    refused = socket.socket()
+    refused.bind(("127.0.0.1", 0))
+    port = refused.getsockname()[1]
+    refused.close()  # nobody listens on it now
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    reason = wandb_unreachable(timeout)
+    assert reason is not None and "ConnectionRefusedError" in reason and str(port) in reason

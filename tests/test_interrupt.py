@@ -1,0 +1,119 @@
+"""`DeferredInterrupt`: a SIGINT stops a single-process fit at the next batch end, even where
+it arrives while a finalizer runs (Python would print the KeyboardInterrupt as "ignored" there
+and go on training)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.demos.boring_classes import BoringModel
+
+from fusedce.lightning_modules.interrupt import DeferredInterrupt
+
+
+class _SignalInFinalizer:
+    """Raises SIGINT from ``__del__``: where Python's own handler would lose it."""
+
+    def __del__(self) -> None:
+        signal.raise_signal(signal.SIGINT)
+
+
+class _InterruptedAt(BoringModel):
+    def __init__(self, batch: int, times: int) -> None:
+        super().__init__()
+        self.at, self.times, self.steps_run = batch, times, 0
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int):
+        self.steps_run += 1
+        if self.global_step == self.at:
+            for _ in range(self.times):
+                _SignalInFinalizer()  # dropped at once: __del__ runs here
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.fixture
+def sigint_handler():
+    """Python's SIGINT handler before and after (Lightning ignores SIGINT after a Ctrl-C)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _fit(model: BoringModel, tmp_path, callbacks: list) -> Trainer:
+    trainer = Trainer(
+        max_epochs=3,
+        limit_train_batches=8,
+        limit_val_batches=2,
+        callbacks=callbacks,
+        default_root_dir=tmp_path,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt
+        trainer.fit(model)
+    return trainer
+
+
+@pytest.mark.usefixtures("sigint_handler")
+def test_sigint_in_a_finalizer_stops_the_fit_at_that_batch_end(tmp_path) -> None:
+    model = _InterruptedAt(batch=2, times=1)
+    trainer = _fit(model, tmp_path, [DeferredInterrupt()])
+    assert trainer.interrupted and trainer.global_step == 3 and model.steps_run == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the one before
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.usefixtures("sigint_handler")
+def test_without_the_callback_the_same_signal_is_lost(tmp_path) -> None:
+    """Why the callback exists: Python's own handler raises inside ``__del__``, which drops it."""
+    model = _InterruptedAt(batch=2, times=1)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=8,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model)
+    assert not trainer.interrupted and model.steps_run == 8
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.usefixtures("sigint_handler")
+def test_a_second_sigint_is_not_deferred(tmp_path) -> None:
+    """Two signals before a batch end: the second reaches the previous handler at once (here a
+    finalizer's ``KeyboardInterrupt``, lost like any other, while the first still stops the fit)."""
+    callback = DeferredInterrupt()
+    model = _InterruptedAt(batch=1, times=2)
+    trainer = _fit(model, tmp_path, [callback])
+    assert trainer.interrupted and trainer.global_step == 2 and not callback.pending
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.usefixtures("sigint_handler")
+def test_the_previous_handler_returns_after_a_fit(tmp_path) -> None:
+    def mine(signum, frame) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, mine)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        callbacks=[DeferredInterrupt()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(BoringModel())
+    assert signal.getsignal(signal.SIGINT) is mine
