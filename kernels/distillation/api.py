@@ -46,10 +46,10 @@ _Checked = TypeVar("_Checked")
 _OPTIONS = ("divergence", "beta", "temperature", "tail", "ignore_index", "hard_weight", "reduction")
 
 
-def _options(call: dict[str, object]) -> dict[str, object]:
-    """The options of a call by keyword, from its ``locals()``: checked by
-    ``check_distill_options`` and passed on as they are to the call on a DTensor's local parts."""
-    return {name: call[name] for name in _OPTIONS}
+def _options(*values: object) -> dict[str, object]:
+    """The options of a call (in ``_OPTIONS`` order) by keyword, to repeat the call on a
+    DTensor's local parts."""
+    return dict(zip(_OPTIONS, values, strict=True))
 
 
 def _checked(
@@ -142,17 +142,19 @@ def distillation_loss(
         ValueError: a DTensor ``logits`` (or ``teacher_logits``) not sharded as ``Shard(-1)``.
     """
     who = "distillation_loss"
-    options = _options(locals())
     if dtensor.is_dtensor(logits):
         # Split over the vocabulary: this rank's local parts over the mesh's group.
         teacher = {"teacher_logits": teacher_logits, "teacher_ids": teacher_ids}
         teacher.update(teacher_log_probs=teacher_log_probs, target=target)
         mesh, local = dtensor.distillation_parts(who, logits, teacher, process_group)
-        loss = distillation_loss(**local, **options, process_group=mesh.get_group())
+        opts = _options(divergence, beta, temperature, tail, ignore_index, hard_weight, reduction)
+        loss = distillation_loss(**local, **opts, process_group=mesh.get_group())
         return dtensor.replicated(loss, mesh)
 
     def check(in_slices: bool) -> tuple[tuple, int]:
-        opts = check_distill_options(who, **options)
+        opts = check_distill_options(
+            who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
+        )
         teacher = Teacher(teacher_logits, teacher_ids, teacher_log_probs)
         x, teacher, y = check_logits_call(who, logits, teacher, target, opts, in_slices)
         return (opts, x, teacher, y), x.shape[1]
@@ -230,7 +232,6 @@ def linear_distillation_loss(
             start with ``linear_distillation_loss``.
     """
     who = "linear_distillation_loss"
-    options = _options(locals())
     if dtensor.is_dtensor(linear_weight):
         # Split over the vocabulary: this rank's local parts over the mesh's group.
         more = {"linear_bias": linear_bias, "target": target, "teacher_input": teacher_input}
@@ -239,15 +240,16 @@ def linear_distillation_loss(
         mesh, local = dtensor.linear_distillation_parts(
             who, input, linear_weight, more, process_group
         )
+        opts = _options(divergence, beta, temperature, tail, ignore_index, hard_weight, reduction)
         group = mesh.get_group()
-        loss = linear_distillation_loss(
-            **local, **options, process_group=group, chunk_size=chunk_size
-        )
+        loss = linear_distillation_loss(**local, **opts, process_group=group, chunk_size=chunk_size)
         return dtensor.replicated(loss, mesh)
     W, b = linear_weight, linear_bias
 
     def check(in_slices: bool) -> tuple[tuple, int]:
-        opts = check_distill_options(who, **options)
+        opts = check_distill_options(
+            who, divergence, beta, temperature, tail, ignore_index, hard_weight, reduction
+        )
         check_chunk_size(who, chunk_size)
         check_head(who, (input, W, b), ("input", "linear_weight", "linear_bias"), in_slices)
         dense_given = teacher_input is not None or teacher_weight is not None
