@@ -323,3 +323,50 @@ def test_slices_run_on_the_backend_in_effect() -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_distillation_matches_unsharded(world: int, tmp_path) -> None:
     _spawn(world, tmp_path, timeout_s=240.0, worker=_worker)
+
+
+def _worker_tiles(rank: int, world: int, _local: str = "") -> None:
+    """Slices wider than the interpreter's tile (1024 columns): the kernels' loops over several
+    tiles with a masked end. The float64 reference at the float32 tolerance, and the torch
+    slices' numbers (``use_backend("torch")``) to float32 rounding."""
+    group = dist.group.WORLD
+    widths = [1031, 1069]
+    vocab, s = sum(widths), _slice(widths, rank)
+    g = torch.Generator().manual_seed(17)
+    logits = torch.randn(3, vocab, generator=g, dtype=torch.float64) * 4
+    teacher = torch.randn(3, vocab, generator=g, dtype=torch.float64) * 4
+    ids, logp = sparse_teacher(3, vocab, 7, pad=2)
+    target = torch.tensor([5, -100, 2000])
+    up = torch.randn(3, generator=g, dtype=torch.float64)
+    sparse = {"teacher_ids": ids, "teacher_log_probs": logp}
+    cases = [
+        ({"teacher_logits": teacher}, {"divergence": "forward_kl"}),
+        (
+            {"teacher_logits": teacher},
+            {"divergence": "jsd", "temperature": 1.5, "hard_weight": 0.3},
+        ),
+        (sparse, {"divergence": "reverse_kl", "temperature": 0.7, "hard_weight": 0.5}),
+        (sparse | {"tail": "renormalize"}, {"divergence": "jsd", "reduction": "none"}),
+    ]
+    for teach, kw in cases:
+        kw = dict(kw, target=target)
+        per_row = kw.get("reduction") == "none"
+        ref_loss, ref_grad = reference(logits, **teach, **kw, upstream=up if per_row else None)
+        if "teacher_logits" in teach:
+            teach = dict(teach, teacher_logits=teacher[:, s].float())
+        results = []
+        for backend in (fusedce.get_backend(), "torch"):
+            x = logits[:, s].float().requires_grad_(True)
+            with fusedce.use_backend(backend):
+                loss = fusedce.distillation_loss(x, **teach, **kw, process_group=group)
+                (loss * (up.float() if per_row else 1.0)).sum().backward()
+            results.append((loss.double(), x.grad))
+        (loss, grad), (torch_loss, torch_grad) = results
+        torch.testing.assert_close(loss, ref_loss, atol=3e-5, rtol=3e-5)
+        assert rel_err(grad, ref_grad[:, s]) < 3e-5, (rank, kw)
+        torch.testing.assert_close(loss, torch_loss, atol=1e-6, rtol=1e-6)
+        assert rel_err(grad, torch_grad) < 1e-5, (rank, kw)
+
+
+def test_sharded_distillation_several_tiles(tmp_path) -> None:
+    _spawn(2, tmp_path, timeout_s=240.0, worker=_worker_tiles)
