@@ -14,14 +14,24 @@ Per row, on the slice [v0, v0 + V_r) of z = x / T (and of a dense teacher's t / 
    all_reduce(SUM) of 2 N numbers.
 
 The gradient of the slice is then local (formulas and helpers of ``backends.torch_distill``),
-computed with torch ops in forward with its factor folded in; backward scales it by the upstream
-gradient (for "none", each row's: the half-precision gradient is rounded twice there). The fused
-head all-reduces the input's gradient (N, D) inside (``linear_pass``: the chunks of
+computed in forward with its factor folded in; backward scales it by the upstream gradient (for
+"none", each row's: the half-precision gradient is rounded twice there). The fused head
+all-reduces the input's gradient (N, D) inside (``linear_pass``: the chunks of
 ``distillation.core.teacher_chunks``).
+
+Where ``distillation.core.rows_backend`` gives the slice's logits the Triton rows (CUDA tensors,
+CPU tensors under TRITON_INTERPRET=1; ``slices_backend``), the O(N V_r) passes are the kernels of
+``backends.triton_distill_slices``: one sweep for the slice's local (max, sum of exp) per
+statistic (each sum rescaled to the global max before the all_reduce(SUM): step 1 without a
+second sweep), one for a dense teacher's sums of d and r, one writing the gradient in the
+logits' dtype. The exchanges and the O(N) / O(N k) row arithmetic (the gathers, ``sparse_terms``,
+the loss) stay torch ops on both paths; elsewhere (float64, FUSEDCE_BACKEND=torch) the passes are
+torch ops on (N, V_r) temporaries.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -41,6 +51,13 @@ from ..distillation.options import DistillOptions
 from ..distillation.teacher import Teacher, TeacherHead
 from ..distillation.value_checks import ValueCheck
 from ..options import accumulation_dtype
+
+# The slices' Triton kernels where the Triton rows exist (``core`` imports them under the
+# backends' own guard).
+if core.triton_distill is not None:
+    from ..backends import triton_distill_slices
+else:  # pragma: no cover - depends on the platform
+    triton_distill_slices = None
 
 
 def agree(
@@ -82,6 +99,28 @@ def _max_sum(values: list[Tensor], group: object) -> list[tuple[Tensor, Tensor]]
     return [(maxes[i], sums[i].log()) for i in range(len(values))]
 
 
+def _merge_stats(local: Tensor, group: object) -> Tensor:
+    """The whole rows' (m, log_sum) (S, 2, N) from the slices' local (max, sum of exp(. - max))
+    (2, S, N) of ``triton_distill_slices.slice_stats``: the same two all_reduces, each sum
+    rescaled from its slice's max to the global one (O(N))."""
+    maxes = local[0].clone()
+    dist.all_reduce(maxes, dist.ReduceOp.MAX, group=group)
+    maxes = torch.where(maxes == float("-inf"), 0.0, maxes)
+    # A slice of no class (max -inf, sum 0) adds exp(-inf) * 0 = 0.
+    sums = local[1] * (local[0] - maxes).exp()
+    dist.all_reduce(sums, group=group)
+    return torch.stack([maxes, sums.log()], 1).contiguous()
+
+
+def slices_backend(x: Tensor) -> ModuleType | None:
+    """The kernels of the slice's O(N V_r) passes: ``triton_distill_slices`` where
+    ``distillation.core.rows_backend`` gives these logits the Triton rows, else None (torch
+    ops). Looked up at each call."""
+    if triton_distill_slices is not None and core.rows_backend(x) is core.triton_distill:
+        return triton_distill_slices
+    return None
+
+
 class VocabSlice(NamedTuple):
     """This rank's classes [v0, v0 + V_r) of the whole vocabulary V, split over ``group``."""
 
@@ -100,23 +139,31 @@ def sharded_rows(
 ) -> tuple[Tensor, Tensor | None]:
     """(row losses (N,), gradient of the slice (N, V_r) times ``factor`` (() or (N,)), or None
     without a factor) for the slice x of global classes [v0, v0 + V_r): the teacher's logits
-    are its slice of the same classes, its ids global."""
+    are its slice of the same classes, its ids global. The O(N V_r) passes run on the kernels
+    of ``slices_backend`` where it gives some, else as torch ops."""
     N, Vr = x.shape
     v0, group = sl.v0, sl.group
     acc = accumulation_dtype(x.dtype)
     T, a = opts.temperature, opts.hard_weight
-    xf = x.to(acc)
-    z = xf / T if T != 1.0 else xf
     hard = target is not None and a > 0.0
     soft = a < 1.0
-    values = [z]
-    if hard and T != 1.0:
-        values.append(xf)
-    if soft and teacher.logits is not None:
-        values.append(teacher.logits.to(acc) / T)
-    stats = _max_sum(values, group)
-    m, log_sum = stats[0]
-    logq = (z - m[:, None]) - log_sum[:, None]
+    t_dense = teacher.logits if soft else None
+    kernels = slices_backend(x)
+    if kernels is None:
+        xf = x.to(acc)
+        z = xf / T if T != 1.0 else xf
+        values = [z]
+        if hard and T != 1.0:
+            values.append(xf)
+        if t_dense is not None:
+            values.append(t_dense.to(acc) / T)
+        stats = _max_sum(values, group)
+        m, log_sum = stats[0]
+        logq = (z - m[:, None]) - log_sum[:, None]
+    else:
+        glob = _merge_stats(kernels.slice_stats(x, t_dense, T, hard and T != 1.0), group)
+        stats = [(glob[i, 0], glob[i, 1]) for i in range(glob.shape[0])]
+        m, log_sum = stats[0]
     rows = torch.ones(N, dtype=torch.bool, device=x.device)
     y_local = y_ok = None
     if target is not None:
@@ -128,29 +175,36 @@ def sharded_rows(
     if soft and teacher.ids is not None:
         own = (teacher.ids >= v0) & (teacher.ids < v0 + Vr)
         own_idx = torch.where(own, teacher.ids - v0, 0)
-        gathered.append(_own_values(z, own, own_idx))
+        z_s = _own_values(x, own, own_idx).to(acc)
+        gathered.append(z_s / T if T != 1.0 else z_s)
     if hard:
-        gathered.append(_own_values(xf, y_ok[:, None], y_local[:, None]))
+        gathered.append(_own_values(x, y_ok[:, None], y_local[:, None]).to(acc))
     if gathered:
         g_all = torch.cat(gathered, 1)
         dist.all_reduce(g_all, group=group)
     D = torch.zeros(N, dtype=acc, device=x.device)
-    gz = None
+    c = torch.zeros(N, dtype=acc, device=x.device)  # the kernel's row constant (G, g_tail - G)
+    gz = at_s = None
     want = factor is not None
-    if soft and teacher.logits is not None:
-        mt, lt = stats[-1]
-        logp = (teacher.logits.to(acc) / T - mt[:, None]) - lt[:, None]
-        d, r = terms(logp, logq, opts)
-        DG = torch.stack([d.sum(1), r.sum(1)])
+    if t_dense is not None:
+        if kernels is None:
+            mt, lt = stats[-1]
+            logp = (t_dense.to(acc) / T - mt[:, None]) - lt[:, None]
+            d, r = terms(logp, logq, opts)
+            DG = torch.stack([d.sum(1), r.sum(1)])
+        else:
+            DG = kernels.slice_sums(x, t_dense, glob, opts)
         dist.all_reduce(DG, group=group)
-        D, G = DG[0], DG[1]
-        if want:
-            gz = r - logq.exp() * G[:, None]
+        D, c = DG[0], DG[1]
+        if want and kernels is None:
+            gz = r - logq.exp() * c[:, None]
     elif soft:
         k = teacher.ids.shape[1]
         lq = (g_all[:, :k] - m[:, None]) - log_sum[:, None]
         D, outside, at_s = sparse_terms(lq, teacher.log_probs, teacher.ids >= 0, opts, sl.V)
-        if want:
+        if outside is not None:
+            c = outside
+        if want and kernels is None:
             gz = sparse_grad(logq, outside)
             if Vr:
                 gz.scatter_add_(1, own_idx, torch.where(own, at_s, 0.0))
@@ -161,6 +215,14 @@ def sharded_rows(
     row_loss = mixed_loss(D, ce, a, rows)
     if not want:
         return row_loss, None
+    if kernels is not None:
+        f = torch.where(rows, factor.to(acc), 0.0).expand(N)
+        y = torch.where(y_ok, y_local, -1).contiguous() if hard else None
+        sparse = None
+        if at_s is not None:
+            sparse = (torch.where(own, own_idx, -1).contiguous(), at_s.to(acc).contiguous())
+        consts = torch.stack([c.to(acc), f]).contiguous()
+        return row_loss, kernels.slice_grad(x, t_dense, glob, consts, y, sparse, opts)
     g = soft_grad(gz, opts, logq)
     if hard:
         logq1 = logq if T == 1.0 else (xf - m1[:, None]) - l1[:, None]
