@@ -73,6 +73,61 @@ def _online(m, s, v):
 
 
 @triton.jit
+def _row_sweep(
+    x_row, t_row, V, inv_t, RAW: tl.constexpr, DENSE: tl.constexpr, BLOCK_V: tl.constexpr
+):
+    """Sweep 1 of one row (or of its vocabulary slice): the running (max, sum of exp(. - max))
+    of z = x / T, of the raw x where ``RAW`` (the cross-entropy at T != 1) and of a dense
+    teacher's t / T where ``DENSE``: (m, s, m1, s1, mt, st), (-inf, 0) for what is not swept."""
+    neg_inf = tl.full([1], float("-inf"), tl.float32)
+    zero = tl.zeros([1], tl.float32)
+    m, s, m1, s1, mt, st = neg_inf, zero, neg_inf, zero, neg_inf, zero
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = cols < V
+        x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        m, s = _online(m, s, x * inv_t)
+        if RAW:
+            m1, s1 = _online(m1, s1, x)
+        if DENSE:
+            t = tl.load(t_row + cols, mask=ok, other=float("-inf"))
+            mt, st = _online(mt, st, t.to(tl.float32) * inv_t)
+    return m, s, m1, s1, mt, st
+
+
+@triton.jit
+def _dense_sums(
+    x_row,
+    t_row,
+    V,
+    inv_t,
+    m,
+    log_sum,
+    mt,
+    log_sum_t,
+    beta,
+    DIV: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """(D, G) of one row of a dense teacher over its V columns: the sums of d and r
+    (``_terms``), log q and log p relative to the given (max, log-sum) of z = x / T and t / T
+    (the whole row's, or a vocabulary slice's share of them under the global statistics)."""
+    D = tl.zeros([1], tl.float32)
+    G = tl.zeros([1], tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        ok = cols < V
+        x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
+        t = tl.load(t_row + cols, mask=ok, other=float("-inf"))
+        logq = (x * inv_t - m) - log_sum
+        logp = (t.to(tl.float32) * inv_t - mt) - log_sum_t
+        d, r = _terms(logp, logq, beta, DIV)
+        D += tl.sum(tl.where(ok, d, 0.0), axis=0)
+        G += tl.sum(tl.where(ok, r, 0.0), axis=0)
+    return D, G
+
+
+@triton.jit
 def _distill_kernel(
     x_ptr,
     stride_x,
@@ -109,7 +164,6 @@ def _distill_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     one = tl.arange(0, 1)
-    neg_inf = tl.full([1], float("-inf"), tl.float32)
     zero = tl.zeros([1], tl.float32)
     counted = one == 0
     bad = one != 0
@@ -121,17 +175,8 @@ def _distill_kernel(
         y = tl.where((y >= 0) & (y < V), y, 0)
 
     # Sweep 1: (m, s) of z = x / T, (m1, s1) of x (the cross-entropy, T != 1), (mt, st) of t / T.
-    m, s, m1, s1, mt, st = neg_inf, zero, neg_inf, zero, neg_inf, zero
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        ok = cols < V
-        x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        m, s = _online(m, s, x * inv_t)
-        if HARD_STATS:
-            m1, s1 = _online(m1, s1, x)
-        if DENSE and SOFT:
-            t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf"))
-            mt, st = _online(mt, st, t.to(tl.float32) * inv_t)
+    t_row = t_ptr + row * stride_t
+    m, s, m1, s1, mt, st = _row_sweep(x_row, t_row, V, inv_t, HARD_STATS, DENSE and SOFT, BLOCK_V)
     m = tl.where(m == float("-inf"), 0.0, m)
     log_sum = tl.log(s)
     if HARD_STATS:
@@ -156,16 +201,10 @@ def _distill_kernel(
             if DIV == 0:
                 G = zero - 1.0  # -sum p: D is summed in the gradient sweep
             else:
-                for start in range(0, V, BLOCK_V):
-                    cols = start + tl.arange(0, BLOCK_V)
-                    ok = cols < V
-                    x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-                    t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf"))
-                    logq = (x * inv_t - m) - log_sum
-                    logp = (t.to(tl.float32) * inv_t - mt) - log_sum_t
-                    d, r = _terms(logp, logq, beta, DIV)
-                    D += tl.sum(tl.where(ok, d, 0.0), axis=0)
-                    G += tl.sum(tl.where(ok, r, 0.0), axis=0)
+                t_row = t_ptr + row * stride_t
+                D, G = _dense_sums(
+                    x_row, t_row, V, inv_t, m, log_sum, mt, log_sum_t, beta, DIV, BLOCK_V
+                )
         else:
             offs = tl.arange(0, BLOCK_K)
             kin = offs < K

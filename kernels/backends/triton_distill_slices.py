@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ..distillation.options import DistillOptions
-from .triton_distill import _online, _terms, launch_config
+from .triton_distill import _dense_sums, _row_sweep, _terms, launch_config
 
 
 @triton.jit
@@ -51,19 +51,8 @@ def _slice_stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     one = tl.arange(0, 1)
-    neg_inf = tl.full([1], float("-inf"), tl.float32)
-    zero = tl.zeros([1], tl.float32)
-    m, s, m1, s1, mt, st = neg_inf, zero, neg_inf, zero, neg_inf, zero
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        ok = cols < V
-        x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        m, s = _online(m, s, x * inv_t)
-        if RAW:
-            m1, s1 = _online(m1, s1, x)
-        if DENSE:
-            t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf"))
-            mt, st = _online(mt, st, t.to(tl.float32) * inv_t)
+    t_row = t_ptr + row * stride_t
+    m, s, m1, s1, mt, st = _row_sweep(x_row, t_row, V, inv_t, RAW, DENSE, BLOCK_V)
     # The maxima in out[0], the sums in out[1]: (S, N) each, statistic by statistic.
     tl.store(out_ptr + row + one, m)
     tl.store(out_ptr + n_stats * N + row + one, s)
@@ -101,18 +90,8 @@ def _slice_sums_kernel(
     log_sum = tl.load(glob_ptr + N + row + one)
     mt = tl.load(glob_ptr + 2 * t_stat * N + row + one)
     log_sum_t = tl.load(glob_ptr + (2 * t_stat + 1) * N + row + one)
-    D = tl.zeros([1], tl.float32)
-    G = tl.zeros([1], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        ok = cols < V
-        x = tl.load(x_row + cols, mask=ok, other=float("-inf")).to(tl.float32)
-        t = tl.load(t_ptr + row * stride_t + cols, mask=ok, other=float("-inf"))
-        logq = (x * inv_t - m) - log_sum
-        logp = (t.to(tl.float32) * inv_t - mt) - log_sum_t
-        d, r = _terms(logp, logq, beta, DIV)
-        D += tl.sum(tl.where(ok, d, 0.0), axis=0)
-        G += tl.sum(tl.where(ok, r, 0.0), axis=0)
+    t_row = t_ptr + row * stride_t
+    D, G = _dense_sums(x_row, t_row, V, inv_t, m, log_sum, mt, log_sum_t, beta, DIV, BLOCK_V)
     tl.store(out_ptr + row + one, D)
     tl.store(out_ptr + N + row + one, G)
 
