@@ -325,11 +325,13 @@ def test_sharded_distillation_matches_unsharded(world: int, tmp_path) -> None:
     _spawn(world, tmp_path, timeout_s=240.0, worker=_worker)
 
 
-def _worker_tiles(rank: int, world: int, _local: str = "") -> None:
+def _worker_tiles(rank: int, world: int, local: str = "") -> None:
     """Slices wider than the interpreter's tile (1024 columns): the kernels' loops over several
     tiles with a masked end. The float64 reference at the float32 tolerance, and the torch
-    slices' numbers (``use_backend("torch")``) to float32 rounding."""
+    slices' numbers (``use_backend("torch")``) to float32 rounding. ``local == "cuda"``: the
+    tensors on the GPU (the compiled kernels), else on the CPU."""
     group = dist.group.WORLD
+    device = torch.device("cuda" if local == "cuda" else "cpu")
     widths = [1031, 1069]
     vocab, s = sum(widths), _slice(widths, rank)
     g = torch.Generator().manual_seed(17)
@@ -338,7 +340,7 @@ def _worker_tiles(rank: int, world: int, _local: str = "") -> None:
     ids, logp = sparse_teacher(3, vocab, 7, pad=2)
     target = torch.tensor([5, -100, 2000])
     up = torch.randn(3, generator=g, dtype=torch.float64)
-    sparse = {"teacher_ids": ids, "teacher_log_probs": logp}
+    sparse = {"teacher_ids": ids.to(device), "teacher_log_probs": logp.to(device)}
     cases = [
         ({"teacher_logits": teacher}, {"divergence": "forward_kl"}),
         (
@@ -349,18 +351,23 @@ def _worker_tiles(rank: int, world: int, _local: str = "") -> None:
         (sparse | {"tail": "renormalize"}, {"divergence": "jsd", "reduction": "none"}),
     ]
     for teach, kw in cases:
-        kw = dict(kw, target=target)
         per_row = kw.get("reduction") == "none"
-        ref_loss, ref_grad = reference(logits, **teach, **kw, upstream=up if per_row else None)
+        ref_teach = {k: v.cpu() for k, v in teach.items() if torch.is_tensor(v)}
+        ref_teach |= {k: v for k, v in teach.items() if not torch.is_tensor(v)}
+        ref_loss, ref_grad = reference(
+            logits, **ref_teach, **kw, target=target, upstream=up if per_row else None
+        )
         if "teacher_logits" in teach:
-            teach = dict(teach, teacher_logits=teacher[:, s].float())
+            teach = dict(teach, teacher_logits=teacher[:, s].float().to(device))
         results = []
         for backend in (fusedce.get_backend(), "torch"):
-            x = logits[:, s].float().requires_grad_(True)
+            x = logits[:, s].float().to(device).requires_grad_(True)
             with fusedce.use_backend(backend):
-                loss = fusedce.distillation_loss(x, **teach, **kw, process_group=group)
-                (loss * (up.float() if per_row else 1.0)).sum().backward()
-            results.append((loss.double(), x.grad))
+                loss = fusedce.distillation_loss(
+                    x, **teach, **kw, target=target.to(device), process_group=group
+                )
+                (loss * (up.float().to(device) if per_row else 1.0)).sum().backward()
+            results.append((loss.double().cpu(), x.grad.cpu()))
         (loss, grad), (torch_loss, torch_grad) = results
         torch.testing.assert_close(loss, ref_loss, atol=3e-5, rtol=3e-5)
         assert rel_err(grad, ref_grad[:, s]) < 3e-5, (rank, kw)
@@ -370,3 +377,10 @@ def _worker_tiles(rank: int, world: int, _local: str = "") -> None:
 
 def test_sharded_distillation_several_tiles(tmp_path) -> None:
     _spawn(2, tmp_path, timeout_s=240.0, worker=_worker_tiles)
+
+
+@pytest.mark.gpu
+def test_sharded_distillation_slices_on_the_gpu(tmp_path) -> None:
+    """The slices' kernels compiled for the GPU: two processes on one GPU over gloo (which
+    reduces CUDA tensors), against the float64 reference and the torch slices on the GPU."""
+    _spawn(2, tmp_path, timeout_s=240.0, local="cuda", worker=_worker_tiles)
