@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+
+def ignore_sigint(worker_id: int) -> None:
+    """A data loader worker's ``worker_init_fn``: Ctrl-C is the main process's to handle.
+
+    A terminal's Ctrl-C reaches every process of its group; a worker that took it would exit,
+    and the main process, which stops at the end of the batch in flight
+    (``lightning_modules.interrupt``), would then fail waiting for the worker's next batch
+    instead of shutting down. The main process still stops the workers when it ends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def check_positive_int(name: str, value: int) -> None:
@@ -117,6 +129,7 @@ class SplitDataModule(LightningDataModule):
             num_workers=self.hparams.num_workers,
             pin_memory=self.hparams.pin_memory,
             persistent_workers=self.hparams.num_workers > 0,
+            worker_init_fn=ignore_sigint,
             generator=torch.Generator().manual_seed(seed),
         )
 

@@ -160,7 +160,7 @@ def gradient_scale(
     """
     V = logits.shape[1]
     check = index_check.target_check_enabled() and target.dim() == 1
-    if index_check._pending:
+    if index_check.has_pending():
         index_check.raise_pending()  # counts of earlier calls that have arrived meanwhile
     backend = backends.for_tensor(logits)
     scale, n_bad = backend.mean_scale(logits, target, weight, opts, check, token_weight)

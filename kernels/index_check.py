@@ -161,11 +161,20 @@ class DeferredIndexCheck:
             self._arrived.synchronize()
         _pending.remove(self)
         if int(self._host):
-            raise_bad_index(*self._args, earlier=earlier, who=self.who)
+            self.raise_bad(earlier)
+
+    def raise_bad(self, earlier: bool) -> None:
+        """Raises the error of the bad value counted (here: the first bad class index)."""
+        raise_bad_index(*self._args, earlier=earlier, who=self.who)
 
 
 # Counts not read yet, oldest first: few (each call reads those that have arrived).
 _pending: list[DeferredIndexCheck] = []
+
+
+def has_pending() -> bool:
+    """Whether counts of earlier calls are still unread (``raise_pending`` reads them)."""
+    return bool(_pending)
 
 
 def raise_pending(wait: bool = False) -> None:

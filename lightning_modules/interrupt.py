@@ -20,13 +20,15 @@ class DeferredInterrupt(Callback):
     that is a finalizer (``__del__``, a weakref callback, a generator closing), the exception is
     printed as "ignored" and lost, and the run goes on. Here the handler only records the
     signal, so it cannot be lost, and the hooks raise it where Lightning's graceful shutdown
-    (``on_exception``: ``metrics.json``, ``last.ckpt``) expects it. The handler is installed
-    when training starts (a Ctrl-C during the sanity check is Python's as before) and the
-    previous one restored when the fit ends; a second SIGINT before a batch end
-    is answered by the previous handler at once (by default: ``KeyboardInterrupt`` wherever the
-    run is, e.g. stuck in a data loader). Runs on several processes keep Python's own handling:
-    raised at different batches on different ranks, the stop would leave a rank waiting in a
-    collective.
+    (``on_exception``: ``metrics.json``, ``last.ckpt``) expects it; one that arrives after the
+    last batch end is raised when the fit tears down. The handler is installed when training
+    starts (a Ctrl-C during the sanity check is Python's as before; an ignored SIGINT stays
+    ignored) and the previous one restored when the fit ends; a second SIGINT before a batch end
+    goes to the previous handler at once (by default: ``KeyboardInterrupt`` wherever the run
+    is, e.g. stuck in a data loader). The data modules' loader workers ignore SIGINT
+    (``datamodules.common.ignore_sigint``), so that they are there for the batch in flight.
+    Runs on several processes keep Python's own handling: raised at different batches on
+    different ranks, the stop would leave a rank waiting in a collective.
 
     Attributes:
         pending: A SIGINT arrived and is waiting for the next batch end.
@@ -50,6 +52,9 @@ class DeferredInterrupt(Callback):
         """
         if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
             return  # several ranks: see the class; signal.signal works in the main thread only
+        previous = signal.getsignal(signal.SIGINT)
+        if previous in (signal.SIG_IGN, None):
+            return  # ignored (nohup, a background job), or a handler Python cannot put back
         self.pending = False
         self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         self._installed = True
@@ -66,8 +71,11 @@ class DeferredInterrupt(Callback):
         self._restore()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Restores the previous handler (where this one is still installed)."""
+        """Restores the previous handler (where this one is still installed), then raises a
+        SIGINT that arrived after the last batch end (the fit has ended; the signal is not
+        lost: the run reports it as interrupted)."""
         self._restore()
+        self._raise_pending()
 
     def _raise_pending(self) -> None:
         if self.pending:

@@ -115,6 +115,37 @@ def _check_edges(rank: int, widths: list[int], group) -> None:
         assert err < GRAD_RTOL[dtype] or ref_grad[:, s].numel() == 0, what
 
 
+def _check_padding_rows(rank: int, widths: list[int], group) -> None:
+    """An ignored row whose logits are all -inf (padding): its gradient is 0, not NaN, and the
+    loss is that of the other rows, on every backend's slices."""
+    g = torch.Generator().manual_seed(21)
+    logits = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(N, V, generator=g, dtype=torch.float64) * 3
+    ids, logp = sparse_teacher(N, V, K)
+    target = torch.randint(0, V, (N,), generator=g)
+    target[0] = -100
+    padded = logits.clone()
+    padded[0] = float("-inf")
+    s = _slice(widths, rank)
+    kw = {"hard_weight": 0.3, "reduction": "sum", "temperature": 1.5}
+    for dense in (True, False):
+        teach = (
+            {"teacher_logits": teacher}
+            if dense
+            else {"teacher_ids": ids, "teacher_log_probs": logp}
+        )
+        ref_teach = {k: v[1:] for k, v in teach.items()}
+        ref_loss, ref_grad = reference(logits[1:], **ref_teach, target=target[1:], **kw)
+        if dense:
+            teach = {"teacher_logits": teacher[:, s].float()}
+        x = padded[:, s].float().requires_grad_(True)
+        loss = fusedce.distillation_loss(x, **teach, target=target, **kw, process_group=group)
+        loss.backward()
+        torch.testing.assert_close(loss.double(), ref_loss, atol=3e-5, rtol=3e-5)
+        assert (x.grad[0] == 0).all(), (rank, dense, x.grad[0])
+        assert rel_err(x.grad[1:], ref_grad[:, s]) < 3e-5 or x.grad.numel() == 0, (rank, dense)
+
+
 def _check_linear(rank: int, widths: list[int], group) -> None:
     g = torch.Generator().manual_seed(9)
     h = torch.randn(N, D, generator=g, dtype=torch.float64)
@@ -294,6 +325,7 @@ def _worker(rank: int, world: int, _local: str = "") -> None:
     for widths in (even, skewed):
         _check_logits(rank, widths, group)
         _check_edges(rank, widths, group)
+        _check_padding_rows(rank, widths, group)
         _check_linear(rank, widths, group)
     _check_errors(rank, world, group)
     _check_dtensor(rank, world)
@@ -332,6 +364,7 @@ def _worker_tiles(rank: int, world: int, local: str = "") -> None:
     tensors on the GPU (the compiled kernels), else on the CPU."""
     group = dist.group.WORLD
     device = torch.device("cuda" if local == "cuda" else "cpu")
+    launches = _counting_launches()
     widths = [1031, 1069]
     vocab, s = sum(widths), _slice(widths, rank)
     g = torch.Generator().manual_seed(17)
@@ -373,6 +406,11 @@ def _worker_tiles(rank: int, world: int, local: str = "") -> None:
         assert rel_err(grad, ref_grad[:, s]) < 3e-5, (rank, kw)
         torch.testing.assert_close(loss, torch_loss, atol=1e-6, rtol=1e-6)
         assert rel_err(grad, torch_grad) < 1e-5, (rank, kw)
+    # The first of each pair ran the slices' kernels wherever the rows run on Triton.
+    if fusedce.uses_triton(torch.empty(0, device=device)):
+        assert set(launches) == {"slice_stats", "slice_sums", "slice_grad"}, launches
+    else:
+        assert not launches, launches
 
 
 def test_sharded_distillation_several_tiles(tmp_path) -> None:

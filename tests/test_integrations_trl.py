@@ -250,3 +250,5 @@ def test_refused_options_are_named(tmp_path: Path) -> None:
         call(fused.model, ids, mask, 3, compute_aux_loss=True)
     with pytest.raises(ValueError, match="wrapped"):
         call(torch.compile(fused.model), ids, mask, 3)
+    with pytest.raises(ValueError, match="logits_to_keep must be at least 1, got 0"):
+        call(fused.model, ids, mask, 0)

@@ -4,6 +4,7 @@ and go on training)."""
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -11,6 +12,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.demos.boring_classes import BoringModel
 
+from fusedce.datamodules import CurveDataModule
 from fusedce.lightning_modules.interrupt import DeferredInterrupt
 
 
@@ -117,3 +119,54 @@ def test_the_previous_handler_returns_after_a_fit(tmp_path) -> None:
     )
     trainer.fit(BoringModel())
     assert signal.getsignal(signal.SIGINT) is mine
+
+
+class _InterruptedAfterTraining(BoringModel):
+    def on_train_end(self) -> None:
+        signal.raise_signal(signal.SIGINT)  # after the last batch end: only teardown is left
+
+
+@pytest.mark.usefixtures("sigint_handler")
+def test_sigint_after_the_last_batch_end_is_raised_at_teardown(tmp_path) -> None:
+    callback = DeferredInterrupt()
+    trainer = _fit(_InterruptedAfterTraining(), tmp_path, [callback])
+    assert trainer.interrupted and trainer.global_step == 3 * 8  # every step ran
+    # Not this callback's handler any more (Lightning leaves SIGINT ignored after a Ctrl-C it
+    # handles once its own signal handlers are torn down).
+    assert signal.getsignal(signal.SIGINT) != callback._on_sigint
+
+
+@pytest.mark.usefixtures("sigint_handler")
+def test_an_ignored_sigint_stays_ignored(tmp_path) -> None:
+    """Under nohup (SIGINT ignored) the fit installs nothing and the signal changes nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    model = _InterruptedAt(batch=1, times=1)
+    trainer = Trainer(
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=0,
+        callbacks=[DeferredInterrupt()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model)
+    assert not trainer.interrupted and model.steps_run == 4
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_data_loader_workers_outlive_a_ctrl_c() -> None:
+    """The data modules' workers ignore SIGINT (a terminal's Ctrl-C reaches them too): the
+    main process, which stops only at the end of the batch in flight, still gets its batches."""
+    dm = CurveDataModule(num_samples=2000, batch_size=4, num_workers=2)  # > 4 prefetched
+    dm.setup("fit")
+    loader = dm.val_dataloader()
+    batches = iter(loader)
+    first = next(batches)
+    for worker in batches._workers:  # the worker processes of this iterator
+        os.kill(worker.pid, signal.SIGINT)
+    rest = list(batches)
+    assert len(rest) + 1 == len(loader) > 20 and first[0].shape[0] == 4
+    del batches

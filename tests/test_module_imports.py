@@ -223,20 +223,46 @@ def test_vocab_parallel_modules_import_alone(name: str) -> None:
 JIT_SOURCES = ("fusedce.backends.triton_jit", "fusedce.backends.triton_distill")
 
 
+def _module_aliases(name: str, tree: ast.AST) -> dict[str, str]:
+    """The names under which module ``name`` holds other modules of the package (``from . import
+    dtensor``, ``from .. import index_check as checks``), with the module each stands for."""
+    aliases = {}
+    for node in _module_level_imports(tree):
+        if isinstance(node, ast.ImportFrom):
+            source = _resolve(name, node)
+            for alias in node.names:
+                if f"{source}.{alias.name}" in MODULES:
+                    aliases[alias.asname or alias.name] = f"{source}.{alias.name}"
+    return aliases
+
+
 def test_no_private_name_crosses_a_module() -> None:
     """What one module of the package takes from another is public there (no leading
-    underscore): a private name is free to change inside its module. The Triton kernels keep
-    the ``_snake_case`` names of Triton's convention; their launcher imports them, and kernels
-    beside them the ``@triton.jit`` helpers of ``triton_jit`` and ``triton_distill``."""
+    underscore), imported by name or read as an attribute of the imported module: a private
+    name is free to change inside its module. The Triton kernels keep the ``_snake_case`` names
+    of Triton's convention; their launchers import them."""
+    triton_modules = ("fusedce.backends.triton_jit", "fusedce.backends.triton_distill")
     bad = []
     for name, path in MODULES.items():
-        for node in _module_level_imports(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        where = path.relative_to(KERNELS.parent)
+        for node in _module_level_imports(tree):
             if not isinstance(node, ast.ImportFrom) or not _imported(name, node):
                 continue
             source = _resolve(name, node)
             private = [
                 a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")
             ]
-            if private and source not in JIT_SOURCES:
-                bad.append(f"{path.relative_to(KERNELS.parent)}:{node.lineno}: {private}")
+            if private and source not in triton_modules:
+                bad.append(f"{where}:{node.lineno}: {private}")
+        aliases = _module_aliases(name, tree)
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+            ):
+                bad.append(f"{where}:{node.lineno}: {aliases[node.value.id]}.{node.attr}")
     assert not bad, "\n".join(bad)

@@ -5,6 +5,7 @@ signal), resumed W&B runs, the large-vocabulary preset on a CPU, runs that stop 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -72,15 +73,19 @@ def train_in_process(
     args: list[str], runs: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture
 ) -> subprocess.CompletedProcess:
     """``train.main(args)`` in this process, as ``python train.py`` would run it (the program
-    name, the environment of `env_for`): for runs refused before any training starts, where a
-    process of their own would pay only a start and Lightning's import. Torch's thread count is
-    put back (a run sets it)."""
+    name, the working directory, the environment of `env_for`): for runs refused before any
+    training starts, where a process of their own would pay only a start and Lightning's
+    import. Torch's thread count and Lightning's log filters are put back (a run sets them)."""
     for key in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("FUSEDCE_RUNS_DIR", str(runs))
     monkeypatch.setenv("HOME", str(runs.parent / "home"))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    monkeypatch.chdir(REPO)  # relative paths resolve as in a `python train.py` run here
+    names = ("lightning.pytorch", "lightning.pytorch.utilities.rank_zero")
+    loggers = [logging.getLogger(name) for name in names]
+    filters = [list(logger.filters) for logger in loggers]  # train.py adds its own
     threads, code = torch.get_num_threads(), 0
     try:
         train_script.main(list(args))
@@ -88,6 +93,8 @@ def train_in_process(
         code = stop.code
     finally:
         torch.set_num_threads(threads)
+        for logger, kept in zip(loggers, filters, strict=True):
+            logger.filters[:] = kept
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess(["train.py", *args], code, out, err)
 
@@ -451,9 +458,11 @@ def test_wandb_probe_says_no_answer_whichever_deadline_fires(
         server.close()
     assert reasons == {f"no answer from {url} within {timeout:g} s"}
     refused = socket.socket()
-    refused.bind(("127.0.0.1", 0))
-    port = refused.getsockname()[1]
-    refused.close()  # nobody listens on it now
+    refused.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused, and no
+    port = refused.getsockname()[1]  # other process can take the port meanwhile
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
-    reason = wandb_unreachable(timeout)
+    try:
+        reason = wandb_unreachable(timeout)
+    finally:
+        refused.close()
     assert reason is not None and "ConnectionRefusedError" in reason and str(port) in reason

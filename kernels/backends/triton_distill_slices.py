@@ -125,8 +125,8 @@ def _slice_grad_kernel(
     BLOCK_K: tl.constexpr,
 ):
     """One row of the slice's gradient: f ((1 - a) / T dD/dz + a (softmax(x) - [j = y])), from
-    glob (S, 2, N), the row constants (c, f) in row_ptr (2, N), the local true class y (-1: not
-    here), and a sparse teacher's local ids (-1: not here) and ``at_s`` (N, K)."""
+    glob (S, 2, N), the row constants (c, f, counted) in row_ptr (3, N), the local true class y
+    (-1: not here), and a sparse teacher's local ids (-1: not here) and ``at_s`` (N, K)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_x
     g_row = grad_ptr + row * stride_g
@@ -141,6 +141,8 @@ def _slice_grad_kernel(
         log_sum1 = log_sum
     c = tl.load(row_ptr + row + one)
     f = tl.load(row_ptr + N + row + one)
+    # Rows not counted get 0, not f * g: g may be NaN there (an ignored row of -inf logits).
+    keep = tl.load(row_ptr + 2 * N + row + one) != 0.0
     fd = f * ((1.0 - hard) * inv_t)
     fh = f * hard
     y = -1
@@ -167,6 +169,7 @@ def _slice_grad_kernel(
         if HARD:
             q1 = tl.exp((x - m1) - log_sum1)
             g += fh * (q1 - tl.where(cols == y, 1.0, 0.0))
+        g = tl.where(keep, g, 0.0)
         tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=ok)
     if SOFT and not DENSE:
         # The columns of S held here again, with their own value (after every thread's store;
@@ -182,6 +185,7 @@ def _slice_grad_kernel(
         g_s = fd * (q_s * c + at_s)
         if HARD:
             g_s += fh * (tl.exp((x_s - m1) - log_sum1) - tl.where(ids == y, 1.0, 0.0))
+        g_s = tl.where(keep, g_s, 0.0)
         tl.store(g_row + ids, g_s.to(grad_ptr.dtype.element_ty), mask=own)
 
 
@@ -292,8 +296,8 @@ def slice_grad(
             None.
         glob: (S, 2, N) float32 global (max, log_sum): z, then x if the cross-entropy needs
             its own (T != 1), then a dense teacher's.
-        row_consts: (2, N) float32: c (G dense, g_tail - G sparse "bin", 0 "renormalize"), and
-            the row factor f (0 on rows not counted).
+        row_consts: (3, N) float32: c (G dense, g_tail - G sparse "bin", 0 "renormalize"),
+            the row factor f, and 1 on the rows counted (0 elsewhere: their gradient is 0).
         y_local: (N,) int64 local true class (-1 where another rank holds it or the row is
             ignored), or None without the cross-entropy part.
         sparse: a sparse teacher's ((N, k) int64 local ids, -1 where not held here; (N, k)
@@ -313,7 +317,11 @@ def slice_grad(
     dense = soft and teacher_logits is not None
     hard = y_local is not None
     t = _unit_stride(teacher_logits) if dense else x
-    ids, at_s = sparse if soft and not dense else (y_local if hard else x, row_consts)
+    # Arguments a specialisation does not read still get their declared dtypes (int64 ids and
+    # classes, float32 at_s): one compiled kernel per specialisation, as the sm_90 test builds.
+    no_index = torch.empty((1,), dtype=torch.int64, device=x.device)
+    no_at = torch.empty((1,), dtype=torch.float32, device=x.device)
+    ids, at_s = sparse if soft and not dense else (no_index, no_at)
     K = ids.shape[1] if soft and not dense else 1
     block_v, block_k, warps = launch_config(V, K)
     _slice_grad_kernel[(N,)](
@@ -323,7 +331,7 @@ def slice_grad(
         t.stride(0),
         glob,
         row_consts,
-        y_local if hard else row_consts,
+        y_local if hard else no_index,
         ids,
         at_s,
         grad,

@@ -107,7 +107,7 @@ class ValueCheck(NamedTuple):
     def run(self, defer: bool) -> DeferredDistillCheck | None:
         """Counts the bad values and raises now, or (``defer`` on CUDA) returns the check that
         backward resolves without a host sync."""
-        if index_check._pending:
+        if index_check.has_pending():
             index_check.raise_pending()  # counts of earlier calls that have arrived meanwhile
         n_bad = self.count_bad()
         if n_bad is None:
@@ -129,13 +129,6 @@ class DeferredDistillCheck(index_check.DeferredIndexCheck):
         super().__init__(n_bad, t, check.V, check.ignore_index, check.who)
         self._check = check
 
-    def resolve(self, wait: bool = False, earlier: bool = False) -> None:
-        if self not in index_check._pending:
-            return
-        if not self._arrived.query():
-            if not wait:
-                return
-            self._arrived.synchronize()
-        index_check._pending.remove(self)
-        if int(self._host):
-            self._check.raise_bad(earlier=earlier)
+    def raise_bad(self, earlier: bool) -> None:
+        """Raises the error of the first bad teacher id, log-probability or class index."""
+        self._check.raise_bad(earlier=earlier)

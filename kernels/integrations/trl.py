@@ -23,8 +23,9 @@ own head accumulates in float32; fusedce's in float32, or float64 for a float64 
 
 Refused, with a ValueError naming the option: ``cast_lm_head_to_fp32``, a PEFT model,
 distributed training (the model wrapped by DDP, FSDP or DeepSpeed), an MoE load-balancing loss
-(``router_aux_loss_coef``), a model config with ``final_logit_softcapping``, and the multimodal
-and token-type inputs (``pixel_values``, ``token_type_ids``, ...). Other architectures are those
+(``router_aux_loss_coef``), a model config with ``final_logit_softcapping``, the multimodal
+and token-type inputs (``pixel_values``, ``token_type_ids``, ...), and (at the first call) a model
+wrapped by the accelerator, ``torch.compile`` included. Other architectures are those
 ``completion_log_probs`` accepts (it raises at the first log-probability call).
 """
 
@@ -136,6 +137,8 @@ class FusedLogProbsMixin:
                 wrapped by the accelerator (DDP, FSDP, ``torch.compile``).
         """
         who = "fusedce.integrations.trl"
+        if logits_to_keep < 1:  # a slice [-0:] would take every position
+            raise ValueError(f"{who}: logits_to_keep must be at least 1, got {logits_to_keep}")
         given = sorted(k for k, v in extra_inputs.items() if v is not None)
         if given:
             raise ValueError(

@@ -368,5 +368,7 @@ def opts_key(opts: LossOptions) -> tuple[int, int, int]:
 
 
 def extras_key(opts: LossOptions, return_stats: bool) -> tuple[int, int, int, int]:
+    """The logit transforms, the z-loss and ``return_stats`` every rank must agree on, as
+    integers for the metadata exchange (floats by their bits)."""
     cap = -1 if opts.softcap is None else _float_bits(opts.softcap)
     return (_float_bits(opts.logit_scale), cap, _float_bits(opts.z_loss), int(return_stats))

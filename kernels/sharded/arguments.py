@@ -34,13 +34,15 @@ def flatten_ce(
 
 
 def check_return_stats(who: str, return_stats: object) -> bool:
+    """``return_stats`` if it is a bool; else a TypeError naming ``who``."""
     if not isinstance(return_stats, bool):
         raise TypeError(f"{who}: return_stats must be a bool, got {type(return_stats).__name__}")
     return return_stats
 
 
 def check_soft_stats_vocab(who: str, sh: Shard, soft: bool, want_stats: bool) -> None:
-    # The same verdict on every rank: V is global.
+    """Refuses statistics with probability targets over more than 2**30 classes (the argmax
+    key's class bits): the same verdict on every rank, the vocabulary being global."""
     if soft and want_stats and sh.vocab > 2**KEY_CLASS_BITS:
         raise NotImplementedError(
             f"{who}: return_stats with probability targets needs V <= 2**30 classes, got {sh.vocab}"

@@ -221,7 +221,7 @@ def sharded_rows(
         sparse = None
         if at_s is not None:
             sparse = (torch.where(own, own_idx, -1).contiguous(), at_s.to(acc).contiguous())
-        consts = torch.stack([c.to(acc), f]).contiguous()
+        consts = torch.stack([c.to(acc), f, rows.to(acc)]).contiguous()
         return row_loss, kernels.slice_grad(x, t_dense, glob, consts, y, sparse, opts)
     g = soft_grad(gz, opts, logq)
     if hard:

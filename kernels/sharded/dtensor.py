@@ -32,7 +32,7 @@ def is_dtensor(t: object) -> bool:
     return isinstance(t, DTensor)
 
 
-def _local_part(who: str, t: object, name: str, shard_dim: int | None = None) -> object:
+def local_part(who: str, t: object, name: str, shard_dim: int | None = None) -> object:
     """A DTensor argument's local tensor: replicated ones (or sharded on ``shard_dim``)."""
     # Optional: torch.distributed.tensor exists only in torch builds with distributed.
     from torch.distributed.tensor import DTensor
@@ -90,12 +90,12 @@ def cross_entropy_parts(
             f"{who}: a DTensor input must be sharded on the class dimension (Shard({class_dim})"
             f"), got {input.placements}"
         )
-    token_weight = _local_part(who, token_weight, "token_weight")
+    token_weight = local_part(who, token_weight, "token_weight")
     return (
         mesh,
         input.to_local(),
-        _local_part(who, target, "target", class_dim),
-        _local_part(who, weight, "weight"),
+        local_part(who, target, "target", class_dim),
+        local_part(who, weight, "weight"),
         token_weight,
     )
 
@@ -120,14 +120,14 @@ def linear_parts(
             f"{who}: a DTensor {name} must be sharded by rows (Shard(0)), got "
             f"{local_weight.placements}"
         )
-    token_weight = _local_part(who, token_weight, "token_weight")
+    token_weight = local_part(who, token_weight, "token_weight")
     return (
         mesh,
-        _local_part(who, input, "input"),
+        local_part(who, input, "input"),
         local_weight.to_local(),
-        _local_part(who, target, "target"),
-        _local_part(who, linear_bias, "linear_bias", 0),
-        _local_part(who, weight, "weight"),
+        local_part(who, target, "target"),
+        local_part(who, linear_bias, "linear_bias", 0),
+        local_part(who, weight, "weight"),
         token_weight,
     )
 
@@ -166,9 +166,9 @@ def distillation_parts(
     None."""
     mesh, x = logits_parts(who, logits, process_group)
     last = logits.dim() - 1
-    local = {k: _local_part(who, t, k) for k, t in teacher.items() if k != "teacher_logits"}
+    local = {k: local_part(who, t, k) for k, t in teacher.items() if k != "teacher_logits"}
     if teacher.get("teacher_logits") is not None:
-        # Not _local_part: replicated teacher logits would pass there as the wrong width.
+        # Not local_part: replicated teacher logits would pass there as the wrong width.
         local["teacher_logits"] = _split_like(
             who, teacher["teacher_logits"], "teacher_logits", last
         )
@@ -186,11 +186,11 @@ def linear_distillation_parts(
     None."""
     mesh, x, W, *_ = linear_parts(who, input, linear_weight, None, None, None, None, process_group)
     local = {
-        k: _local_part(who, t, k, 0 if k.endswith("bias") else None)
+        k: local_part(who, t, k, 0 if k.endswith("bias") else None)
         for k, t in more.items()
         if k != "teacher_weight"
     }
     if more.get("teacher_weight") is not None:
-        # Not _local_part: a replicated teacher head would pass there as the wrong rows.
+        # Not local_part: a replicated teacher head would pass there as the wrong rows.
         local["teacher_weight"] = _split_like(who, more["teacher_weight"], "teacher_weight", 0)
     return mesh, {"input": x, "linear_weight": W, **local}

@@ -297,9 +297,19 @@ def local_grad(
 
 
 def join_chunks(
-    parts: list[tuple[Tensor, ...]], tt: SliceTargets, acc: torch.dtype, device
+    parts: list[tuple[Tensor, ...]], tt: SliceTargets, acc: torch.dtype, device: torch.device
 ) -> list[Tensor]:
-    """The per-chunk statistics of ``local_stats`` as (M,) tensors."""
+    """The per-chunk statistics of ``local_stats`` joined over the chunks.
+
+    Args:
+        parts: each chunk's statistics (one tensor of its rows per statistic).
+        tt: the targets (which statistics exist: the extras, soft targets).
+        acc: the accumulation dtype (of the empty columns when there is no chunk).
+        device: where the empty columns go.
+
+    Returns:
+        One (M,) tensor per statistic.
+    """
     if not parts:
         n = 5 + (2 + tt.soft if tt.stats else 0)
         cols = [torch.empty(0, dtype=acc, device=device) for _ in range(n)]
@@ -387,10 +397,23 @@ def normaliser(
     target: Tensor,
     weight: Tensor | None,
     ignore_index: int,
-    acc,
+    acc: torch.dtype,
     mean: bool,
     token_weight: Tensor | None = None,
-):
+) -> Tensor:
+    """The factor of the summed row losses: 1 / (the mean's denominator) for "mean", else 1.
+
+    Args:
+        target: (M,) class indices or (M, V_r) probabilities of this rank's rows.
+        weight: (V_r,) class weights of this slice, or None.
+        ignore_index: the ignored class.
+        acc: the accumulation dtype of the result.
+        mean: whether the reduction is "mean".
+        token_weight: (M,) per-row weights, or None.
+
+    Returns:
+        () tensor of dtype ``acc``.
+    """
     if not mean:
         return torch.ones((), dtype=acc, device=target.device)
     denom = core.mean_normaliser(target, weight, ignore_index, acc, token_weight)
@@ -398,6 +421,8 @@ def normaliser(
 
 
 def reduce_rows(loss_rows: Tensor, inv: Tensor, reduction: str) -> Tensor:
+    """The loss of the (M,) row losses: themselves ("none"), their sum, or the sum times
+    ``inv`` (the ``normaliser``, "mean")."""
     if reduction == "none":
         return loss_rows
     total = loss_rows.sum()
@@ -405,8 +430,14 @@ def reduce_rows(loss_rows: Tensor, inv: Tensor, reduction: str) -> Tensor:
 
 
 def row_factor(
-    grad_output: Tensor, inv: Tensor, reduction: str, acc, token_weight: Tensor | None
+    grad_output: Tensor,
+    inv: Tensor,
+    reduction: str,
+    acc: torch.dtype,
+    token_weight: Tensor | None,
 ) -> Tensor:
+    """Each row's factor of its gradient in backward: the upstream gradient ((M,) for "none",
+    else () times ``inv``), times the row's token weight where given; () or (M,) of ``acc``."""
     if reduction == "none":
         f = grad_output.reshape(-1).to(acc)
     else:

@@ -208,7 +208,7 @@ def _dtensor_parts(
         )  # fmt: skip
         return mesh, call._replace(input=x, linear_weight=W, target=t, linear_bias=b)
     mesh, logits = dtensor.logits_parts(who, call.logits, process_group)
-    target = dtensor._local_part(who, call.target, "target")
+    target = dtensor.local_part(who, call.target, "target")
     return mesh, call._replace(logits=logits, target=target)
 
 
