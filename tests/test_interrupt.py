@@ -44,11 +44,12 @@ def sigint_handler():
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _fit(model: BoringModel, tmp_path, callbacks: list) -> Trainer:
-    trainer = Trainer(
-        max_epochs=3,
-        limit_train_batches=8,
-        limit_val_batches=2,
+def _trainer(tmp_path, callbacks: list, epochs: int, batches: int, val_batches: int) -> Trainer:
+    """A quiet Trainer of ``epochs`` x ``batches`` training steps."""
+    return Trainer(
+        max_epochs=epochs,
+        limit_train_batches=batches,
+        limit_val_batches=val_batches,
         callbacks=callbacks,
         default_root_dir=tmp_path,
         logger=False,
@@ -56,6 +57,11 @@ def _fit(model: BoringModel, tmp_path, callbacks: list) -> Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+
+
+def _fit(model: BoringModel, tmp_path, callbacks: list) -> Trainer:
+    """3 epochs of 8 steps, expected to be interrupted."""
+    trainer = _trainer(tmp_path, callbacks, epochs=3, batches=8, val_batches=2)
     with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a KeyboardInterrupt
         trainer.fit(model)
     return trainer
@@ -74,16 +80,7 @@ def test_sigint_in_a_finalizer_stops_the_fit_at_that_batch_end(tmp_path) -> None
 def test_without_the_callback_the_same_signal_is_lost(tmp_path) -> None:
     """Why the callback exists: Python's own handler raises inside ``__del__``, which drops it."""
     model = _InterruptedAt(batch=2, times=1)
-    trainer = Trainer(
-        max_epochs=1,
-        limit_train_batches=8,
-        limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, [], epochs=1, batches=8, val_batches=0)
     trainer.fit(model)
     assert not trainer.interrupted and model.steps_run == 8
 
@@ -106,17 +103,7 @@ def test_the_previous_handler_returns_after_a_fit(tmp_path) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, mine)
-    trainer = Trainer(
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        callbacks=[DeferredInterrupt()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, [DeferredInterrupt()], epochs=1, batches=2, val_batches=1)
     trainer.fit(BoringModel())
     assert signal.getsignal(signal.SIGINT) is mine
 
@@ -141,17 +128,7 @@ def test_an_ignored_sigint_stays_ignored(tmp_path) -> None:
     """Under nohup (SIGINT ignored) the fit installs nothing and the signal changes nothing."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     model = _InterruptedAt(batch=1, times=1)
-    trainer = Trainer(
-        max_epochs=1,
-        limit_train_batches=4,
-        limit_val_batches=0,
-        callbacks=[DeferredInterrupt()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = _trainer(tmp_path, [DeferredInterrupt()], epochs=1, batches=4, val_batches=0)
     trainer.fit(model)
     assert not trainer.interrupted and model.steps_run == 4
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
