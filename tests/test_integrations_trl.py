@@ -17,6 +17,7 @@ import tokenizers
 import torch
 import transformers
 import trl
+from test_integrations_transformers import _DECODER
 
 from fusedce.integrations import trl as ft
 
@@ -39,17 +40,9 @@ def _tokenizer() -> transformers.PreTrainedTokenizerFast:
 def _model(dtype: torch.dtype = torch.float32) -> transformers.LlamaForCausalLM:
     """The tiny random Llama of docs/RL.md on the character vocabulary; EOS made likely, so
     that some completions stop early and are padded."""
+    sizes = {**_DECODER, "vocab_size": V}  # the integration tests' tiny decoder
     config = transformers.LlamaConfig(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=PAD,
-        eos_token_id=EOS,
-        bos_token_id=None,
+        **sizes, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=None
     )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(dtype)

@@ -8,82 +8,55 @@ code around the call and gives the eager result.
 
 from __future__ import annotations
 
-import datetime
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from test_vocab_parallel import _spawn
 
 import fusedce
 
 N, V = 6, 301
 
 
-def _worker(rank: int, world: int, init_file: str) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
-    try:
-        torch.set_num_threads(1)
-        pg = dist.group.WORLD
-        g = torch.Generator().manual_seed(0)
-        full = torch.randn(N, V, generator=g)
-        target = torch.randint(V, (N,), generator=g)
-        cols = torch.arange(V).chunk(world)[rank]
-        local = full[:, cols].contiguous()
+def _worker(rank: int, world: int, _local: str = "") -> None:
+    """One rank's checks (run by ``test_vocab_parallel._spawn`` in a gloo group)."""
+    pg = dist.group.WORLD
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(N, V, generator=g)
+    target = torch.randint(V, (N,), generator=g)
+    cols = torch.arange(V).chunk(world)[rank]
+    local = full[:, cols].contiguous()
 
-        def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            loss, stats = fusedce.cross_entropy(
-                x * 2.0, t, softcap=5.0, z_loss=1e-3, return_stats=True, process_group=pg
-            )
-            return loss + 0.0 * stats.entropy.sum()
+    def step(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        loss, stats = fusedce.cross_entropy(
+            x * 2.0, t, softcap=5.0, z_loss=1e-3, return_stats=True, process_group=pg
+        )
+        return loss + 0.0 * stats.entropy.sum()
 
-        a = local.clone().requires_grad_()
-        b = local.clone().requires_grad_()
-        eager = step(a, target)
-        eager.backward()
-        compiled = torch.compile(step, backend="aot_eager")(b, target)
-        compiled.backward()
-        torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
-        ref = fusedce.cross_entropy(full.double() * 2.0, target, softcap=5.0, z_loss=1e-3)
-        torch.testing.assert_close(compiled.double(), ref, rtol=1e-5, atol=1e-6)
+    a = local.clone().requires_grad_()
+    b = local.clone().requires_grad_()
+    eager = step(a, target)
+    eager.backward()
+    compiled = torch.compile(step, backend="aot_eager")(b, target)
+    compiled.backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
+    ref = fusedce.cross_entropy(full.double() * 2.0, target, softcap=5.0, z_loss=1e-3)
+    torch.testing.assert_close(compiled.double(), ref, rtol=1e-5, atol=1e-6)
 
-        # The plain call with the default (inductor) backend.
-        def plain(x: torch.Tensor) -> torch.Tensor:
-            return fusedce.cross_entropy(x, target, process_group=pg)
+    # The plain call with the default (inductor) backend.
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return fusedce.cross_entropy(x, target, process_group=pg)
 
-        torch.testing.assert_close(torch.compile(plain)(local), plain(local), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.compile(plain)(local), plain(local), rtol=1e-6, atol=1e-6)
 
-        # fullgraph=True cannot hold the sharded call: dynamo refuses it, on every rank alike.
-        def whole(x: torch.Tensor) -> torch.Tensor:
-            return fusedce.cross_entropy(x, target, process_group=pg)
+    # fullgraph=True cannot hold the sharded call: dynamo refuses it, on every rank alike.
+    def whole(x: torch.Tensor) -> torch.Tensor:
+        return fusedce.cross_entropy(x, target, process_group=pg)
 
-        with pytest.raises(torch._dynamo.exc.Unsupported):
-            torch.compile(whole, fullgraph=True)(local)
-    finally:
-        dist.destroy_process_group()
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(whole, fullgraph=True)(local)
 
 
 def test_compiled_sharded_call_matches_eager(tmp_path) -> None:
-    world = 2
-    ctx = mp.start_processes(
-        _worker,
-        args=(world, str(tmp_path / "pg_init")),
-        nprocs=world,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 300.0
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail("the 2 processes did not finish within 300 s (deadlock?)")
+    _spawn(2, tmp_path, timeout_s=300.0, worker=_worker)
