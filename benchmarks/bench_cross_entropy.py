@@ -45,6 +45,7 @@ from benchmarks.cross_entropy.providers import (
 )
 from benchmarks.cross_entropy.report import environment, summary_table, write_outputs
 from benchmarks.cross_entropy.sweep import DTYPES, MODES, Cell, build_sweep, parse_shapes
+from benchmarks.measure import frozen_survivors
 
 # The committed results: a run replaces files there only with --overwrite.
 COMMITTED = Path("benchmarks/results")
@@ -165,7 +166,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     print(f"{env['card']}: {len(cells)} cells, providers {', '.join(providers)}", flush=True)
     try:
-        with stop_on_sigterm(), busy_cores(args.busy_cores):
+        with stop_on_sigterm(), busy_cores(args.busy_cores), frozen_survivors():
             for i, cell in enumerate(cells):
                 check_stop()
                 if not budget.allows_next():

@@ -36,7 +36,14 @@ from typing import Any
 import torch
 
 from benchmarks.common import base_environment, fmt, pick_device, slug, write_json
-from benchmarks.measure import free_memory, peak_extra_mib, rss_rise_mib, run_json_child, sync
+from benchmarks.measure import (
+    free_memory,
+    frozen_survivors,
+    peak_extra_mib,
+    rss_rise_mib,
+    run_json_child,
+    sync,
+)
 
 VARIANTS = ("unpatched", "fusedce")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -255,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: each variant in a fresh process, then the outputs and the table."""
     args = parse_args(argv)
     if args.child:
-        print(json.dumps(child(args)))
+        with frozen_survivors():
+            print(json.dumps(child(args)))
         return 0
     device = torch.device(args.device)
     rows = []

@@ -52,6 +52,7 @@ from benchmarks.measure import (
     cpu_interleaved_ms,
     cuda_median_ms,
     free_memory,
+    frozen_survivors,
     is_oom,
     peak_extra_mib,
     rss_rise_mib,
@@ -432,10 +433,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     device = pick_device(args.device)
     results = []
-    for name in csv(args.providers):
-        results.append(measure(name, args, device))
-        print(json.dumps(results[-1]), flush=True)
-    time_all(results, args, device)
+    with frozen_survivors():
+        for name in csv(args.providers):
+            results.append(measure(name, args, device))
+            print(json.dumps(results[-1]), flush=True)
+        time_all(results, args, device)
     report = {"environment": environment(device, args), "results": results}
     date = report["environment"]["date"][:10]
     stem = args.stem or f"{slug(report['environment']['card'])}-lce-{date}"
