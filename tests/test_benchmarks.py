@@ -8,18 +8,22 @@ run the compiled providers.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.common import CPU_CARD_NAME, busy_cores, slug
 from benchmarks.cross_entropy import sweep
 from benchmarks.cross_entropy.budget import Budget
+from benchmarks.measure import free_memory, frozen_survivors
 
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDERS = ("fusedce", "fusedce_inplace", "fusedce_nocheck", "eager")
@@ -106,6 +110,29 @@ def test_sweep_sizes_and_order() -> None:
     # fwd_bwd cells come before forward-only ones: the budget cuts from the end.
     modes = [c.mode for c in cells]
     assert modes.index("fwd") > len(modes) - 1 - modes[::-1].index("fwd_bwd")
+
+
+def test_free_memory_freezes_only_within_a_sweep() -> None:
+    """Within ``frozen_survivors`` the survivors of each collection are frozen (so the next
+    one scans only new objects) and garbage cycles made since are still collected; outside it,
+    and after it, the collector is left as it was."""
+    cpu = torch.device("cpu")
+    free_memory(cpu)
+    assert gc.get_freeze_count() == 0
+    with frozen_survivors():
+        free_memory(cpu)
+        assert gc.get_freeze_count() > 0
+        probe = weakref.ref(_Cycle())
+        free_memory(cpu)
+        assert probe() is None
+    assert gc.get_freeze_count() == 0
+
+
+class _Cycle:
+    """Garbage only a collection frees: an object that refers to itself."""
+
+    def __init__(self) -> None:
+        self.me = self
 
 
 def test_busy_cores_start_and_stop() -> None:
