@@ -182,3 +182,24 @@ def test_cpu_memory_report(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[3] == "1"  # 64 x 4096 x 4 bytes = 1 MiB of gradient
     assert "failed" not in row and float(cells[4]) >= 0 and float(cells[5]) >= 0
+
+
+def test_host_profile_runs_on_the_cpu_with_stubbed_kernels() -> None:
+    """``profile_host --device cpu`` under the interpreter: every row of the GPU report, timed
+    around kernels that launch nothing (the stubs leave the index check's count at zero, so
+    the checked call runs to its end); without the interpreter it says what to set."""
+    cmd = [sys.executable, "-m", "benchmarks.profile_host", "--device", "cpu"]
+    cmd += ["--n", "4", "--v", "64", "--calls", "5"]
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "kernels stubbed" in proc.stdout.splitlines()[0]
+    times = [line for line in proc.stdout.splitlines() if line.endswith("us/call (host)")]
+    assert len(times) == 10  # fusedce and eager calls (4), each launcher (4), new_stats, forward
+    assert all(float(line.split()[-3]) > 0 for line in times)
+    assert "cProfile of 5 fusedce fwd+bwd calls" in proc.stdout
+
+    env["TRITON_INTERPRET"] = "0"
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "TRITON_INTERPRET=1" in proc.stderr
+    assert "Traceback" not in proc.stderr

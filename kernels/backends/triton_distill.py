@@ -31,6 +31,7 @@ import triton.language as tl
 
 from ..distillation.options import DistillOptions
 from ..distillation.teacher import Teacher
+from .grid import next_pow2
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -298,8 +299,8 @@ def launch_config(V: int, K: int) -> tuple[int, int, int]:
     cross-entropy's two-sweep choice for half precision), 1024 under the interpreter (a prime
     above it tests the multi-tile path cheaply)."""
     cap = 1024 if _INTERPRETED else 4096
-    block_v = min(triton.next_power_of_2(max(V, 1)), cap)
-    block_k = triton.next_power_of_2(max(K, 1))
+    block_v = min(next_pow2(max(V, 1)), cap)
+    block_k = next_pow2(max(K, 1))
     return block_v, block_k, 8 if block_v >= 2048 else 4
 
 

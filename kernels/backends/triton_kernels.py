@@ -11,11 +11,11 @@ installed; the jit kernels and tile helpers are importable from here too.
 from __future__ import annotations
 
 import torch
-import triton
 
 from ..options import LossOptions
 from ..stat_rows import COEF, CORRECT, ENTROPY, LOG_SUM, LOSS, MAX, Z_PART
 from . import torch_ops
+from .grid import cdiv, next_pow2
 from .triton_jit import (  # noqa: F401 - re-exported: the kernels and tile helpers by this name
     _cross_entropy_kernel,
     _load_tile,
@@ -49,13 +49,13 @@ _SINGLE_TILE_MAX_INTERPRETED = {1: 16384, 2: 16384, 4: 8192}
 
 def _launch_config(M: int, V: int, elem_size: int, interpreted: bool) -> tuple[int, int, bool, int]:
     """(BLOCK_M, BLOCK_V, SINGLE_TILE, num_warps) from the shape."""
-    v_pow2 = triton.next_power_of_2(max(V, 1))
+    v_pow2 = next_pow2(max(V, 1))
     single_max = (_SINGLE_TILE_MAX_INTERPRETED if interpreted else _SINGLE_TILE_MAX)[elem_size]
     if v_pow2 <= single_max:
         block_v = v_pow2
         # Several short rows per program so that each moves enough bytes to hide latency.
         target_elems = 1 << 14 if interpreted else 4096
-        block_m = max(1, min(triton.next_power_of_2(max(M, 1)), target_elems // block_v, 64))
+        block_m = max(1, min(next_pow2(max(M, 1)), target_elems // block_v, 64))
         num_warps = 4 if block_m * block_v <= 4096 else 8
         if block_m * block_v >= 16384:
             num_warps = 16
@@ -89,7 +89,7 @@ def run_rows(
     write_stats = stats.shape[0] > COEF + 1 and not grad_only
     dummy = stats  # any valid pointer for arguments a specialisation never reads
     softcap = opts.softcap
-    _cross_entropy_kernel[(triton.cdiv(M, block_m),)](
+    _cross_entropy_kernel[(cdiv(M, block_m),)](
         logits,
         logits.stride(0),
         grad if write_grad else dummy,
@@ -136,7 +136,7 @@ def multiply_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
     M, V = grad.shape
     if M == 0 or V == 0:
         return
-    block = min(triton.next_power_of_2(V), 8192 if grad.is_cuda else 4096)
+    block = min(next_pow2(V), 8192 if grad.is_cuda else 4096)
     per_row = factor.dim() == 1
     _multiply_rows_kernel[(M,)](
         grad,

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .grid import next_pow2
+
 
 @triton.jit
 def _log_prob_grad_kernel(
@@ -96,7 +98,7 @@ def block_v(V: int, on_gpu: bool) -> tuple[int, int]:
     8 warps streamed at copy speed for the row-scaling kernel of the same shape on the GPU; the
     interpreter takes smaller tiles so that the CPU suite runs several tiles per row."""
     cap = 4096 if on_gpu else 256
-    block = min(triton.next_power_of_2(max(V, 1)), cap)
+    block = min(next_pow2(max(V, 1)), cap)
     return block, 8 if block >= 4096 else 4
 
 
