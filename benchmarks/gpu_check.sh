@@ -5,7 +5,8 @@
 # transformers integration's training-step memory (step "integ").
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine, repo root, $OUT set
-#   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: plumbing only
+#   FUSEDCE_GPU_CHECK_DRY=1 OUT=/tmp/o bash benchmarks/gpu_check.sh   # CPU dry run: every step's
+#                                                     # plumbing, at tiny sizes (no GPU numbers)
 #
 # Environment: FUSEDCE_GPU_CHECK_STEPS (default "tests,host,train,ce,lce"; also "tune" = a sweep
 # of the kernel's launch configurations and "integ" = benchmarks/bench_integrations.py, peak
@@ -20,9 +21,10 @@
 # the benchmarks' fusedce columns).
 #
 # Installs nothing from the network: wheels in .whl/ (carried with the call) go to /tmp/site.
-# Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, profile_host.log,
-# train_compare.log, <card>-<date>.{md,json,png} and the linear, integration and vocab-parallel
-# benchmarks' files (tarred into one if they would pass the limit).
+# Writes at most 8 files into $OUT: gpu_tests.log, gpu_check.log, <card>-<date>.{md,json,png},
+# <card>-<date>-summary.json (the cross-entropy and linear runs as flat records), and the other
+# steps' files (profile_host.log, train_compare.log, the linear, integration, vocab-parallel and
+# distillation benchmarks' files: tarred into one if they would pass the limit).
 # Every step runs under `timeout`; the whole script stays under ~9 minutes. Exit status: 0 when
 # every step passed, else the number of failed steps.
 set -uo pipefail # no -e: a failing step must not stop the ones after it
@@ -41,7 +43,7 @@ done
 ln -s "$PWD/lightning_modules" "$PKG_ROOT/fusedce/lightning_modules"
 ln -s "$PWD/datamodules" "$PKG_ROOT/fusedce/datamodules"
 export PYTHONPATH="$PKG_ROOT:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-trap 'rm -rf "$PKG_ROOT" "${EXTRA_OUT:-}"' EXIT
+trap 'rm -rf "$PKG_ROOT" "${EXTRA_OUT:-}" "${TMPDIR:-/tmp}/fusedce_runs_$$"' EXIT
 OUT="${OUT:-/tmp/fusedce_gpu_check}"
 mkdir -p "$OUT"
 DRY="${FUSEDCE_GPU_CHECK_DRY:-0}"
@@ -132,21 +134,31 @@ if wanted tests; then
 fi
 
 # --- host time per call, and launch configurations (asked for by name) --------------------
-if wanted host && [ "$DRY" != "1" ]; then
+# A dry run takes each of them on the CPU: the host code around stubbed kernels, the launch
+# candidates under Triton's interpreter at a tiny shape, two training steps.
+if wanted host; then
   step "host time per call: python -m benchmarks.profile_host"
-  timeout -k 5 40 "$PY" -m benchmarks.profile_host 2>&1 | tee "$OUT/profile_host.log" | head -n 16 | tee -a "$LOG"
+  HOST_ARGS=()
+  [ "$DRY" = "1" ] && HOST_ARGS=(--device cpu --n 4 --v 512 --calls 50)
+  TRITON_INTERPRET="$DRY" timeout -k 5 40 "$PY" -m benchmarks.profile_host "${HOST_ARGS[@]}" 2>&1 |
+    tee "$EXTRA_OUT/profile_host.log" | head -n 16 | tee -a "$LOG"
   record "profile_host" $?
 fi
-if wanted tune && [ "$DRY" != "1" ]; then
+if wanted tune; then
   step "launch configurations: python -m benchmarks.tune_launch"
-  timeout -k 5 "${FUSEDCE_TUNE_S:-100}" "$PY" -m benchmarks.tune_launch \
-    --shapes "${FUSEDCE_TUNE_SHAPES:-8192x32000,16384x50257,8192x128256}" 2>&1 | tee -a "$LOG"
+  TUNE_ARGS=(--shapes "${FUSEDCE_TUNE_SHAPES:-8192x32000,16384x50257,8192x128256}")
+  [ "$DRY" = "1" ] && TUNE_ARGS=(--device cpu --shapes 5x300 --dtypes bf16)
+  TRITON_INTERPRET="$DRY" timeout -k 5 "${FUSEDCE_TUNE_S:-100}" "$PY" -m benchmarks.tune_launch \
+    "${TUNE_ARGS[@]}" 2>&1 | tee -a "$LOG"
   record "tune_launch" $?
 fi
-if wanted train && [ "$DRY" != "1" ]; then
+if wanted train; then
   step "training: large-vocabulary preset, fused head vs unfused"
-  timeout -k 10 "${FUSEDCE_TRAIN_S:-90}" "$PY" -m benchmarks.train_compare --steps "${FUSEDCE_TRAIN_STEPS:-100}" \
-    --root "${TMPDIR:-/tmp}/fusedce_runs" 2>&1 | tee "$OUT/train_compare.log" | tail -n 8 | tee -a "$LOG"
+  TRAIN_STEPS="${FUSEDCE_TRAIN_STEPS:-100}"
+  [ "$DRY" = "1" ] && TRAIN_STEPS=2
+  timeout -k 10 "${FUSEDCE_TRAIN_S:-90}" "$PY" -m benchmarks.train_compare --steps "$TRAIN_STEPS" \
+    --root "${TMPDIR:-/tmp}/fusedce_runs_$$" 2>&1 | tee "$EXTRA_OUT/train_compare.log" |
+    tail -n 8 | tee -a "$LOG"
   record "train_compare" $?
 fi
 
@@ -222,7 +234,15 @@ if wanted distill; then
   record "bench_distillation" $?
 fi
 
-# At most 8 files come back: copy the linear / integration files if they fit, else one tarball.
+# --- the run's flat records for scripts: <card>-<date>-summary.json (cross-entropy and linear) -
+if wanted ce || wanted lce; then
+  step "summary: python -m benchmarks.summary"
+  "$PY" -m benchmarks.summary "$OUT" "$EXTRA_OUT" --out-dir "$OUT" 2>&1 | tee -a "$LOG"
+  record "summary" $?
+fi
+
+# At most 8 files come back: copy the other files (linear, integration, distillation
+# benchmarks, host profile, training comparison) if they fit, else one tarball.
 mapfile -t extra_files < <(find "$EXTRA_OUT" -type f | sort)
 have=$(find "$OUT" -type f | wc -l)
 if ((${#extra_files[@]} > 0)); then
