@@ -10,6 +10,7 @@ an import until the call that runs it.
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 import textwrap
@@ -202,6 +203,28 @@ def test_every_module_imports_in_a_fresh_interpreter() -> None:
         [sys.executable, "-c", code, *names], capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_import_and_an_eager_call_leave_dynamo_unimported() -> None:
+    """``import fusedce`` and an eager forward + backward never import ``torch._dynamo``
+    (about 1 s): only torch.compile needs it, and imports it itself. A decorator such as
+    ``torch.compiler.disable`` applied at import time would (the sharded calls apply it at
+    their first call)."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        import fusedce
+        x = torch.randn(4, 5, requires_grad=True)
+        fusedce.cross_entropy(x, torch.tensor([0, 1, 2, 3])).backward()
+        print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 # Slow: importing any fusedce module runs the package's __init__ first, which imports them all,

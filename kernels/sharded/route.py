@@ -11,6 +11,7 @@ the public-function modules: they import it, and hand it their implementation.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -228,7 +229,24 @@ def call_sharded(
     return loss.sharded(who, *tensors, call, group, *sizes)
 
 
-@torch.compiler.disable
+def _eager_under_compile(fn: Callable[..., Result]) -> Callable[..., Result]:
+    """``torch.compiler.disable(fn)``, made at the first call: the decorator imports
+    ``torch._dynamo``, about 1 s that ``import fusedce`` would otherwise spend before anything
+    is compiled (a call under ``torch.compile`` still breaks the graph there and runs ``fn``
+    eagerly)."""
+    disabled: Callable[..., Result] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: object) -> Result:
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
+
+
+@_eager_under_compile
 def _sharded_cross_entropy(
     who, local_logits, target, weight, tw, call, group, vocab_start, vocab_size
 ) -> Result:
@@ -255,7 +273,7 @@ def _sharded_cross_entropy(
     return _result(loss, rows, z_red, opts, want_stats, meta.out_shape)
 
 
-@torch.compiler.disable
+@_eager_under_compile
 def _sharded_linear_cross_entropy(
     who, input, local_weight, target, linear_bias, weight, tw, call, group, vocab_start, vocab_size
 ) -> Result:
