@@ -70,7 +70,7 @@ $(TRITON_ALT): | $(STAMP)
 
 compile-check-gpu-image: $(TRITON_ALT)
 	PYTHONPATH=$(TRITON_ALT) $(BIN)/python -c "import triton; print('compiling with triton', triton.__version__)"
-	PYTHONPATH=$(TRITON_ALT) $(PYTEST) tests/test_compile_hopper.py tests/test_extras_compile_hopper.py tests/test_distill_compile_hopper.py
+	PYTHONPATH=$(TRITON_ALT) $(PYTEST) -n $(WORKERS) tests/test_compile_hopper.py tests/test_extras_compile_hopper.py tests/test_distill_compile_hopper.py
 
 bench: install
 	$(BIN)/python -m benchmarks.bench_cross_entropy $(ARGS)
