@@ -1,9 +1,10 @@
 """``torch.compile`` of a function that calls the sharded loss (2 gloo processes).
 
-The sharded call is ``torch.compiler.disable``-d: dynamo breaks the graph around it and runs it
-eagerly (its metadata exchange reads numbers back to the host, and its autograd Function holds
-the collectives), so ``fullgraph=True`` is refused by dynamo while the default mode compiles the
-code around the call and gives the eager result.
+The sharded call is ``torch.compiler.disable``-d (at its first call, so that ``import fusedce``
+does not import dynamo; the first call here is under compile): dynamo breaks the graph around
+it and runs it eagerly (its metadata exchange reads numbers back to the host, and its autograd
+Function holds the collectives), so ``fullgraph=True`` is refused by dynamo while the default
+mode compiles the code around the call and gives the eager result.
 """
 
 from __future__ import annotations
@@ -33,6 +34,14 @@ def _worker(rank: int, world: int, _local: str = "") -> None:
         )
         return loss + 0.0 * stats.entropy.sum()
 
+    # The plain call with the default (inductor) backend, first: the sharded call applies
+    # torch.compiler.disable at its first call, which here happens while dynamo traces.
+    def plain(x: torch.Tensor) -> torch.Tensor:
+        return fusedce.cross_entropy(x, target, process_group=pg)
+
+    first = torch.compile(plain)(local)
+    torch.testing.assert_close(first, plain(local), rtol=1e-6, atol=1e-6)
+
     a = local.clone().requires_grad_()
     b = local.clone().requires_grad_()
     eager = step(a, target)
@@ -43,12 +52,6 @@ def _worker(rank: int, world: int, _local: str = "") -> None:
     torch.testing.assert_close(b.grad, a.grad, rtol=1e-6, atol=1e-6)
     ref = fusedce.cross_entropy(full.double() * 2.0, target, softcap=5.0, z_loss=1e-3)
     torch.testing.assert_close(compiled.double(), ref, rtol=1e-5, atol=1e-6)
-
-    # The plain call with the default (inductor) backend.
-    def plain(x: torch.Tensor) -> torch.Tensor:
-        return fusedce.cross_entropy(x, target, process_group=pg)
-
-    torch.testing.assert_close(torch.compile(plain)(local), plain(local), rtol=1e-6, atol=1e-6)
 
     # fullgraph=True cannot hold the sharded call: dynamo refuses it, on every rank alike.
     def whole(x: torch.Tensor) -> torch.Tensor:
