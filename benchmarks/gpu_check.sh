@@ -138,7 +138,7 @@ fi
 # candidates under Triton's interpreter at a tiny shape, two training steps.
 if wanted host; then
   step "host time per call: python -m benchmarks.profile_host"
-  HOST_ARGS=()
+  HOST_ARGS=(--device cuda)
   [ "$DRY" = "1" ] && HOST_ARGS=(--device cpu --n 4 --v 512 --calls 50)
   TRITON_INTERPRET="$DRY" timeout -k 5 40 "$PY" -m benchmarks.profile_host "${HOST_ARGS[@]}" 2>&1 |
     tee "$EXTRA_OUT/profile_host.log" | head -n 16 | tee -a "$LOG"
