@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedce
+from benchmarks.measure import sync
 from fusedce import core
 from fusedce.backends import triton_kernels
 from fusedce.options import LossOptions
@@ -64,11 +65,6 @@ def stubbed_kernels() -> Iterator[None]:
     finally:
         for name, kernel in saved.items():
             setattr(triton_kernels, name, kernel)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def host_us(fn: Callable[[], object], calls: int, device: torch.device) -> float:

@@ -14,16 +14,14 @@ Exit status 1 when a configuration gave a wrong gradient or no configuration of 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 import triton
-from triton.testing import do_bench
 
 import fusedce
+from benchmarks.measure import cpu_median_ms, cuda_median_ms
 from fusedce import core
 from fusedce.backends import triton_kernels
 from fusedce.backends.grid import next_pow2
@@ -47,15 +45,10 @@ def candidates(V: int) -> list[tuple[int, int, bool, int]]:
 
 
 def bench_ms(fn: Callable[[], None], device: torch.device) -> float:
-    """Median milliseconds of ``fn``: do_bench on the GPU, a few timed calls on the CPU."""
+    """Median milliseconds of ``fn``: do_bench on the GPU, three timed calls on the CPU."""
     if device.type == "cuda":
-        return do_bench(fn, warmup=5, rep=40)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        return cuda_median_ms(fn, warmup_ms=5, rep_ms=40)
+    return cpu_median_ms(fn, budget_s=0.0)
 
 
 def tune_shape(M: int, V: int, dname: str, device: torch.device) -> bool:
